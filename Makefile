@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch is installed first so that resolving the project does not pull a
+# multi-GB CUDA build. Override with `make TORCH_SPEC='torch' demo` on a GPU machine.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_ARGS ?= --rounds 5
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv lint clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: venv
+	$(VENV)/bin/fedjet up $(DEMO_ARGS)
+
+test: venv
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check fedjet tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,5 @@
+import sys
+
+from fedjet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""NATS: the embedded server, subjects and streams, chunked blobs, ordered reads."""

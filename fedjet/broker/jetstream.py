@@ -1,0 +1,135 @@
+"""Connecting, stream definitions, and ordered reads of a stream range."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import api
+
+from fedjet.broker.subjects import JobSubjects
+from fedjet.errors import BrokerError
+from fedjet.log import get_logger
+
+log = get_logger("fedjet.broker")
+
+
+async def connect(url: str, name: str, *, timeout: float = 10.0) -> Client:
+    """Connect with bounded reconnects; connection trouble is logged, not raised into callbacks."""
+
+    async def on_error(e: Exception) -> None:
+        log.warning("nats_error", client=name, error=f"{type(e).__name__}: {e}")
+
+    async def on_disconnect() -> None:
+        log.debug("nats_disconnected", client=name)
+
+    try:
+        return await nats.connect(
+            url,
+            name=name,
+            connect_timeout=timeout,
+            reconnect_time_wait=0.5,
+            max_reconnect_attempts=120,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            allow_reconnect=True,
+        )
+    except (OSError, TimeoutError, nats.errors.Error) as e:
+        raise BrokerError(f"cannot connect to NATS at {url}: {type(e).__name__}: {e}") from e
+
+
+async def ensure_job_streams(js: Any, subjects: JobSubjects) -> None:
+    """Create (or update) the job's streams and KV bucket; safe to call from every process."""
+    common = {
+        "storage": api.StorageType.FILE,
+        "retention": api.RetentionPolicy.LIMITS,
+        "discard": api.DiscardPolicy.OLD,
+        "duplicate_window": 300.0,
+        "allow_direct": True,
+    }
+    await _add_or_update(
+        js, api.StreamConfig(name=subjects.update_stream, subjects=[subjects.updates], **common)
+    )
+    await _add_or_update(
+        js,
+        api.StreamConfig(
+            name=subjects.global_stream, subjects=[subjects.global_head, subjects.global_data], **common
+        ),
+    )
+    try:
+        await js.create_key_value(bucket=subjects.kv_bucket, history=1, storage=api.StorageType.FILE)
+    except nats.js.errors.BadRequestError:
+        pass  # exists already
+
+
+async def _add_or_update(js: Any, config: api.StreamConfig) -> None:
+    try:
+        await js.add_stream(config)
+    except nats.js.errors.BadRequestError:
+        await js.update_stream(config)
+
+
+async def read_range(
+    js: Any,
+    stream: str,
+    subject: str,
+    first_seq: int = 1,
+    last_seq: int | None = None,
+    *,
+    batch: int = 64,
+    idle_timeout: float = 5.0,
+) -> AsyncIterator[Msg]:
+    """Messages of ``subject`` from ``first_seq`` to ``last_seq`` (default: what is there now).
+
+    A throwaway pull consumer with no acks: reading never disturbs live durable consumers.
+    With an explicit ``last_seq`` a gap is an error; without one the read ends when nothing is
+    pending.
+    """
+    if last_seq is not None and last_seq < first_seq:
+        return
+    config = api.ConsumerConfig(
+        deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=first_seq,
+        ack_policy=api.AckPolicy.NONE,
+        inactive_threshold=30.0,
+        filter_subject=subject,
+    )
+    sub = await js.pull_subscribe(subject, durable=None, stream=stream, config=config)
+    try:
+        while True:
+            try:
+                msgs = await sub.fetch(batch, timeout=idle_timeout)
+            except (TimeoutError, nats.errors.TimeoutError) as e:
+                if last_seq is None:
+                    return
+                raise BrokerError(f"{stream}: messages {first_seq}..{last_seq} not all readable") from e
+            for msg in msgs:
+                seq = msg.metadata.sequence.stream
+                if last_seq is not None and seq > last_seq:
+                    return
+                yield msg
+                if seq == last_seq or (last_seq is None and msg.metadata.num_pending == 0):
+                    return
+    finally:
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await sub.unsubscribe()
+
+
+async def close_quietly(nc: Client, timeout: float = 5.0) -> None:
+    """Drain (flush pending publishes, end subscriptions), falling back to close."""
+    if nc is None or nc.is_closed:
+        return
+    try:
+        await asyncio.wait_for(nc.drain(), timeout)
+    except (TimeoutError, nats.errors.Error, OSError) as e:
+        log.debug("drain_failed", error=f"{type(e).__name__}: {e}")
+    if not nc.is_closed:
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await nc.close()

@@ -1,0 +1,177 @@
+"""``fedjet`` command line: parse, build config, call. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from dataclasses import asdict
+from typing import Any
+
+from fedjet.errors import ConfigError, FedjetError
+from fedjet.log import configure_logging
+from fedjet.options import add_run_options, run_options_from
+
+
+def parse_assignments(text: str, *, kind: str) -> dict[str, str]:
+    """``azure=3,gcp=2`` -> {"azure": "3", "gcp": "2"}."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or not name or not value:
+            raise ConfigError(f"{kind} wants CLOUD=VALUE pairs, got {part!r}")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedjet", description=__doc__)
+    parser.add_argument("--log-level", default=None, help="debug, info, warning (default info)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run a whole job locally: nats-server, coordinator, workers")
+    add_run_options(up)
+    up.add_argument("--nats", default=None, help="use this NATS server instead of starting one")
+    up.add_argument("--store", default=None, help="keep the JetStream store in DIR (for replay)")
+    up.add_argument("--data", default=None, help="WikiText directory (else $FEDJET_DATA, ./data/wikitext-2)")
+    up.add_argument("--report", default=None, help="write the JSON report here")
+    up.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per evaluation")
+    up.add_argument("--eval-every", type=int, default=1, help="evaluate every N-th version")
+    up.add_argument("--slowdown", default="", help="e.g. azure=3: that cloud computes 3x slower")
+    up.add_argument("--link", default="", help="e.g. gcp=20mbit/80ms: shape that cloud's link")
+    up.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
+    up.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    up.add_argument("--quiet", action="store_true", help="print only the summary")
+    up.set_defaults(func=cmd_up)
+
+    coord = commands.add_parser("coordinator", help="run the coordinator service")
+    add_run_options(coord)
+    coord.add_argument("--nats", required=True, help="NATS URL")
+    coord.add_argument("--idle-timeout", type=float, default=600.0)
+    coord.add_argument("--device", default=None)
+    coord.set_defaults(func=cmd_coordinator)
+
+    worker = commands.add_parser("worker", help="run one cloud's worker daemon")
+    worker.add_argument("--nats", required=True, help="NATS URL")
+    worker.add_argument("--job", required=True)
+    worker.add_argument("--cloud", required=True)
+    worker.add_argument("--worker-id", default="0")
+    worker.add_argument("--data", default=None, help="this cloud's WikiText directory")
+    worker.add_argument("--slowdown", type=float, default=1.0, help="simulate slower compute")
+    worker.add_argument("--device", default=None)
+    worker.set_defaults(func=cmd_worker)
+    return parser
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from fedjet.runner.up import UpConfig, run_up
+
+    slowdown = {k: float(v) for k, v in parse_assignments(args.slowdown, kind="--slowdown").items()}
+    config = UpConfig(
+        options=run_options_from(args),
+        nats_url=args.nats,
+        store=args.store,
+        data=args.data,
+        report=args.report,
+        eval_tokens=args.eval_tokens,
+        eval_every=args.eval_every,
+        slowdown=slowdown,
+        links=parse_assignments(args.link, kind="--link"),
+        timeout_s=args.timeout,
+        device=args.device,
+        quiet=args.quiet,
+    )
+    run_up(config)
+    return 0
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from fedjet.codecs.pipeline import CodecSpec
+    from fedjet.coordinator.service import Coordinator, CoordinatorConfig
+    from fedjet.data.shards import make_tokenizer
+    from fedjet.spec import JobSpec
+    from fedjet.worker.model import config_dict, initial_model, parameter_tensors, quiet_transformers
+
+    options = run_options_from(args)
+    CodecSpec.parse(options.codec)
+    strategy = options.strategy_config()
+    quiet_transformers()
+    tokenizer = make_tokenizer("bytes")
+    model = initial_model(options.model, vocab_size=tokenizer.vocab_size, eos_id=256, seed=options.seed)
+    spec = JobSpec(
+        job=options.job,
+        clouds=options.clouds,
+        model_config=config_dict(model),
+        train=asdict(options.train_settings()),
+        tokenizer="bytes",
+        codec=options.codec,
+        strategy=strategy.name,
+        synchronous=strategy.synchronous,
+        update_kind=strategy.update_kind,
+        delta_reference=strategy.delta_reference,
+        partition=options.partition,
+        alpha=options.alpha,
+        seed=options.seed,
+    )
+    coordinator = Coordinator(
+        CoordinatorConfig(
+            nats_url=args.nats,
+            spec=spec,
+            strategy=strategy,
+            policy=options.round_policy(),
+            rounds=options.rounds,
+            max_updates=options.max_updates,
+            idle_timeout_s=args.idle_timeout,
+        )
+    )
+    return _serve(lambda: coordinator.run(parameter_tensors(model)), coordinator.stop)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from fedjet.worker.daemon import Worker, WorkerConfig
+
+    worker = Worker(
+        WorkerConfig(
+            nats_url=args.nats,
+            job=args.job,
+            cloud=args.cloud,
+            worker_id=args.worker_id,
+            data=args.data,
+            slowdown=args.slowdown,
+            device=args.device,
+        )
+    )
+    return _serve(worker.run, worker.stop)
+
+
+def _serve(main: Callable[[], Coroutine[Any, Any, Any]], stop: Callable[[], None]) -> int:
+    """Run a service; SIGTERM/SIGINT ask it to stop gracefully."""
+
+    async def runner() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop)
+        await main()
+
+    asyncio.run(runner())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("interrupted: everything was shut down", file=sys.stderr)
+        return 130
+    except FedjetError as e:
+        print(f"fedjet: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""msgpack frames with a versioned header, parsed under hard size limits.
+
+A frame is ``{"fv": FORMAT_VERSION, "type": ..., "header": {...}, "tensors": [...]}``. Unknown
+header keys are ignored (newer senders stay readable); an unknown format version is a
+``SchemaError``. Every malformed input ends in a ``CodecError`` subclass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from fedjet.errors import DecodeError, LimitError, SchemaError
+
+FORMAT_VERSION = 1
+FRAME_TYPES = ("update", "global")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """Upper bounds checked before allocating; a frame beyond any of them is rejected."""
+
+    max_frame_bytes: int = 1 << 30
+    max_tensors: int = 4096
+    max_elements: int = 1 << 28  # per tensor
+    max_total_elements: int = 1 << 30
+
+
+def pack_frame(frame_type: str, header: dict[str, Any], tensors: list[dict[str, Any]]) -> bytes:
+    if frame_type not in FRAME_TYPES:
+        raise SchemaError(f"unknown frame type {frame_type!r}")
+    body = {"fv": FORMAT_VERSION, "type": frame_type, "header": header, "tensors": tensors}
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise DecodeError(f"msgpack extension type {code} is not allowed in fedjet frames")
+
+
+def unpack_frame(
+    data: bytes, limits: Limits, expect_type: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Parse and shape-check a frame; returns its header and tensor entries."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DecodeError(f"frame must be bytes, got {type(data).__name__}")
+    if len(data) > limits.max_frame_bytes:
+        raise LimitError(f"frame of {len(data)} bytes > limit {limits.max_frame_bytes}")
+    try:
+        body = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_no_ext,
+            max_bin_len=limits.max_frame_bytes,
+            max_str_len=1 << 20,
+            max_array_len=max(limits.max_tensors, 64),
+            max_map_len=256,
+        )
+    except DecodeError:
+        raise
+    except (msgpack.UnpackException, ValueError, TypeError, OverflowError, RecursionError) as e:
+        raise DecodeError(f"not a msgpack frame: {type(e).__name__}: {e}"[:300]) from e
+    if not isinstance(body, dict):
+        raise DecodeError(f"frame must be a map, got {type(body).__name__}")
+    version = body.get("fv")
+    if version != FORMAT_VERSION:
+        raise SchemaError(f"unknown frame format version {version!r} (this build reads {FORMAT_VERSION})")
+    if body.get("type") != expect_type:
+        raise SchemaError(f"expected a {expect_type} frame, got {body.get('type')!r:.40}")
+    header, tensors = body.get("header"), body.get("tensors")
+    if not isinstance(header, dict) or not isinstance(tensors, list):
+        raise SchemaError("frame needs a 'header' map and a 'tensors' list")
+    if len(tensors) > limits.max_tensors:
+        raise LimitError(f"{len(tensors)} tensors > limit {limits.max_tensors}")
+    if not all(isinstance(t, dict) for t in tensors):
+        raise SchemaError("every tensor entry must be a map")
+    return header, tensors
+
+
+def field(mapping: dict[str, Any], key: str, kind: type | tuple[type, ...], *, default: Any = ...) -> Any:
+    """Read a typed field from a decoded map; missing or mistyped is a ``SchemaError``."""
+    if key not in mapping:
+        if default is ...:
+            raise SchemaError(f"missing field {key!r}")
+        return default
+    value = mapping[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise SchemaError(f"field {key!r} must be {kind}, got bool")
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kinds):
+        raise SchemaError(f"field {key!r} must be {kind}, got {type(value).__name__}")
+    return value

@@ -1,0 +1,1 @@
+"""The asyncio coordinator: consume, decode, validate, aggregate, publish global versions."""

@@ -1,0 +1,152 @@
+"""The aggregation algebra: pure functions over ``dict[str, Tensor]`` (paper formulas 1-4).
+
+Every rule is written as a *pseudo-gradient* ``g`` that a server optimizer then applies
+(``w <- w - lr * g`` for SGD). With SGD and lr 1 this reduces exactly to the paper's formulas:
+
+* FedAvg (1): ``g = -sum(n_i/n * delta_i)``         so ``w <- sum(n_i/n * w_i)``
+* dynamic (2): ``g = -sum(softmax(-L/T)_i * delta_i)``
+* gradient (3): ``g = sum(n_i/n * grad_i)``          so ``w <- w - lr * sum(n_i/n grad_i)``
+* async (4): ``g = -alpha*s(tau)*(w_i - w)``          with ``w_i = w_base + delta_i``
+* FedBuff: ``g = -mean(s(tau_i) * delta_i)``          scaled by the server lr ``eta_g``
+
+Sums run in the order given (the coordinator passes JetStream sequence order), so the same
+inputs always give bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fedjet.codecs.sparse import TensorLike, add_scaled_
+from fedjet.errors import AggregationError, ConfigError
+
+Weights = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One validated update as the math sees it."""
+
+    cloud: str
+    base_version: int
+    samples: int
+    loss: float
+    tensors: dict[str, TensorLike]  # a delta (w_i - w_base) or a gradient; missing names are zero
+
+
+def zeros_like(weights: Weights) -> Weights:
+    return {n: torch.zeros_like(t) for n, t in weights.items()}
+
+
+def combine(template: Weights, parts: Sequence[Contribution], coefs: Sequence[float]) -> Weights:
+    """``sum_i coefs[i] * parts[i].tensors``, in order, as dense tensors shaped like ``template``."""
+    if len(parts) != len(coefs):
+        raise AggregationError("one coefficient per contribution")
+    acc = zeros_like(template)
+    for part, coef in zip(parts, coefs, strict=True):
+        for name, tensor in part.tensors.items():
+            add_scaled_(acc[name], tensor, coef)
+    return acc
+
+
+def sample_weights(parts: Sequence[Contribution]) -> list[float]:
+    """n_i / n (formula 1); equal weights if every cloud reports zero samples."""
+    total = sum(p.samples for p in parts)
+    if total <= 0:
+        return [1.0 / len(parts)] * len(parts)
+    return [p.samples / total for p in parts]
+
+
+def loss_weights(parts: Sequence[Contribution], temperature: float = 1.0) -> list[float]:
+    """softmax(-L_i / T) (formula 2), computed stably."""
+    if temperature <= 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
+    logits = [-p.loss / temperature for p in parts]
+    top = max(logits)
+    exps = [math.exp(x - top) for x in logits]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def _discounted(weights: list[float], discount: Sequence[float] | None) -> list[float]:
+    """Multiply each weight by s(tau_i); a stale update carried into a sync round counts less."""
+    if discount is None:
+        return weights
+    return [w * d for w, d in zip(weights, discount, strict=True)]
+
+
+def fedavg(
+    template: Weights, parts: Sequence[Contribution], discount: Sequence[float] | None = None
+) -> Weights:
+    return _negated(combine(template, parts, _discounted(sample_weights(parts), discount)))
+
+
+def dynamic(
+    template: Weights,
+    parts: Sequence[Contribution],
+    temperature: float = 1.0,
+    discount: Sequence[float] | None = None,
+) -> Weights:
+    return _negated(combine(template, parts, _discounted(loss_weights(parts, temperature), discount)))
+
+
+def gradient(
+    template: Weights, parts: Sequence[Contribution], discount: Sequence[float] | None = None
+) -> Weights:
+    return combine(template, parts, _discounted(sample_weights(parts), discount))
+
+
+def async_mix(current: Weights, base: Weights, part: Contribution, alpha: float, staleness: float) -> Weights:
+    """Pseudo-gradient of formula 4: ``-alpha*s*(w_base + delta - w)``."""
+    scale = alpha * staleness
+    out = {}
+    for name, w in current.items():
+        g = base[name] - w
+        if name in part.tensors:
+            add_scaled_(g, part.tensors[name], 1.0)
+        out[name] = g.mul_(-scale)
+    return out
+
+
+def fedbuff(template: Weights, parts: Sequence[Contribution], staleness: Sequence[float]) -> Weights:
+    """``-mean(s(tau_i) * delta_i)``; the server lr plays eta_g."""
+    return _negated(combine(template, parts, [s / len(parts) for s in staleness]))
+
+
+def _negated(weights: Weights) -> Weights:
+    for tensor in weights.values():
+        tensor.neg_()
+    return weights
+
+
+# --- staleness functions s(tau) -------------------------------------------------------------
+
+STALENESS = ("constant", "polynomial", "hinge")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Staleness:
+    """s(tau): constant 1; polynomial (1+tau)^-a (FedAsync); hinge 1 until b, then 1/(a(tau-b)+1)."""
+
+    kind: str = "polynomial"
+    a: float = 0.5
+    b: int = 4
+
+    def __post_init__(self) -> None:
+        if self.kind not in STALENESS:
+            raise ConfigError(f"staleness must be one of {STALENESS}, got {self.kind!r}")
+        if self.a < 0 or self.b < 0:
+            raise ConfigError("staleness parameters a and b must be >= 0")
+
+    def __call__(self, tau: int) -> float:
+        if tau < 0:
+            raise AggregationError(f"negative staleness {tau}")
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "polynomial":
+            return float((1.0 + tau) ** (-self.a))
+        return 1.0 if tau <= self.b else 1.0 / (self.a * (tau - self.b) + 1.0)

@@ -1,0 +1,86 @@
+"""When to aggregate: synchronous rounds (all clouds, or a quorum by a deadline), single
+asynchronous updates, or FedBuff buffers of K. Pure: the clock is passed in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from fedjet.errors import ConfigError, StaleUpdateError
+
+T = TypeVar("T")
+LATE_POLICIES = ("drop", "carry")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundPolicy:
+    """Sync rounds close when every cloud has reported, or at ``deadline_s`` with ``quorum``."""
+
+    clouds: tuple[str, ...]
+    quorum: int | None = None
+    deadline_s: float | None = None
+    late: str = "drop"
+
+    def __post_init__(self) -> None:
+        if self.late not in LATE_POLICIES:
+            raise ConfigError(f"--late must be one of {LATE_POLICIES}, got {self.late!r}")
+        if self.quorum is not None and not 1 <= self.quorum <= len(self.clouds):
+            raise ConfigError(f"--quorum must be in 1..{len(self.clouds)}, got {self.quorum}")
+        if self.deadline_s is not None and self.deadline_s <= 0:
+            raise ConfigError("--round-deadline must be > 0 seconds")
+
+
+@dataclass
+class _Entry(Generic[T]):
+    cloud: str
+    staleness: int
+    item: T
+
+
+@dataclass
+class Batcher(Generic[T]):
+    """Collects admitted updates until a batch is ready.
+
+    ``mode`` is "sync" (one round per version), or "buffer" with ``size`` 1 (async) or K
+    (FedBuff). ``offer`` raises :class:`StaleUpdateError` for updates the policy drops.
+    """
+
+    mode: str
+    policy: RoundPolicy
+    size: int = 1
+    round_started: float = 0.0
+    _entries: list[_Entry[T]] = field(default_factory=list)
+
+    def start_round(self, now: float) -> None:
+        self.round_started = now
+
+    def offer(self, cloud: str, staleness: int, item: T) -> None:
+        if self.mode == "sync":
+            if staleness > 0 and self.policy.late == "drop":
+                raise StaleUpdateError(f"late update (staleness {staleness}) dropped by --late drop")
+            if any(e.cloud == cloud for e in self._entries):
+                raise StaleUpdateError(f"{cloud} already reported in this round")
+        self._entries.append(_Entry(cloud, staleness, item))
+
+    def ready(self, now: float) -> bool:
+        if self.mode != "sync":
+            return len(self._entries) >= self.size
+        reported = {e.cloud for e in self._entries}
+        if reported >= set(self.policy.clouds):
+            return True
+        deadline = self.policy.deadline_s
+        quorum = self.policy.quorum or len(self.policy.clouds)
+        return deadline is not None and now - self.round_started >= deadline and len(reported) >= quorum
+
+    def take(self) -> list[tuple[int, T]]:
+        """The batch, in arrival (stream) order, as (staleness, item) pairs."""
+        count = len(self._entries) if self.mode == "sync" else self.size
+        batch, self._entries = self._entries[:count], self._entries[count:]
+        return [(e.staleness, e.item) for e in batch]
+
+    @property
+    def pending(self) -> int:
+        return len(self._entries)
+
+    def pending_items(self) -> list[T]:
+        return [e.item for e in self._entries]

@@ -1,0 +1,69 @@
+"""Server optimizers over the aggregated pseudo-gradient (SGD, Nesterov as in DiLoCo, Adam as in
+FedAdam). Pure and deterministic; the state is plain tensors so it can be checkpointed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedjet.errors import ConfigError
+
+Weights = dict[str, torch.Tensor]
+OPTIMIZERS = ("sgd", "nesterov", "adam")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerOptConfig:
+    name: str = "sgd"
+    lr: float = 1.0
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"server optimizer must be one of {OPTIMIZERS}, got {self.name!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"server lr must be > 0, got {self.lr}")
+
+
+class ServerOptimizer:
+    """``step(w, g)`` returns new weights; ``w`` is not modified."""
+
+    def __init__(self, config: ServerOptConfig) -> None:
+        self.config = config
+        self.steps = 0
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+
+    def step(self, weights: Weights, pseudo_grad: Weights) -> Weights:
+        self.steps += 1
+        c = self.config
+        out: Weights = {}
+        for name, w in weights.items():
+            g = pseudo_grad[name]
+            if c.name == "sgd":
+                direction = g
+            elif c.name == "nesterov":
+                buf = self._buffer(name, "momentum", w)
+                buf.mul_(c.momentum).add_(g)
+                direction = g + c.momentum * buf
+            else:
+                direction = self._adam(name, w, g)
+            out[name] = w - c.lr * direction
+        return out
+
+    def _adam(self, name: str, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        m = self._buffer(name, "m", w).mul_(c.beta1).add_(g, alpha=1 - c.beta1)
+        v = self._buffer(name, "v", w).mul_(c.beta2).addcmul_(g, g, value=1 - c.beta2)
+        m_hat = m / (1 - c.beta1**self.steps)
+        v_hat = v / (1 - c.beta2**self.steps)
+        return m_hat / (v_hat.sqrt() + c.eps)
+
+    def _buffer(self, name: str, key: str, like: torch.Tensor) -> torch.Tensor:
+        slot = self.state.setdefault(name, {})
+        if key not in slot:
+            slot[key] = torch.zeros_like(like)
+        return slot[key]

@@ -1,0 +1,374 @@
+"""The coordinator service: consume -> decode -> validate -> aggregate -> publish -> ack.
+
+Updates are read from a durable pull consumer and handled strictly in JetStream sequence
+order (a chunked update takes the place of its last chunk). Each message is acked only once
+the global version that includes it has been published (stored by JetStream), so a crash
+never loses an update. Anything malformed, forged, stale or oversized is rejected, counted and
+logged; it never stops the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.js import api
+
+from fedjet.broker.blobs import H_BLOB, Blob, BlobAssembler, publish_blob
+from fedjet.broker.jetstream import close_quietly, connect, ensure_job_streams
+from fedjet.broker.subjects import JobSubjects
+from fedjet.codecs.frame import Limits
+from fedjet.codecs.messages import (
+    GlobalHead,
+    GlobalHeader,
+    GlobalVersion,
+    Update,
+    decode_update,
+    encode_global,
+)
+from fedjet.coordinator.aggregate import Weights
+from fedjet.coordinator.rounds import Batcher, RoundPolicy
+from fedjet.coordinator.strategies import Aggregator, Applied, StrategyConfig
+from fedjet.coordinator.validate import to_contribution
+from fedjet.data.partition import split_steps
+from fedjet.errors import BlobError, BrokerError, ConfigError, FedjetError
+from fedjet.log import get_logger
+from fedjet.spec import JobSpec
+
+log = get_logger("fedjet.coordinator")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoordinatorConfig:
+    nats_url: str
+    spec: JobSpec
+    strategy: StrategyConfig
+    policy: RoundPolicy
+    rounds: int | None = 5
+    max_updates: int | None = None
+    limits: Limits = field(default_factory=Limits)
+    idle_timeout_s: float = 600.0
+    rebalance_every: int = 2
+
+    def __post_init__(self) -> None:
+        if self.rounds is None and self.max_updates is None:
+            raise ConfigError("give --rounds or --max-updates (or both) to bound the run")
+        if self.rounds is not None and self.rounds < 1:
+            raise ConfigError("--rounds must be >= 1")
+        if self.max_updates is not None and self.max_updates < 1:
+            raise ConfigError("--max-updates must be >= 1")
+
+
+@dataclass
+class Received:
+    """A decoded, validated update waiting in a batch, with the messages to ack later."""
+
+    update: Update
+    applied: Applied
+    stream_seq: int
+    wire_bytes: int
+    msgs: list[Any]
+
+
+@dataclass
+class Counters:
+    applied: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    per_cloud: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def reject(self, reason: str, cloud: str, seq: int, detail: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        self.dropped.append({"stream_seq": seq, "cloud": cloud, "reason": reason})
+        log.warning("update_rejected", reason=reason, cloud=cloud, stream_seq=seq, detail=detail[:300])
+
+
+class Coordinator:
+    """Run with ``await Coordinator(cfg).run(initial_weights)``; ``stop()`` ends it cleanly."""
+
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        self.subjects = JobSubjects(config.spec.job)
+        self.counters = Counters()
+        self.aggregator: Aggregator | None = None
+        self._stop = asyncio.Event()
+        self._batcher: Batcher[Received] = Batcher(
+            mode="sync" if config.strategy.synchronous else "buffer",
+            policy=config.policy,
+            size=1 if config.strategy.name == "async" else config.strategy.buffer_size,
+        )
+        self._assembler = BlobAssembler(
+            max_blob_bytes=config.limits.max_frame_bytes, max_pending_bytes=config.limits.max_frame_bytes * 2
+        )
+        self._throughput: dict[str, float] = {}
+        self._assignment: dict[str, int] = {}
+        self._held: dict[str, list[Any]] = {}
+        self._nc: Any = None
+        self._sub: Any = None
+        self._js: Any = None
+        self.last_head: GlobalHead | None = None
+
+    def stop(self) -> None:
+        """Ask the run to end after the message in hand; safe to call twice."""
+        self._stop.set()
+
+    async def run(self, initial: Weights) -> Counters:
+        self._nc = await connect(self.config.nats_url, f"fedjet-coordinator-{self.config.spec.job}")
+        try:
+            self._js = self._nc.jetstream()
+            await self._prepare()
+            self.aggregator = Aggregator(self.config.strategy, initial)
+            await self._publish(self._meta([]), final=False)
+            await self._consume()
+        finally:
+            await self._close()
+        return self.counters
+
+    async def _prepare(self) -> None:
+        await ensure_job_streams(self._js, self.subjects)
+        info = await self._js.stream_info(
+            self.subjects.global_stream, subjects_filter=self.subjects.global_head
+        )
+        if info.state.messages:
+            raise ConfigError(
+                f"job {self.config.spec.job!r} already has global versions in this JetStream; "
+                "start a new --job (the old one stays available to fedjet replay)"
+            )
+        kv = await self._js.key_value(self.subjects.kv_bucket)
+        await kv.put("spec", self.config.spec.to_bytes())
+        self._assignment = {c: int(self.config.spec.train["local_steps"]) for c in self.config.spec.clouds}
+
+    async def _consume(self) -> None:
+        config = api.ConsumerConfig(
+            durable_name=self.subjects.coordinator_durable,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=3600.0,
+            max_ack_pending=100_000,
+            deliver_policy=api.DeliverPolicy.ALL,
+            filter_subject=self.subjects.updates,
+        )
+        self._sub = sub = await self._js.pull_subscribe(
+            self.subjects.updates, durable=self.subjects.coordinator_durable, config=config
+        )
+        self._batcher.start_round(time.monotonic())
+        last_activity = time.monotonic()
+        while not self._stop.is_set() and not self._done():
+            try:
+                msgs = await sub.fetch(64, timeout=0.25)
+                last_activity = time.monotonic()
+            except (TimeoutError, nats.errors.TimeoutError):
+                msgs = []
+            for msg in msgs:
+                await self._on_message(msg)
+                await self._fold_ready()
+                if self._done():
+                    break
+            await self._fold_ready()
+            if time.monotonic() - last_activity > self.config.idle_timeout_s:
+                log.error("coordinator_idle_timeout", seconds=self.config.idle_timeout_s)
+                break
+        if not self._done() and self.last_head is not None:
+            await self._publish_final_marker()
+
+    def _done(self) -> bool:
+        agg, cfg = self.aggregator, self.config
+        assert agg is not None
+        if cfg.max_updates is not None and self.counters.applied >= cfg.max_updates:
+            return True
+        return cfg.rounds is not None and agg.version >= cfg.rounds
+
+    async def _on_message(self, msg: Any) -> None:
+        seq = msg.metadata.sequence.stream
+        cloud = JobSubjects.cloud_of(msg.subject)
+        blob_id = (msg.headers or {}).get(H_BLOB, "")
+        try:
+            blob = self._assembler.add(msg.subject, msg.headers, msg.data, seq)
+        except FedjetError as e:
+            await self._reject(e, cloud, seq, [*self._held.pop(blob_id, []), msg])
+            return
+        await self._ack_evicted()
+        if blob is None:
+            self._held.setdefault(blob_id, []).append(msg)
+            return
+        msgs = [*self._held.pop(blob.blob_id, []), msg]
+        try:
+            received = await self._admit(blob, cloud, msgs)
+            self._batcher.offer(cloud, received.applied.staleness, received)
+        except FedjetError as e:
+            await self._reject(e, cloud, blob.last_seq, msgs)
+
+    async def _reject(self, error: FedjetError, cloud: str, seq: int, msgs: list[Any]) -> None:
+        """A rejected message becomes data: counted, logged, acked (it will never be valid)."""
+        self.counters.reject(error.reason, cloud, seq, str(error))
+        for m in msgs:
+            await _ack(m)
+
+    async def _ack_evicted(self) -> None:
+        for blob_id, seqs in self._assembler.evicted:
+            msgs = self._held.pop(blob_id, [])
+            error = BlobError(f"partial blob {blob_id[:64]} evicted from the reassembly buffer")
+            await self._reject(error, "?", seqs[-1] if seqs else 0, msgs)
+        self._assembler.evicted.clear()
+
+    async def _admit(self, blob: Blob, cloud: str, msgs: list[Any]) -> Received:
+        update = await asyncio.to_thread(decode_update, blob.data, self.config.limits)
+        agg = self.aggregator
+        assert agg is not None
+        contribution = to_contribution(update, cloud, self.config.spec, self.config.strategy, agg.weights)
+        staleness = agg.admissible(update.header.base_version)
+        self._note_throughput(update)
+        log.info(
+            "update_received",
+            cloud=cloud,
+            seq=update.header.seq,
+            base=update.header.base_version,
+            staleness=staleness,
+            loss=round(update.header.loss, 4),
+            wire_bytes=blob.wire_bytes,
+        )
+        return Received(update, Applied(contribution, staleness), blob.last_seq, blob.wire_bytes, msgs)
+
+    def _note_throughput(self, update: Update) -> None:
+        h = update.header
+        if h.compute_s > 0 and h.tokens > 0:
+            rate = h.tokens / h.compute_s
+            old = self._throughput.get(h.cloud)
+            self._throughput[h.cloud] = rate if old is None else 0.5 * old + 0.5 * rate
+
+    async def _fold_ready(self) -> None:
+        try:
+            while self._batcher.ready(time.monotonic()) and not self._done():
+                await self._fold(self._batcher.take())
+        except FedjetError as e:
+            log.error("aggregation_failed", error=str(e))
+            raise
+
+    async def _fold(self, batch: list[tuple[int, Received]]) -> None:
+        agg = self.aggregator
+        assert agg is not None
+        received = [r for _, r in batch]
+        await asyncio.to_thread(agg.apply, [r.applied for r in received])
+        self.counters.applied += len(received)
+        if self.config.spec.partition == "dynamic" and agg.version % self.config.rebalance_every == 0:
+            self._rebalance()
+        await self._publish(self._meta(received), final=self._done())
+        for r in received:
+            for m in r.msgs:
+                await _ack(m)
+        self._batcher.start_round(time.monotonic())
+
+    def _rebalance(self) -> None:
+        spec = self.config.spec
+        if len(self._throughput) < len(spec.clouds):
+            return
+        total = int(spec.train["local_steps"]) * len(spec.clouds)
+        self._assignment = split_steps(self._throughput, total)
+        log.info("rebalanced", assignment=self._assignment)
+
+    def _meta(self, received: list[Received]) -> dict[str, Any]:
+        agg = self.aggregator
+        assert agg is not None
+        samples = sum(r.update.header.samples for r in received)
+        contributions = [
+            {
+                "cloud": r.update.header.cloud,
+                "worker": r.update.header.worker,
+                "seq": r.update.header.seq,
+                "stream_seq": r.stream_seq,
+                "base": r.update.header.base_version,
+                "staleness": r.applied.staleness,
+                "samples": r.update.header.samples,
+                "loss": r.update.header.loss,
+                "wire_bytes": r.wire_bytes,
+                "tokens": r.update.header.tokens,
+                "compute_s": r.update.header.compute_s,
+            }
+            for r in received
+        ]
+        meta = {
+            "strategy": self.config.strategy.name,
+            "contributions": contributions,
+            "train_loss": (
+                sum(r.update.header.loss * r.update.header.samples for r in received) / samples
+                if samples
+                else None
+            ),
+            "bytes_up": sum(r.wire_bytes for r in received),
+            "applied_total": self.counters.applied,
+            "rejected_total": sum(self.counters.rejected.values()),
+            "rejected": dict(self.counters.rejected),
+            "dropped": self.counters.dropped,
+            "assignment": dict(self._assignment),
+            "published_unix": time.time(),
+        }
+        self.counters.dropped = []
+        return meta
+
+    async def _publish(self, meta: dict[str, Any], *, final: bool) -> GlobalHead:
+        agg = self.aggregator
+        assert agg is not None
+        header = GlobalHeader(
+            job=self.config.spec.job, version=agg.version, hash=agg.hash, final=final, meta=meta
+        )
+        payload = await asyncio.to_thread(encode_global, GlobalVersion(header, agg.weights))
+        blob = await publish_blob(
+            self._js,
+            self.subjects.global_data,
+            payload,
+            blob_id=f"{self.config.spec.job}/g/{agg.version}",
+            max_payload=self._nc.max_payload,
+        )
+        head = GlobalHead(
+            job=self.config.spec.job,
+            version=agg.version,
+            hash=agg.hash,
+            final=final,
+            first_seq=blob.first_seq,
+            last_seq=blob.last_seq,
+            size=len(payload),
+            sha256=hashlib.sha256(payload).hexdigest(),
+        )
+        await self._publish_head(head)
+        log.info(
+            "global_published", version=agg.version, hash=agg.hash[:12], bytes=blob.wire_bytes, final=final
+        )
+        return head
+
+    async def _publish_head(self, head: GlobalHead) -> None:
+        try:
+            await self._js.publish(
+                self.subjects.global_head,
+                head.to_bytes(),
+                headers={"Nats-Msg-Id": f"{head.job}/h/{head.version}/{int(head.final)}"},
+            )
+        except (nats.errors.Error, nats.js.errors.Error) as e:
+            raise BrokerError(f"publishing global head {head.version} failed: {e}") from e
+        self.last_head = head
+
+    async def _publish_final_marker(self) -> None:
+        """Stopped early: re-announce the current version as final so workers exit."""
+        head = self.last_head
+        assert head is not None
+        if not head.final:
+            await self._publish_head(
+                GlobalHead(**{**head.__dict__, "final": True})  # same weights, final flag set
+            )
+
+    async def _close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await self._sub.unsubscribe()
+        await close_quietly(self._nc)
+
+
+async def _ack(msg: Any) -> None:
+    try:
+        await msg.ack()
+    except (nats.errors.Error, nats.js.errors.Error) as e:
+        log.warning("ack_failed", error=str(e))

@@ -1,0 +1,85 @@
+"""The run report: the single source for every number fedjet prints or plots."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    version: int
+    train_loss: float | None
+    eval_loss: float | None
+    eval_ppl: float | None
+    eval_acc: float | None
+    bytes_up: int
+    bytes_down: int
+    wall_s: float
+    round_s: float
+    hash: str
+    contributors: list[str] = field(default_factory=list)
+    staleness: list[int] = field(default_factory=list)
+    applied_total: int = 0
+    rejected_total: int = 0
+
+
+@dataclass
+class Report:
+    config: dict[str, Any]
+    rounds: list[RoundRecord] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    clouds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "rounds": [asdict(r) for r in self.rounds],
+            "summary": self.summary,
+            "clouds": self.clouds,
+            "notes": self.notes,
+        }
+
+    def write(self, path: str | Path) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def summarize(rounds: list[RoundRecord], clouds: dict[str, dict[str, Any]], rejected: int) -> dict[str, Any]:
+    evaluated = [r for r in rounds if r.eval_loss is not None]
+    last = evaluated[-1] if evaluated else None
+    measured_up = sum(int(c.get("bytes_up", 0)) for c in clouds.values())
+    measured_down = sum(int(c.get("bytes_down", 0)) for c in clouds.values())
+    return {
+        "versions": rounds[-1].version if rounds else 0,
+        "initial_eval_loss": evaluated[0].eval_loss if evaluated else None,
+        "final_eval_loss": last.eval_loss if last else None,
+        "final_eval_ppl": last.eval_ppl if last else None,
+        "final_eval_acc": last.eval_acc if last else None,
+        "wall_s": rounds[-1].wall_s if rounds else 0.0,
+        "bytes_up": measured_up or sum(r.bytes_up for r in rounds),
+        "bytes_down": measured_down or sum(r.bytes_down for r in rounds),
+        "updates_applied": rounds[-1].applied_total if rounds else 0,
+        "updates_rejected": rejected,
+    }
+
+
+def round_line(r: RoundRecord) -> str:
+    def num(x: float | None, fmt: str) -> str:
+        return format(x, fmt) if x is not None else "-"
+
+    return (
+        f"round {r.round:>3}  v{r.version:<4} train_loss {num(r.train_loss, '7.4f')}  "
+        f"eval_loss {num(r.eval_loss, '7.4f')}  ppl {num(r.eval_ppl, '8.2f')}  "
+        f"acc {num(None if r.eval_acc is None else r.eval_acc * 100, '5.1f')}%  up {_mb(r.bytes_up)}  "
+        f"down {_mb(r.bytes_down)}  {r.round_s:6.1f}s"
+    )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:8.3f} MB"

@@ -1,0 +1,1 @@
+"""``fedjet up``: the embedded default, one process per part, and the report it writes."""

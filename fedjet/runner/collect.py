@@ -1,0 +1,98 @@
+"""The observer that builds the report: follows every global version, evaluates it on the
+held-out split, and records what the coordinator says about how it was made."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedjet.codecs.messages import GlobalHead, GlobalVersion
+from fedjet.report import RoundRecord, round_line
+from fedjet.worker.follow import GlobalFollower
+from fedjet.worker.model import load_parameters
+from fedjet.worker.train import EvalResult, evaluate
+
+
+class Collector:
+    """Evaluates every ``eval_every``-th version (and the first and last) and keeps a record."""
+
+    def __init__(
+        self,
+        follower: GlobalFollower,
+        model: torch.nn.Module,
+        windows: np.ndarray,
+        device: torch.device,
+        *,
+        clouds: int,
+        eval_every: int = 1,
+        on_round: Callable[[RoundRecord], None] | None = None,
+    ) -> None:
+        self.follower = follower
+        self.model = model.to(device)
+        self.windows = windows
+        self.device = device
+        self.clouds = clouds
+        self.eval_every = max(1, eval_every)
+        self.on_round = on_round
+        self.rounds: list[RoundRecord] = []
+        self.last_meta: dict[str, Any] = {}
+        self._t0: float | None = None
+        self._prev_t: float | None = None
+
+    async def run(self) -> list[RoundRecord]:
+        """Until the final version has been recorded."""
+        while True:
+            head = await self.follower.next_head()
+            if self.rounds and head.version <= self.rounds[-1].version:
+                if head.final:
+                    return self.rounds
+                continue
+            version = await self.follower.fetch(head)
+            record = await self._record(head, version)
+            self.rounds.append(record)
+            if self.on_round is not None:
+                self.on_round(record)
+            if head.final:
+                return self.rounds
+
+    async def _record(self, head: GlobalHead, version: GlobalVersion) -> RoundRecord:
+        meta = version.header.meta
+        self.last_meta = meta
+        published = float(meta.get("published_unix", 0.0))
+        if self._t0 is None:
+            self._t0 = self._prev_t = published
+        assert self._prev_t is not None
+        wall, round_s, self._prev_t = published - self._t0, published - self._prev_t, published
+        result: EvalResult | None = None
+        if head.version == 0 or head.final or head.version % self.eval_every == 0:
+            result = await asyncio.to_thread(self._evaluate, version.tensors)
+        contributions = meta.get("contributions", [])
+        return RoundRecord(
+            round=len(self.rounds),
+            version=head.version,
+            train_loss=meta.get("train_loss"),
+            eval_loss=result.loss if result else None,
+            eval_ppl=result.ppl if result else None,
+            eval_acc=result.acc if result else None,
+            bytes_up=int(meta.get("bytes_up", 0)),
+            bytes_down=(head.size + len(head.to_bytes())) * self.clouds if not head.final else 0,
+            wall_s=wall,
+            round_s=round_s,
+            hash=head.hash,
+            contributors=[c["cloud"] for c in contributions],
+            staleness=[int(c["staleness"]) for c in contributions],
+            applied_total=int(meta.get("applied_total", 0)),
+            rejected_total=int(meta.get("rejected_total", 0)),
+        )
+
+    def _evaluate(self, tensors: dict[str, torch.Tensor]) -> EvalResult:
+        load_parameters(self.model, tensors)
+        return evaluate(self.model, self.windows, self.device)
+
+
+def print_round(record: RoundRecord) -> None:
+    print(round_line(record), flush=True)

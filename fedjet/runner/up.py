@@ -1,0 +1,255 @@
+"""``fedjet up``: a local nats-server, the coordinator and one worker process per cloud.
+
+This process supervises the others and plays observer: it evaluates every global version on
+the held-out split and writes the report. Children run in their own sessions and are stopped
+with SIGTERM (then SIGKILL) on exit, Ctrl-C or failure, so nothing is left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+
+from fedjet.broker.jetstream import close_quietly, connect
+from fedjet.broker.server import EmbeddedNatsServer
+from fedjet.broker.subjects import JobSubjects
+from fedjet.codecs.frame import Limits
+from fedjet.data.batches import eval_windows
+from fedjet.data.shards import make_tokenizer
+from fedjet.data.wikitext import load_corpus, resolve_data_dir
+from fedjet.errors import BrokerError, ConfigError, FedjetError
+from fedjet.log import get_logger
+from fedjet.options import RunOptions
+from fedjet.report import Report, summarize
+from fedjet.runner.collect import Collector, print_round
+from fedjet.runner.processes import Child, spawn, stop_all
+from fedjet.spec import JobSpec
+from fedjet.worker.model import model_from_config, pick_device, quiet_transformers
+
+log = get_logger("fedjet.up")
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpConfig:
+    options: RunOptions
+    nats_url: str | None = None
+    store: str | None = None
+    data: str | None = None
+    report: str | None = None
+    eval_tokens: int = 16384
+    eval_every: int = 1
+    slowdown: dict[str, float] = field(default_factory=dict)
+    links: dict[str, str] = field(default_factory=dict)
+    timeout_s: float = 3600.0
+    device: str | None = None
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        for cloud in (*self.slowdown, *self.links):
+            if cloud not in self.options.clouds:
+                raise ConfigError(f"--slowdown/--link name {cloud!r}, which is not in --clouds")
+
+
+class RunFailed(FedjetError):
+    """A child process died or the run timed out."""
+
+
+def run_up(config: UpConfig) -> Report:
+    """Blocking entry point; raises on failure, ``KeyboardInterrupt`` stops everything."""
+    return asyncio.run(_run(config))
+
+
+async def _run(config: UpConfig) -> Report:
+    quiet_transformers()
+    data_dir = resolve_data_dir(config.data)
+    corpus = await asyncio.to_thread(load_corpus, data_dir)
+    if corpus.note:
+        _say(config, f"note: {corpus.note}")
+    server = None
+    url = config.nats_url
+    if url is None:
+        server = EmbeddedNatsServer(config.store)
+        url = server.start()
+        _say(
+            config,
+            f"nats-server (JetStream) on {url}, store {config.store or '(temporary)'}",
+        )
+    workdir = Path(tempfile.mkdtemp(prefix="fedjet-up-"))
+    children: list[Child] = []
+    try:
+        children = _spawn_all(config, url, data_dir, workdir)
+        report = await _observe(config, url, corpus, children)
+        print(_summary_line(report), flush=True)
+        if config.report:
+            report.write(config.report)
+            _say(config, f"report written to {config.report}")
+        return report
+    finally:
+        stop_all(children)
+        if server is not None:
+            server.stop()
+        if all(c.returncode == 0 for c in children):
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            codes = ", ".join(f"{c.name}={c.returncode}" for c in children)
+            _say(config, f"exit codes {codes}; logs kept in {workdir}")
+
+
+def _spawn_all(config: UpConfig, url: str, data_dir: Path | None, workdir: Path) -> list[Child]:
+    opts = config.options
+    device = ["--device", config.device] if config.device else []
+    children = [spawn("coordinator", ["coordinator", "--nats", url, *opts.to_args(), *device], workdir)]
+    for cloud in opts.clouds:
+        args = ["worker", "--nats", url, "--job", opts.job, "--cloud", cloud, *device]
+        if data_dir is not None:
+            args += ["--data", str(data_dir)]
+        if cloud in config.slowdown:
+            args += ["--slowdown", str(config.slowdown[cloud])]
+        children.append(spawn(f"worker-{cloud}", args, workdir))
+    return children
+
+
+async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child]) -> Report:
+    opts = config.options
+    subjects = JobSubjects(opts.job)
+    nc = await connect(url, f"fedjet-up-{opts.job}")
+    started = time.perf_counter()
+    try:
+        js = nc.jetstream()
+        spec = await _await_spec(js, subjects, children)
+        tokenizer = make_tokenizer(spec.tokenizer)
+        windows = eval_windows(
+            _encode(corpus.eval, tokenizer), int(spec.train["seq_len"]), config.eval_tokens
+        )
+        model = model_from_config(spec.model_config)
+        from fedjet.worker.follow import GlobalFollower
+
+        follower = GlobalFollower(js, subjects, Limits(), every=True)
+        await follower.start()
+        collector = Collector(
+            follower,
+            model,
+            windows,
+            pick_device(config.device),
+            clouds=len(opts.clouds),
+            eval_every=config.eval_every,
+            on_round=None if config.quiet else print_round,
+        )
+        await _race(collector.run(), children, config.timeout_s)
+        await follower.stop()
+        clouds = await _cloud_stats(js, subjects, opts.clouds, children)
+    finally:
+        await close_quietly(nc)
+    rejected = int(collector.last_meta.get("rejected_total", 0))
+    report = Report(config=_config_dict(config, corpus), rounds=collector.rounds, clouds=clouds)
+    report.summary = summarize(collector.rounds, clouds, rejected)
+    report.summary["run_s"] = time.perf_counter() - started
+    if corpus.note:
+        report.notes.append(corpus.note)
+    return report
+
+
+def _encode(articles: Any, tokenizer: Any) -> Any:
+    from fedjet.data.batches import encode_articles
+
+    return encode_articles(articles, tokenizer)
+
+
+async def _await_spec(
+    js: Any, subjects: JobSubjects, children: list[Child], timeout: float = 180.0
+) -> JobSpec:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _check_children(children)
+        try:
+            kv = await js.key_value(subjects.kv_bucket)
+            return JobSpec.from_bytes((await kv.get("spec")).value)
+        except nats.js.errors.NotFoundError:
+            await asyncio.sleep(0.2)
+    raise RunFailed(f"the coordinator published no job spec within {timeout}s")
+
+
+async def _race(work: Any, children: list[Child], timeout_s: float) -> None:
+    """Run ``work`` while watching the children: a crashed child or the timeout ends the run."""
+    task = asyncio.ensure_future(work)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not task.done():
+            _check_children(children, allow_clean_exit=True)
+            if time.monotonic() > deadline:
+                raise RunFailed(f"run did not finish within {timeout_s}s")
+            await asyncio.wait({task}, timeout=0.5)
+        task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def _check_children(children: list[Child], *, allow_clean_exit: bool = True) -> None:
+    for child in children:
+        code = child.returncode
+        if code is not None and (code != 0 or not allow_clean_exit):
+            raise RunFailed(f"{child.name} exited with {code}:\n{child.log_tail()}")
+
+
+async def _cloud_stats(
+    js: Any, subjects: JobSubjects, clouds: tuple[str, ...], children: list[Child]
+) -> dict[str, Any]:
+    """Wait for the workers to finish, then read their own figures from the KV bucket."""
+    workers = [c for c in children if c.name.startswith("worker-")]
+    deadline = time.monotonic() + 60
+    while any(c.returncode is None for c in workers) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    _check_children(children)
+    stats: dict[str, Any] = {}
+    kv = await js.key_value(subjects.kv_bucket)
+    for cloud in clouds:
+        try:
+            stats[cloud] = json.loads((await kv.get(f"stats.{cloud}")).value)
+        except nats.js.errors.NotFoundError:
+            stats[cloud] = {}
+    return stats
+
+
+def _config_dict(config: UpConfig, corpus: Any) -> dict[str, Any]:
+    return {
+        **config.options.to_dict(),
+        "strategy_config": config.options.strategy_config().to_dict(),
+        "data": corpus.source,
+        "train_split": corpus.train_split,
+        "eval_split": corpus.eval_split,
+        "eval_tokens": config.eval_tokens,
+        "slowdown": config.slowdown,
+        "links": config.links,
+        "nats": "embedded" if config.nats_url is None else config.nats_url,
+    }
+
+
+def _summary_line(report: Report) -> str:
+    s = report.summary
+    return (
+        f"done: {s['versions']} versions, {s['updates_applied']} updates applied, "
+        f"{s['updates_rejected']} rejected; eval loss {s['initial_eval_loss']:.4f} -> "
+        f"{s['final_eval_loss']:.4f} (ppl {s['final_eval_ppl']:.2f}, acc {100 * s['final_eval_acc']:.1f}%); "
+        f"up {s['bytes_up'] / 1e6:.3f} MB, down {s['bytes_down'] / 1e6:.3f} MB; {s['wall_s']:.1f}s"
+    )
+
+
+def _say(config: UpConfig, text: str) -> None:
+    if not config.quiet:
+        print(text, flush=True)
+
+
+__all__ = ["BrokerError", "RunFailed", "UpConfig", "run_up"]

@@ -1,0 +1,1 @@
+"""Worker daemon: model, data shard, local training, error feedback, publishing updates."""

@@ -1,0 +1,236 @@
+"""The worker daemon: one per cloud. Follows globals, trains locally, publishes updates.
+
+Raw text never leaves this process: only encoded (and, with keys, encrypted) weight deltas or
+gradients are published, to this cloud's own update subject.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+
+from fedjet.broker.blobs import publish_blob
+from fedjet.broker.jetstream import close_quietly, connect
+from fedjet.broker.subjects import JobSubjects, check_token
+from fedjet.codecs.frame import Limits
+from fedjet.codecs.messages import GlobalHead, Update, UpdateHeader, encode_update
+from fedjet.codecs.pipeline import CodecSpec
+from fedjet.data.batches import BatchSampler
+from fedjet.data.shards import make_tokenizer, shard_tokens
+from fedjet.data.wikitext import load_corpus
+from fedjet.errors import BrokerError, ConfigError
+from fedjet.log import get_logger
+from fedjet.spec import JobSpec
+from fedjet.worker.delta import DeltaTracker
+from fedjet.worker.follow import GlobalFollower
+from fedjet.worker.model import model_from_config, pick_device, quiet_transformers
+from fedjet.worker.train import LocalTrainer, TrainSettings
+
+log = get_logger("fedjet.worker")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig:
+    nats_url: str
+    job: str
+    cloud: str
+    worker_id: str = "0"
+    data: str | None = None
+    slowdown: float = 1.0
+    device: str | None = None
+    spec_timeout_s: float = 120.0
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        check_token("job", self.job)
+        check_token("cloud", self.cloud)
+        check_token("worker", self.worker_id)
+        if self.slowdown < 1.0:
+            raise ConfigError(f"slowdown must be >= 1, got {self.slowdown}")
+
+
+@dataclass
+class WorkerStats:
+    cloud: str
+    updates_sent: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    tokens: int = 0
+    compute_s: float = 0.0
+    idle_s: float = 0.0
+    wall_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.compute_s if self.compute_s else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["tokens_per_s"] = self.tokens_per_s
+        out["idle_frac"] = self.idle_s / self.wall_s if self.wall_s else 0.0
+        return out
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.subjects = JobSubjects(config.job)
+        self.stats = WorkerStats(config.cloud)
+        self._seq = time.time_ns() // 1000  # increases across restarts: the anti-replay counter
+        self._stop = asyncio.Event()
+        self._nc: Any = None
+        self._js: Any = None
+        self.follower: GlobalFollower | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> WorkerStats:
+        started = time.perf_counter()
+        self._nc = await connect(self.config.nats_url, f"fedjet-worker-{self.config.job}-{self.config.cloud}")
+        try:
+            self._js = self._nc.jetstream()
+            self.spec = await self._await_spec()
+            self.trainer, self.tracker, self.codec = await asyncio.to_thread(self._prepare, self.spec)
+            self.follower = GlobalFollower(self._js, self.subjects, self.config.limits)
+            await self.follower.start()
+            await self._loop()
+        finally:
+            self.stats.wall_s = time.perf_counter() - started
+            if self.follower is not None:
+                await self.follower.stop()
+            await self._report_stats()
+            await close_quietly(self._nc)
+        return self.stats
+
+    async def _await_spec(self) -> JobSpec:
+        deadline = time.monotonic() + self.config.spec_timeout_s
+        while True:
+            try:
+                kv = await self._js.key_value(self.subjects.kv_bucket)
+                entry = await kv.get("spec")
+                spec = JobSpec.from_bytes(entry.value)
+                spec.cloud_index(self.config.cloud)
+                return spec
+            except nats.js.errors.NotFoundError:  # bucket or key not there yet
+                if time.monotonic() > deadline:
+                    raise BrokerError(
+                        f"no job spec for {self.config.job} within {self.config.spec_timeout_s}s"
+                    ) from None
+                await asyncio.sleep(0.2)
+
+    def _prepare(self, spec: JobSpec) -> tuple[LocalTrainer, DeltaTracker, CodecSpec]:
+        quiet_transformers()
+        corpus = load_corpus(self.config.data)
+        tokenizer = make_tokenizer(spec.tokenizer)
+        index = spec.cloud_index(self.config.cloud)
+        tokens = shard_tokens(
+            corpus.train,
+            tokenizer,
+            clouds=len(spec.clouds),
+            index=index,
+            scheme=spec.partition,
+            alpha=spec.alpha,
+            seed=spec.seed,
+        )
+        settings = TrainSettings(**spec.train)
+        sampler = BatchSampler(tokens, settings.seq_len, settings.batch_size, seed=spec.seed * 1000 + index)
+        model = model_from_config(spec.model_config)
+        device = pick_device(self.config.device)
+        trainer = LocalTrainer(model, sampler, settings, device, slowdown=self.config.slowdown)
+        codec = CodecSpec.parse(spec.codec)
+        log.info(
+            "worker_ready",
+            cloud=self.config.cloud,
+            shard_tokens=len(tokens),
+            source=corpus.source,
+            note=corpus.note,
+            device=str(device),
+        )
+        return trainer, DeltaTracker(codec, reference=spec.delta_reference), codec
+
+    async def _loop(self) -> None:
+        """Sync: wait for each new global. Async: take the newest between local rounds, if any."""
+        base: GlobalHead | None = None
+        steps = int(self.spec.train["local_steps"])
+        while not self._stop.is_set():
+            wait_from = time.perf_counter()
+            if base is None or self.spec.synchronous:
+                head = await self.follower.newer_than(-1 if base is None else base.version)
+            else:
+                latest = self.follower.latest
+                head = latest if latest is not None and latest.version > base.version else None
+            if self.follower.final is not None:
+                break
+            if head is not None:
+                version = await self.follower.fetch(head)
+                self.trainer.load(version.tensors)
+                self.tracker.rebase(version.tensors)
+                base = head
+                steps = int(version.header.meta.get("assignment", {}).get(self.config.cloud, steps))
+            self.stats.idle_s += time.perf_counter() - wait_from
+            assert base is not None
+            await self._train_and_send(base.version, steps)
+
+    async def _train_and_send(self, base_version: int, steps: int) -> None:
+        spec, trainer = self.spec, self.trainer
+        if spec.update_kind == "gradient":
+            tensors, result = await asyncio.to_thread(trainer.gradient, steps)
+        else:
+            result = await asyncio.to_thread(trainer.train, steps)
+            tensors = await asyncio.to_thread(self.tracker.delta, trainer.weights())
+        self._seq = max(self._seq + 1, time.time_ns() // 1000)
+        header = UpdateHeader(
+            job=spec.job,
+            cloud=self.config.cloud,
+            worker=self.config.worker_id,
+            seq=self._seq,
+            base_version=base_version,
+            samples=result.sequences,
+            loss=result.mean_loss,
+            kind=spec.update_kind,
+            codec=self.codec.text,
+            tokens=result.tokens,
+            compute_s=result.compute_s,
+            wall_s=result.wall_s,
+            sent_unix=time.time(),
+        )
+        payload = await asyncio.to_thread(encode_update, Update(header, tensors), self.codec)
+        published = await publish_blob(
+            self._js,
+            self.subjects.update(self.config.cloud),
+            payload,
+            blob_id=f"{self.config.cloud}/{self.config.worker_id}/{self._seq}",
+            max_payload=self._nc.max_payload,
+        )
+        self.stats.updates_sent += 1
+        self.stats.bytes_up += published.wire_bytes
+        self.stats.tokens += result.tokens
+        self.stats.compute_s += result.compute_s
+        log.info(
+            "update_sent",
+            cloud=self.config.cloud,
+            base=base_version,
+            steps=steps,
+            loss=round(result.mean_loss, 4),
+            bytes=published.wire_bytes,
+        )
+        await self._report_stats()
+
+    async def _report_stats(self) -> None:
+        """Per-cloud figures for the report, in the job's KV bucket (best effort)."""
+        if self.follower is not None:
+            self.stats.bytes_down = self.follower.bytes_down
+        if self._nc is None or self._nc.is_closed:
+            return
+        try:
+            kv = await self._js.key_value(self.subjects.kv_bucket)
+            await kv.put(f"stats.{self.config.cloud}", json.dumps(self.stats.to_dict()).encode())
+        except (nats.errors.Error, nats.js.errors.Error) as e:
+            log.warning("stats_not_reported", error=str(e))

@@ -1,0 +1,123 @@
+"""Follow global versions: heads arrive on one subject, weights are read by sequence range."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from typing import Any
+
+import nats.errors
+from nats.js import api
+
+from fedjet.broker.blobs import BlobAssembler
+from fedjet.broker.jetstream import read_range
+from fedjet.broker.subjects import JobSubjects
+from fedjet.codecs.frame import Limits
+from fedjet.codecs.messages import GlobalHead, GlobalVersion, decode_global
+from fedjet.codecs.tensors import weights_hash
+from fedjet.errors import AuthenticationError, FedjetError, ValidationError
+from fedjet.log import get_logger
+
+log = get_logger("fedjet.follow")
+
+
+class GlobalFollower:
+    """Keeps the newest announced head (``every=False``) or queues every head (``every=True``).
+
+    Heads that fail to parse or go backwards are counted and ignored, never raised.
+    """
+
+    def __init__(self, js: Any, subjects: JobSubjects, limits: Limits, *, every: bool = False) -> None:
+        self._js = js
+        self.subjects = subjects
+        self.limits = limits
+        self.every = every
+        self.latest: GlobalHead | None = None
+        self.final: GlobalHead | None = None
+        self.rejected = 0
+        self.bytes_down = 0
+        self._queue: asyncio.Queue[GlobalHead] = asyncio.Queue()
+        self._changed = asyncio.Event()
+        self._sub: Any = None
+
+    async def start(self) -> None:
+        policy = api.DeliverPolicy.ALL if self.every else api.DeliverPolicy.LAST
+        self._sub = await self._js.subscribe(
+            self.subjects.global_head,
+            cb=self._on_head,
+            ordered_consumer=True,
+            deliver_policy=policy,
+            stream=self.subjects.global_stream,
+        )
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _on_head(self, msg: Any) -> None:
+        self.bytes_down += len(msg.data)
+        try:
+            head = self.parse_head(msg.data)
+        except FedjetError as e:
+            self.rejected += 1
+            log.warning("global_head_rejected", reason=e.reason, detail=str(e)[:200])
+            return
+        newer = self.latest is None or head.version > self.latest.version
+        if newer:
+            self.latest = head
+        if head.final:
+            self.final = head
+        if self.every and (newer or head.final):
+            self._queue.put_nowait(head)  # a final marker may repeat the last version
+        self._changed.set()
+
+    def parse_head(self, data: bytes) -> GlobalHead:
+        head = GlobalHead.from_bytes(data)
+        if head.job != self.subjects.job:
+            raise ValidationError(f"head for job {head.job!r:.40}")
+        return head
+
+    async def newer_than(self, version: int, timeout: float | None = None) -> GlobalHead | None:
+        """Wait for a head newer than ``version`` (or the final marker); None on timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            if self.latest is not None and self.latest.version > version:
+                return self.latest
+            if self.final is not None:
+                return self.final
+            self._changed.clear()
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    async def next_head(self) -> GlobalHead:
+        """Every head in order (``every=True``)."""
+        return await self._queue.get()
+
+    async def fetch(self, head: GlobalHead) -> GlobalVersion:
+        """Read, check and decode the weights a head points to."""
+        assembler = BlobAssembler(
+            max_blob_bytes=self.limits.max_frame_bytes, max_pending_bytes=self.limits.max_frame_bytes
+        )
+        blob = None
+        async for msg in read_range(
+            self._js, self.subjects.global_stream, self.subjects.global_data, head.first_seq, head.last_seq
+        ):
+            self.bytes_down += len(msg.data)
+            blob = assembler.add(msg.subject, msg.headers, msg.data, msg.metadata.sequence.stream) or blob
+        if blob is None or len(blob.data) != head.size:
+            raise ValidationError(
+                f"global {head.version}: weights incomplete at seqs {head.first_seq}..{head.last_seq}"
+            )
+        if hashlib.sha256(blob.data).hexdigest() != head.sha256:
+            raise AuthenticationError(f"global {head.version}: weights do not match the head's digest")
+        version = await asyncio.to_thread(decode_global, blob.data, self.limits)
+        if version.header.version != head.version or weights_hash(version.tensors) != head.hash:
+            raise AuthenticationError(f"global {head.version}: decoded weights do not match the head")
+        return version

@@ -1,0 +1,156 @@
+"""Local training and evaluation: compute only, no I/O (run in a thread by the daemon)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedjet.data.batches import BatchSampler
+from fedjet.errors import ConfigError
+from fedjet.worker.model import load_parameters, parameter_tensors
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """Local optimisation per round. Part of the job spec, so every cloud trains alike."""
+
+    local_steps: int = 20
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.local_steps < 1 or self.batch_size < 1 or self.seq_len < 2:
+            raise ConfigError("local_steps, batch_size must be >= 1 and seq_len >= 2")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class StepsResult:
+    mean_loss: float
+    sequences: int
+    tokens: int
+    compute_s: float
+    wall_s: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    ppl: float
+    acc: float
+    tokens: int
+
+
+def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Mean next-token cross entropy, plus correct predictions and count."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    logits = model(input_ids=inputs).logits
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+    correct = int((logits.argmax(-1) == targets).sum())
+    return loss, correct, targets.numel()
+
+
+class LocalTrainer:
+    """One cloud's model and optimizer; the optimizer state persists across rounds (as DiLoCo)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        sampler: BatchSampler,
+        settings: TrainSettings,
+        device: torch.device,
+        *,
+        slowdown: float = 1.0,
+    ) -> None:
+        self.model = model.to(device)
+        self.sampler = sampler
+        self.settings = settings
+        self.device = device
+        self.slowdown = slowdown
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+        )
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        load_parameters(self.model, tensors)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return parameter_tensors(self.model)
+
+    def train(self, steps: int) -> StepsResult:
+        """``steps`` optimizer steps on local batches."""
+        self.model.train()
+        losses, started, compute = [], time.perf_counter(), 0.0
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            loss, _, _ = lm_loss(self.model, self._batch())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+            self.optimizer.step()
+            losses.append(loss.detach().item())
+            compute += self._pace(time.perf_counter() - t0)
+        return self._result(losses, steps, compute, started)
+
+    def gradient(self, steps: int) -> tuple[dict[str, torch.Tensor], StepsResult]:
+        """Mean gradient over ``steps`` batches at the current weights (gradient aggregation)."""
+        self.model.train()
+        self.model.zero_grad(set_to_none=True)
+        losses, started, compute = [], time.perf_counter(), 0.0
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            loss, _, _ = lm_loss(self.model, self._batch())
+            (loss / steps).backward()
+            losses.append(loss.detach().item())
+            compute += self._pace(time.perf_counter() - t0)
+        grads = {
+            n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().to("cpu", torch.float32)
+            for n, p in self.model.named_parameters()
+        }
+        self.model.zero_grad(set_to_none=True)
+        return grads, self._result(losses, steps, compute, started)
+
+    def _batch(self) -> torch.Tensor:
+        return torch.from_numpy(self.sampler.next_batch()).to(self.device)
+
+    def _pace(self, step_s: float) -> float:
+        """Simulate a slower cloud: stretch each step to ``slowdown`` times its real time."""
+        if self.slowdown > 1.0:
+            time.sleep(step_s * (self.slowdown - 1.0))
+        return step_s * max(self.slowdown, 1.0)
+
+    def _result(self, losses: list[float], steps: int, compute: float, started: float) -> StepsResult:
+        sequences = steps * self.settings.batch_size
+        return StepsResult(
+            mean_loss=float(np.mean(losses)),
+            sequences=sequences,
+            tokens=sequences * self.settings.seq_len,
+            compute_s=compute,
+            wall_s=time.perf_counter() - started,
+        )
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, windows: np.ndarray, device: torch.device, batch_size: int = 16
+) -> EvalResult:
+    """Loss, perplexity and next-token accuracy over fixed evaluation windows."""
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for start in range(0, len(windows), batch_size):
+        batch = torch.from_numpy(windows[start : start + batch_size]).to(device)
+        loss, right, n = lm_loss(model, batch)
+        total_loss += float(loss) * n
+        correct += right
+        count += n
+    mean = total_loss / count
+    return EvalResult(loss=mean, ppl=math.exp(min(mean, 50.0)), acc=correct / count, tokens=count)
