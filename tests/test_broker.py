@@ -1,0 +1,126 @@
+"""The broker layer against a real nats-server: chunked blobs, ordered reads, the server itself."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+import torch
+
+from fedjet.broker.blobs import BlobAssembler, publish_blob
+from fedjet.broker.jetstream import close_quietly, connect, ensure_job_streams, read_range
+from fedjet.broker.server import EmbeddedNatsServer
+from fedjet.broker.subjects import JobSubjects
+from fedjet.codecs.frame import Limits
+from fedjet.codecs.messages import Update, UpdateHeader, decode_update, encode_update
+from fedjet.codecs.pipeline import CodecSpec
+from fedjet.errors import BlobError, ConfigError
+from fedjet.worker.model import initial_model, parameter_tensors
+
+
+def test_embedded_server_starts_on_loopback_and_stops(tmp_path):
+    server = EmbeddedNatsServer(tmp_path / "store")
+    url = server.start()
+    host, port = url.removeprefix("nats://").split(":")
+    assert host == "127.0.0.1"
+    socket.create_connection((host, int(port)), timeout=2).close()
+    server.stop()
+    server.stop()  # twice is fine
+    with pytest.raises(OSError):
+        socket.create_connection((host, int(port)), timeout=1)
+    assert (tmp_path / "store" / "jetstream").is_dir()  # the kept store survives
+
+
+def test_model_update_larger_than_8mb_crosses_the_broker_intact(nats_url):
+    """A real GPT-2 update of ~13 MB, chunked under the 1 MB max_payload, read back bit for bit."""
+    model = initial_model("small", vocab_size=257, eos_id=256, seed=1)
+    before = parameter_tensors(model)
+    gen = torch.Generator().manual_seed(0)
+    delta = {n: torch.randn(t.shape, generator=gen) * 1e-3 for n, t in before.items()}
+    header = UpdateHeader(job="big", cloud="aws", worker="0", seq=1, base_version=0, samples=8, loss=3.0)
+    payload = encode_update(Update(header, delta), CodecSpec.dense())
+    assert len(payload) > 8 * 1024 * 1024
+
+    async def scenario():
+        subjects = JobSubjects("big")
+        nc = await connect(nats_url, "test")
+        js = nc.jetstream()
+        await ensure_job_streams(js, subjects)
+        published = await publish_blob(
+            js, subjects.update("aws"), payload, blob_id="aws/0/1", max_payload=nc.max_payload
+        )
+        assert published.chunks == -(-len(payload) // (nc.max_payload - 2048))
+        assembler = BlobAssembler(max_blob_bytes=1 << 26, max_pending_bytes=1 << 27)
+        blobs = []
+        async for msg in read_range(js, subjects.update_stream, subjects.updates):
+            blob = assembler.add(msg.subject, msg.headers, msg.data, msg.metadata.sequence.stream)
+            if blob:
+                blobs.append(blob)
+        await close_quietly(nc)
+        return published, blobs
+
+    published, blobs = asyncio.run(scenario())
+    assert published.chunks > 8
+    assert len(blobs) == 1 and blobs[0].last_seq == published.last_seq
+    back = decode_update(blobs[0].data, Limits())
+    assert all(torch.equal(back.tensors[n], delta[n]) for n in delta)
+
+
+def test_republished_blob_is_deduplicated_by_jetstream(nats_url):
+    async def scenario():
+        subjects = JobSubjects("dedup")
+        nc = await connect(nats_url, "test")
+        js = nc.jetstream()
+        await ensure_job_streams(js, subjects)
+        first = await publish_blob(js, subjects.update("gcp"), b"x" * 3000, blob_id="b1", max_payload=4096 + 2048)
+        again = await publish_blob(js, subjects.update("gcp"), b"x" * 3000, blob_id="b1", max_payload=4096 + 2048)
+        info = await js.stream_info(subjects.update_stream)
+        await close_quietly(nc)
+        return first, again, info.state.messages
+
+    first, again, stored = asyncio.run(scenario())
+    assert not first.duplicate and again.duplicate
+    assert stored == first.chunks
+
+
+def chunk(blob: str, i: int, n: int, size: int) -> dict[str, str]:
+    return {"Fedjet-Blob": blob, "Fedjet-Part": f"{i}/{n}", "Fedjet-Size": str(size)}
+
+
+def test_assembler_reassembles_interleaved_blobs_and_ignores_redelivery():
+    asm = BlobAssembler(max_blob_bytes=100, max_pending_bytes=200)
+    assert asm.add("s", chunk("a", 0, 2, 4), b"ab", 1) is None
+    assert asm.add("s", chunk("b", 0, 1, 3), b"xyz", 2).data == b"xyz"
+    assert asm.add("s", chunk("a", 0, 2, 4), b"ab", 3) is None  # redelivered chunk
+    done = asm.add("s", chunk("a", 1, 2, 4), b"cd", 4)
+    assert done.data == b"abcd" and done.seqs == [1, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "headers, data",
+    [
+        (None, b"x"),
+        ({"Fedjet-Blob": "a", "Fedjet-Part": "zero/1", "Fedjet-Size": "1"}, b"x"),
+        (chunk("a", 2, 2, 4), b"ab"),  # index beyond count
+        (chunk("a", 0, 1, 10**15), b"x"),  # declared petabyte
+        (chunk("a", 0, 2, 4), b"abc"),  # wrong chunk length
+    ],
+)
+def test_assembler_rejects_bad_chunks_with_blob_error(headers, data):
+    with pytest.raises(BlobError):
+        BlobAssembler(max_blob_bytes=1 << 20, max_pending_bytes=1 << 21).add("s", headers, data, 1)
+
+
+def test_assembler_evicts_oldest_partial_blob_when_full():
+    asm = BlobAssembler(max_blob_bytes=100, max_pending_bytes=100)
+    asm.add("s", chunk("old", 0, 2, 80), b"x" * 40, 1)
+    asm.add("s", chunk("new", 0, 2, 80), b"y" * 40, 2)
+    assert [blob for blob, _ in asm.evicted] == ["old"]
+
+
+def test_job_and_cloud_names_are_validated():
+    with pytest.raises(ConfigError):
+        JobSubjects("bad.job")
+    with pytest.raises(ConfigError):
+        JobSubjects("ok").update("a*b")

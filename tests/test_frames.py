@@ -1,0 +1,99 @@
+"""msgpack framing of updates and globals: round trips and typed rejection."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+import torch
+
+from fedjet.codecs.frame import Limits, pack_frame, unpack_frame
+from fedjet.codecs.messages import (
+    GlobalHeader,
+    GlobalVersion,
+    Update,
+    UpdateHeader,
+    decode_global,
+    decode_update,
+    encode_global,
+    encode_update,
+)
+from fedjet.codecs.pipeline import CodecSpec
+from fedjet.errors import CodecError, DecodeError, LimitError, SchemaError
+
+LIMITS = Limits()
+
+
+def header(**overrides) -> UpdateHeader:
+    fields = dict(job="j", cloud="aws", worker="0", seq=7, base_version=3, samples=64, loss=2.5)
+    return UpdateHeader(**(fields | overrides))
+
+
+def tensors() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {"w": torch.randn(3, 5, generator=gen), "b": torch.randn(5, generator=gen), "h": torch.randn(2).half()}
+
+
+def test_dense_update_round_trips_exactly():
+    update = Update(header(), tensors())
+    back = decode_update(encode_update(update, CodecSpec.dense()), LIMITS)
+    assert back.header == update.header
+    assert set(back.tensors) == set(update.tensors)
+    for name, tensor in update.tensors.items():
+        assert back.tensors[name].dtype == tensor.dtype
+        assert torch.equal(back.tensors[name], tensor)
+
+
+def test_global_round_trips_with_meta():
+    version = GlobalVersion(GlobalHeader(job="j", version=4, hash="ab", meta={"train_loss": 1.5}), tensors())
+    back = decode_global(encode_global(version), LIMITS)
+    assert back.header == version.header
+    assert all(torch.equal(back.tensors[n], t) for n, t in version.tensors.items())
+
+
+def test_unknown_format_version_is_a_schema_error():
+    frame = msgpack.packb({"fv": 99, "type": "update", "header": {}, "tensors": []})
+    with pytest.raises(SchemaError, match="format version"):
+        unpack_frame(frame, LIMITS, "update")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\xc1", b"\x93\x01\x02", msgpack.packb([1, 2, 3]), msgpack.packb({"fv": 1}), b"\xdd\xff\xff\xff\xff"],
+)
+def test_malformed_frames_are_rejected_with_typed_errors(data: bytes):
+    with pytest.raises(CodecError):
+        decode_update(data, LIMITS)
+
+
+def test_truncated_frame_is_a_decode_error():
+    frame = encode_update(Update(header(), tensors()), CodecSpec.dense())
+    with pytest.raises(DecodeError):
+        decode_update(frame[: len(frame) // 2], LIMITS)
+
+
+def test_value_bytes_that_do_not_fit_the_shape_are_rejected():
+    frame = msgpack.unpackb(encode_update(Update(header(), tensors()), CodecSpec.dense()))
+    frame["tensors"][0]["v"] = frame["tensors"][0]["v"][:-4]
+    with pytest.raises(DecodeError, match="do not fit"):
+        decode_update(msgpack.packb(frame), LIMITS)
+
+
+def test_declared_terabyte_shape_is_refused_before_allocation():
+    entry = {"n": "x", "s": [1 << 20, 1 << 20], "d": "float32", "k": 1, "e": "dense", "v": b"1234"}
+    frame = pack_frame("update", vars(header()) | {}, [entry])
+    with pytest.raises(LimitError):
+        decode_update(frame, LIMITS)
+
+
+def test_header_fields_are_type_checked():
+    raw = vars(header()) | {"seq": "seven"}
+    with pytest.raises(SchemaError, match="seq"):
+        decode_update(pack_frame("update", raw, []), LIMITS)
+    raw = vars(header()) | {"loss": float("nan")}
+    with pytest.raises(SchemaError):
+        decode_update(pack_frame("update", raw, []), LIMITS)
+
+
+def test_unknown_header_keys_are_ignored_for_forward_compatibility():
+    raw = vars(header()) | {"from_the_future": [1, 2]}
+    assert decode_update(pack_frame("update", raw, []), LIMITS).header == header()
