@@ -1,0 +1,1 @@
+"""Text data: WikiText loading, byte-level tokenization, partitioning across clouds."""
