@@ -12,7 +12,7 @@ from typing import Any
 
 from fedjet.errors import ConfigError, FedjetError
 from fedjet.log import configure_logging
-from fedjet.options import add_run_options, run_options_from
+from fedjet.options import add_run_options, parse_clouds, run_options_from
 
 
 def parse_assignments(text: str, *, kind: str) -> dict[str, str]:
@@ -43,12 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--link", default="", help="e.g. gcp=20mbit/80ms: shape that cloud's link")
     up.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
     up.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    up.add_argument("--keys", default=None, help="key directory (default: fresh ephemeral keys)")
     up.add_argument("--quiet", action="store_true", help="print only the summary")
     up.set_defaults(func=cmd_up)
 
     coord = commands.add_parser("coordinator", help="run the coordinator service")
     add_run_options(coord)
     coord.add_argument("--nats", required=True, help="NATS URL")
+    coord.add_argument("--keys", required=True, help="directory with coordinator.key and members' .pub")
     coord.add_argument("--idle-timeout", type=float, default=600.0)
     coord.add_argument("--device", default=None)
     coord.set_defaults(func=cmd_coordinator)
@@ -57,12 +59,29 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--nats", required=True, help="NATS URL")
     worker.add_argument("--job", required=True)
     worker.add_argument("--cloud", required=True)
+    worker.add_argument("--keys", required=True, help="directory with CLOUD.key and coordinator.pub")
     worker.add_argument("--worker-id", default="0")
     worker.add_argument("--data", default=None, help="this cloud's WikiText directory")
     worker.add_argument("--slowdown", type=float, default=1.0, help="simulate slower compute")
     worker.add_argument("--device", default=None)
     worker.set_defaults(func=cmd_worker)
+
+    keys = commands.add_parser("keys", help="key management")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    generate = keys_commands.add_parser("generate", help="write key pairs for a job")
+    generate.add_argument("--out", required=True, help="directory to write NAME.key / NAME.pub into")
+    generate.add_argument("--clouds", type=parse_clouds, required=True)
+    generate.add_argument("--observers", type=parse_clouds, default=("eval",))
+    generate.set_defaults(func=cmd_keys_generate)
     return parser
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from fedjet.keystore import generate
+
+    for path in generate(args.out, [*args.clouds, *args.observers]):
+        print(path)
+    return 0
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -81,6 +100,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         links=parse_assignments(args.link, kind="--link"),
         timeout_s=args.timeout,
         device=args.device,
+        keys=args.keys,
         quiet=args.quiet,
     )
     run_up(config)
@@ -91,6 +111,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from fedjet.codecs.pipeline import CodecSpec
     from fedjet.coordinator.service import Coordinator, CoordinatorConfig
     from fedjet.data.shards import make_tokenizer
+    from fedjet.keystore import coordinator_boxes
     from fedjet.spec import JobSpec
     from fedjet.worker.model import config_dict, initial_model, parameter_tensors, quiet_transformers
 
@@ -114,11 +135,13 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         partition=options.partition,
         alpha=options.alpha,
         seed=options.seed,
+        observers=options.observers,
     )
     coordinator = Coordinator(
         CoordinatorConfig(
             nats_url=args.nats,
             spec=spec,
+            boxes=coordinator_boxes(args.keys, [*spec.clouds, *spec.observers]),
             strategy=strategy,
             policy=options.round_policy(),
             rounds=options.rounds,
@@ -137,6 +160,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             nats_url=args.nats,
             job=args.job,
             cloud=args.cloud,
+            keys=args.keys,
             worker_id=args.worker_id,
             data=args.data,
             slowdown=args.slowdown,

@@ -24,6 +24,7 @@ def default_job() -> str:
 class RunOptions:
     job: str = field(default_factory=default_job)
     clouds: tuple[str, ...] = ("aws", "gcp", "azure")
+    observers: tuple[str, ...] = ("eval",)
     rounds: int | None = 5
     max_updates: int | None = None
     model: str = "tiny"
@@ -107,6 +108,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("job")
     g.add_argument("--job", default=None, help="job name (default: run-<timestamp>)")
     g.add_argument("--clouds", type=parse_clouds, default=d.clouds, help="comma-separated cloud names")
+    g.add_argument(
+        "--observers", type=parse_clouds, default=d.observers, help="read-only members (the evaluator)"
+    )
     g.add_argument("--rounds", type=int, default=None, help="global versions to make (default 5)")
     g.add_argument("--max-updates", type=int, default=None, help="end once N updates are applied")
     g.add_argument("--model", default=d.model, help="preset (tiny, small, medium) or local checkpoint dir")

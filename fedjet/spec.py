@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fedjet.broker.subjects import check_token
+from fedjet.codecs import crypto
+from fedjet.codecs.crypto import Identity, PublicIdentity
 from fedjet.errors import ConfigError, SchemaError
 
 PARTITIONS = ("fixed", "noniid", "dynamic")
@@ -71,3 +73,12 @@ class JobSpec:
             return cls(**fields)
         except (KeyError, TypeError) as e:
             raise SchemaError(f"job spec is incomplete: {e}") from e
+
+
+def sign_spec(spec: JobSpec, coordinator: Identity) -> bytes:
+    return crypto.sign(spec.to_bytes(), coordinator)
+
+
+def verify_spec(data: bytes, coordinator: PublicIdentity) -> JobSpec:
+    """A spec counts only if the coordinator signed it."""
+    return JobSpec.from_bytes(crypto.verify(data, coordinator))

@@ -63,10 +63,8 @@ async def ensure_job_streams(js: Any, subjects: JobSubjects) -> None:
             name=subjects.global_stream, subjects=[subjects.global_head, subjects.global_data], **common
         ),
     )
-    try:
+    with contextlib.suppress(nats.js.errors.BadRequestError):  # exists already
         await js.create_key_value(bucket=subjects.kv_bucket, history=1, storage=api.StorageType.FILE)
-    except nats.js.errors.BadRequestError:
-        pass  # exists already
 
 
 async def _add_or_update(js: Any, config: api.StreamConfig) -> None:

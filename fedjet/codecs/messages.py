@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import msgpack
 import torch
 
+from fedjet.codecs import crypto
+from fedjet.codecs.crypto import Identity, PublicIdentity
 from fedjet.codecs.frame import Limits, pack_frame, unpack_frame
 from fedjet.codecs.frame import field as read
-from fedjet.codecs.pipeline import CodecSpec, decode_tensors, encode_tensors
-from fedjet.errors import DecodeError, SchemaError
+from fedjet.codecs.pipeline import CodecSpec, compress, decode_tensors
+from fedjet.codecs.sparse import TensorLike
+from fedjet.errors import DecodeError, LimitError, SchemaError
 
 UPDATE_KINDS = ("delta", "gradient")
+MAX_HEAD_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +69,7 @@ class UpdateHeader:
 @dataclass(frozen=True)
 class Update:
     header: UpdateHeader
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, TensorLike]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,9 +99,18 @@ class GlobalVersion:
     tensors: dict[str, torch.Tensor]
 
 
+def frame_update(header: UpdateHeader, entries: list[dict[str, Any]]) -> bytes:
+    """Frame already-compressed entries (the worker compresses with error feedback)."""
+    return pack_frame("update", asdict(header), entries)
+
+
 def encode_update(update: Update, spec: CodecSpec) -> bytes:
-    header = asdict(update.header) | {"codec": spec.text}
-    return pack_frame("update", header, encode_tensors(update.tensors, spec))
+    """Compress dense tensors under ``spec`` and frame them (no error feedback)."""
+    dense = {n: t for n, t in update.tensors.items() if isinstance(t, torch.Tensor)}
+    if len(dense) != len(update.tensors):
+        raise SchemaError("encode_update takes dense tensors; frame sparse ones with frame_update")
+    header = update.header if update.header.codec == spec.text else replace(update.header, codec=spec.text)
+    return frame_update(header, compress(dense, spec).entries)
 
 
 def decode_update(data: bytes, limits: Limits) -> Update:
@@ -107,17 +120,23 @@ def decode_update(data: bytes, limits: Limits) -> Update:
 
 
 def encode_global(version: GlobalVersion) -> bytes:
-    return pack_frame("global", asdict(version.header), encode_tensors(version.tensors, CodecSpec.dense()))
+    entries = compress(version.tensors, CodecSpec.dense()).entries
+    return pack_frame("global", asdict(version.header), entries)
 
 
 def decode_global(data: bytes, limits: Limits) -> GlobalVersion:
     raw_header, entries = unpack_frame(data, limits, "global")
-    return GlobalVersion(GlobalHeader.from_wire(raw_header), decode_tensors(entries, limits))
+    tensors = decode_tensors(entries, limits)
+    dense = {n: t for n, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(dense) != len(tensors):
+        raise SchemaError("global versions carry dense weights only")
+    return GlobalVersion(GlobalHeader.from_wire(raw_header), dense)
 
 
 @dataclass(frozen=True, kw_only=True)
 class GlobalHead:
-    """The small message announcing a global version: where its (chunked) weights sit."""
+    """The small signed message announcing a global version: where its encrypted weights sit,
+    their digest, and the version key sealed to each member."""
 
     job: str
     version: int
@@ -127,20 +146,26 @@ class GlobalHead:
     last_seq: int
     size: int
     sha256: str
+    keys: dict[str, bytes] = field(default_factory=dict)
 
-    def to_bytes(self) -> bytes:
-        return msgpack.packb({"hv": 1, **asdict(self)}, use_bin_type=True)
+    def sign(self, coordinator: Identity) -> bytes:
+        body = msgpack.packb({"hv": 1, **asdict(self)}, use_bin_type=True)
+        return crypto.sign(body, coordinator)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> GlobalHead:
+    def verify(cls, data: bytes, coordinator: PublicIdentity) -> GlobalHead:
+        if len(data) > MAX_HEAD_BYTES:
+            raise LimitError(f"global head of {len(data)} bytes > limit {MAX_HEAD_BYTES}")
+        body = crypto.verify(data, coordinator)
         try:
-            raw = msgpack.unpackb(
-                data, raw=False, strict_map_key=True, max_bin_len=1 << 16, max_str_len=1 << 16
-            )
+            raw = msgpack.unpackb(body, raw=False, strict_map_key=True)
         except (msgpack.UnpackException, ValueError, TypeError) as e:
             raise DecodeError(f"global head is not msgpack: {e}"[:200]) from e
         if not isinstance(raw, dict) or raw.get("hv") != 1:
             raise SchemaError("global head has an unknown version")
+        keys = read(raw, "keys", dict, default={})
+        if not all(isinstance(k, str) and isinstance(v, bytes) for k, v in keys.items()):
+            raise SchemaError("global head keys must map member names to bytes")
         return cls(
             job=read(raw, "job", str),
             version=read(raw, "version", int),
@@ -150,4 +175,5 @@ class GlobalHead:
             last_seq=read(raw, "last_seq", int),
             size=read(raw, "size", int),
             sha256=read(raw, "sha256", str),
+            keys=keys,
         )

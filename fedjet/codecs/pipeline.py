@@ -1,4 +1,10 @@
-"""Codec specs (``dense``, ``topk:0.01+int8`` ...) and tensor-dict <-> frame entries."""
+"""Codec specs (``dense``, ``topk:0.01+int8`` ...) and tensor dicts <-> frame entries.
+
+Stages, in order: top-k sparsification (per tensor or global), quantization (fp16, int8 or
+int4 with a scale per chunk), compact indices (varint deltas or bitmap, whichever is
+smaller). :func:`compress` also returns what the receiver will reconstruct, so the caller can
+keep the error-feedback residual exactly.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +16,26 @@ import numpy as np
 import torch
 
 from fedjet.codecs.frame import Limits, field
+from fedjet.codecs.indices import decode_indices, encode_indices
+from fedjet.codecs.quant import DEFAULT_CHUNK, LEVELS, dequantize, quantize
+from fedjet.codecs.sparse import SparseTensor, TensorLike
 from fedjet.codecs.tensors import DTYPES, as_numpy, check_name, check_shape, dtype_name
+from fedjet.codecs.topk import SAMPLE, SLACK, kept_count, topk_indices
 from fedjet.errors import ConfigError, DecodeError, LimitError, SchemaError
+
+QUANTS = ("raw", "f16", "int8", "int4")
+MAX_QUANT_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
 class CodecSpec:
-    """Parsed ``--codec`` text. ``density`` None means dense."""
+    """Parsed ``--codec`` text; ``density`` None means every value is sent."""
 
     text: str
     density: float | None = None
-    quant: str | None = None  # None (float32), "int8" or "int4"
+    scope: str = "tensor"
+    quant: str = "raw"
+    chunk: int = DEFAULT_CHUNK
 
     @classmethod
     def dense(cls) -> CodecSpec:
@@ -28,53 +43,195 @@ class CodecSpec:
 
     @classmethod
     def parse(cls, text: str) -> CodecSpec:
-        if text.strip() == "dense":
-            return cls.dense()
-        raise ConfigError(f"unknown codec {text!r}")
+        """``dense`` | ``[topk:D[:global]][+int8[:C]|+int4[:C]|+fp16]``."""
+        density, scope, quant, chunk = None, "tensor", "raw", DEFAULT_CHUNK
+        stages = [s.strip() for s in text.strip().split("+") if s.strip()]
+        if not stages:
+            raise ConfigError("empty --codec")
+        for stage in stages:
+            name, *args = stage.split(":")
+            if name == "dense" and not args:
+                continue
+            if name == "topk" and 1 <= len(args) <= 2:
+                density = _density(args[0])
+                scope = args[1] if len(args) == 2 else "tensor"
+                if scope not in ("tensor", "global"):
+                    raise ConfigError(f"topk scope must be tensor or global, got {scope!r}")
+            elif name in LEVELS and len(args) <= 1:
+                quant, chunk = name, _chunk(args[0]) if args else DEFAULT_CHUNK
+            elif name == "fp16" and not args:
+                quant = "f16"
+            else:
+                raise ConfigError(f"unknown codec stage {stage!r} in {text!r}")
+        return cls(_canonical(density, scope, quant, chunk), density, scope, quant, chunk)
 
 
-def encode_tensors(tensors: dict[str, torch.Tensor], spec: CodecSpec) -> list[dict[str, Any]]:
-    entries = []
-    for name in sorted(tensors):
-        tensor = tensors[name]
-        entries.append(
-            {
-                "n": name,
-                "s": list(tensor.shape),
-                "d": dtype_name(tensor),
-                "k": tensor.numel(),
-                "e": "dense",
-                "v": as_numpy(tensor).tobytes(),
-            }
-        )
-    return entries
+def _density(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as e:
+        raise ConfigError(f"topk density must be a number, got {text!r}") from e
+    if not 0 < value <= 1:
+        raise ConfigError(f"topk density must be in (0, 1], got {value}")
+    return value
 
 
-def decode_tensors(entries: list[dict[str, Any]], limits: Limits) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
+def _chunk(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_QUANT_CHUNK:
+        raise ConfigError(f"quantization chunk must be an integer in 1..{MAX_QUANT_CHUNK}, got {text!r}")
+    return int(text)
+
+
+def _canonical(density: float | None, scope: str, quant: str, chunk: int) -> str:
+    parts = []
+    if density is not None:
+        parts.append(f"topk:{density:g}" + (":global" if scope == "global" else ""))
+    if quant == "f16":
+        parts.append("fp16")
+    elif quant in LEVELS:
+        parts.append(quant if chunk == DEFAULT_CHUNK else f"{quant}:{chunk}")
+    return "+".join(parts) or "dense"
+
+
+@dataclass
+class Compressed:
+    entries: list[dict[str, Any]]
+    sent: dict[str, TensorLike]  # exactly what the receiver reconstructs
+
+
+def compress(tensors: dict[str, torch.Tensor], spec: CodecSpec, seed: int = 0) -> Compressed:
+    """Encode ``tensors`` (float32 or float16) under ``spec``."""
+    names = sorted(tensors)
+    arrays = {n: as_numpy(tensors[n]) for n in names}
+    if spec.density is None:
+        kept: dict[str, np.ndarray | None] = dict.fromkeys(names)
+    elif spec.scope == "global":
+        kept = dict(_global_topk(arrays, spec.density, seed))
+    else:
+        kept = {n: topk_indices(a, kept_count(a.size, spec.density), seed) for n, a in arrays.items()}
+    entries, sent = [], {}
+    for name in names:
+        entry, reconstructed = _encode_one(name, tensors[name], arrays[name], kept[name], spec)
+        entries.append(entry)
+        sent[name] = reconstructed
+    return Compressed(entries, sent)
+
+
+def _encode_one(
+    name: str, tensor: torch.Tensor, flat: np.ndarray, indices: np.ndarray | None, spec: CodecSpec
+) -> tuple[dict[str, Any], TensorLike]:
+    shape = tuple(tensor.shape)
+    values = flat if indices is None else flat[indices]
+    entry: dict[str, Any] = {"n": name, "s": list(shape), "d": dtype_name(tensor), "k": int(values.size)}
+    if spec.quant == "raw":
+        entry |= {"q": "raw", "v": values.tobytes()}
+        decoded = values
+    elif spec.quant == "f16":
+        half = values.astype("<f2")
+        entry |= {"q": "f16", "v": half.tobytes()}
+        decoded = half.astype(np.float32)
+    else:
+        packed, scales = quantize(values.astype(np.float32, copy=False), spec.quant, spec.chunk)
+        entry |= {"q": spec.quant, "v": packed, "sc": scales, "qc": spec.chunk}
+        decoded = dequantize(packed, scales, values.size, spec.quant, spec.chunk)
+    if indices is None:
+        entry["e"] = "dense"
+        out = torch.from_numpy(np.ascontiguousarray(decoded)).reshape(shape)
+        return entry, out.to(tensor.dtype) if spec.quant == "raw" else out
+    kind, payload = encode_indices(indices, flat.size)
+    entry |= {"e": "sparse", "ix": kind, "i": payload}
+    sparse = SparseTensor(
+        shape, torch.from_numpy(indices), torch.from_numpy(decoded.astype(np.float32, copy=False))
+    )
+    return entry, sparse
+
+
+def _global_topk(arrays: dict[str, np.ndarray], density: float, seed: int) -> dict[str, np.ndarray]:
+    """One magnitude threshold across every tensor (DGC's sampled estimate, then exact trim)."""
+    total = sum(a.size for a in arrays.values())
+    k = kept_count(total, density)
+    rng = np.random.default_rng(seed)
+    sample = np.concatenate(
+        [
+            np.abs(a[rng.integers(0, a.size, size=math.ceil(SAMPLE * a.size / total))])
+            for a in arrays.values()
+            if a.size
+        ]
+    )
+    fraction = k / total
+    while True:
+        target = min(1.0, fraction / SLACK)
+        threshold = np.quantile(sample, 1.0 - target) if target < 1.0 else -1.0
+        candidates = {n: np.flatnonzero(np.abs(a) >= threshold) for n, a in arrays.items()}
+        if sum(c.size for c in candidates.values()) >= k:
+            break
+        fraction *= 2
+    count = sum(c.size for c in candidates.values())
+    if count == k:
+        return candidates
+    magnitudes = np.concatenate([np.abs(arrays[n][c]) for n, c in candidates.items()])
+    keep = np.zeros(count, dtype=bool)
+    keep[np.argpartition(magnitudes, count - k)[count - k :]] = True
+    out, offset = {}, 0
+    for name, cand in candidates.items():
+        out[name] = cand[keep[offset : offset + cand.size]].astype(np.int64)
+        offset += cand.size
+    return out
+
+
+def decode_tensors(entries: list[dict[str, Any]], limits: Limits) -> dict[str, TensorLike]:
+    """Frame entries back to tensors: dense ``torch.Tensor`` or :class:`SparseTensor`."""
+    out: dict[str, TensorLike] = {}
     total = 0
     for entry in entries:
         name = check_name(field(entry, "n", str))
         if name in out:
             raise SchemaError(f"tensor {name!r} appears twice")
         shape = check_shape(field(entry, "s", list), limits.max_elements)
-        total += math.prod(shape)
+        numel = math.prod(shape)
+        total += numel
         if total > limits.max_total_elements:
             raise LimitError(f"frame declares more than {limits.max_total_elements} elements")
         dtype = field(entry, "d", str)
         if dtype not in DTYPES:
             raise SchemaError(f"{name}: dtype {dtype!r:.20} not allowed")
-        encoding = field(entry, "e", str)
-        if encoding != "dense":
-            raise SchemaError(f"{name}: unknown encoding {encoding!r:.20}")
-        out[name] = _decode_dense(name, entry, shape, dtype)
+        out[name] = _decode_one(name, entry, shape, numel, dtype)
     return out
 
 
-def _decode_dense(name: str, entry: dict[str, Any], shape: tuple[int, ...], dtype: str) -> torch.Tensor:
+def _decode_one(
+    name: str, entry: dict[str, Any], shape: tuple[int, ...], numel: int, dtype: str
+) -> TensorLike:
+    encoding = field(entry, "e", str)
+    count = field(entry, "k", int)
+    if encoding not in ("dense", "sparse"):
+        raise SchemaError(f"{name}: unknown encoding {encoding!r:.20}")
+    if not 0 <= count <= numel or (encoding == "dense" and count != numel):
+        raise DecodeError(f"{name}: {count} kept values for {numel} elements")
+    values = _decode_values(name, entry, count, dtype)
+    if encoding == "dense":
+        return torch.from_numpy(values).reshape(shape)
+    indices = decode_indices(field(entry, "ix", str), field(entry, "i", bytes), count, numel)
+    return SparseTensor(
+        shape, torch.from_numpy(indices), torch.from_numpy(values.astype(np.float32, copy=False))
+    )
+
+
+def _decode_values(name: str, entry: dict[str, Any], count: int, dtype: str) -> np.ndarray:
+    quant = field(entry, "q", str, default="raw")
     raw = field(entry, "v", bytes)
-    np_dtype, torch_dtype = DTYPES[dtype]
-    if len(raw) != math.prod(shape) * np_dtype.itemsize:
-        raise DecodeError(f"{name}: {len(raw)} value bytes do not fit shape {list(shape)} of {dtype}")
-    array = np.frombuffer(raw, dtype=np_dtype).reshape(shape)
-    return torch.from_numpy(array.copy()).to(torch_dtype)
+    if quant == "raw":
+        np_dtype = DTYPES[dtype][0]
+        if len(raw) != count * np_dtype.itemsize:
+            raise DecodeError(f"{name}: {len(raw)} value bytes do not fit {count} values of {dtype}")
+        return np.frombuffer(raw, dtype=np_dtype).copy()
+    if quant == "f16":
+        if len(raw) != count * 2:
+            raise DecodeError(f"{name}: {len(raw)} fp16 bytes do not fit {count} values")
+        return np.frombuffer(raw, dtype="<f2").astype(np.float32)
+    if quant not in LEVELS:
+        raise SchemaError(f"{name}: unknown quantization {quant!r:.20}")
+    chunk = field(entry, "qc", int)
+    if not 1 <= chunk <= MAX_QUANT_CHUNK:
+        raise DecodeError(f"{name}: quantization chunk {chunk} out of range")
+    return dequantize(raw, field(entry, "sc", bytes), count, quant, chunk)

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import nats.errors
@@ -23,6 +22,7 @@ from nats.js import api
 from fedjet.broker.blobs import H_BLOB, Blob, BlobAssembler, publish_blob
 from fedjet.broker.jetstream import close_quietly, connect, ensure_job_streams
 from fedjet.broker.subjects import JobSubjects
+from fedjet.codecs.crypto import Boxes, ReplayGuard, digest, open_update, seal_global
 from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import (
     GlobalHead,
@@ -37,9 +37,9 @@ from fedjet.coordinator.rounds import Batcher, RoundPolicy
 from fedjet.coordinator.strategies import Aggregator, Applied, StrategyConfig
 from fedjet.coordinator.validate import to_contribution
 from fedjet.data.partition import split_steps
-from fedjet.errors import BlobError, BrokerError, ConfigError, FedjetError
+from fedjet.errors import AuthenticationError, BlobError, BrokerError, ConfigError, FedjetError
 from fedjet.log import get_logger
-from fedjet.spec import JobSpec
+from fedjet.spec import JobSpec, sign_spec
 
 log = get_logger("fedjet.coordinator")
 
@@ -48,6 +48,7 @@ log = get_logger("fedjet.coordinator")
 class CoordinatorConfig:
     nats_url: str
     spec: JobSpec
+    boxes: Boxes
     strategy: StrategyConfig
     policy: RoundPolicy
     rounds: int | None = 5
@@ -106,6 +107,7 @@ class Coordinator:
         self._assembler = BlobAssembler(
             max_blob_bytes=config.limits.max_frame_bytes, max_pending_bytes=config.limits.max_frame_bytes * 2
         )
+        self._replay = ReplayGuard()
         self._throughput: dict[str, float] = {}
         self._assignment: dict[str, int] = {}
         self._held: dict[str, list[Any]] = {}
@@ -141,7 +143,7 @@ class Coordinator:
                 "start a new --job (the old one stays available to fedjet replay)"
             )
         kv = await self._js.key_value(self.subjects.kv_bucket)
-        await kv.put("spec", self.config.spec.to_bytes())
+        await kv.put("spec", sign_spec(self.config.spec, self.config.boxes.me))
         self._assignment = {c: int(self.config.spec.train["local_steps"]) for c in self.config.spec.clouds}
 
     async def _consume(self) -> None:
@@ -217,7 +219,8 @@ class Coordinator:
         self._assembler.evicted.clear()
 
     async def _admit(self, blob: Blob, cloud: str, msgs: list[Any]) -> Received:
-        update = await asyncio.to_thread(decode_update, blob.data, self.config.limits)
+        update = await asyncio.to_thread(self._open, blob.data, cloud)
+        self._replay.check(update.header.cloud, update.header.worker, update.header.seq)
         agg = self.aggregator
         assert agg is not None
         contribution = to_contribution(update, cloud, self.config.spec, self.config.strategy, agg.weights)
@@ -233,6 +236,18 @@ class Coordinator:
             wire_bytes=blob.wire_bytes,
         )
         return Received(update, Applied(contribution, staleness), blob.last_seq, blob.wire_bytes, msgs)
+
+    def _open(self, envelope: bytes, subject_cloud: str) -> Update:
+        """Decrypt, authenticate and parse; the sealing key must be the subject's cloud."""
+        sender, frame = open_update(envelope, self.config.boxes, self.config.limits.max_frame_bytes)
+        if sender != subject_cloud:
+            raise AuthenticationError(
+                f"update sealed by {sender!r:.40} arrived on {subject_cloud!r}'s subject"
+            )
+        update = decode_update(frame, self.config.limits)
+        if update.header.cloud != sender:
+            raise AuthenticationError(f"update from {sender!r} claims cloud {update.header.cloud!r:.40}")
+        return update
 
     def _note_throughput(self, update: Update) -> None:
         h = update.header
@@ -313,26 +328,29 @@ class Coordinator:
     async def _publish(self, meta: dict[str, Any], *, final: bool) -> GlobalHead:
         agg = self.aggregator
         assert agg is not None
-        header = GlobalHeader(
-            job=self.config.spec.job, version=agg.version, hash=agg.hash, final=final, meta=meta
-        )
+        spec = self.config.spec
+        header = GlobalHeader(job=spec.job, version=agg.version, hash=agg.hash, final=final, meta=meta)
         payload = await asyncio.to_thread(encode_global, GlobalVersion(header, agg.weights))
+        sealed = await asyncio.to_thread(
+            seal_global, payload, self.config.boxes, [*spec.clouds, *spec.observers]
+        )
         blob = await publish_blob(
             self._js,
             self.subjects.global_data,
-            payload,
-            blob_id=f"{self.config.spec.job}/g/{agg.version}",
+            sealed.ciphertext,
+            blob_id=f"{spec.job}/g/{agg.version}",
             max_payload=self._nc.max_payload,
         )
         head = GlobalHead(
-            job=self.config.spec.job,
+            job=spec.job,
             version=agg.version,
             hash=agg.hash,
             final=final,
             first_seq=blob.first_seq,
             last_seq=blob.last_seq,
-            size=len(payload),
-            sha256=hashlib.sha256(payload).hexdigest(),
+            size=len(sealed.ciphertext),
+            sha256=digest(sealed.ciphertext),
+            keys=sealed.keys,
         )
         await self._publish_head(head)
         log.info(
@@ -344,7 +362,7 @@ class Coordinator:
         try:
             await self._js.publish(
                 self.subjects.global_head,
-                head.to_bytes(),
+                head.sign(self.config.boxes.me),
                 headers={"Nats-Msg-Id": f"{head.job}/h/{head.version}/{int(head.final)}"},
             )
         except (nats.errors.Error, nats.js.errors.Error) as e:
@@ -356,9 +374,7 @@ class Coordinator:
         head = self.last_head
         assert head is not None
         if not head.final:
-            await self._publish_head(
-                GlobalHead(**{**head.__dict__, "final": True})  # same weights, final flag set
-            )
+            await self._publish_head(replace(head, final=True))  # same weights, final flag set
 
     async def _close(self) -> None:
         if self._sub is not None:

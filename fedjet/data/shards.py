@@ -19,7 +19,9 @@ def make_tokenizer(name: str) -> Tokenizer:
     raise ConfigError(f"unknown tokenizer {name!r} (this build has: bytes)")
 
 
-def deal(articles: Sequence[Article], clouds: int, scheme: str, *, alpha: float, seed: int) -> list[list[int]]:
+def deal(
+    articles: Sequence[Article], clouds: int, scheme: str, *, alpha: float, seed: int
+) -> list[list[int]]:
     sizes = [len(a.text.encode("utf-8")) for a in articles]
     if scheme == "noniid":
         return deal_noniid(sizes, clouds, alpha, seed)
@@ -27,7 +29,14 @@ def deal(articles: Sequence[Article], clouds: int, scheme: str, *, alpha: float,
 
 
 def shard_tokens(
-    articles: Sequence[Article], tokenizer: Tokenizer, *, clouds: int, index: int, scheme: str, alpha: float, seed: int
+    articles: Sequence[Article],
+    tokenizer: Tokenizer,
+    *,
+    clouds: int,
+    index: int,
+    scheme: str,
+    alpha: float,
+    seed: int,
 ) -> np.ndarray:
     shares = deal(articles, clouds, scheme, alpha=alpha, seed=seed)
     return encode_articles([articles[i] for i in shares[index]], tokenizer)

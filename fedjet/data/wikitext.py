@@ -133,7 +133,7 @@ def _load_from_hub() -> Corpus:
         raise DataError(HOW_TO_GET) from e
     try:
         ds = datasets.load_dataset("Salesforce/wikitext", "wikitext-2-v1")
-    except Exception as e:  # noqa: BLE001 - any hub/network failure becomes one clear error
+    except Exception as e:
         raise DataError(f"downloading WikiText-2 failed ({e}). {HOW_TO_GET}") from e
     return Corpus(
         train=split_articles(ds["train"]["text"]),

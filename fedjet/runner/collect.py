@@ -79,7 +79,7 @@ class Collector:
             eval_ppl=result.ppl if result else None,
             eval_acc=result.acc if result else None,
             bytes_up=int(meta.get("bytes_up", 0)),
-            bytes_down=(head.size + len(head.to_bytes())) * self.clouds if not head.final else 0,
+            bytes_down=self.follower.wire_bytes.get(head.version, 0) * self.clouds if not head.final else 0,
             wall_s=wall,
             round_s=round_s,
             hash=head.hash,

@@ -23,17 +23,19 @@ import nats.js.errors
 from fedjet.broker.jetstream import close_quietly, connect
 from fedjet.broker.server import EmbeddedNatsServer
 from fedjet.broker.subjects import JobSubjects
+from fedjet.codecs.crypto import COORDINATOR, Boxes
 from fedjet.codecs.frame import Limits
 from fedjet.data.batches import eval_windows
 from fedjet.data.shards import make_tokenizer
 from fedjet.data.wikitext import load_corpus, resolve_data_dir
 from fedjet.errors import BrokerError, ConfigError, FedjetError
+from fedjet.keystore import generate, member_boxes
 from fedjet.log import get_logger
 from fedjet.options import RunOptions
 from fedjet.report import Report, summarize
 from fedjet.runner.collect import Collector, print_round
 from fedjet.runner.processes import Child, spawn, stop_all
-from fedjet.spec import JobSpec
+from fedjet.spec import JobSpec, verify_spec
 from fedjet.worker.model import model_from_config, pick_device, quiet_transformers
 
 log = get_logger("fedjet.up")
@@ -52,6 +54,7 @@ class UpConfig:
     links: dict[str, str] = field(default_factory=dict)
     timeout_s: float = 3600.0
     device: str | None = None
+    keys: str | None = None
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -87,8 +90,9 @@ async def _run(config: UpConfig) -> Report:
     workdir = Path(tempfile.mkdtemp(prefix="fedjet-up-"))
     children: list[Child] = []
     try:
-        children = _spawn_all(config, url, data_dir, workdir)
-        report = await _observe(config, url, corpus, children)
+        keys = config.keys or _ephemeral_keys(config, workdir)
+        children = _spawn_all(config, url, data_dir, workdir, keys)
+        report = await _observe(config, url, corpus, children, keys)
         print(_summary_line(report), flush=True)
         if config.report:
             report.write(config.report)
@@ -105,12 +109,20 @@ async def _run(config: UpConfig) -> Report:
             _say(config, f"exit codes {codes}; logs kept in {workdir}")
 
 
-def _spawn_all(config: UpConfig, url: str, data_dir: Path | None, workdir: Path) -> list[Child]:
+def _ephemeral_keys(config: UpConfig, workdir: Path) -> str:
+    """Fresh keys for this run only; they vanish with the run's temporary directory."""
+    directory = workdir / "keys"
+    generate(directory, [*config.options.clouds, *config.options.observers])
+    return str(directory)
+
+
+def _spawn_all(config: UpConfig, url: str, data_dir: Path | None, workdir: Path, keys: str) -> list[Child]:
     opts = config.options
     device = ["--device", config.device] if config.device else []
-    children = [spawn("coordinator", ["coordinator", "--nats", url, *opts.to_args(), *device], workdir)]
+    coordinator_args = ["coordinator", "--nats", url, "--keys", keys, *opts.to_args(), *device]
+    children = [spawn("coordinator", coordinator_args, workdir)]
     for cloud in opts.clouds:
-        args = ["worker", "--nats", url, "--job", opts.job, "--cloud", cloud, *device]
+        args = ["worker", "--nats", url, "--job", opts.job, "--cloud", cloud, "--keys", keys, *device]
         if data_dir is not None:
             args += ["--data", str(data_dir)]
         if cloud in config.slowdown:
@@ -119,14 +131,15 @@ def _spawn_all(config: UpConfig, url: str, data_dir: Path | None, workdir: Path)
     return children
 
 
-async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child]) -> Report:
+async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child], keys: str) -> Report:
     opts = config.options
     subjects = JobSubjects(opts.job)
+    boxes = member_boxes(keys, opts.observers[0])
     nc = await connect(url, f"fedjet-up-{opts.job}")
     started = time.perf_counter()
     try:
         js = nc.jetstream()
-        spec = await _await_spec(js, subjects, children)
+        spec = await _await_spec(js, subjects, children, boxes)
         tokenizer = make_tokenizer(spec.tokenizer)
         windows = eval_windows(
             _encode(corpus.eval, tokenizer), int(spec.train["seq_len"]), config.eval_tokens
@@ -134,7 +147,7 @@ async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child
         model = model_from_config(spec.model_config)
         from fedjet.worker.follow import GlobalFollower
 
-        follower = GlobalFollower(js, subjects, Limits(), every=True)
+        follower = GlobalFollower(js, subjects, boxes, Limits(), every=True)
         await follower.start()
         collector = Collector(
             follower,
@@ -166,14 +179,14 @@ def _encode(articles: Any, tokenizer: Any) -> Any:
 
 
 async def _await_spec(
-    js: Any, subjects: JobSubjects, children: list[Child], timeout: float = 180.0
+    js: Any, subjects: JobSubjects, children: list[Child], boxes: Boxes, timeout: float = 180.0
 ) -> JobSpec:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         _check_children(children)
         try:
             kv = await js.key_value(subjects.kv_bucket)
-            return JobSpec.from_bytes((await kv.get("spec")).value)
+            return verify_spec((await kv.get("spec")).value, boxes.peers[COORDINATOR])
         except nats.js.errors.NotFoundError:
             await asyncio.sleep(0.2)
     raise RunFailed(f"the coordinator published no job spec within {timeout}s")

@@ -18,15 +18,17 @@ import nats.js.errors
 from fedjet.broker.blobs import publish_blob
 from fedjet.broker.jetstream import close_quietly, connect
 from fedjet.broker.subjects import JobSubjects, check_token
+from fedjet.codecs.crypto import COORDINATOR, seal_update
 from fedjet.codecs.frame import Limits
-from fedjet.codecs.messages import GlobalHead, Update, UpdateHeader, encode_update
+from fedjet.codecs.messages import GlobalHead, UpdateHeader, frame_update
 from fedjet.codecs.pipeline import CodecSpec
 from fedjet.data.batches import BatchSampler
 from fedjet.data.shards import make_tokenizer, shard_tokens
 from fedjet.data.wikitext import load_corpus
 from fedjet.errors import BrokerError, ConfigError
+from fedjet.keystore import member_boxes
 from fedjet.log import get_logger
-from fedjet.spec import JobSpec
+from fedjet.spec import JobSpec, verify_spec
 from fedjet.worker.delta import DeltaTracker
 from fedjet.worker.follow import GlobalFollower
 from fedjet.worker.model import model_from_config, pick_device, quiet_transformers
@@ -40,6 +42,7 @@ class WorkerConfig:
     nats_url: str
     job: str
     cloud: str
+    keys: str
     worker_id: str = "0"
     data: str | None = None
     slowdown: float = 1.0
@@ -81,6 +84,7 @@ class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.subjects = JobSubjects(config.job)
+        self.boxes = member_boxes(config.keys, config.cloud)
         self.stats = WorkerStats(config.cloud)
         self._seq = time.time_ns() // 1000  # increases across restarts: the anti-replay counter
         self._stop = asyncio.Event()
@@ -98,7 +102,7 @@ class Worker:
             self._js = self._nc.jetstream()
             self.spec = await self._await_spec()
             self.trainer, self.tracker, self.codec = await asyncio.to_thread(self._prepare, self.spec)
-            self.follower = GlobalFollower(self._js, self.subjects, self.config.limits)
+            self.follower = GlobalFollower(self._js, self.subjects, self.boxes, self.config.limits)
             await self.follower.start()
             await self._loop()
         finally:
@@ -115,7 +119,7 @@ class Worker:
             try:
                 kv = await self._js.key_value(self.subjects.kv_bucket)
                 entry = await kv.get("spec")
-                spec = JobSpec.from_bytes(entry.value)
+                spec = verify_spec(entry.value, self.boxes.peers[COORDINATOR])
                 spec.cloud_index(self.config.cloud)
                 return spec
             except nats.js.errors.NotFoundError:  # bucket or key not there yet
@@ -181,10 +185,11 @@ class Worker:
     async def _train_and_send(self, base_version: int, steps: int) -> None:
         spec, trainer = self.spec, self.trainer
         if spec.update_kind == "gradient":
-            tensors, result = await asyncio.to_thread(trainer.gradient, steps)
+            gradient, result = await asyncio.to_thread(trainer.gradient, steps)
+            compressed = await asyncio.to_thread(self.tracker.compress_gradient, gradient)
         else:
             result = await asyncio.to_thread(trainer.train, steps)
-            tensors = await asyncio.to_thread(self.tracker.delta, trainer.weights())
+            compressed = await asyncio.to_thread(self.tracker.compress_delta, trainer.weights())
         self._seq = max(self._seq + 1, time.time_ns() // 1000)
         header = UpdateHeader(
             job=spec.job,
@@ -201,7 +206,8 @@ class Worker:
             wall_s=result.wall_s,
             sent_unix=time.time(),
         )
-        payload = await asyncio.to_thread(encode_update, Update(header, tensors), self.codec)
+        frame = frame_update(header, compressed.entries)
+        payload = await asyncio.to_thread(seal_update, frame, self.boxes)
         published = await publish_blob(
             self._js,
             self.subjects.update(self.config.cloud),

@@ -1,15 +1,20 @@
-"""What a worker sends: its change since a reference point.
+"""What a worker sends: its change since a reference point, compressed with error feedback.
 
 The reference is the base global (sync rules and formula 4, where the coordinator rebuilds
 ``w_i = w_base + delta``) or the worker's state at its last send (FedBuff, which sums deltas
-and must not count the same local progress twice).
+and must not count the same local progress twice). Gradients are fresh each time.
+
+With reference "base", a worker that keeps training on the same base re-sends its cumulative
+delta; the residual it compresses against is the one carried *into* that base, so no unsent
+value is counted twice. On rebase the latest residual is carried forward.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fedjet.codecs.pipeline import CodecSpec
+from fedjet.codecs.feedback import compress_with_feedback
+from fedjet.codecs.pipeline import CodecSpec, Compressed
 from fedjet.errors import ConfigError
 
 Weights = dict[str, torch.Tensor]
@@ -23,15 +28,32 @@ class DeltaTracker:
         self.codec = codec
         self.reference = reference
         self._ref: Weights | None = None
+        self._carry: Weights | None = None  # residual carried into the current base
+        self._residual: Weights | None = None  # residual after the latest send
+        self._sends = 0
 
     def rebase(self, weights: Weights) -> None:
         """A new global was loaded: deltas are measured from it now."""
         self._ref = {n: t.detach().clone() for n, t in weights.items()}
+        if self.reference == "base":
+            self._carry = self._residual
 
-    def delta(self, current: Weights) -> Weights:
+    def compress_delta(self, current: Weights) -> Compressed:
         if self._ref is None:
-            raise ConfigError("delta() before any global was loaded")
-        out = {n: current[n] - self._ref[n] for n in self._ref}
+            raise ConfigError("compress_delta() before any global was loaded")
+        delta = {n: current[n] - self._ref[n] for n in self._ref}
+        carry = self._carry if self.reference == "base" else self._residual
+        compressed, self._residual = compress_with_feedback(delta, carry, self.codec, seed=self._next_seed())
         if self.reference == "last_send":
             self._ref = {n: t.detach().clone() for n, t in current.items()}
-        return out
+        return compressed
+
+    def compress_gradient(self, gradient: Weights) -> Compressed:
+        compressed, self._residual = compress_with_feedback(
+            gradient, self._residual, self.codec, seed=self._next_seed()
+        )
+        return compressed
+
+    def _next_seed(self) -> int:
+        self._sends += 1
+        return self._sends

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 from typing import Any
 
 import nats.errors
 from nats.js import api
 
-from fedjet.broker.blobs import BlobAssembler
+from fedjet.broker.blobs import BlobAssembler, header_bytes
 from fedjet.broker.jetstream import read_range
 from fedjet.broker.subjects import JobSubjects
+from fedjet.codecs.crypto import COORDINATOR, Boxes, digest, open_global
 from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import GlobalHead, GlobalVersion, decode_global
 from fedjet.codecs.tensors import weights_hash
@@ -28,8 +28,11 @@ class GlobalFollower:
     Heads that fail to parse or go backwards are counted and ignored, never raised.
     """
 
-    def __init__(self, js: Any, subjects: JobSubjects, limits: Limits, *, every: bool = False) -> None:
+    def __init__(
+        self, js: Any, subjects: JobSubjects, boxes: Boxes, limits: Limits, *, every: bool = False
+    ) -> None:
         self._js = js
+        self.boxes = boxes
         self.subjects = subjects
         self.limits = limits
         self.every = every
@@ -37,6 +40,7 @@ class GlobalFollower:
         self.final: GlobalHead | None = None
         self.rejected = 0
         self.bytes_down = 0
+        self.wire_bytes: dict[int, int] = {}  # version -> head + weights as they crossed the wire
         self._queue: asyncio.Queue[GlobalHead] = asyncio.Queue()
         self._changed = asyncio.Event()
         self._sub: Any = None
@@ -58,7 +62,7 @@ class GlobalFollower:
             self._sub = None
 
     async def _on_head(self, msg: Any) -> None:
-        self.bytes_down += len(msg.data)
+        self.bytes_down += len(msg.data) + header_bytes(msg.headers)
         try:
             head = self.parse_head(msg.data)
         except FedjetError as e:
@@ -66,6 +70,7 @@ class GlobalFollower:
             log.warning("global_head_rejected", reason=e.reason, detail=str(e)[:200])
             return
         newer = self.latest is None or head.version > self.latest.version
+        self.wire_bytes[head.version] = len(msg.data) + header_bytes(msg.headers)
         if newer:
             self.latest = head
         if head.final:
@@ -75,7 +80,7 @@ class GlobalFollower:
         self._changed.set()
 
     def parse_head(self, data: bytes) -> GlobalHead:
-        head = GlobalHead.from_bytes(data)
+        head = GlobalHead.verify(data, self.boxes.peers[COORDINATOR])
         if head.job != self.subjects.job:
             raise ValidationError(f"head for job {head.job!r:.40}")
         return head
@@ -109,15 +114,24 @@ class GlobalFollower:
         async for msg in read_range(
             self._js, self.subjects.global_stream, self.subjects.global_data, head.first_seq, head.last_seq
         ):
-            self.bytes_down += len(msg.data)
+            self.bytes_down += len(msg.data) + header_bytes(msg.headers)
+            self.wire_bytes[head.version] = (
+                self.wire_bytes.get(head.version, 0) + len(msg.data) + header_bytes(msg.headers)
+            )
             blob = assembler.add(msg.subject, msg.headers, msg.data, msg.metadata.sequence.stream) or blob
         if blob is None or len(blob.data) != head.size:
             raise ValidationError(
-                f"global {head.version}: weights incomplete at seqs {head.first_seq}..{head.last_seq}"
+                f"global {head.version}: weights incomplete at {head.first_seq}..{head.last_seq}"
             )
-        if hashlib.sha256(blob.data).hexdigest() != head.sha256:
-            raise AuthenticationError(f"global {head.version}: weights do not match the head's digest")
-        version = await asyncio.to_thread(decode_global, blob.data, self.limits)
+        if digest(blob.data) != head.sha256:
+            raise AuthenticationError(f"global {head.version}: weights do not match the signed digest")
+        sealed_key = head.keys.get(self.boxes.me.name)
+        if sealed_key is None:
+            raise AuthenticationError(f"global {head.version} is not sealed to {self.boxes.me.name!r}")
+        version = await asyncio.to_thread(self._open, blob.data, sealed_key)
         if version.header.version != head.version or weights_hash(version.tensors) != head.hash:
             raise AuthenticationError(f"global {head.version}: decoded weights do not match the head")
         return version
+
+    def _open(self, ciphertext: bytes, sealed_key: bytes) -> GlobalVersion:
+        return decode_global(open_global(ciphertext, sealed_key, self.boxes), self.limits)

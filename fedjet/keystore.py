@@ -1,0 +1,113 @@
+"""Key files on disk: ``NAME.key`` (secret, mode 0600) and ``NAME.pub`` (shareable).
+
+``fedjet keys generate --out DIR --clouds aws,gcp,azure`` writes one pair for the
+coordinator, one per cloud and one per observer (the evaluator of ``fedjet up``). Each
+cloud's machine needs only its own ``.key`` and ``coordinator.pub``; the coordinator needs
+``coordinator.key`` and every member's ``.pub``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+
+from nacl.public import PrivateKey, PublicKey
+from nacl.signing import SigningKey, VerifyKey
+
+from fedjet.broker.subjects import check_token
+from fedjet.codecs.crypto import COORDINATOR, Boxes, Identity, PublicIdentity
+from fedjet.errors import ConfigError
+from fedjet.log import get_logger
+
+log = get_logger("fedjet.keys")
+
+
+def generate(out: str | Path, members: Iterable[str]) -> list[Path]:
+    """Write key pairs for the coordinator and ``members``; refuses to overwrite."""
+    directory = Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    names = [COORDINATOR, *dict.fromkeys(members)]
+    written: list[Path] = []
+    for name in names:
+        check_token("key", name)
+        if (directory / f"{name}.key").exists():
+            raise ConfigError(f"{directory / (name + '.key')} exists; not overwriting a key")
+    for name in names:
+        identity = Identity.generate(name)
+        written += [_write_secret(directory, identity), _write_public(directory, identity.public)]
+    return written
+
+
+def _write_secret(directory: Path, identity: Identity) -> Path:
+    path = directory / f"{identity.name}.key"
+    body = {
+        "fedjet_key": 1,
+        "name": identity.name,
+        "box_secret": bytes(identity.box).hex(),
+        "sign_secret": bytes(identity.sign).hex(),
+    }
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(body, fh)
+    return path
+
+
+def _write_public(directory: Path, identity: PublicIdentity) -> Path:
+    path = directory / f"{identity.name}.pub"
+    body = {
+        "fedjet_pub": 1,
+        "name": identity.name,
+        "box_public": bytes(identity.box).hex(),
+        "verify": bytes(identity.verify).hex(),
+    }
+    path.write_text(json.dumps(body))
+    return path
+
+
+def load_identity(directory: str | Path, name: str) -> Identity:
+    path = Path(directory) / f"{name}.key"
+    body = _read(path)
+    if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("key_file_readable_by_others", path=str(path))
+    try:
+        return Identity(
+            name,
+            PrivateKey(bytes.fromhex(body["box_secret"])),
+            SigningKey(bytes.fromhex(body["sign_secret"])),
+        )
+    except (KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f"{path} is not a fedjet secret key: {e}") from e
+
+
+def load_public(directory: str | Path, name: str) -> PublicIdentity:
+    path = Path(directory) / f"{name}.pub"
+    body = _read(path)
+    try:
+        return PublicIdentity(
+            name, PublicKey(bytes.fromhex(body["box_public"])), VerifyKey(bytes.fromhex(body["verify"]))
+        )
+    except (KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f"{path} is not a fedjet public key: {e}") from e
+
+
+def coordinator_boxes(directory: str | Path, members: Iterable[str]) -> Boxes:
+    return Boxes(load_identity(directory, COORDINATOR), {m: load_public(directory, m) for m in members})
+
+
+def member_boxes(directory: str | Path, name: str) -> Boxes:
+    return Boxes(load_identity(directory, name), {COORDINATOR: load_public(directory, COORDINATOR)})
+
+
+def _read(path: Path) -> dict:
+    try:
+        body = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"key file {path} not found (fedjet keys generate --out DIR ...)") from e
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read key file {path}: {e}") from e
+    if not isinstance(body, dict):
+        raise ConfigError(f"{path} is not a fedjet key file")
+    return body
