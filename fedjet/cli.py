@@ -66,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--device", default=None)
     worker.set_defaults(func=cmd_worker)
 
+    bench = commands.add_parser("bench", help="benchmarks (speed targets live here, not in tests)")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    codec = bench_commands.add_parser("codec", help="wire size and speed of the update codec")
+    codec.add_argument("--params", type=int, default=10_000_000)
+    codec.add_argument("--density", type=float, default=0.01)
+    codec.add_argument("--codec", default=None, help="default topk:DENSITY+int8")
+    codec.add_argument("--repeats", type=int, default=5)
+    codec.add_argument("--json", action="store_true", help="print one JSON object")
+    codec.set_defaults(func=cmd_bench_codec)
+
     keys = commands.add_parser("keys", help="key management")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     generate = keys_commands.add_parser("generate", help="write key pairs for a job")
@@ -74,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--observers", type=parse_clouds, default=("eval",))
     generate.set_defaults(func=cmd_keys_generate)
     return parser
+
+
+def cmd_bench_codec(args: argparse.Namespace) -> int:
+    import json
+
+    from fedjet.bench import codec
+
+    result = codec.run(args.params, args.density, args.codec, args.repeats)
+    print(json.dumps(codec.as_dict(result)) if args.json else codec.describe(result))
+    return 0
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:

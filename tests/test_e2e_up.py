@@ -14,13 +14,30 @@ pytestmark = pytest.mark.e2e
 SMALL = ["--local-steps", "6", "--batch-size", "8", "--seq-len", "64", "--eval-tokens", "4096"]
 
 
-def test_three_clouds_two_rounds_lower_eval_loss_and_leave_nothing_running(tmp_path, data_dir):
+def up(tmp_path_factory, data_dir, *flags: str) -> tuple[str, dict, str]:
+    """Run ``fedjet up`` with a fresh job name; returns (job, report, stdout)."""
     job = f"e2e-{uuid.uuid4().hex[:8]}"
-    report_path = tmp_path / "report.json"
-    result = run_fedjet("up", "--job", job, "--rounds", "2", "--data", str(data_dir), "--report", str(report_path), *SMALL)
+    report_path = tmp_path_factory.mktemp("up") / "report.json"
+    result = run_fedjet(
+        "up", "--job", job, "--data", str(data_dir), "--report", str(report_path), *SMALL, *flags
+    )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "training on valid, evaluating on test" in result.stdout
-    report = json.loads(report_path.read_text())
+    return job, json.loads(report_path.read_text()), result.stdout
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory, data_dir):
+    return up(tmp_path_factory, data_dir, "--rounds", "2", "--codec", "dense")
+
+
+@pytest.fixture(scope="module")
+def topk_run(tmp_path_factory, data_dir):
+    return up(tmp_path_factory, data_dir, "--rounds", "2", "--codec", "topk:0.01+int8")
+
+
+def test_three_clouds_two_rounds_lower_eval_loss_and_leave_nothing_running(dense_run):
+    job, report, stdout = dense_run
+    assert "training on valid, evaluating on test" in stdout
     rounds = report["rounds"]
     assert [r["version"] for r in rounds] == [0, 1, 2]
     assert rounds[-1]["eval_loss"] < rounds[0]["eval_loss"]
@@ -35,9 +52,19 @@ def test_three_clouds_two_rounds_lower_eval_loss_and_leave_nothing_running(tmp_p
     assert all(c["updates_sent"] == 2 for c in report["clouds"].values())
     assert report["config"]["rounds"] == 2 and report["config"]["clouds"] == ["aws", "gcp", "azure"]
     for line in ("round   1", "round   2", "eval_loss", "ppl", "acc"):
-        assert line in result.stdout
+        assert line in stdout
     assert processes_matching(job) == []
     assert processes_matching("fedjet-nats-") == []  # the embedded server's config lives there
+
+
+def test_topk_int8_lowers_loss_with_over_50x_fewer_bytes_up_than_dense(dense_run, topk_run):
+    _, dense, _ = dense_run
+    _, sparse, _ = topk_run
+    assert sparse["config"]["codec"] == "topk:0.01+int8"
+    assert sparse["rounds"][-1]["eval_loss"] < sparse["rounds"][0]["eval_loss"]
+    assert dense["summary"]["bytes_up"] / sparse["summary"]["bytes_up"] >= 50
+    # per-round figures are wire bytes of what was applied, and they add up to the workers' own count
+    assert sum(r["bytes_up"] for r in sparse["rounds"]) == sparse["summary"]["bytes_up"]
 
 
 def test_bad_flags_fail_fast_with_a_clear_message(data_dir):

@@ -30,7 +30,11 @@ def header(**overrides) -> UpdateHeader:
 
 def tensors() -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    return {"w": torch.randn(3, 5, generator=gen), "b": torch.randn(5, generator=gen), "h": torch.randn(2).half()}
+    return {
+        "w": torch.randn(3, 5, generator=gen),
+        "b": torch.randn(5, generator=gen),
+        "h": torch.randn(2).half(),
+    }
 
 
 def test_dense_update_round_trips_exactly():
@@ -58,7 +62,14 @@ def test_unknown_format_version_is_a_schema_error():
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"\xc1", b"\x93\x01\x02", msgpack.packb([1, 2, 3]), msgpack.packb({"fv": 1}), b"\xdd\xff\xff\xff\xff"],
+    [
+        b"",
+        b"\xc1",
+        b"\x93\x01\x02",
+        msgpack.packb([1, 2, 3]),
+        msgpack.packb({"fv": 1}),
+        b"\xdd\xff\xff\xff\xff",
+    ],
 )
 def test_malformed_frames_are_rejected_with_typed_errors(data: bytes):
     with pytest.raises(CodecError):

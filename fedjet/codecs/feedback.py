@@ -22,11 +22,17 @@ def is_lossless(spec: CodecSpec) -> bool:
 def compress_with_feedback(
     update: Weights, carry: Weights | None, spec: CodecSpec, seed: int = 0
 ) -> tuple[Compressed, Weights | None]:
-    """Compress ``update + carry``; return it with the new residual (None when lossless)."""
+    """Compress ``update + carry``; return it with the new residual (None when lossless).
+
+    ``carry`` is consumed: its buffers are reused for the new residual, so the worker keeps
+    one residual-sized buffer instead of allocating a model's worth per update.
+    """
     if carry is None:
         acc = {n: t.detach().to(torch.float32).clone() for n, t in update.items()}
     else:
-        acc = {n: t.detach().to(torch.float32) + carry[n] for n, t in update.items()}
+        acc = carry
+        for name, tensor in update.items():
+            acc[name].add_(tensor.detach())
     compressed = compress(acc, spec, seed=seed)
     if is_lossless(spec):
         return compressed, None

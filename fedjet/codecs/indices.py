@@ -48,18 +48,18 @@ def decode_indices(kind: str, payload: bytes, count: int, numel: int) -> np.ndar
 def encode_varints(values: np.ndarray) -> bytes:
     """LEB128 of unsigned 64-bit values, vectorised over byte positions."""
     values = values.astype(np.uint64)
+    if values.size == 0:
+        return b""
+    width = max(1, -(-int(values.max()).bit_length() // 7))
     lengths = np.ones(values.size, dtype=np.int64)
-    for i in range(1, MAX_VARINT_BYTES):
+    for i in range(1, width):
         lengths += values >= (np.uint64(1) << np.uint64(7 * i))
-    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    starts = np.cumsum(lengths) - lengths
     out = np.empty(int(lengths.sum()), dtype=np.uint8)
-    for i in range(MAX_VARINT_BYTES):
-        active = lengths > i
-        if not active.any():
-            break
-        chunk = (values[active] >> np.uint64(7 * i)) & np.uint64(0x7F)
-        more = (lengths[active] > i + 1).astype(np.uint8) << 7
-        out[starts[active] + i] = chunk.astype(np.uint8) | more
+    for i in range(width):
+        active = np.flatnonzero(lengths > i) if i else np.arange(values.size)
+        chunk = ((values[active] >> np.uint64(7 * i)) & np.uint64(0x7F)).astype(np.uint8)
+        out[starts[active] + i] = chunk | ((lengths[active] > i + 1).astype(np.uint8) << 7)
     return out.tobytes()
 
 

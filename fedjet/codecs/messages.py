@@ -10,12 +10,12 @@ import msgpack
 import torch
 
 from fedjet.codecs import crypto
-from fedjet.codecs.crypto import Identity, PublicIdentity
+from fedjet.codecs.crypto import Boxes, Identity, PublicIdentity
 from fedjet.codecs.frame import Limits, pack_frame, unpack_frame
 from fedjet.codecs.frame import field as read
 from fedjet.codecs.pipeline import CodecSpec, compress, decode_tensors
 from fedjet.codecs.sparse import TensorLike
-from fedjet.errors import DecodeError, LimitError, SchemaError
+from fedjet.errors import AuthenticationError, DecodeError, LimitError, SchemaError
 
 UPDATE_KINDS = ("delta", "gradient")
 MAX_HEAD_BYTES = 1 << 20
@@ -117,6 +117,21 @@ def decode_update(data: bytes, limits: Limits) -> Update:
     raw_header, entries = unpack_frame(data, limits, "update")
     header = UpdateHeader.from_wire(raw_header)
     return Update(header, decode_tensors(entries, limits))
+
+
+def open_sealed_update(envelope: bytes, boxes: Boxes, subject_cloud: str, limits: Limits) -> Update:
+    """What the coordinator does with bytes off an update subject: decrypt, authenticate, parse.
+
+    The sealing key must belong to the cloud whose subject carried the message, and the frame
+    must name that cloud: a message moved to another cloud's subject is rejected.
+    """
+    sender, frame = crypto.open_update(envelope, boxes, limits.max_frame_bytes)
+    if sender != subject_cloud:
+        raise AuthenticationError(f"update sealed by {sender!r:.40} arrived on {subject_cloud!r}'s subject")
+    update = decode_update(frame, limits)
+    if update.header.cloud != sender:
+        raise AuthenticationError(f"update sealed by {sender!r} claims cloud {update.header.cloud!r:.40}")
+    return update
 
 
 def encode_global(version: GlobalVersion) -> bytes:

@@ -20,7 +20,7 @@ from fedjet.codecs.indices import decode_indices, encode_indices
 from fedjet.codecs.quant import DEFAULT_CHUNK, LEVELS, dequantize, quantize
 from fedjet.codecs.sparse import SparseTensor, TensorLike
 from fedjet.codecs.tensors import DTYPES, as_numpy, check_name, check_shape, dtype_name
-from fedjet.codecs.topk import SAMPLE, SLACK, kept_count, topk_indices
+from fedjet.codecs.topk import above, kept_count, sample_size, sampled_threshold, topk_indices
 from fedjet.errors import ConfigError, DecodeError, LimitError, SchemaError
 
 QUANTS = ("raw", "f16", "int8", "int4")
@@ -151,18 +151,18 @@ def _global_topk(arrays: dict[str, np.ndarray], density: float, seed: int) -> di
     total = sum(a.size for a in arrays.values())
     k = kept_count(total, density)
     rng = np.random.default_rng(seed)
+    share = sample_size(total) / max(total, 1)
     sample = np.concatenate(
         [
-            np.abs(a[rng.integers(0, a.size, size=math.ceil(SAMPLE * a.size / total))])
+            np.abs(a[rng.integers(0, a.size, size=max(1, math.ceil(share * a.size)))])
             for a in arrays.values()
             if a.size
         ]
     )
     fraction = k / total
     while True:
-        target = min(1.0, fraction / SLACK)
-        threshold = np.quantile(sample, 1.0 - target) if target < 1.0 else -1.0
-        candidates = {n: np.flatnonzero(np.abs(a) >= threshold) for n, a in arrays.items()}
+        threshold = sampled_threshold(sample, fraction)
+        candidates = {n: above(a, threshold) for n, a in arrays.items()}
         if sum(c.size for c in candidates.values()) >= k:
             break
         fraction *= 2

@@ -12,7 +12,8 @@ import math
 
 import numpy as np
 
-SAMPLE = 65_536  # magnitudes sampled to estimate the threshold
+SAMPLE_MIN = 8_192  # magnitudes sampled to estimate the threshold (at least)
+SAMPLE_FRACTION = 1 / 256  # ... or this share of the tensor, whichever is larger
 EXACT_BELOW = 65_536  # small tensors: exact argpartition is cheaper than sampling
 SLACK = 0.8  # sample quantile is lowered so the candidate set very likely holds >= k
 
@@ -24,6 +25,10 @@ def kept_count(numel: int, density: float) -> int:
     return min(numel, max(1, math.ceil(density * numel)))
 
 
+def sample_size(n: int) -> int:
+    return min(n, max(SAMPLE_MIN, int(n * SAMPLE_FRACTION)))
+
+
 def topk_indices(values: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     """Sorted flat indices of the ``k`` largest ``|values|`` (ties broken arbitrarily)."""
     n = values.size
@@ -31,26 +36,40 @@ def topk_indices(values: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
         return np.arange(n, dtype=np.int64)
     if k <= 0:
         return np.empty(0, dtype=np.int64)
-    magnitude = np.abs(values)
     if n <= EXACT_BELOW:
-        return np.sort(np.argpartition(magnitude, n - k)[n - k :]).astype(np.int64)
-    candidates = _candidates(magnitude, k, seed)
-    if candidates.size > k:
-        keep = np.argpartition(magnitude[candidates], candidates.size - k)[candidates.size - k :]
-        candidates = np.sort(candidates[keep])
-    return candidates.astype(np.int64)
-
-
-def _candidates(magnitude: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Indices whose magnitude beats a sampled threshold; widened until there are >= k."""
-    n = magnitude.size
+        return np.sort(np.argpartition(np.abs(values), n - k)[n - k :]).astype(np.int64)
     rng = np.random.default_rng(seed)
-    sample = magnitude[rng.integers(0, n, size=SAMPLE)]
+    sample = np.abs(values[rng.integers(0, n, size=sample_size(n))])
     fraction = k / n
     while True:
-        target = min(1.0, fraction / SLACK)
-        threshold = np.quantile(sample, 1.0 - target) if target < 1.0 else -1.0
-        candidates = np.flatnonzero(magnitude >= threshold)
+        candidates = above(values, sampled_threshold(sample, fraction))
         if candidates.size >= k:
-            return candidates
+            return trim(candidates, np.abs(values[candidates]), k)
         fraction *= 2  # unlucky sample: lower the bar and try again
+
+
+def sampled_threshold(sample: np.ndarray, fraction: float) -> float:
+    """A magnitude that about ``fraction / SLACK`` of the sampled values reach."""
+    target = min(1.0, fraction / SLACK)
+    if target >= 1.0:
+        return -1.0
+    kth = min(sample.size - 1, int(sample.size * (1.0 - target)))
+    return float(np.partition(sample, kth)[kth])
+
+
+def above(values: np.ndarray, threshold: float) -> np.ndarray:
+    """Sorted indices with ``|value| >= threshold``, without materialising ``|values|``."""
+    if threshold <= 0:
+        return np.arange(values.size, dtype=np.int64)
+    mask = values >= threshold
+    mask |= values <= -threshold
+    return np.flatnonzero(mask)
+
+
+def trim(candidates: np.ndarray, magnitudes: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` largest of sorted ``candidates``, still sorted (a mask, not a sort)."""
+    if candidates.size == k:
+        return candidates.astype(np.int64)
+    keep = np.zeros(candidates.size, dtype=bool)
+    keep[np.argpartition(magnitudes, candidates.size - k)[candidates.size - k :]] = True
+    return candidates[keep].astype(np.int64)

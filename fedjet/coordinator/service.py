@@ -22,22 +22,22 @@ from nats.js import api
 from fedjet.broker.blobs import H_BLOB, Blob, BlobAssembler, publish_blob
 from fedjet.broker.jetstream import close_quietly, connect, ensure_job_streams
 from fedjet.broker.subjects import JobSubjects
-from fedjet.codecs.crypto import Boxes, ReplayGuard, digest, open_update, seal_global
+from fedjet.codecs.crypto import Boxes, ReplayGuard, digest, seal_global
 from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import (
     GlobalHead,
     GlobalHeader,
     GlobalVersion,
     Update,
-    decode_update,
     encode_global,
+    open_sealed_update,
 )
 from fedjet.coordinator.aggregate import Weights
 from fedjet.coordinator.rounds import Batcher, RoundPolicy
 from fedjet.coordinator.strategies import Aggregator, Applied, StrategyConfig
 from fedjet.coordinator.validate import to_contribution
 from fedjet.data.partition import split_steps
-from fedjet.errors import AuthenticationError, BlobError, BrokerError, ConfigError, FedjetError
+from fedjet.errors import BlobError, BrokerError, ConfigError, FedjetError
 from fedjet.log import get_logger
 from fedjet.spec import JobSpec, sign_spec
 
@@ -219,7 +219,9 @@ class Coordinator:
         self._assembler.evicted.clear()
 
     async def _admit(self, blob: Blob, cloud: str, msgs: list[Any]) -> Received:
-        update = await asyncio.to_thread(self._open, blob.data, cloud)
+        update = await asyncio.to_thread(
+            open_sealed_update, blob.data, self.config.boxes, cloud, self.config.limits
+        )
         self._replay.check(update.header.cloud, update.header.worker, update.header.seq)
         agg = self.aggregator
         assert agg is not None
@@ -236,18 +238,6 @@ class Coordinator:
             wire_bytes=blob.wire_bytes,
         )
         return Received(update, Applied(contribution, staleness), blob.last_seq, blob.wire_bytes, msgs)
-
-    def _open(self, envelope: bytes, subject_cloud: str) -> Update:
-        """Decrypt, authenticate and parse; the sealing key must be the subject's cloud."""
-        sender, frame = open_update(envelope, self.config.boxes, self.config.limits.max_frame_bytes)
-        if sender != subject_cloud:
-            raise AuthenticationError(
-                f"update sealed by {sender!r:.40} arrived on {subject_cloud!r}'s subject"
-            )
-        update = decode_update(frame, self.config.limits)
-        if update.header.cloud != sender:
-            raise AuthenticationError(f"update from {sender!r} claims cloud {update.header.cloud!r:.40}")
-        return update
 
     def _note_throughput(self, update: Update) -> None:
         h = update.header

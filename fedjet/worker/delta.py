@@ -42,7 +42,10 @@ class DeltaTracker:
         if self._ref is None:
             raise ConfigError("compress_delta() before any global was loaded")
         delta = {n: current[n] - self._ref[n] for n in self._ref}
-        carry = self._carry if self.reference == "base" else self._residual
+        if self.reference == "base":  # the carry may serve several sends on this base: keep it
+            carry = None if self._carry is None else {n: t.clone() for n, t in self._carry.items()}
+        else:
+            carry = self._residual
         compressed, self._residual = compress_with_feedback(delta, carry, self.codec, seed=self._next_seed())
         if self.reference == "last_send":
             self._ref = {n: t.detach().clone() for n, t in current.items()}

@@ -1,0 +1,118 @@
+"""The live coordinator over a real nats-server: hostile traffic is counted, never fatal."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from fedjet.broker.blobs import publish_blob
+from fedjet.broker.jetstream import close_quietly, connect
+from fedjet.broker.subjects import JobSubjects
+from fedjet.codecs import crypto
+from fedjet.codecs.crypto import COORDINATOR, Boxes, Identity
+from fedjet.codecs.messages import Update, UpdateHeader, encode_update
+from fedjet.codecs.pipeline import CodecSpec
+from fedjet.coordinator.rounds import RoundPolicy
+from fedjet.coordinator.service import Coordinator, CoordinatorConfig
+from fedjet.coordinator.strategies import StrategyConfig
+from fedjet.spec import JobSpec
+
+CLOUDS = ("aws", "gcp")
+WEIGHTS = {"w": torch.ones(50, 20), "b": torch.zeros(20)}
+
+
+def make_parties():
+    ids = {n: Identity.generate(n) for n in (COORDINATOR, *CLOUDS)}
+    coord = Boxes(ids[COORDINATOR], {c: ids[c].public for c in CLOUDS})
+    members = {c: Boxes(ids[c], {COORDINATOR: ids[COORDINATOR].public}) for c in CLOUDS}
+    return coord, members
+
+
+def sealed_update(boxes: Boxes, cloud: str, seq: int, value: float) -> bytes:
+    header = UpdateHeader(job="live", cloud=cloud, worker="0", seq=seq, base_version=0, samples=10, loss=2.0)
+    tensors = {n: torch.full(t.shape, value) for n, t in WEIGHTS.items()}
+    return crypto.seal_update(encode_update(Update(header, tensors), CodecSpec.parse("topk:0.5+int8")), boxes)
+
+
+def test_hostile_traffic_is_rejected_counted_and_the_round_still_completes(nats_url):
+    coord, members = make_parties()
+    spec = JobSpec(
+        job="live", clouds=CLOUDS, model_config={}, train={"local_steps": 1}, codec="topk:0.5+int8"
+    )
+    coordinator = Coordinator(
+        CoordinatorConfig(
+            nats_url=nats_url,
+            spec=spec,
+            boxes=coord,
+            strategy=StrategyConfig(name="fedavg"),
+            policy=RoundPolicy(clouds=CLOUDS),
+            rounds=1,
+            idle_timeout_s=30,
+        )
+    )
+    subjects = JobSubjects("live")
+
+    async def attack_then_behave(nc):
+        js = nc.jetstream()
+        while coordinator.last_head is None:  # the coordinator created the streams and v0
+            await asyncio.sleep(0.05)
+        mp = nc.max_payload
+        await js.publish(subjects.update("aws"), b"no chunk headers at all")
+        await publish_blob(js, subjects.update("aws"), b"\x00garbage", blob_id="g1", max_payload=mp)
+        forged = sealed_update(members["aws"], "aws", 5, 1.0)
+        await publish_blob(js, subjects.update("gcp"), forged, blob_id="moved", max_payload=mp)  # swapped
+        await publish_blob(
+            js,
+            subjects.update("aws"),
+            sealed_update(members["aws"], "aws", 10, 0.5),
+            blob_id="a10",
+            max_payload=mp,
+        )
+        await publish_blob(
+            js,
+            subjects.update("aws"),
+            sealed_update(members["aws"], "aws", 10, 9.0),
+            blob_id="replay",
+            max_payload=mp,
+        )
+        await publish_blob(
+            js,
+            subjects.update("aws"),
+            sealed_update(members["aws"], "aws", 11, 9.0),
+            blob_id="a11",
+            max_payload=mp,
+        )
+        await publish_blob(
+            js,
+            subjects.update("gcp"),
+            sealed_update(members["gcp"], "gcp", 3, -0.5),
+            blob_id="g3",
+            max_payload=mp,
+        )
+
+    async def scenario():
+        nc = await connect(nats_url, "attacker")
+        try:
+            task = asyncio.create_task(coordinator.run(dict(WEIGHTS)))
+            await attack_then_behave(nc)
+            counters = await asyncio.wait_for(task, 60)
+            info = await nc.jetstream().consumer_info(subjects.update_stream, subjects.coordinator_durable)
+        finally:
+            await close_quietly(nc)
+        return counters, info
+
+    counters, info = asyncio.run(scenario())
+    assert counters.applied == 2
+    assert counters.rejected == {
+        "BlobError": 1,
+        "DecodeError": 1,
+        "AuthenticationError": 1,
+        "ReplayError": 1,
+        "StaleUpdateError": 1,  # aws already reported in this round
+    }
+    agg = coordinator.aggregator
+    assert agg.version == 1 and coordinator.last_head.final
+    # FedAvg of +0.5 and -0.5 (equal samples, top-50% of a constant keeps exact values) -> unchanged
+    assert torch.allclose(agg.weights["w"], WEIGHTS["w"], atol=0.01)
+    assert info.num_ack_pending == 0 and info.num_pending == 0  # every message was acked
