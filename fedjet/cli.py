@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", required=True, help="directory to write NAME.key / NAME.pub into")
     generate.add_argument("--clouds", type=parse_clouds, required=True)
     generate.add_argument("--observers", type=parse_clouds, default=("eval",))
+    generate.add_argument("--if-missing", action="store_true", help="do nothing if the keys already exist")
     generate.set_defaults(func=cmd_keys_generate)
     return parser
 
@@ -97,8 +98,13 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from fedjet.keystore import generate
 
+    if args.if_missing and (Path(args.out) / "coordinator.key").exists():
+        print(f"keys already in {args.out}; leaving them")
+        return 0
     for path in generate(args.out, [*args.clouds, *args.observers]):
         print(path)
     return 0
