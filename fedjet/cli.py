@@ -173,6 +173,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             rounds=options.rounds,
             max_updates=options.max_updates,
             idle_timeout_s=args.idle_timeout,
+            rebalance_every=options.rebalance_every,
         )
     )
     return _serve(lambda: coordinator.run(parameter_tensors(model)), coordinator.stop)

@@ -46,6 +46,7 @@ class RunOptions:
     late: str = "drop"
     partition: str = "fixed"
     alpha: float = 0.5
+    rebalance_every: int = 1
     local_steps: int = 20
     batch_size: int = 8
     seq_len: int = 128
@@ -67,14 +68,10 @@ class RunOptions:
         )
 
     def round_policy(self) -> RoundPolicy:
-        return RoundPolicy(
-            clouds=self.clouds, quorum=self.quorum, deadline_s=self.round_deadline, late=self.late
-        )
+        return RoundPolicy(clouds=self.clouds, quorum=self.quorum, deadline_s=self.round_deadline, late=self.late)
 
     def train_settings(self) -> TrainSettings:
-        return TrainSettings(
-            local_steps=self.local_steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=self.lr
-        )
+        return TrainSettings(local_steps=self.local_steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=self.lr)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,9 +105,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("job")
     g.add_argument("--job", default=None, help="job name (default: run-<timestamp>)")
     g.add_argument("--clouds", type=parse_clouds, default=d.clouds, help="comma-separated cloud names")
-    g.add_argument(
-        "--observers", type=parse_clouds, default=d.observers, help="read-only members (the evaluator)"
-    )
+    g.add_argument("--observers", type=parse_clouds, default=d.observers, help="read-only members (the evaluator)")
     g.add_argument("--rounds", type=int, default=None, help="global versions to make (default 5)")
     g.add_argument("--max-updates", type=int, default=None, help="end once N updates are applied")
     g.add_argument("--model", default=d.model, help="preset (tiny, small, medium) or local checkpoint dir")
@@ -134,6 +129,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data and local training")
     g.add_argument("--partition", choices=PARTITIONS, default=d.partition)
     g.add_argument("--alpha", type=float, default=d.alpha, help="noniid: Dirichlet concentration")
+    g.add_argument(
+        "--rebalance-every", type=int, default=d.rebalance_every, help="dynamic: versions between re-assignments"
+    )
     g.add_argument("--local-steps", type=int, default=d.local_steps)
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g.add_argument("--seq-len", type=int, default=d.seq_len)

@@ -23,6 +23,8 @@ class RoundRecord:
     hash: str
     contributors: list[str] = field(default_factory=list)
     staleness: list[int] = field(default_factory=list)
+    shares: dict[str, float] = field(default_factory=dict)  # cloud -> fraction of the samples
+    assignment: dict[str, int] = field(default_factory=dict)  # local steps asked of each cloud next
     applied_total: int = 0
     rejected_total: int = 0
 

@@ -49,9 +49,7 @@ def nats_url(nats_server: EmbeddedNatsServer) -> str:
     return nats_server.url
 
 
-def run_fedjet(
-    *args: str, timeout: float = 300, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
+def run_fedjet(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real CLI as a user would."""
     return subprocess.run(
         [sys.executable, "-m", "fedjet", *args],

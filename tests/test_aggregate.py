@@ -22,9 +22,7 @@ def t(*values: float) -> torch.Tensor:
 W0 = {"a": t(1.0, 2.0), "b": t(0.5)}
 
 
-def part(
-    cloud: str, samples: int, loss: float, a: torch.Tensor, b: torch.Tensor | None = None, base: int = 0
-):
+def part(cloud: str, samples: int, loss: float, a: torch.Tensor, b: torch.Tensor | None = None, base: int = 0):
     tensors = {"a": a} if b is None else {"a": a, "b": b}
     return Contribution(cloud, base, samples, loss, tensors)
 
@@ -96,9 +94,7 @@ def test_async_drops_updates_beyond_max_staleness():
 
 
 def test_fedbuff_applies_mean_of_staleness_weighted_deltas():
-    cfg = StrategyConfig(
-        name="fedbuff", staleness=Staleness(kind="hinge", a=1.0, b=0), server=ServerOptConfig(lr=2.0)
-    )
+    cfg = StrategyConfig(name="fedbuff", staleness=Staleness(kind="hinge", a=1.0, b=0), server=ServerOptConfig(lr=2.0))
     parts = [Applied(part("x", 1, 0.0, t(1.0, 0.0)), 0), Applied(part("y", 1, 0.0, t(0.0, 3.0)), 2)]
     new = Aggregator(cfg, dict(W0)).apply(parts)
     # s(0) = 1, s(2) = 1/(1*2+1) = 1/3 ; mean = ((1, 0) + (0, 1)) / 2 ; eta_g = 2
@@ -141,9 +137,7 @@ def test_same_inputs_give_the_same_hash_and_order_is_respected():
         hashes = []
         for r in range(3):
             parts = [
-                Contribution(
-                    c, r, 10 + i, 1.0, {k: torch.randn(v.shape, generator=gen) * 1e-3 for k, v in w.items()}
-                )
+                Contribution(c, r, 10 + i, 1.0, {k: torch.randn(v.shape, generator=gen) * 1e-3 for k, v in w.items()})
                 for i, c in enumerate("xyz")
             ]
             aggr.apply([Applied(p, 0) for p in parts])

@@ -73,12 +73,8 @@ def test_republished_blob_is_deduplicated_by_jetstream(nats_url):
         nc = await connect(nats_url, "test")
         js = nc.jetstream()
         await ensure_job_streams(js, subjects)
-        first = await publish_blob(
-            js, subjects.update("gcp"), b"x" * 3000, blob_id="b1", max_payload=4096 + 2048
-        )
-        again = await publish_blob(
-            js, subjects.update("gcp"), b"x" * 3000, blob_id="b1", max_payload=4096 + 2048
-        )
+        first = await publish_blob(js, subjects.update("gcp"), b"x" * 3000, blob_id="b1", max_payload=4096 + 2048)
+        again = await publish_blob(js, subjects.update("gcp"), b"x" * 3000, blob_id="b1", max_payload=4096 + 2048)
         info = await js.stream_info(subjects.update_stream)
         await close_quietly(nc)
         return first, again, info.state.messages

@@ -101,9 +101,7 @@ def test_varints_round_trip_large_values_and_reject_bad_streams():
 
 
 shapes = st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple)
-codecs = st.sampled_from(
-    ["dense", "fp16", "int8", "topk:0.1", "topk:0.01+int8", "topk:0.3:global+int4:16", "topk:1"]
-)
+codecs = st.sampled_from(["dense", "fp16", "int8", "topk:0.1", "topk:0.01+int8", "topk:0.3:global+int4:16", "topk:1"])
 
 
 @given(
@@ -123,9 +121,7 @@ def test_whole_pipeline_round_trips_what_the_sender_says_it_sent(shape_list, cod
     decoded = decode_tensors(compressed.entries, Limits())
     assert set(decoded) == set(tensors)
     for name, tensor in tensors.items():
-        assert torch.allclose(
-            dense(decoded[name]).float(), dense(compressed.sent[name]).float(), atol=0, rtol=0
-        )
+        assert torch.allclose(dense(decoded[name]).float(), dense(compressed.sent[name]).float(), atol=0, rtol=0)
         assert tuple(dense(decoded[name]).shape) == tuple(tensor.shape)
         if spec.text == "dense":
             assert torch.equal(decoded[name], tensor)

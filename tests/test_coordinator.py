@@ -37,9 +37,7 @@ def sealed_update(boxes: Boxes, cloud: str, seq: int, value: float) -> bytes:
 
 def test_hostile_traffic_is_rejected_counted_and_the_round_still_completes(nats_url):
     coord, members = make_parties()
-    spec = JobSpec(
-        job="live", clouds=CLOUDS, model_config={}, train={"local_steps": 1}, codec="topk:0.5+int8"
-    )
+    spec = JobSpec(job="live", clouds=CLOUDS, model_config={}, train={"local_steps": 1}, codec="topk:0.5+int8")
     coordinator = Coordinator(
         CoordinatorConfig(
             nats_url=nats_url,

@@ -18,9 +18,7 @@ def up(tmp_path_factory, data_dir, *flags: str) -> tuple[str, dict, str]:
     """Run ``fedjet up`` with a fresh job name; returns (job, report, stdout)."""
     job = f"e2e-{uuid.uuid4().hex[:8]}"
     report_path = tmp_path_factory.mktemp("up") / "report.json"
-    result = run_fedjet(
-        "up", "--job", job, "--data", str(data_dir), "--report", str(report_path), *SMALL, *flags
-    )
+    result = run_fedjet("up", "--job", job, "--data", str(data_dir), "--report", str(report_path), *SMALL, *flags)
     assert result.returncode == 0, result.stdout + result.stderr
     return job, json.loads(report_path.read_text()), result.stdout
 

@@ -47,10 +47,7 @@ def model_like(params: int, seed: int = 0) -> dict[str, torch.Tensor]:
     rng = np.random.default_rng(seed)
     sizes = [params // 4] + [params // 8] * 5 + [params // 64] * 4
     sizes.append(params - sum(sizes))
-    return {
-        f"t{i:02d}": torch.from_numpy(rng.standard_normal(n, dtype=np.float32) * 1e-3)
-        for i, n in enumerate(sizes)
-    }
+    return {f"t{i:02d}": torch.from_numpy(rng.standard_normal(n, dtype=np.float32) * 1e-3) for i, n in enumerate(sizes)}
 
 
 def best_of(repeats: int, fn: Callable[[], Any]) -> tuple[float, Any]:

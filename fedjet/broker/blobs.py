@@ -182,9 +182,7 @@ class BlobAssembler:
         if len(pending.received) < count:
             return None
         self._drop(blob_id)
-        return Blob(
-            blob_id, subject, bytes(pending.buffer), pending.headers, pending.seqs, pending.wire_bytes
-        )
+        return Blob(blob_id, subject, bytes(pending.buffer), pending.headers, pending.seqs, pending.wire_bytes)
 
     def _open(self, blob_id: str, subject: str, count: int, size: int, headers: dict[str, str]) -> _Pending:
         while self._pending and self._pending_bytes + size > self.max_pending_bytes:

@@ -54,14 +54,10 @@ async def ensure_job_streams(js: Any, subjects: JobSubjects) -> None:
         "duplicate_window": 300.0,
         "allow_direct": True,
     }
-    await _add_or_update(
-        js, api.StreamConfig(name=subjects.update_stream, subjects=[subjects.updates], **common)
-    )
+    await _add_or_update(js, api.StreamConfig(name=subjects.update_stream, subjects=[subjects.updates], **common))
     await _add_or_update(
         js,
-        api.StreamConfig(
-            name=subjects.global_stream, subjects=[subjects.global_head, subjects.global_data], **common
-        ),
+        api.StreamConfig(name=subjects.global_stream, subjects=[subjects.global_head, subjects.global_data], **common),
     )
     with contextlib.suppress(nats.js.errors.BadRequestError):  # exists already
         await js.create_key_value(bucket=subjects.kv_bucket, history=1, storage=api.StorageType.FILE)

@@ -76,9 +76,7 @@ def _unpack_map(data: bytes, max_bytes: int, what: str) -> dict:
     if len(data) > max_bytes:
         raise LimitError(f"{what} of {len(data)} bytes > limit {max_bytes}")
     try:
-        raw = msgpack.unpackb(
-            data, raw=False, strict_map_key=True, max_bin_len=max_bytes, max_str_len=1 << 12
-        )
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=max_bytes, max_str_len=1 << 12)
     except (msgpack.UnpackException, ValueError, TypeError, OverflowError) as e:
         raise DecodeError(f"{what} is not msgpack: {type(e).__name__}") from e
     if not isinstance(raw, dict):
@@ -92,9 +90,7 @@ def _unpack_map(data: bytes, max_bytes: int, what: str) -> dict:
 def seal_update(frame: bytes, boxes: Boxes) -> bytes:
     """Encrypt a frame from ``boxes.me`` (a cloud) to the coordinator."""
     ciphertext = boxes.to(COORDINATOR).encrypt(frame)
-    return msgpack.packb(
-        {"ev": ENVELOPE_VERSION, "from": boxes.me.name, "ct": bytes(ciphertext)}, use_bin_type=True
-    )
+    return msgpack.packb({"ev": ENVELOPE_VERSION, "from": boxes.me.name, "ct": bytes(ciphertext)}, use_bin_type=True)
 
 
 def open_update(envelope: bytes, boxes: Boxes, max_bytes: int) -> tuple[str, bytes]:

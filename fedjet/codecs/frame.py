@@ -39,9 +39,7 @@ def _no_ext(code: int, data: bytes) -> Any:
     raise DecodeError(f"msgpack extension type {code} is not allowed in fedjet frames")
 
 
-def unpack_frame(
-    data: bytes, limits: Limits, expect_type: str
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def unpack_frame(data: bytes, limits: Limits, expect_type: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Parse and shape-check a frame; returns its header and tensor entries."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise DecodeError(f"frame must be bytes, got {type(data).__name__}")

@@ -140,9 +140,7 @@ def _encode_one(
         return entry, out.to(tensor.dtype) if spec.quant == "raw" else out
     kind, payload = encode_indices(indices, flat.size)
     entry |= {"e": "sparse", "ix": kind, "i": payload}
-    sparse = SparseTensor(
-        shape, torch.from_numpy(indices), torch.from_numpy(decoded.astype(np.float32, copy=False))
-    )
+    sparse = SparseTensor(shape, torch.from_numpy(indices), torch.from_numpy(decoded.astype(np.float32, copy=False)))
     return entry, sparse
 
 
@@ -153,11 +151,7 @@ def _global_topk(arrays: dict[str, np.ndarray], density: float, seed: int) -> di
     rng = np.random.default_rng(seed)
     share = sample_size(total) / max(total, 1)
     sample = np.concatenate(
-        [
-            np.abs(a[rng.integers(0, a.size, size=max(1, math.ceil(share * a.size)))])
-            for a in arrays.values()
-            if a.size
-        ]
+        [np.abs(a[rng.integers(0, a.size, size=max(1, math.ceil(share * a.size)))]) for a in arrays.values() if a.size]
     )
     fraction = k / total
     while True:
@@ -199,9 +193,7 @@ def decode_tensors(entries: list[dict[str, Any]], limits: Limits) -> dict[str, T
     return out
 
 
-def _decode_one(
-    name: str, entry: dict[str, Any], shape: tuple[int, ...], numel: int, dtype: str
-) -> TensorLike:
+def _decode_one(name: str, entry: dict[str, Any], shape: tuple[int, ...], numel: int, dtype: str) -> TensorLike:
     encoding = field(entry, "e", str)
     count = field(entry, "k", int)
     if encoding not in ("dense", "sparse"):
@@ -212,9 +204,7 @@ def _decode_one(
     if encoding == "dense":
         return torch.from_numpy(values).reshape(shape)
     indices = decode_indices(field(entry, "ix", str), field(entry, "i", bytes), count, numel)
-    return SparseTensor(
-        shape, torch.from_numpy(indices), torch.from_numpy(values.astype(np.float32, copy=False))
-    )
+    return SparseTensor(shape, torch.from_numpy(indices), torch.from_numpy(values.astype(np.float32, copy=False)))
 
 
 def _decode_values(name: str, entry: dict[str, Any], count: int, dtype: str) -> np.ndarray:

@@ -79,9 +79,7 @@ def _discounted(weights: list[float], discount: Sequence[float] | None) -> list[
     return [w * d for w, d in zip(weights, discount, strict=True)]
 
 
-def fedavg(
-    template: Weights, parts: Sequence[Contribution], discount: Sequence[float] | None = None
-) -> Weights:
+def fedavg(template: Weights, parts: Sequence[Contribution], discount: Sequence[float] | None = None) -> Weights:
     return _negated(combine(template, parts, _discounted(sample_weights(parts), discount)))
 
 
@@ -94,9 +92,7 @@ def dynamic(
     return _negated(combine(template, parts, _discounted(loss_weights(parts, temperature), discount)))
 
 
-def gradient(
-    template: Weights, parts: Sequence[Contribution], discount: Sequence[float] | None = None
-) -> Weights:
+def gradient(template: Weights, parts: Sequence[Contribution], discount: Sequence[float] | None = None) -> Weights:
     return combine(template, parts, _discounted(sample_weights(parts), discount))
 
 

@@ -55,7 +55,7 @@ class CoordinatorConfig:
     max_updates: int | None = None
     limits: Limits = field(default_factory=Limits)
     idle_timeout_s: float = 600.0
-    rebalance_every: int = 2
+    rebalance_every: int = 1
 
     def __post_init__(self) -> None:
         if self.rounds is None and self.max_updates is None:
@@ -134,9 +134,7 @@ class Coordinator:
 
     async def _prepare(self) -> None:
         await ensure_job_streams(self._js, self.subjects)
-        info = await self._js.stream_info(
-            self.subjects.global_stream, subjects_filter=self.subjects.global_head
-        )
+        info = await self._js.stream_info(self.subjects.global_stream, subjects_filter=self.subjects.global_head)
         if info.state.messages:
             raise ConfigError(
                 f"job {self.config.spec.job!r} already has global versions in this JetStream; "
@@ -219,9 +217,7 @@ class Coordinator:
         self._assembler.evicted.clear()
 
     async def _admit(self, blob: Blob, cloud: str, msgs: list[Any]) -> Received:
-        update = await asyncio.to_thread(
-            open_sealed_update, blob.data, self.config.boxes, cloud, self.config.limits
-        )
+        update = await asyncio.to_thread(open_sealed_update, blob.data, self.config.boxes, cloud, self.config.limits)
         self._replay.check(update.header.cloud, update.header.worker, update.header.seq)
         agg = self.aggregator
         assert agg is not None
@@ -300,9 +296,7 @@ class Coordinator:
             "strategy": self.config.strategy.name,
             "contributions": contributions,
             "train_loss": (
-                sum(r.update.header.loss * r.update.header.samples for r in received) / samples
-                if samples
-                else None
+                sum(r.update.header.loss * r.update.header.samples for r in received) / samples if samples else None
             ),
             "bytes_up": sum(r.wire_bytes for r in received),
             "applied_total": self.counters.applied,
@@ -321,9 +315,7 @@ class Coordinator:
         spec = self.config.spec
         header = GlobalHeader(job=spec.job, version=agg.version, hash=agg.hash, final=final, meta=meta)
         payload = await asyncio.to_thread(encode_global, GlobalVersion(header, agg.weights))
-        sealed = await asyncio.to_thread(
-            seal_global, payload, self.config.boxes, [*spec.clouds, *spec.observers]
-        )
+        sealed = await asyncio.to_thread(seal_global, payload, self.config.boxes, [*spec.clouds, *spec.observers])
         blob = await publish_blob(
             self._js,
             self.subjects.global_data,
@@ -343,9 +335,7 @@ class Coordinator:
             keys=sealed.keys,
         )
         await self._publish_head(head)
-        log.info(
-            "global_published", version=agg.version, hash=agg.hash[:12], bytes=blob.wire_bytes, final=final
-        )
+        log.info("global_published", version=agg.version, hash=agg.hash[:12], bytes=blob.wire_bytes, final=final)
         return head
 
     async def _publish_head(self, head: GlobalHead) -> None:

@@ -19,9 +19,7 @@ def make_tokenizer(name: str) -> Tokenizer:
     raise ConfigError(f"unknown tokenizer {name!r} (this build has: bytes)")
 
 
-def deal(
-    articles: Sequence[Article], clouds: int, scheme: str, *, alpha: float, seed: int
-) -> list[list[int]]:
+def deal(articles: Sequence[Article], clouds: int, scheme: str, *, alpha: float, seed: int) -> list[list[int]]:
     sizes = [len(a.text.encode("utf-8")) for a in articles]
     if scheme == "noniid":
         return deal_noniid(sizes, clouds, alpha, seed)

@@ -71,6 +71,10 @@ class Collector:
         if head.version == 0 or head.final or head.version % self.eval_every == 0:
             result = await asyncio.to_thread(self._evaluate, version.tensors)
         contributions = meta.get("contributions", [])
+        samples = sum(int(c["samples"]) for c in contributions) or 1
+        shares: dict[str, float] = {}
+        for c in contributions:
+            shares[c["cloud"]] = shares.get(c["cloud"], 0.0) + int(c["samples"]) / samples
         return RoundRecord(
             round=len(self.rounds),
             version=head.version,
@@ -85,6 +89,8 @@ class Collector:
             hash=head.hash,
             contributors=[c["cloud"] for c in contributions],
             staleness=[int(c["staleness"]) for c in contributions],
+            shares=shares,
+            assignment={k: int(v) for k, v in meta.get("assignment", {}).items()},
             applied_total=int(meta.get("applied_total", 0)),
             rejected_total=int(meta.get("rejected_total", 0)),
         )

@@ -16,11 +16,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import nats.errors
 import nats.js.errors
 
 from fedjet.broker.jetstream import close_quietly, connect
+from fedjet.broker.proxy import LinkShape, ShapingProxy
 from fedjet.broker.server import EmbeddedNatsServer
 from fedjet.broker.subjects import JobSubjects
 from fedjet.codecs.crypto import COORDINATOR, Boxes
@@ -61,6 +63,8 @@ class UpConfig:
         for cloud in (*self.slowdown, *self.links):
             if cloud not in self.options.clouds:
                 raise ConfigError(f"--slowdown/--link name {cloud!r}, which is not in --clouds")
+        for shape in self.links.values():
+            LinkShape.parse(shape)
 
 
 class RunFailed(FedjetError):
@@ -89,9 +93,11 @@ async def _run(config: UpConfig) -> Report:
         )
     workdir = Path(tempfile.mkdtemp(prefix="fedjet-up-"))
     children: list[Child] = []
+    proxies: list[ShapingProxy] = []
     try:
         keys = config.keys or _ephemeral_keys(config, workdir)
-        children = _spawn_all(config, url, data_dir, workdir, keys)
+        worker_urls = await _shape_links(config, url, proxies)
+        children = _spawn_all(config, url, worker_urls, data_dir, workdir, keys)
         report = await _observe(config, url, corpus, children, keys)
         print(_summary_line(report), flush=True)
         if config.report:
@@ -100,6 +106,8 @@ async def _run(config: UpConfig) -> Report:
         return report
     finally:
         stop_all(children)
+        for proxy in proxies:
+            await proxy.stop()
         if server is not None:
             server.stop()
         if all(c.returncode == 0 for c in children):
@@ -116,13 +124,32 @@ def _ephemeral_keys(config: UpConfig, workdir: Path) -> str:
     return str(directory)
 
 
-def _spawn_all(config: UpConfig, url: str, data_dir: Path | None, workdir: Path, keys: str) -> list[Child]:
+async def _shape_links(config: UpConfig, url: str, proxies: list[ShapingProxy]) -> dict[str, str]:
+    """Each cloud's NATS URL: direct, or through a shaping proxy for ``--link`` clouds."""
+    target = urlsplit(url)
+    urls = {}
+    for cloud in config.options.clouds:
+        if cloud not in config.links:
+            urls[cloud] = url
+            continue
+        shape = LinkShape.parse(config.links[cloud])
+        proxy = ShapingProxy(target.hostname or "127.0.0.1", target.port or 4222, shape)
+        port = await proxy.start()
+        proxies.append(proxy)
+        urls[cloud] = f"nats://127.0.0.1:{port}"
+        _say(config, f"{cloud} reaches NATS through a {config.links[cloud]} link on port {port}")
+    return urls
+
+
+def _spawn_all(
+    config: UpConfig, url: str, worker_urls: dict[str, str], data_dir: Path | None, workdir: Path, keys: str
+) -> list[Child]:
     opts = config.options
     device = ["--device", config.device] if config.device else []
     coordinator_args = ["coordinator", "--nats", url, "--keys", keys, *opts.to_args(), *device]
     children = [spawn("coordinator", coordinator_args, workdir)]
     for cloud in opts.clouds:
-        args = ["worker", "--nats", url, "--job", opts.job, "--cloud", cloud, "--keys", keys, *device]
+        args = ["worker", "--nats", worker_urls[cloud], "--job", opts.job, "--cloud", cloud, "--keys", keys, *device]
         if data_dir is not None:
             args += ["--data", str(data_dir)]
         if cloud in config.slowdown:
@@ -141,9 +168,7 @@ async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child
         js = nc.jetstream()
         spec = await _await_spec(js, subjects, children, boxes)
         tokenizer = make_tokenizer(spec.tokenizer)
-        windows = eval_windows(
-            _encode(corpus.eval, tokenizer), int(spec.train["seq_len"]), config.eval_tokens
-        )
+        windows = eval_windows(_encode(corpus.eval, tokenizer), int(spec.train["seq_len"]), config.eval_tokens)
         model = model_from_config(spec.model_config)
         from fedjet.worker.follow import GlobalFollower
 

@@ -28,9 +28,7 @@ class GlobalFollower:
     Heads that fail to parse or go backwards are counted and ignored, never raised.
     """
 
-    def __init__(
-        self, js: Any, subjects: JobSubjects, boxes: Boxes, limits: Limits, *, every: bool = False
-    ) -> None:
+    def __init__(self, js: Any, subjects: JobSubjects, boxes: Boxes, limits: Limits, *, every: bool = False) -> None:
         self._js = js
         self.boxes = boxes
         self.subjects = subjects
@@ -120,9 +118,7 @@ class GlobalFollower:
             )
             blob = assembler.add(msg.subject, msg.headers, msg.data, msg.metadata.sequence.stream) or blob
         if blob is None or len(blob.data) != head.size:
-            raise ValidationError(
-                f"global {head.version}: weights incomplete at {head.first_seq}..{head.last_seq}"
-            )
+            raise ValidationError(f"global {head.version}: weights incomplete at {head.first_seq}..{head.last_seq}")
         if digest(blob.data) != head.sha256:
             raise AuthenticationError(f"global {head.version}: weights do not match the signed digest")
         sealed_key = head.keys.get(self.boxes.me.name)

@@ -76,9 +76,7 @@ class LocalTrainer:
         self.settings = settings
         self.device = device
         self.slowdown = slowdown
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
-        )
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         load_parameters(self.model, tensors)
@@ -140,9 +138,7 @@ class LocalTrainer:
 
 
 @torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, windows: np.ndarray, device: torch.device, batch_size: int = 16
-) -> EvalResult:
+def evaluate(model: torch.nn.Module, windows: np.ndarray, device: torch.device, batch_size: int = 16) -> EvalResult:
     """Loss, perplexity and next-token accuracy over fixed evaluation windows."""
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
