@@ -13,8 +13,10 @@ from fedjet.codecs.messages import (
     Update,
     UpdateHeader,
     decode_global,
+    decode_meta,
     decode_update,
     encode_global,
+    encode_meta,
     encode_update,
 )
 from fedjet.codecs.pipeline import CodecSpec
@@ -47,11 +49,15 @@ def test_dense_update_round_trips_exactly():
         assert torch.equal(back.tensors[name], tensor)
 
 
-def test_global_round_trips_with_meta():
-    version = GlobalVersion(GlobalHeader(job="j", version=4, hash="ab", meta={"train_loss": 1.5}), tensors())
+def test_global_round_trips_and_its_record_too():
+    version = GlobalVersion(GlobalHeader(job="j", version=4, hash="ab", final=True), tensors())
     back = decode_global(encode_global(version), LIMITS)
     assert back.header == version.header
     assert all(torch.equal(back.tensors[n], t) for n, t in version.tensors.items())
+    meta = {"train_loss": 1.5, "contributions": [{"cloud": "aws", "stream_seq": 3}]}
+    assert decode_meta(encode_meta(meta)) == meta
+    with pytest.raises(SchemaError):
+        decode_meta(msgpack.packb([1]))
 
 
 def test_unknown_format_version_is_a_schema_error():

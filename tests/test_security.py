@@ -24,7 +24,9 @@ from fedjet.codecs.messages import (
     Update,
     UpdateHeader,
     decode_global,
+    decode_meta,
     encode_global,
+    encode_meta,
     encode_update,
     open_sealed_update,
 )
@@ -125,7 +127,7 @@ def test_nan_and_wrong_shape_updates_are_validation_errors(parties):
 def test_signed_encrypted_global_verifies_and_tampering_is_detected(parties):
     coord, members = parties
     version = GlobalVersion(GlobalHeader(job="j", version=3, hash="h"), dict(WEIGHTS))
-    sealed = crypto.seal_global(encode_global(version), coord, list(CLOUDS))
+    sealed = crypto.seal_global(encode_global(version), encode_meta({"round": 3}), coord, list(CLOUDS))
     head = GlobalHead(
         job="j",
         version=3,
@@ -136,11 +138,15 @@ def test_signed_encrypted_global_verifies_and_tampering_is_detected(parties):
         size=len(sealed.ciphertext),
         sha256=crypto.digest(sealed.ciphertext),
         keys=sealed.keys,
+        meta=sealed.meta,
     )
     signed = head.sign(coord.me)
     assert GlobalHead.verify(signed, coord.me.public) == head
     opened = crypto.open_global(sealed.ciphertext, head.keys["gcp"], members["gcp"])
     assert decode_global(opened, LIMITS).header.version == 3
+    key = crypto.open_version_key(head.keys["gcp"], members["gcp"])
+    assert decode_meta(crypto.open_secret(head.meta, key)) == {"round": 3}
+    assert b"round" not in signed  # the record travels encrypted
     forged = bytearray(signed)
     forged[-5] ^= 1
     with pytest.raises(AuthenticationError):

@@ -65,7 +65,7 @@ class Boxes:
     def to(self, peer: str) -> Box:
         box = self._cache.get(peer)
         if box is None:
-            identity = self.peers.get(peer)
+            identity = self.me.public if peer == self.me.name else self.peers.get(peer)
             if identity is None:
                 raise AuthenticationError(f"no public key for {peer!r:.40}")
             box = self._cache[peer] = Box(self.me.box, identity.box)
@@ -125,23 +125,36 @@ class ReplayGuard:
 
 @dataclass(frozen=True)
 class SealedGlobal:
-    ciphertext: bytes
+    ciphertext: bytes  # the weights
+    meta: bytes  # the coordinator's record of how this version was made
     keys: dict[str, bytes]  # member -> version key sealed to that member
 
 
-def seal_global(payload: bytes, boxes: Boxes, members: list[str]) -> SealedGlobal:
+def seal_global(payload: bytes, meta: bytes, boxes: Boxes, members: list[str]) -> SealedGlobal:
+    """One fresh key per version encrypts weights and record; each member gets it sealed."""
     key = nacl.utils.random(SecretBox.KEY_SIZE)
-    ciphertext = bytes(SecretBox(key).encrypt(payload))
-    return SealedGlobal(ciphertext, {m: bytes(boxes.to(m).encrypt(key)) for m in members})
+    box = SecretBox(key)
+    sealed = {m: bytes(boxes.to(m).encrypt(key)) for m in members}
+    return SealedGlobal(bytes(box.encrypt(payload)), bytes(box.encrypt(meta)), sealed)
+
+
+def open_version_key(sealed_key: bytes, boxes: Boxes) -> bytes:
+    try:
+        return boxes.to(COORDINATOR).decrypt(sealed_key)
+    except (nacl.exceptions.CryptoError, ValueError, TypeError) as e:
+        raise AuthenticationError("the version key does not open with this member's key") from e
+
+
+def open_secret(ciphertext: bytes, key: bytes) -> bytes:
+    try:
+        return SecretBox(key).decrypt(ciphertext)
+    except (nacl.exceptions.CryptoError, ValueError, TypeError) as e:
+        raise AuthenticationError("global version does not decrypt (tampered or wrong key)") from e
 
 
 def open_global(ciphertext: bytes, sealed_key: bytes, boxes: Boxes) -> bytes:
     """Decrypt a global version with this member's sealed copy of the version key."""
-    try:
-        key = boxes.to(COORDINATOR).decrypt(sealed_key)
-        return SecretBox(key).decrypt(ciphertext)
-    except (nacl.exceptions.CryptoError, ValueError, TypeError) as e:
-        raise AuthenticationError("global weights do not decrypt with this member's key") from e
+    return open_secret(ciphertext, open_version_key(sealed_key, boxes))
 
 
 def sign(body: bytes, me: Identity) -> bytes:

@@ -80,7 +80,6 @@ class GlobalHeader:
     version: int
     hash: str
     final: bool = False
-    meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> GlobalHeader:
@@ -89,7 +88,6 @@ class GlobalHeader:
             version=read(raw, "version", int),
             hash=read(raw, "hash", str),
             final=read(raw, "final", bool, default=False),
-            meta=read(raw, "meta", dict, default={}),
         )
 
 
@@ -134,6 +132,20 @@ def open_sealed_update(envelope: bytes, boxes: Boxes, subject_cloud: str, limits
     return update
 
 
+def encode_meta(meta: dict[str, Any]) -> bytes:
+    return msgpack.packb(meta, use_bin_type=True)
+
+
+def decode_meta(data: bytes) -> dict[str, Any]:
+    try:
+        meta = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=MAX_HEAD_BYTES)
+    except (msgpack.UnpackException, ValueError, TypeError, OverflowError) as e:
+        raise DecodeError(f"version record is not msgpack: {type(e).__name__}") from e
+    if not isinstance(meta, dict):
+        raise SchemaError("version record must be a map")
+    return meta
+
+
 def encode_global(version: GlobalVersion) -> bytes:
     entries = compress(version.tensors, CodecSpec.dense()).entries
     return pack_frame("global", asdict(version.header), entries)
@@ -162,6 +174,7 @@ class GlobalHead:
     size: int
     sha256: str
     keys: dict[str, bytes] = field(default_factory=dict)
+    meta: bytes = b""  # encrypted with the version key: see ``encode_meta``
 
     def sign(self, coordinator: Identity) -> bytes:
         body = msgpack.packb({"hv": 1, **asdict(self)}, use_bin_type=True)
@@ -191,4 +204,5 @@ class GlobalHead:
             size=read(raw, "size", int),
             sha256=read(raw, "sha256", str),
             keys=keys,
+            meta=read(raw, "meta", bytes, default=b""),
         )

@@ -22,7 +22,7 @@ from nats.js import api
 from fedjet.broker.blobs import H_BLOB, Blob, BlobAssembler, publish_blob
 from fedjet.broker.jetstream import close_quietly, connect, ensure_job_streams
 from fedjet.broker.subjects import JobSubjects
-from fedjet.codecs.crypto import Boxes, ReplayGuard, digest, seal_global
+from fedjet.codecs.crypto import COORDINATOR, Boxes, ReplayGuard, digest, seal_global
 from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import (
     GlobalHead,
@@ -30,6 +30,7 @@ from fedjet.codecs.messages import (
     GlobalVersion,
     Update,
     encode_global,
+    encode_meta,
     open_sealed_update,
 )
 from fedjet.coordinator.aggregate import Weights
@@ -313,9 +314,10 @@ class Coordinator:
         agg = self.aggregator
         assert agg is not None
         spec = self.config.spec
-        header = GlobalHeader(job=spec.job, version=agg.version, hash=agg.hash, final=final, meta=meta)
+        header = GlobalHeader(job=spec.job, version=agg.version, hash=agg.hash, final=final)
         payload = await asyncio.to_thread(encode_global, GlobalVersion(header, agg.weights))
-        sealed = await asyncio.to_thread(seal_global, payload, self.config.boxes, [*spec.clouds, *spec.observers])
+        members = [COORDINATOR, *spec.clouds, *spec.observers]  # the coordinator too: replay reads it
+        sealed = await asyncio.to_thread(seal_global, payload, encode_meta(meta), self.config.boxes, members)
         blob = await publish_blob(
             self._js,
             self.subjects.global_data,
@@ -333,6 +335,7 @@ class Coordinator:
             size=len(sealed.ciphertext),
             sha256=digest(sealed.ciphertext),
             keys=sealed.keys,
+            meta=sealed.meta,
         )
         await self._publish_head(head)
         log.info("global_published", version=agg.version, hash=agg.hash[:12], bytes=blob.wire_bytes, final=final)

@@ -60,7 +60,7 @@ class Collector:
                 return self.rounds
 
     async def _record(self, head: GlobalHead, version: GlobalVersion) -> RoundRecord:
-        meta = version.header.meta
+        meta = self.follower.meta(head)
         self.last_meta = meta
         published = float(meta.get("published_unix", 0.0))
         if self._t0 is None:

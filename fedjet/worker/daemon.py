@@ -177,7 +177,7 @@ class Worker:
                 self.trainer.load(version.tensors)
                 self.tracker.rebase(version.tensors)
                 base = head
-                steps = int(version.header.meta.get("assignment", {}).get(self.config.cloud, steps))
+                steps = int(self.follower.meta(head).get("assignment", {}).get(self.config.cloud, steps))
             self.stats.idle_s += time.perf_counter() - wait_from
             assert base is not None
             await self._train_and_send(base.version, steps)

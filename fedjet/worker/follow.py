@@ -12,9 +12,9 @@ from nats.js import api
 from fedjet.broker.blobs import BlobAssembler, header_bytes
 from fedjet.broker.jetstream import read_range
 from fedjet.broker.subjects import JobSubjects
-from fedjet.codecs.crypto import COORDINATOR, Boxes, digest, open_global
+from fedjet.codecs.crypto import COORDINATOR, Boxes, digest, open_global, open_secret, open_version_key
 from fedjet.codecs.frame import Limits
-from fedjet.codecs.messages import GlobalHead, GlobalVersion, decode_global
+from fedjet.codecs.messages import GlobalHead, GlobalVersion, decode_global, decode_meta
 from fedjet.codecs.tensors import weights_hash
 from fedjet.errors import AuthenticationError, FedjetError, ValidationError
 from fedjet.log import get_logger
@@ -131,3 +131,10 @@ class GlobalFollower:
 
     def _open(self, ciphertext: bytes, sealed_key: bytes) -> GlobalVersion:
         return decode_global(open_global(ciphertext, sealed_key, self.boxes), self.limits)
+
+    def meta(self, head: GlobalHead) -> dict[str, Any]:
+        """The coordinator's record of this version (who contributed, losses, bytes, counters)."""
+        sealed_key = head.keys.get(self.boxes.me.name)
+        if sealed_key is None:
+            raise AuthenticationError(f"global {head.version} is not sealed to {self.boxes.me.name!r}")
+        return decode_meta(open_secret(head.meta, open_version_key(sealed_key, self.boxes)))
