@@ -12,7 +12,7 @@ from typing import Any
 
 from fedjet.errors import ConfigError, FedjetError
 from fedjet.log import configure_logging
-from fedjet.options import add_run_options, parse_clouds, run_options_from
+from fedjet.options import add_aggregation_options, add_run_options, parse_clouds, run_options_from, strategy_from
 
 
 def parse_assignments(text: str, *, kind: str) -> dict[str, str]:
@@ -76,6 +76,36 @@ def build_parser() -> argparse.ArgumentParser:
     codec.add_argument("--json", action="store_true", help="print one JSON object")
     codec.set_defaults(func=cmd_bench_codec)
 
+    replay = commands.add_parser("replay", help="verify or re-aggregate a recorded job from JetStream")
+    source = replay.add_mutually_exclusive_group(required=True)
+    source.add_argument("--store", help="a JetStream store kept by fedjet up --store DIR")
+    source.add_argument("--nats", help="a running NATS server")
+    replay.add_argument("--job", default=None, help="job to replay (default: the only one recorded)")
+    replay.add_argument("--keys", default=None, help="coordinator keys (default: STORE/keys)")
+    replay.add_argument("--verify", action="store_true", help="re-apply and compare every version's hash")
+    replay.add_argument("--from-version", type=int, default=0)
+    replay.add_argument("--until-version", type=int, default=None)
+    replay.add_argument("--report", default=None, help="counterfactual: write the JSON report here")
+    replay.add_argument("--data", default=None, help="counterfactual: WikiText directory for evaluation")
+    replay.add_argument("--eval-tokens", type=int, default=16384)
+    replay.add_argument("--device", default=None)
+    replay.add_argument("--no-progress", action="store_true")
+    add_aggregation_options(replay, None)
+    replay.set_defaults(func=cmd_replay)
+
+    exp = bench_commands.add_parser("experiment", help="the paper's protocol: strategy x partition x codec")
+    exp.add_argument("--out", required=True, help="directory for results.json, results.md and plots")
+    exp.add_argument("--quick", action="store_true", help="5 strategies, fixed partition, top-k codec, 4 rounds")
+    exp.add_argument("--strategies", type=parse_clouds, default=None, help="e.g. fedavg,async")
+    exp.add_argument("--partitions", type=parse_clouds, default=None, help="e.g. fixed,dynamic,noniid")
+    exp.add_argument("--codecs", type=parse_clouds, default=None, help="e.g. dense,topk:0.01+int8")
+    exp.add_argument("--rounds", type=int, default=None, help="sync rounds; every cell applies 3x this")
+    exp.add_argument("--local-steps", type=int, default=None)
+    exp.add_argument("--slowdown", type=float, default=None, help="the slowed cloud computes this much slower")
+    exp.add_argument("--data", default=None)
+    exp.add_argument("--eval-tokens", type=int, default=None)
+    exp.set_defaults(func=cmd_bench_experiment)
+
     keys = commands.add_parser("keys", help="key management")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     generate = keys_commands.add_parser("generate", help="write key pairs for a job")
@@ -87,6 +117,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from fedjet.runner.replay import ReplayConfig, print_summary, run_replay
+
+    config = ReplayConfig(
+        store=args.store,
+        nats_url=args.nats,
+        job=args.job,
+        keys=args.keys,
+        verify=args.verify,
+        strategy=strategy_from(args) if args.strategy else None,
+        from_version=args.from_version,
+        until_version=args.until_version,
+        report=args.report,
+        data=args.data,
+        eval_tokens=args.eval_tokens,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    result = run_replay(config)
+    if isinstance(result, dict):
+        print_summary(result)
+        return 1 if result["mismatches"] else 0
+    if args.report:
+        print(f"report written to {args.report}")
+    return 0
+
+
 def cmd_bench_codec(args: argparse.Namespace) -> int:
     import json
 
@@ -94,6 +151,28 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
 
     result = codec.run(args.params, args.density, args.codec, args.repeats)
     print(json.dumps(codec.as_dict(result)) if args.json else codec.describe(result))
+    return 0
+
+
+def cmd_bench_experiment(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedjet.bench.experiment import ExperimentConfig, run_experiment
+
+    config = ExperimentConfig.preset(
+        args.quick,
+        Path(args.out),
+        strategies=args.strategies,
+        partitions=args.partitions,
+        codecs=args.codecs,
+        rounds=args.rounds,
+        local_steps=args.local_steps,
+        slowdown=args.slowdown,
+        data=args.data,
+        eval_tokens=args.eval_tokens,
+    )
+    results = run_experiment(config)
+    print(f"{len(results['cells'])} cells in {results['elapsed_s']:.0f}s; tables in {Path(args.out) / 'results.md'}")
     return 0
 
 
@@ -155,6 +234,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         tokenizer="bytes",
         codec=options.codec,
         strategy=strategy.name,
+        strategy_config=strategy.to_dict(),
         synchronous=strategy.synchronous,
         update_kind=strategy.update_kind,
         delta_reference=strategy.delta_reference,

@@ -111,18 +111,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=d.model, help="preset (tiny, small, medium) or local checkpoint dir")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--codec", default=d.codec, help="dense, or e.g. topk:0.01+int8")
-    g = parser.add_argument_group("aggregation")
-    g.add_argument("--strategy", choices=STRATEGIES, default=d.strategy)
-    g.add_argument("--temperature", type=float, default=d.temperature, help="dynamic: softmax(-L/T)")
-    g.add_argument("--alpha-async", type=float, default=d.alpha_async, help="async: mixing weight alpha")
-    g.add_argument("--staleness", choices=("constant", "polynomial", "hinge"), default=d.staleness)
-    g.add_argument("--staleness-a", type=float, default=d.staleness_a)
-    g.add_argument("--staleness-b", type=int, default=d.staleness_b)
-    g.add_argument("--max-staleness", type=int, default=d.max_staleness)
-    g.add_argument("--buffer-size", type=int, default=d.buffer_size, help="fedbuff: K updates per version")
-    g.add_argument("--server-opt", choices=("sgd", "nesterov", "adam"), default=d.server_opt)
-    g.add_argument("--server-lr", type=float, default=None, help="default 1.0 (0.05 for gradient)")
-    g.add_argument("--server-momentum", type=float, default=d.server_momentum)
+    add_aggregation_options(parser, d.strategy)
+    g = parser.add_argument_group("rounds")
     g.add_argument("--quorum", type=int, default=None, help="sync: clouds needed once the deadline passes")
     g.add_argument("--round-deadline", type=float, default=None, help="sync: seconds before a quorum closes")
     g.add_argument("--late", choices=("drop", "carry"), default=d.late, help="sync: late updates")
@@ -136,6 +126,29 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g.add_argument("--seq-len", type=int, default=d.seq_len)
     g.add_argument("--lr", type=float, default=d.lr, help="local AdamW learning rate")
+
+
+def add_aggregation_options(parser: argparse.ArgumentParser, strategy_default: str | None) -> None:
+    """The rule and its parameters (shared by ``up``, ``coordinator`` and ``replay --strategy``)."""
+    d = RunOptions(job="x")
+    g = parser.add_argument_group("aggregation")
+    g.add_argument("--strategy", choices=STRATEGIES, default=strategy_default)
+    g.add_argument("--temperature", type=float, default=d.temperature, help="dynamic: softmax(-L/T)")
+    g.add_argument("--alpha-async", type=float, default=d.alpha_async, help="async: mixing weight alpha")
+    g.add_argument("--staleness", choices=("constant", "polynomial", "hinge"), default=d.staleness)
+    g.add_argument("--staleness-a", type=float, default=d.staleness_a)
+    g.add_argument("--staleness-b", type=int, default=d.staleness_b)
+    g.add_argument("--max-staleness", type=int, default=d.max_staleness)
+    g.add_argument("--buffer-size", type=int, default=d.buffer_size, help="fedbuff: K updates per version")
+    g.add_argument("--server-opt", choices=("sgd", "nesterov", "adam"), default=d.server_opt)
+    g.add_argument("--server-lr", type=float, default=None, help="default 1.0 (0.05 for gradient)")
+    g.add_argument("--server-momentum", type=float, default=d.server_momentum)
+
+
+def strategy_from(ns: argparse.Namespace) -> StrategyConfig:
+    """A StrategyConfig from parsed aggregation flags (``--strategy`` must be set)."""
+    values = {f.name: getattr(ns, f.name) for f in fields(RunOptions) if hasattr(ns, f.name)}
+    return RunOptions(job="x", **{k: v for k, v in values.items() if k != "job"}).strategy_config()
 
 
 def run_options_from(ns: argparse.Namespace) -> RunOptions:

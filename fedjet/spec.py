@@ -28,6 +28,7 @@ class JobSpec:
     tokenizer: str = "bytes"
     codec: str = "dense"
     strategy: str = "fedavg"
+    strategy_config: dict[str, Any] = field(default_factory=dict)  # StrategyConfig.to_dict()
     synchronous: bool = True
     update_kind: str = "delta"
     delta_reference: str = "base"

@@ -62,13 +62,16 @@ class Boxes:
     peers: dict[str, PublicIdentity]
     _cache: dict[str, Box] = field(default_factory=dict)
 
+    def public_of(self, name: str) -> PublicIdentity:
+        identity = self.me.public if name == self.me.name else self.peers.get(name)
+        if identity is None:
+            raise AuthenticationError(f"no public key for {name!r:.40}")
+        return identity
+
     def to(self, peer: str) -> Box:
         box = self._cache.get(peer)
         if box is None:
-            identity = self.me.public if peer == self.me.name else self.peers.get(peer)
-            if identity is None:
-                raise AuthenticationError(f"no public key for {peer!r:.40}")
-            box = self._cache[peer] = Box(self.me.box, identity.box)
+            box = self._cache[peer] = Box(self.me.box, self.public_of(peer).box)
         return box
 
 

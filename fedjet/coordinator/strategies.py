@@ -8,7 +8,7 @@ coordinator and ``fedjet replay`` drive the very same object with the same batch
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -78,10 +78,22 @@ class Applied:
 class Aggregator:
     """Global weights + version + server optimizer; ``apply(batch)`` makes the next version."""
 
-    def __init__(self, config: StrategyConfig, weights: Weights, version: int = 0) -> None:
+    def __init__(
+        self,
+        config: StrategyConfig,
+        weights: Weights,
+        version: int = 0,
+        *,
+        bases: Callable[[int], Weights] | None = None,
+        bases_from_record: bool = False,
+    ) -> None:
+        """``bases`` supplies base versions this aggregator never held (replay); with
+        ``bases_from_record`` every base comes from it (counterfactuals number versions anew)."""
         self.config = config
         self.weights = weights
         self.version = version
+        self.bases = bases
+        self.bases_from_record = bases_from_record
         self.optimizer = ServerOptimizer(config.server)
         self._history: OrderedDict[int, Weights] = OrderedDict([(version, weights)])
         self.hash = weights_hash(weights)
@@ -96,7 +108,7 @@ class Aggregator:
         tau = self.staleness_of(base_version)
         if tau > self.config.max_staleness:
             raise StaleUpdateError(f"staleness {tau} > --max-staleness {self.config.max_staleness}")
-        if self.config.name == "async" and base_version not in self._history:
+        if self.config.name == "async" and base_version not in self._history and self.bases is None:
             raise StaleUpdateError(f"base version {base_version} is no longer held")
         return tau
 
@@ -116,7 +128,7 @@ class Aggregator:
         s = [cfg.staleness(a.staleness) for a in batch]
         if cfg.name == "async":
             (only,) = batch
-            base = self._history[only.contribution.base_version]
+            base = self.base_weights(only.contribution.base_version)
             return agg.async_mix(self.weights, base, only.contribution, cfg.alpha, s[0])
         if cfg.name == "fedbuff":
             return agg.fedbuff(self.weights, parts, s)
@@ -125,6 +137,18 @@ class Aggregator:
         if cfg.name == "dynamic":
             return agg.dynamic(self.weights, parts, cfg.temperature, s)
         return agg.fedavg(self.weights, parts, s)
+
+    def base_weights(self, version: int) -> Weights:
+        if version in self._history and not self.bases_from_record:
+            return self._history[version]
+        if self.bases is None:
+            raise StaleUpdateError(f"base version {version} is no longer held")
+        return self.bases(version)
+
+    def resync(self, weights: Weights, version: int) -> None:
+        """Continue from known weights (replay after a mismatch; the optimizer state is kept)."""
+        self.weights, self.version, self.hash = weights, version, weights_hash(weights)
+        self._remember()
 
     def _remember(self) -> None:
         if self.config.name != "async":

@@ -7,14 +7,11 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-import torch
-
 from fedjet.codecs.messages import GlobalHead, GlobalVersion
 from fedjet.report import RoundRecord, round_line
+from fedjet.runner.evaluate import Evaluator
 from fedjet.worker.follow import GlobalFollower
-from fedjet.worker.model import load_parameters
-from fedjet.worker.train import EvalResult, evaluate
+from fedjet.worker.train import EvalResult
 
 
 class Collector:
@@ -23,18 +20,14 @@ class Collector:
     def __init__(
         self,
         follower: GlobalFollower,
-        model: torch.nn.Module,
-        windows: np.ndarray,
-        device: torch.device,
+        evaluator: Evaluator,
         *,
         clouds: int,
         eval_every: int = 1,
         on_round: Callable[[RoundRecord], None] | None = None,
     ) -> None:
         self.follower = follower
-        self.model = model.to(device)
-        self.windows = windows
-        self.device = device
+        self.evaluator = evaluator
         self.clouds = clouds
         self.eval_every = max(1, eval_every)
         self.on_round = on_round
@@ -69,7 +62,7 @@ class Collector:
         wall, round_s, self._prev_t = published - self._t0, published - self._prev_t, published
         result: EvalResult | None = None
         if head.version == 0 or head.final or head.version % self.eval_every == 0:
-            result = await asyncio.to_thread(self._evaluate, version.tensors)
+            result = await asyncio.to_thread(self.evaluator.evaluate, version.tensors)
         contributions = meta.get("contributions", [])
         samples = sum(int(c["samples"]) for c in contributions) or 1
         shares: dict[str, float] = {}
@@ -94,10 +87,6 @@ class Collector:
             applied_total=int(meta.get("applied_total", 0)),
             rejected_total=int(meta.get("rejected_total", 0)),
         )
-
-    def _evaluate(self, tensors: dict[str, torch.Tensor]) -> EvalResult:
-        load_parameters(self.model, tensors)
-        return evaluate(self.model, self.windows, self.device)
 
 
 def print_round(record: RoundRecord) -> None:

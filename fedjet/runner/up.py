@@ -27,8 +27,6 @@ from fedjet.broker.server import EmbeddedNatsServer
 from fedjet.broker.subjects import JobSubjects
 from fedjet.codecs.crypto import COORDINATOR, Boxes
 from fedjet.codecs.frame import Limits
-from fedjet.data.batches import eval_windows
-from fedjet.data.shards import make_tokenizer
 from fedjet.data.wikitext import load_corpus, resolve_data_dir
 from fedjet.errors import BrokerError, ConfigError, FedjetError
 from fedjet.keystore import generate, member_boxes
@@ -36,9 +34,11 @@ from fedjet.log import get_logger
 from fedjet.options import RunOptions
 from fedjet.report import Report, summarize
 from fedjet.runner.collect import Collector, print_round
+from fedjet.runner.evaluate import Evaluator
 from fedjet.runner.processes import Child, spawn, stop_all
 from fedjet.spec import JobSpec, verify_spec
-from fedjet.worker.model import model_from_config, pick_device, quiet_transformers
+from fedjet.worker.follow import GlobalFollower
+from fedjet.worker.model import quiet_transformers
 
 log = get_logger("fedjet.up")
 
@@ -95,7 +95,7 @@ async def _run(config: UpConfig) -> Report:
     children: list[Child] = []
     proxies: list[ShapingProxy] = []
     try:
-        keys = config.keys or _ephemeral_keys(config, workdir)
+        keys = config.keys or _run_keys(config, workdir)
         worker_urls = await _shape_links(config, url, proxies)
         children = _spawn_all(config, url, worker_urls, data_dir, workdir, keys)
         report = await _observe(config, url, corpus, children, keys)
@@ -117,10 +117,12 @@ async def _run(config: UpConfig) -> Report:
             _say(config, f"exit codes {codes}; logs kept in {workdir}")
 
 
-def _ephemeral_keys(config: UpConfig, workdir: Path) -> str:
-    """Fresh keys for this run only; they vanish with the run's temporary directory."""
-    directory = workdir / "keys"
-    generate(directory, [*config.options.clouds, *config.options.observers])
+def _run_keys(config: UpConfig, workdir: Path) -> str:
+    """Fresh keys for this run. With ``--store DIR`` they are kept in ``DIR/keys`` (replay needs
+    the coordinator's key); otherwise they vanish with the run's temporary directory."""
+    directory = Path(config.store) / "keys" if config.store else workdir / "keys"
+    if not (directory / "coordinator.key").exists():
+        generate(directory, [*config.options.clouds, *config.options.observers])
     return str(directory)
 
 
@@ -167,18 +169,12 @@ async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child
     try:
         js = nc.jetstream()
         spec = await _await_spec(js, subjects, children, boxes)
-        tokenizer = make_tokenizer(spec.tokenizer)
-        windows = eval_windows(_encode(corpus.eval, tokenizer), int(spec.train["seq_len"]), config.eval_tokens)
-        model = model_from_config(spec.model_config)
-        from fedjet.worker.follow import GlobalFollower
-
+        evaluator = await asyncio.to_thread(Evaluator.from_corpus, spec, corpus, config.eval_tokens, config.device)
         follower = GlobalFollower(js, subjects, boxes, Limits(), every=True)
         await follower.start()
         collector = Collector(
             follower,
-            model,
-            windows,
-            pick_device(config.device),
+            evaluator,
             clouds=len(opts.clouds),
             eval_every=config.eval_every,
             on_round=None if config.quiet else print_round,
@@ -197,12 +193,6 @@ async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child
     return report
 
 
-def _encode(articles: Any, tokenizer: Any) -> Any:
-    from fedjet.data.batches import encode_articles
-
-    return encode_articles(articles, tokenizer)
-
-
 async def _await_spec(
     js: Any, subjects: JobSubjects, children: list[Child], boxes: Boxes, timeout: float = 180.0
 ) -> JobSpec:
@@ -211,7 +201,7 @@ async def _await_spec(
         _check_children(children)
         try:
             kv = await js.key_value(subjects.kv_bucket)
-            return verify_spec((await kv.get("spec")).value, boxes.peers[COORDINATOR])
+            return verify_spec((await kv.get("spec")).value, boxes.public_of(COORDINATOR))
         except nats.js.errors.NotFoundError:
             await asyncio.sleep(0.2)
     raise RunFailed(f"the coordinator published no job spec within {timeout}s")

@@ -119,7 +119,7 @@ class Worker:
             try:
                 kv = await self._js.key_value(self.subjects.kv_bucket)
                 entry = await kv.get("spec")
-                spec = verify_spec(entry.value, self.boxes.peers[COORDINATOR])
+                spec = verify_spec(entry.value, self.boxes.public_of(COORDINATOR))
                 spec.cloud_index(self.config.cloud)
                 return spec
             except nats.js.errors.NotFoundError:  # bucket or key not there yet

@@ -78,7 +78,7 @@ class GlobalFollower:
         self._changed.set()
 
     def parse_head(self, data: bytes) -> GlobalHead:
-        head = GlobalHead.verify(data, self.boxes.peers[COORDINATOR])
+        head = GlobalHead.verify(data, self.boxes.public_of(COORDINATOR))
         if head.job != self.subjects.job:
             raise ValidationError(f"head for job {head.job!r:.40}")
         return head
