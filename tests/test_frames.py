@@ -20,7 +20,7 @@ from fedjet.codecs.messages import (
     encode_update,
 )
 from fedjet.codecs.pipeline import CodecSpec
-from fedjet.errors import CodecError, DecodeError, LimitError, SchemaError
+from fedjet.errors import CodecError, DecodeError, LimitError, SchemaError, ValidationError
 
 LIMITS = Limits()
 
@@ -114,3 +114,25 @@ def test_header_fields_are_type_checked():
 def test_unknown_header_keys_are_ignored_for_forward_compatibility():
     raw = vars(header()) | {"from_the_future": [1, 2]}
     assert decode_update(pack_frame("update", raw, []), LIMITS).header == header()
+
+
+def test_global_delta_carries_only_changed_values_and_rebuilds_exactly():
+    from fedjet.codecs.messages import delta_entries
+    from fedjet.codecs.tensors import weights_hash
+
+    gen = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(200, 50, generator=gen), "b": torch.zeros(50)}
+    new = {n: t.clone() for n, t in base.items()}
+    new["w"].view(-1)[torch.randperm(10_000, generator=gen)[:150]] += 0.25
+    new["b"][3] = -0.0  # same value as 0.0, different bits: must still count as a change
+    header = GlobalHeader(job="j", version=5, hash=weights_hash(new))
+    delta = encode_global(GlobalVersion(header, new), base, base_version=4)
+    full = encode_global(GlobalVersion(header, new))
+    assert len(delta) * 10 < len(full)
+    back = decode_global(delta, LIMITS, base)
+    assert back.header.delta_from == 4 and weights_hash(back.tensors) == header.hash
+    with pytest.raises(ValidationError, match="not held"):
+        decode_global(delta, LIMITS, None)
+    everything = {n: t + 1 for n, t in base.items()}
+    assert delta_entries(everything, base) is None  # not smaller: send the full version
+    assert decode_global(full, LIMITS).header.delta_from == -1

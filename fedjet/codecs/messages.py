@@ -7,15 +7,18 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import msgpack
+import numpy as np
 import torch
 
 from fedjet.codecs import crypto
 from fedjet.codecs.crypto import Boxes, Identity, PublicIdentity
 from fedjet.codecs.frame import Limits, pack_frame, unpack_frame
 from fedjet.codecs.frame import field as read
+from fedjet.codecs.indices import encode_indices
 from fedjet.codecs.pipeline import CodecSpec, compress, decode_tensors
-from fedjet.codecs.sparse import TensorLike
-from fedjet.errors import AuthenticationError, DecodeError, LimitError, SchemaError
+from fedjet.codecs.sparse import SparseTensor, TensorLike, shape_of
+from fedjet.codecs.tensors import as_numpy, dtype_name
+from fedjet.errors import AuthenticationError, DecodeError, LimitError, SchemaError, ValidationError
 
 UPDATE_KINDS = ("delta", "gradient")
 MAX_HEAD_BYTES = 1 << 20
@@ -80,6 +83,7 @@ class GlobalHeader:
     version: int
     hash: str
     final: bool = False
+    delta_from: int = -1  # >= 0: only changed values, to apply on top of that version
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> GlobalHeader:
@@ -88,6 +92,7 @@ class GlobalHeader:
             version=read(raw, "version", int),
             hash=read(raw, "hash", str),
             final=read(raw, "final", bool, default=False),
+            delta_from=read(raw, "delta_from", int, default=-1),
         )
 
 
@@ -146,18 +151,68 @@ def decode_meta(data: bytes) -> dict[str, Any]:
     return meta
 
 
-def encode_global(version: GlobalVersion) -> bytes:
-    entries = compress(version.tensors, CodecSpec.dense()).entries
-    return pack_frame("global", asdict(version.header), entries)
+def encode_global(version: GlobalVersion, base: dict[str, torch.Tensor] | None = None, base_version: int = -1) -> bytes:
+    """Dense float32 weights, or, when ``base`` is given and it is less than half the size, only
+    the values that changed since ``base`` (sent as the new values, so rebuilding is exact)."""
+    if base is not None:
+        entries = delta_entries(version.tensors, base)
+        if entries is not None:
+            header = replace(version.header, delta_from=base_version)
+            return pack_frame("global", asdict(header), entries)
+    header = replace(version.header, delta_from=-1)
+    return pack_frame("global", asdict(header), compress(version.tensors, CodecSpec.dense()).entries)
 
 
-def decode_global(data: bytes, limits: Limits) -> GlobalVersion:
+def delta_entries(new: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> list[dict[str, Any]] | None:
+    """Sparse entries holding the new value of every element whose bits changed, or None when
+    that is not at least twice as small as sending everything."""
+    if set(new) != set(base):
+        return None
+    entries, size, dense = [], 0, 0
+    for name in sorted(new):
+        after, before = as_numpy(new[name]), as_numpy(base[name])
+        if after.shape != before.shape or after.dtype != before.dtype:
+            return None
+        changed = np.flatnonzero(after.view(np.uint32) != before.view(np.uint32))  # bits, not values
+        kind, payload = encode_indices(changed, after.size)
+        values = after[changed].tobytes()
+        size += len(payload) + len(values)
+        dense += after.nbytes
+        entry = {"n": name, "s": list(new[name].shape), "d": dtype_name(new[name]), "k": int(changed.size)}
+        entries.append(entry | {"e": "sparse", "q": "raw", "ix": kind, "i": payload, "v": values})
+    return entries if size * 2 <= dense else None
+
+
+def peek_global_header(data: bytes, limits: Limits) -> GlobalHeader:
+    raw_header, _ = unpack_frame(data, limits, "global")
+    return GlobalHeader.from_wire(raw_header)
+
+
+def decode_global(data: bytes, limits: Limits, base: dict[str, torch.Tensor] | None = None) -> GlobalVersion:
+    """Full weights from a dense frame, or ``base`` with a delta frame's changes applied."""
     raw_header, entries = unpack_frame(data, limits, "global")
+    header = GlobalHeader.from_wire(raw_header)
     tensors = decode_tensors(entries, limits)
-    dense = {n: t for n, t in tensors.items() if isinstance(t, torch.Tensor)}
-    if len(dense) != len(tensors):
-        raise SchemaError("global versions carry dense weights only")
-    return GlobalVersion(GlobalHeader.from_wire(raw_header), dense)
+    if header.delta_from < 0:
+        dense = {n: t for n, t in tensors.items() if isinstance(t, torch.Tensor)}
+        if len(dense) != len(tensors):
+            raise SchemaError("a full global version carries dense weights only")
+        return GlobalVersion(header, dense)
+    if base is None:
+        raise ValidationError(f"global {header.version} is a delta on {header.delta_from}, which is not held")
+    if set(tensors) != set(base):
+        raise ValidationError(f"global {header.version}: delta names do not match version {header.delta_from}")
+    out = {}
+    for name, change in tensors.items():
+        if shape_of(change) != tuple(base[name].shape):
+            raise ValidationError(f"global {header.version}: {name} shape differs from its base")
+        rebuilt = base[name].to(torch.float32).clone()
+        if isinstance(change, SparseTensor):
+            rebuilt.view(-1)[change.indices] = change.values
+        else:
+            rebuilt.copy_(change)
+        out[name] = rebuilt
+    return GlobalVersion(header, out)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,6 +230,8 @@ class GlobalHead:
     sha256: str
     keys: dict[str, bytes] = field(default_factory=dict)
     meta: bytes = b""  # encrypted with the version key: see ``encode_meta``
+    delta_from: int = -1  # the weights are a lossless delta on top of this version
+    prev_head_seq: int = 0  # stream sequence of the previous version's head (walk back to a snapshot)
 
     def sign(self, coordinator: Identity) -> bytes:
         body = msgpack.packb({"hv": 1, **asdict(self)}, use_bin_type=True)
@@ -205,4 +262,6 @@ class GlobalHead:
             sha256=read(raw, "sha256", str),
             keys=keys,
             meta=read(raw, "meta", bytes, default=b""),
+            delta_from=read(raw, "delta_from", int, default=-1),
+            prev_head_seq=read(raw, "prev_head_seq", int, default=0),
         )

@@ -32,6 +32,7 @@ from fedjet.codecs.messages import (
     encode_global,
     encode_meta,
     open_sealed_update,
+    peek_global_header,
 )
 from fedjet.coordinator.aggregate import Weights
 from fedjet.coordinator.rounds import Batcher, RoundPolicy
@@ -57,6 +58,7 @@ class CoordinatorConfig:
     limits: Limits = field(default_factory=Limits)
     idle_timeout_s: float = 600.0
     rebalance_every: int = 1
+    snapshot_every: int = 8  # full weights every N versions; lossless deltas in between
 
     def __post_init__(self) -> None:
         if self.rounds is None and self.max_updates is None:
@@ -112,6 +114,8 @@ class Coordinator:
         self._throughput: dict[str, float] = {}
         self._assignment: dict[str, int] = {}
         self._held: dict[str, list[Any]] = {}
+        self._published: Weights | None = None
+        self._last_head_seq = 0
         self._nc: Any = None
         self._sub: Any = None
         self._js: Any = None
@@ -315,7 +319,11 @@ class Coordinator:
         assert agg is not None
         spec = self.config.spec
         header = GlobalHeader(job=spec.job, version=agg.version, hash=agg.hash, final=final)
-        payload = await asyncio.to_thread(encode_global, GlobalVersion(header, agg.weights))
+        base = self._delta_base(agg.version)
+        payload = await asyncio.to_thread(
+            encode_global, GlobalVersion(header, agg.weights), base, agg.version - 1 if base is not None else -1
+        )
+        self._published = agg.weights
         members = [COORDINATOR, *spec.clouds, *spec.observers]  # the coordinator too: replay reads it
         sealed = await asyncio.to_thread(seal_global, payload, encode_meta(meta), self.config.boxes, members)
         blob = await publish_blob(
@@ -336,14 +344,23 @@ class Coordinator:
             sha256=digest(sealed.ciphertext),
             keys=sealed.keys,
             meta=sealed.meta,
+            delta_from=peek_global_header(payload, self.config.limits).delta_from,
+            prev_head_seq=self._last_head_seq,
         )
         await self._publish_head(head)
         log.info("global_published", version=agg.version, hash=agg.hash[:12], bytes=blob.wire_bytes, final=final)
         return head
 
+    def _delta_base(self, version: int) -> Weights | None:
+        """The previous version's weights, unless a full snapshot is due (bounds the chain a
+        late joiner walks back)."""
+        if self._published is None or version % self.config.snapshot_every == 0:
+            return None
+        return self._published
+
     async def _publish_head(self, head: GlobalHead) -> None:
         try:
-            await self._js.publish(
+            ack = await self._js.publish(
                 self.subjects.global_head,
                 head.sign(self.config.boxes.me),
                 headers={"Nats-Msg-Id": f"{head.job}/h/{head.version}/{int(head.final)}"},
@@ -351,6 +368,7 @@ class Coordinator:
         except (nats.errors.Error, nats.js.errors.Error) as e:
             raise BrokerError(f"publishing global head {head.version} failed: {e}") from e
         self.last_head = head
+        self._last_head_seq = ack.seq
 
     async def _publish_final_marker(self) -> None:
         """Stopped early: re-announce the current version as final so workers exit."""

@@ -7,6 +7,7 @@ import contextlib
 from typing import Any
 
 import nats.errors
+import torch
 from nats.js import api
 
 from fedjet.broker.blobs import BlobAssembler, header_bytes
@@ -14,7 +15,7 @@ from fedjet.broker.jetstream import read_range
 from fedjet.broker.subjects import JobSubjects
 from fedjet.codecs.crypto import COORDINATOR, Boxes, digest, open_global, open_secret, open_version_key
 from fedjet.codecs.frame import Limits
-from fedjet.codecs.messages import GlobalHead, GlobalVersion, decode_global, decode_meta
+from fedjet.codecs.messages import GlobalHead, GlobalVersion, decode_global, decode_meta, peek_global_header
 from fedjet.codecs.tensors import weights_hash
 from fedjet.errors import AuthenticationError, FedjetError, ValidationError
 from fedjet.log import get_logger
@@ -42,6 +43,7 @@ class GlobalFollower:
         self._queue: asyncio.Queue[GlobalHead] = asyncio.Queue()
         self._changed = asyncio.Event()
         self._sub: Any = None
+        self._held: tuple[int, dict[str, torch.Tensor]] | None = None  # the last version fetched
 
     async def start(self) -> None:
         policy = api.DeliverPolicy.ALL if self.every else api.DeliverPolicy.LAST
@@ -104,7 +106,35 @@ class GlobalFollower:
         return await self._queue.get()
 
     async def fetch(self, head: GlobalHead) -> GlobalVersion:
-        """Read, check and decode the weights a head points to."""
+        """Read, check and decode the weights a head points to.
+
+        A delta version is applied on top of its base: the version fetched last when that is
+        the base, else the base fetched first (walking back along ``prev_head_seq`` to the
+        last full snapshot). The result is checked against the signed hash either way.
+        """
+        plaintext = await self._read_plaintext(head)
+        header = peek_global_header(plaintext, self.limits)
+        base = None
+        if header.delta_from >= 0:
+            base = await self._base(head, header.delta_from)
+        version = await asyncio.to_thread(decode_global, plaintext, self.limits, base)
+        if version.header.version != head.version or weights_hash(version.tensors) != head.hash:
+            raise AuthenticationError(f"global {head.version}: decoded weights do not match the head")
+        self._held = (head.version, version.tensors)
+        return version
+
+    async def _base(self, head: GlobalHead, base_version: int) -> dict[str, torch.Tensor]:
+        if self._held is not None and self._held[0] == base_version:
+            return self._held[1]
+        if head.delta_from != base_version or head.prev_head_seq <= 0:
+            raise ValidationError(f"global {head.version}: no way back to its base {base_version}")
+        msg = await self._js.get_msg(self.subjects.global_stream, head.prev_head_seq, direct=True)
+        previous = self.parse_head(msg.data)
+        if previous.version != base_version:
+            raise AuthenticationError(f"global {head.version}: head chain points at {previous.version}")
+        return (await self.fetch(previous)).tensors
+
+    async def _read_plaintext(self, head: GlobalHead) -> bytes:
         assembler = BlobAssembler(
             max_blob_bytes=self.limits.max_frame_bytes, max_pending_bytes=self.limits.max_frame_bytes
         )
@@ -112,10 +142,9 @@ class GlobalFollower:
         async for msg in read_range(
             self._js, self.subjects.global_stream, self.subjects.global_data, head.first_seq, head.last_seq
         ):
-            self.bytes_down += len(msg.data) + header_bytes(msg.headers)
-            self.wire_bytes[head.version] = (
-                self.wire_bytes.get(head.version, 0) + len(msg.data) + header_bytes(msg.headers)
-            )
+            size = len(msg.data) + header_bytes(msg.headers)
+            self.bytes_down += size
+            self.wire_bytes[head.version] = self.wire_bytes.get(head.version, 0) + size
             blob = assembler.add(msg.subject, msg.headers, msg.data, msg.metadata.sequence.stream) or blob
         if blob is None or len(blob.data) != head.size:
             raise ValidationError(f"global {head.version}: weights incomplete at {head.first_seq}..{head.last_seq}")
@@ -124,13 +153,7 @@ class GlobalFollower:
         sealed_key = head.keys.get(self.boxes.me.name)
         if sealed_key is None:
             raise AuthenticationError(f"global {head.version} is not sealed to {self.boxes.me.name!r}")
-        version = await asyncio.to_thread(self._open, blob.data, sealed_key)
-        if version.header.version != head.version or weights_hash(version.tensors) != head.hash:
-            raise AuthenticationError(f"global {head.version}: decoded weights do not match the head")
-        return version
-
-    def _open(self, ciphertext: bytes, sealed_key: bytes) -> GlobalVersion:
-        return decode_global(open_global(ciphertext, sealed_key, self.boxes), self.limits)
+        return await asyncio.to_thread(open_global, blob.data, sealed_key, self.boxes)
 
     def meta(self, head: GlobalHead) -> dict[str, Any]:
         """The coordinator's record of this version (who contributed, losses, bytes, counters)."""
