@@ -35,13 +35,15 @@ from fedjet.codecs.messages import (
     peek_global_header,
 )
 from fedjet.coordinator.aggregate import Weights
+from fedjet.coordinator.checkpoint import Checkpoint, Progress, last_checkpoint
 from fedjet.coordinator.rounds import Batcher, RoundPolicy
 from fedjet.coordinator.strategies import Aggregator, Applied, StrategyConfig
 from fedjet.coordinator.validate import to_contribution
 from fedjet.data.partition import split_steps
 from fedjet.errors import BlobError, BrokerError, ConfigError, FedjetError
+from fedjet.follow import GlobalFollower
 from fedjet.log import get_logger
-from fedjet.spec import JobSpec, sign_spec
+from fedjet.spec import JobSpec, sign_spec, verify_spec
 
 log = get_logger("fedjet.coordinator")
 
@@ -115,6 +117,7 @@ class Coordinator:
         self._assignment: dict[str, int] = {}
         self._held: dict[str, list[Any]] = {}
         self._published: Weights | None = None
+        self.progress = Progress()
         self._last_head_seq = 0
         self._nc: Any = None
         self._sub: Any = None
@@ -129,33 +132,58 @@ class Coordinator:
         self._nc = await connect(self.config.nats_url, f"fedjet-coordinator-{self.config.spec.job}")
         try:
             self._js = self._nc.jetstream()
-            await self._prepare()
-            self.aggregator = Aggregator(self.config.strategy, initial)
-            await self._publish(self._meta([]), final=False)
+            checkpoint = await self._prepare()
+            if checkpoint is None:
+                self.aggregator = Aggregator(self.config.strategy, initial)
+                await self._publish(self._meta([]), final=False)
+            else:
+                self._restore(checkpoint)
             await self._consume()
         finally:
             await self._close()
         return self.counters
 
-    async def _prepare(self) -> None:
+    async def _prepare(self) -> Checkpoint | None:
+        """Streams and spec; the last checkpoint when this job ran before (a restart)."""
         await ensure_job_streams(self._js, self.subjects)
-        info = await self._js.stream_info(self.subjects.global_stream, subjects_filter=self.subjects.global_head)
-        if info.state.messages:
-            raise ConfigError(
-                f"job {self.config.spec.job!r} already has global versions in this JetStream; "
-                "start a new --job (the old one stays available to fedjet replay)"
-            )
-        kv = await self._js.key_value(self.subjects.kv_bucket)
-        await kv.put("spec", sign_spec(self.config.spec, self.config.boxes.me))
         self._assignment = {c: int(self.config.spec.train["local_steps"]) for c in self.config.spec.clouds}
+        kv = await self._js.key_value(self.subjects.kv_bucket)
+        follower = GlobalFollower(self._js, self.subjects, self.config.boxes, self.config.limits)
+        keep = self.config.strategy.max_staleness + 1 if self.config.strategy.name == "async" else 1
+        checkpoint = await last_checkpoint(self._js, self.subjects, follower, keep)
+        if checkpoint is not None:
+            recorded = verify_spec((await kv.get("spec")).value, self.config.boxes.me.public)
+            if recorded.to_bytes() != self.config.spec.to_bytes():
+                raise ConfigError(f"job {self.config.spec.job!r} was started with other settings; use a new --job")
+            return checkpoint
+        await kv.put("spec", sign_spec(self.config.spec, self.config.boxes.me))
+        return None
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        self.aggregator = Aggregator(self.config.strategy, checkpoint.weights, checkpoint.head.version)
+        self.aggregator.preload(checkpoint.history)
+        self.progress = checkpoint.progress
+        self.counters.applied = self.progress.applied_total
+        self.counters.rejected = dict(self.progress.rejected)
+        self._replay = ReplayGuard(dict(self.progress.guard))
+        self._assignment = {k: int(v) for k, v in checkpoint.meta.get("assignment", self._assignment).items()}
+        self._published = checkpoint.weights
+        self._last_head_seq = checkpoint.head_seq
+        self.last_head = checkpoint.head
+        log.info("coordinator_resumed", version=checkpoint.head.version, resume_from=self.progress.resume_from)
 
     async def _consume(self) -> None:
+        # A fresh durable from where the record says work is undecided: messages a killed
+        # coordinator held unacked come again now, not after the ack wait.
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self._js.delete_consumer(self.subjects.update_stream, self.subjects.coordinator_durable)
         config = api.ConsumerConfig(
             durable_name=self.subjects.coordinator_durable,
             ack_policy=api.AckPolicy.EXPLICIT,
             ack_wait=3600.0,
             max_ack_pending=100_000,
-            deliver_policy=api.DeliverPolicy.ALL,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self.progress.resume_from,
             filter_subject=self.subjects.updates,
         )
         self._sub = sub = await self._js.pull_subscribe(
@@ -202,6 +230,10 @@ class Coordinator:
             self._held.setdefault(blob_id, []).append(msg)
             return
         msgs = [*self._held.pop(blob.blob_id, []), msg]
+        if blob.last_seq <= self.progress.applied_through:  # decided before a restart
+            for m in msgs:
+                await _ack(m)
+            return
         try:
             received = await self._admit(blob, cloud, msgs)
             self._batcher.offer(cloud, received.applied.staleness, received)
@@ -261,6 +293,12 @@ class Coordinator:
         received = [r for _, r in batch]
         await asyncio.to_thread(agg.apply, [r.applied for r in received])
         self.counters.applied += len(received)
+        for r in received:
+            h = r.update.header
+            self.progress.guard[f"{h.cloud}/{h.worker}"] = max(
+                h.seq, self.progress.guard.get(f"{h.cloud}/{h.worker}", 0)
+            )
+            self.progress.applied_through = max(self.progress.applied_through, r.stream_seq)
         if self.config.spec.partition == "dynamic" and agg.version % self.config.rebalance_every == 0:
             self._rebalance()
         await self._publish(self._meta(received), final=self._done())
@@ -304,15 +342,23 @@ class Coordinator:
                 sum(r.update.header.loss * r.update.header.samples for r in received) / samples if samples else None
             ),
             "bytes_up": sum(r.wire_bytes for r in received),
-            "applied_total": self.counters.applied,
             "rejected_total": sum(self.counters.rejected.values()),
-            "rejected": dict(self.counters.rejected),
             "dropped": self.counters.dropped,
+            **self._progress_meta(),
             "assignment": dict(self._assignment),
             "published_unix": time.time(),
         }
         self.counters.dropped = []
         return meta
+
+    def _progress_meta(self) -> dict[str, Any]:
+        """Progress as of this version: what a restarted coordinator needs to carry on."""
+        waiting = [s for r in self._batcher.pending_items() for s in _seqs(r.msgs)]
+        waiting += self._assembler.pending_seqs
+        self.progress.applied_total = self.counters.applied
+        self.progress.rejected = dict(self.counters.rejected)
+        self.progress.resume_from = min([*waiting, self.progress.applied_through + 1])
+        return self.progress.to_meta()
 
     async def _publish(self, meta: dict[str, Any], *, final: bool) -> GlobalHead:
         agg = self.aggregator
@@ -382,6 +428,10 @@ class Coordinator:
             with contextlib.suppress(nats.errors.Error, OSError):
                 await self._sub.unsubscribe()
         await close_quietly(self._nc)
+
+
+def _seqs(msgs: list[Any]) -> list[int]:
+    return [m.metadata.sequence.stream for m in msgs]
 
 
 async def _ack(msg: Any) -> None:

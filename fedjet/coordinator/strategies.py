@@ -145,6 +145,13 @@ class Aggregator:
             raise StaleUpdateError(f"base version {version} is no longer held")
         return self.bases(version)
 
+    def preload(self, versions: dict[int, Weights]) -> None:
+        """Recent versions a restarted coordinator read back (formula 4 needs stale bases)."""
+        if self.config.name == "async":
+            merged = {**versions, self.version: self.weights}
+            self._history = OrderedDict((v, merged[v]) for v in sorted(merged))
+            self._remember()
+
     def resync(self, weights: Weights, version: int) -> None:
         """Continue from known weights (replay after a mismatch; the optimizer state is kept)."""
         self.weights, self.version, self.hash = weights, version, weights_hash(weights)

@@ -8,9 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 from fedjet.codecs.messages import GlobalHead, GlobalVersion
+from fedjet.follow import GlobalFollower
 from fedjet.report import RoundRecord, round_line
 from fedjet.runner.evaluate import Evaluator
-from fedjet.worker.follow import GlobalFollower
 from fedjet.worker.train import EvalResult
 
 

@@ -30,10 +30,10 @@ from fedjet.coordinator.replay import RecordedVersion, VerifyResult, counterfact
 from fedjet.coordinator.strategies import StrategyConfig
 from fedjet.coordinator.validate import to_contribution
 from fedjet.errors import BlobError, ConfigError, FedjetError, ValidationError
+from fedjet.follow import GlobalFollower
 from fedjet.keystore import load_identity, load_public
 from fedjet.report import Report, RoundRecord, round_line
 from fedjet.spec import JobSpec, verify_spec
-from fedjet.worker.follow import GlobalFollower
 
 T = TypeVar("T")
 COUNTERFACTUAL_NOTE = (

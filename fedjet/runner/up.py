@@ -29,6 +29,7 @@ from fedjet.codecs.crypto import COORDINATOR, Boxes
 from fedjet.codecs.frame import Limits
 from fedjet.data.wikitext import load_corpus, resolve_data_dir
 from fedjet.errors import BrokerError, ConfigError, FedjetError
+from fedjet.follow import GlobalFollower
 from fedjet.keystore import generate, member_boxes
 from fedjet.log import get_logger
 from fedjet.options import RunOptions
@@ -37,7 +38,6 @@ from fedjet.runner.collect import Collector, print_round
 from fedjet.runner.evaluate import Evaluator
 from fedjet.runner.processes import Child, spawn, stop_all
 from fedjet.spec import JobSpec, verify_spec
-from fedjet.worker.follow import GlobalFollower
 from fedjet.worker.model import quiet_transformers
 
 log = get_logger("fedjet.up")

@@ -26,11 +26,11 @@ from fedjet.data.batches import BatchSampler
 from fedjet.data.shards import make_tokenizer, shard_tokens
 from fedjet.data.wikitext import load_corpus
 from fedjet.errors import BrokerError, ConfigError
+from fedjet.follow import GlobalFollower
 from fedjet.keystore import member_boxes
 from fedjet.log import get_logger
 from fedjet.spec import JobSpec, verify_spec
 from fedjet.worker.delta import DeltaTracker
-from fedjet.worker.follow import GlobalFollower
 from fedjet.worker.model import model_from_config, pick_device, quiet_transformers
 from fedjet.worker.train import LocalTrainer, TrainSettings
 

@@ -1,4 +1,5 @@
-"""Follow global versions: heads arrive on one subject, weights are read by sequence range."""
+"""Follow global versions (workers, the observer, replay, a resuming coordinator): heads arrive on one
+subject, weights are read by sequence range and rebuilt from lossless deltas where needed."""
 
 from __future__ import annotations
 
