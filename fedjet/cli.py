@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict
 from typing import Any
 
-from fedjet.errors import ConfigError, FedjetError
+from fedjet.errors import ConfigError, FedjetError, Terminated
 from fedjet.log import configure_logging
 from fedjet.options import add_aggregation_options, add_run_options, parse_clouds, run_options_from, strategy_from
 
@@ -278,13 +279,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _serve(main: Callable[[], Coroutine[Any, Any, Any]], stop: Callable[[], None]) -> int:
-    """Run a service; SIGTERM/SIGINT ask it to stop gracefully."""
+    """Run a service; SIGTERM/SIGINT stop it: flags first (so threads finish their step), then
+    the main task is cancelled and its cleanup (drain, close, final stats) runs."""
 
     async def runner() -> None:
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_signal() -> None:
+            stop()
+            task.cancel()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop)
-        await main()
+            loop.add_signal_handler(sig, on_signal)
+        with contextlib.suppress(asyncio.CancelledError):
+            await main()
 
     asyncio.run(runner())
     return 0
@@ -299,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: everything was shut down", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(str(e), file=sys.stderr)
+        return 143
     except FedjetError as e:
         print(f"fedjet: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1

@@ -67,3 +67,7 @@ class AggregationError(FedjetError):
 
 class StaleUpdateError(AggregationError):
     """An update's base version is too old (or unknown) to be applied."""
+
+
+class Terminated(FedjetError):
+    """SIGTERM asked a command to stop; what it had started has been stopped."""

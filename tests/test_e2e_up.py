@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import uuid
 
 import pytest
 
-from tests.conftest import processes_matching, run_fedjet
+from tests.conftest import REPO, processes_matching, run_fedjet
 
 pytestmark = pytest.mark.e2e
 
@@ -69,3 +72,28 @@ def test_bad_flags_fail_fast_with_a_clear_message(data_dir):
     result = run_fedjet("up", "--strategy", "fedavg", "--quorum", "7", "--data", str(data_dir), timeout=60)
     assert result.returncode == 2
     assert "--quorum must be in 1..3" in result.stderr
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_stop_everything(data_dir, sig, code):
+    job = f"sig-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedjet", "up", "--job", job, "--rounds", "50", "--data", str(data_dir), *SMALL],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in proc.stdout:
+            if line.startswith("round   1"):
+                break
+        assert processes_matching(job), "the run should be going"
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == code
+        assert "shut down" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert processes_matching(job) == []
+    assert processes_matching("fedjet-nats-") == []

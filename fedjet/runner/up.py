@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from fedjet.broker.subjects import JobSubjects
 from fedjet.codecs.crypto import COORDINATOR, Boxes
 from fedjet.codecs.frame import Limits
 from fedjet.data.wikitext import load_corpus, resolve_data_dir
-from fedjet.errors import BrokerError, ConfigError, FedjetError
+from fedjet.errors import BrokerError, ConfigError, FedjetError, Terminated
 from fedjet.follow import GlobalFollower
 from fedjet.keystore import generate, member_boxes
 from fedjet.log import get_logger
@@ -72,11 +73,18 @@ class RunFailed(FedjetError):
 
 
 def run_up(config: UpConfig) -> Report:
-    """Blocking entry point; raises on failure, ``KeyboardInterrupt`` stops everything."""
-    return asyncio.run(_run(config))
+    """Blocking entry point; raises on failure. Ctrl-C (``KeyboardInterrupt``) and SIGTERM
+    (:class:`Terminated`) stop every child process and the embedded server first."""
+    try:
+        return asyncio.run(_run(config))
+    except asyncio.CancelledError as e:
+        raise Terminated("terminated: everything was shut down") from e
 
 
 async def _run(config: UpConfig) -> Report:
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     quiet_transformers()
     data_dir = resolve_data_dir(config.data)
     corpus = await asyncio.to_thread(load_corpus, data_dir)

@@ -91,9 +91,12 @@ class Worker:
         self._nc: Any = None
         self._js: Any = None
         self.follower: GlobalFollower | None = None
+        self.trainer: LocalTrainer | None = None
 
     def stop(self) -> None:
         self._stop.set()
+        if self.trainer is not None:
+            self.trainer.stopping.set()
 
     async def run(self) -> WorkerStats:
         started = time.perf_counter()

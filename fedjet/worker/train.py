@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
 
@@ -76,6 +77,7 @@ class LocalTrainer:
         self.settings = settings
         self.device = device
         self.slowdown = slowdown
+        self.stopping = threading.Event()  # set from the event loop thread to end a round early
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -89,6 +91,8 @@ class LocalTrainer:
         self.model.train()
         losses, started, compute = [], time.perf_counter(), 0.0
         for _ in range(steps):
+            if self.stopping.is_set():
+                break
             t0 = time.perf_counter()
             loss, _, _ = lm_loss(self.model, self._batch())
             self.optimizer.zero_grad(set_to_none=True)
@@ -97,7 +101,7 @@ class LocalTrainer:
             self.optimizer.step()
             losses.append(loss.detach().item())
             compute += self._pace(time.perf_counter() - t0)
-        return self._result(losses, steps, compute, started)
+        return self._result(losses, compute, started)
 
     def gradient(self, steps: int) -> tuple[dict[str, torch.Tensor], StepsResult]:
         """Mean gradient over ``steps`` batches at the current weights (gradient aggregation)."""
@@ -105,6 +109,8 @@ class LocalTrainer:
         self.model.zero_grad(set_to_none=True)
         losses, started, compute = [], time.perf_counter(), 0.0
         for _ in range(steps):
+            if self.stopping.is_set():
+                break
             t0 = time.perf_counter()
             loss, _, _ = lm_loss(self.model, self._batch())
             (loss / steps).backward()
@@ -115,7 +121,7 @@ class LocalTrainer:
             for n, p in self.model.named_parameters()
         }
         self.model.zero_grad(set_to_none=True)
-        return grads, self._result(losses, steps, compute, started)
+        return grads, self._result(losses, compute, started)
 
     def _batch(self) -> torch.Tensor:
         return torch.from_numpy(self.sampler.next_batch()).to(self.device)
@@ -126,10 +132,10 @@ class LocalTrainer:
             time.sleep(step_s * (self.slowdown - 1.0))
         return step_s * max(self.slowdown, 1.0)
 
-    def _result(self, losses: list[float], steps: int, compute: float, started: float) -> StepsResult:
-        sequences = steps * self.settings.batch_size
+    def _result(self, losses: list[float], compute: float, started: float) -> StepsResult:
+        sequences = len(losses) * self.settings.batch_size
         return StepsResult(
-            mean_loss=float(np.mean(losses)),
+            mean_loss=float(np.mean(losses)) if losses else float("nan"),
             sequences=sequences,
             tokens=sequences * self.settings.seq_len,
             compute_s=compute,
