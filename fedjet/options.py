@@ -29,7 +29,7 @@ class RunOptions:
     max_updates: int | None = None
     model: str = "tiny"
     seed: int = 0
-    codec: str = "dense"
+    codec: str = "topk:0.01+int8"
     strategy: str = "fedavg"
     temperature: float = 1.0
     alpha_async: float = 0.6
@@ -110,7 +110,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-updates", type=int, default=None, help="end once N updates are applied")
     g.add_argument("--model", default=d.model, help="preset (tiny, small, medium) or local checkpoint dir")
     g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--codec", default=d.codec, help="dense, or e.g. topk:0.01+int8")
+    g.add_argument(
+        "--codec", default=d.codec, help="topk:0.01+int8 (default), dense, fp16, int8, topk:D[:global]+int4 ..."
+    )
     add_aggregation_options(parser, d.strategy)
     g = parser.add_argument_group("rounds")
     g.add_argument("--quorum", type=int, default=None, help="sync: clouds needed once the deadline passes")

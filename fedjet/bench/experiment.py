@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from itertools import product
 from pathlib import Path
@@ -124,32 +125,36 @@ def markdown(results: dict[str, Any]) -> str:
         f"3 clouds ({', '.join(p['clouds'])}), model `{p['model']}`, seed {p['seed']}, "
         f"{p['updates_per_cell']} applied updates per cell ({p['rounds']} synchronous rounds), "
         f"{p['local_steps']} local steps per update, slowdown {p['slowdown']}. Machine: {p['machine']}.",
-        "",
-        "## Table 2: communication and training time",
-        "",
-        "| strategy | partition | codec | communication (MB, up + down) | up (MB) | wall time (s) |",
-        "|---|---|---|---|---|---|",
+        *_table(
+            results,
+            "Table 2: communication and training time",
+            ("communication (MB, up + down)", "up (MB)", "wall time (s)"),
+            lambda s: (
+                f"{(s['bytes_up'] + s['bytes_down']) / 1e6:.2f}",
+                f"{s['bytes_up'] / 1e6:.3f}",
+                f"{s['wall_s']:.1f}",
+            ),
+        ),
+        *_table(
+            results,
+            "Table 3: accuracy and loss",
+            ("next-token accuracy (%)", "final eval loss", "perplexity"),
+            lambda s: (f"{100 * s['final_eval_acc']:.1f}", f"{s['final_eval_loss']:.3f}", f"{s['final_eval_ppl']:.2f}"),
+        ),
     ]
-    for cell in results["cells"].values():
-        s = cell["report"]["summary"]
-        lines.append(
-            f"| {cell['strategy']} | {cell['partition']} | `{cell['codec']}` | "
-            f"{(s['bytes_up'] + s['bytes_down']) / 1e6:.2f} | {s['bytes_up'] / 1e6:.3f} | {s['wall_s']:.1f} |"
-        )
-    lines += [
-        "",
-        "## Table 3: accuracy and loss",
-        "",
-        "| strategy | partition | codec | next-token accuracy (%) | final eval loss | perplexity |",
-        "|---|---|---|---|---|---|",
-    ]
-    for cell in results["cells"].values():
-        s = cell["report"]["summary"]
-        lines.append(
-            f"| {cell['strategy']} | {cell['partition']} | `{cell['codec']}` | "
-            f"{100 * s['final_eval_acc']:.1f} | {s['final_eval_loss']:.3f} | {s['final_eval_ppl']:.2f} |"
-        )
     return "\n".join(lines) + "\n"
+
+
+def _table(
+    results: dict[str, Any], title: str, columns: tuple[str, ...], values: Callable[[dict[str, Any]], tuple[str, ...]]
+) -> list[str]:
+    """One row per cell: strategy, partition, codec, then ``values(summary)``."""
+    lines = ["", f"## {title}", "", "| strategy | partition | codec | " + " | ".join(columns) + " |"]
+    lines.append("|---" * (3 + len(columns)) + "|")
+    for cell in results["cells"].values():
+        row = (cell["strategy"], cell["partition"], f"`{cell['codec']}`", *values(cell["report"]["summary"]))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def plots(results: dict[str, Any], out: Path) -> list[Path]:
