@@ -36,6 +36,7 @@ from fedjet.codecs.messages import (
 )
 from fedjet.coordinator.aggregate import Weights
 from fedjet.coordinator.checkpoint import Checkpoint, Progress, last_checkpoint
+from fedjet.coordinator.record import Received, version_record
 from fedjet.coordinator.rounds import Batcher, RoundPolicy
 from fedjet.coordinator.strategies import Aggregator, Applied, StrategyConfig
 from fedjet.coordinator.validate import to_contribution
@@ -69,17 +70,6 @@ class CoordinatorConfig:
             raise ConfigError("--rounds must be >= 1")
         if self.max_updates is not None and self.max_updates < 1:
             raise ConfigError("--max-updates must be >= 1")
-
-
-@dataclass
-class Received:
-    """A decoded, validated update waiting in a batch, with the messages to ack later."""
-
-    update: Update
-    applied: Applied
-    stream_seq: int
-    wire_bytes: int
-    msgs: list[Any]
 
 
 @dataclass
@@ -316,40 +306,16 @@ class Coordinator:
         log.info("rebalanced", assignment=self._assignment)
 
     def _meta(self, received: list[Received]) -> dict[str, Any]:
-        agg = self.aggregator
-        assert agg is not None
-        samples = sum(r.update.header.samples for r in received)
-        contributions = [
-            {
-                "cloud": r.update.header.cloud,
-                "worker": r.update.header.worker,
-                "seq": r.update.header.seq,
-                "stream_seq": r.stream_seq,
-                "base": r.update.header.base_version,
-                "staleness": r.applied.staleness,
-                "samples": r.update.header.samples,
-                "loss": r.update.header.loss,
-                "wire_bytes": r.wire_bytes,
-                "tokens": r.update.header.tokens,
-                "compute_s": r.update.header.compute_s,
-            }
-            for r in received
-        ]
-        meta = {
-            "strategy": self.config.strategy.name,
-            "contributions": contributions,
-            "train_loss": (
-                sum(r.update.header.loss * r.update.header.samples for r in received) / samples if samples else None
-            ),
-            "bytes_up": sum(r.wire_bytes for r in received),
-            "rejected_total": sum(self.counters.rejected.values()),
-            "dropped": self.counters.dropped,
+        record = version_record(
+            self.config.strategy.name,
+            received,
+            rejected_total=sum(self.counters.rejected.values()),
+            dropped=self.counters.dropped,
+            assignment=dict(self._assignment),
             **self._progress_meta(),
-            "assignment": dict(self._assignment),
-            "published_unix": time.time(),
-        }
+        )
         self.counters.dropped = []
-        return meta
+        return record
 
     def _progress_meta(self) -> dict[str, Any]:
         """Progress as of this version: what a restarted coordinator needs to carry on."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,7 +29,7 @@ from fedjet.coordinator.aggregate import Contribution, Weights
 from fedjet.coordinator.replay import RecordedVersion, VerifyResult, counterfactual, verify
 from fedjet.coordinator.strategies import StrategyConfig
 from fedjet.coordinator.validate import to_contribution
-from fedjet.errors import BlobError, ConfigError, FedjetError, ValidationError
+from fedjet.errors import BlobError, ConfigError, ValidationError
 from fedjet.follow import GlobalFollower
 from fedjet.keystore import load_identity, load_public
 from fedjet.report import Report, RoundRecord, round_line
@@ -113,18 +113,12 @@ async def _run(config: ReplayConfig) -> dict[str, Any] | Report:
 
 
 async def _only_job(js: Any) -> str:
-    names = [n async for n in _stream_names(js)]
-    jobs = sorted(
-        n[len("FEDJET_") : -len("_GLOBALS")] for n in names if n.startswith("FEDJET_") and n.endswith("_GLOBALS")
-    )
+    names = [info.config.name for info in await js.streams_info()]
+    prefix, suffix = "FEDJET_", "_GLOBALS"
+    jobs = sorted(n[len(prefix) : -len(suffix)] for n in names if n.startswith(prefix) and n.endswith(suffix))
     if len(jobs) != 1:
         raise ConfigError(f"say which --job to replay; this JetStream holds {jobs or 'none'}")
     return jobs[0]
-
-
-async def _stream_names(js: Any) -> AsyncIterator[str]:
-    for info in await js.streams_info():
-        yield info.config.name
 
 
 class _Session:
@@ -350,6 +344,3 @@ class _UpdateReader:
 
 def print_summary(summary: dict[str, Any]) -> None:
     print(json.dumps(summary), flush=True)
-
-
-__all__ = ["FedjetError", "ReplayConfig", "print_summary", "run_replay"]

@@ -29,7 +29,7 @@ from fedjet.broker.subjects import JobSubjects
 from fedjet.codecs.crypto import COORDINATOR, Boxes
 from fedjet.codecs.frame import Limits
 from fedjet.data.wikitext import load_corpus, resolve_data_dir
-from fedjet.errors import BrokerError, ConfigError, FedjetError, Terminated
+from fedjet.errors import ConfigError, FedjetError, Terminated
 from fedjet.follow import GlobalFollower
 from fedjet.keystore import generate, member_boxes
 from fedjet.log import get_logger
@@ -286,6 +286,3 @@ def _summary_line(report: Report) -> str:
 def _say(config: UpConfig, text: str) -> None:
     if not config.quiet:
         print(text, flush=True)
-
-
-__all__ = ["BrokerError", "RunFailed", "UpConfig", "run_up"]
