@@ -53,7 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--nats", required=True, help="NATS URL")
     coord.add_argument("--keys", required=True, help="directory with coordinator.key and members' .pub")
     coord.add_argument("--idle-timeout", type=float, default=600.0)
-    coord.add_argument("--device", default=None)
     coord.set_defaults(func=cmd_coordinator)
 
     worker = commands.add_parser("worker", help="run one cloud's worker daemon")

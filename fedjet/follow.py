@@ -27,7 +27,7 @@ log = get_logger("fedjet.follow")
 class GlobalFollower:
     """Keeps the newest announced head (``every=False``) or queues every head (``every=True``).
 
-    Heads that fail to parse or go backwards are counted and ignored, never raised.
+    Heads that fail to verify are counted (``rejected``) and ignored; older heads are ignored.
     """
 
     def __init__(self, js: Any, subjects: JobSubjects, boxes: Boxes, limits: Limits, *, every: bool = False) -> None:
@@ -86,21 +86,15 @@ class GlobalFollower:
             raise ValidationError(f"head for job {head.job!r:.40}")
         return head
 
-    async def newer_than(self, version: int, timeout: float | None = None) -> GlobalHead | None:
-        """Wait for a head newer than ``version`` (or the final marker); None on timeout."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+    async def newer_than(self, version: int) -> GlobalHead:
+        """Wait for a head newer than ``version``, or the final marker."""
         while True:
             if self.latest is not None and self.latest.version > version:
                 return self.latest
             if self.final is not None:
                 return self.final
             self._changed.clear()
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                return None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+            await self._changed.wait()
 
     async def next_head(self) -> GlobalHead:
         """Every head in order (``every=True``)."""
@@ -136,29 +130,32 @@ class GlobalFollower:
         return (await self.fetch(previous)).tensors
 
     async def _read_plaintext(self, head: GlobalHead) -> bytes:
-        assembler = BlobAssembler(
-            max_blob_bytes=self.limits.max_frame_bytes, max_pending_bytes=self.limits.max_frame_bytes
-        )
+        if not 0 <= head.size <= self.limits.max_frame_bytes:
+            raise ValidationError(f"global {head.version}: size {head.size} out of range")
+        # The signed size bounds what unsigned chunk headers may make us allocate.
+        assembler = BlobAssembler(max_blob_bytes=head.size, max_pending_bytes=head.size)
         blob = None
-        async for msg in read_range(
+        messages = read_range(
             self._js, self.subjects.global_stream, self.subjects.global_data, head.first_seq, head.last_seq
-        ):
-            size = len(msg.data) + header_bytes(msg.headers)
-            self.bytes_down += size
-            self.wire_bytes[head.version] = self.wire_bytes.get(head.version, 0) + size
-            blob = assembler.add(msg.subject, msg.headers, msg.data, msg.metadata.sequence.stream) or blob
+        )
+        async with contextlib.aclosing(messages):
+            async for msg in messages:
+                size = len(msg.data) + header_bytes(msg.headers)
+                self.bytes_down += size
+                self.wire_bytes[head.version] = self.wire_bytes.get(head.version, 0) + size
+                blob = assembler.add(msg.subject, msg.headers, msg.data, msg.metadata.sequence.stream) or blob
         if blob is None or len(blob.data) != head.size:
             raise ValidationError(f"global {head.version}: weights incomplete at {head.first_seq}..{head.last_seq}")
         if digest(blob.data) != head.sha256:
             raise AuthenticationError(f"global {head.version}: weights do not match the signed digest")
+        return await asyncio.to_thread(open_global, blob.data, self._sealed_key(head), self.boxes)
+
+    def _sealed_key(self, head: GlobalHead) -> bytes:
         sealed_key = head.keys.get(self.boxes.me.name)
         if sealed_key is None:
             raise AuthenticationError(f"global {head.version} is not sealed to {self.boxes.me.name!r}")
-        return await asyncio.to_thread(open_global, blob.data, sealed_key, self.boxes)
+        return sealed_key
 
     def meta(self, head: GlobalHead) -> dict[str, Any]:
         """The coordinator's record of this version (who contributed, losses, bytes, counters)."""
-        sealed_key = head.keys.get(self.boxes.me.name)
-        if sealed_key is None:
-            raise AuthenticationError(f"global {head.version} is not sealed to {self.boxes.me.name!r}")
-        return decode_meta(open_secret(head.meta, open_version_key(sealed_key, self.boxes)))
+        return decode_meta(open_secret(head.meta, open_version_key(self._sealed_key(head), self.boxes)))

@@ -12,6 +12,7 @@ from fedjet.coordinator.aggregate import Staleness
 from fedjet.coordinator.rounds import RoundPolicy
 from fedjet.coordinator.server_opt import ServerOptConfig
 from fedjet.coordinator.strategies import STRATEGIES, StrategyConfig
+from fedjet.errors import ConfigError
 from fedjet.spec import PARTITIONS
 from fedjet.worker.train import TrainSettings
 
@@ -161,6 +162,8 @@ def run_options_from(ns: argparse.Namespace) -> RunOptions:
         values["rounds"] = 5
     options = RunOptions(**values)
     options.strategy_config()  # validate early, with the user's flags in view
+    if options.rebalance_every < 1:
+        raise ConfigError("--rebalance-every must be >= 1")
     options.round_policy()
     options.train_settings()
     return options

@@ -112,11 +112,19 @@ def test_assembler_rejects_bad_chunks_with_blob_error(headers, data):
         BlobAssembler(max_blob_bytes=1 << 20, max_pending_bytes=1 << 21).add("s", headers, data, 1)
 
 
+def test_blobs_on_different_subjects_never_mix_even_with_the_same_id():
+    asm = BlobAssembler(max_blob_bytes=100, max_pending_bytes=200)
+    assert asm.add("fedjet.j.update.aws", chunk("x", 0, 2, 4), b"ab", 1) is None
+    with pytest.raises(BlobError):  # gcp's garbage under aws's id hurts only itself
+        asm.add("fedjet.j.update.gcp", chunk("x", 0, 2, 4), b"abc", 2)
+    assert asm.add("fedjet.j.update.aws", chunk("x", 1, 2, 4), b"cd", 3).data == b"abcd"
+
+
 def test_assembler_evicts_oldest_partial_blob_when_full():
     asm = BlobAssembler(max_blob_bytes=100, max_pending_bytes=100)
     asm.add("s", chunk("old", 0, 2, 80), b"x" * 40, 1)
     asm.add("s", chunk("new", 0, 2, 80), b"y" * 40, 2)
-    assert [blob for blob, _ in asm.evicted] == ["old"]
+    assert [key for key, _ in asm.evicted] == [("s", "old")]
 
 
 def test_job_and_cloud_names_are_validated():

@@ -98,6 +98,9 @@ def test_varints_round_trip_large_values_and_reject_bad_streams():
         decode_indices("varint", encode_varints(np.array([5, 0], dtype=np.uint64)), 2, 10)  # repeat
     with pytest.raises(DecodeError):
         decode_indices("varint", encode_varints(np.array([50], dtype=np.uint64)), 1, 10)  # out of range
+    wraps = np.array([2**63, 2**63 + 1], dtype=np.uint64)  # their running sum wraps to a small number
+    with pytest.raises(DecodeError):
+        decode_indices("varint", encode_varints(wraps), 2, 10)
 
 
 shapes = st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple)

@@ -37,6 +37,8 @@ def test_late_updates_are_dropped_or_carried_as_stale():
     carry = Batcher(mode="sync", policy=RoundPolicy(clouds=CLOUDS, late="carry"))
     carry.offer("azure", 1, "old")
     assert carry.pending_items() == ["old"]
+    assert carry.offer("azure", 0, "fresh") == "old"  # the fresh update replaces the carried one
+    assert carry.pending_items() == ["fresh"]
     with pytest.raises(StaleUpdateError, match="already reported"):
         carry.offer("azure", 0, "again")
 

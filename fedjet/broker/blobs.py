@@ -33,6 +33,9 @@ def chunk_size_for(max_payload: int) -> int:
     return max_payload - HEADER_ROOM
 
 
+BlobKey = tuple[str, str]  # (subject, blob id)
+
+
 def header_bytes(headers: dict[str, str] | None) -> int:
     """Size of the NATS header block as sent on the wire."""
     if not headers:
@@ -121,6 +124,14 @@ class _Pending:
     wire_bytes: int = 0
 
 
+def part_index(headers: dict[str, str] | None) -> int | None:
+    """The chunk index ``i`` of a ``Fedjet-Part: i/n`` header, or None when it is unreadable."""
+    try:
+        return int((headers or {}).get(H_PART, "").split("/", 1)[0])
+    except ValueError:
+        return None
+
+
 def parse_chunk_headers(headers: dict[str, str] | None, max_blob_bytes: int) -> tuple[str, int, int, int]:
     """(blob id, index, count, total size), validated before anything is allocated."""
     if not headers or H_BLOB not in headers or H_PART not in headers or H_SIZE not in headers:
@@ -146,27 +157,33 @@ class BlobAssembler:
     ``add`` returns the completed :class:`Blob` or ``None``; an inconsistent chunk raises
     :class:`BlobError` (the caller counts it and moves on). When partial blobs would exceed
     ``max_pending_bytes`` the oldest partial blob is evicted and reported by ``evicted``.
+    Blobs are keyed by (subject, blob id): a publisher on one subject cannot touch another
+    subject's blobs by reusing their ids.
     """
 
     def __init__(self, *, max_blob_bytes: int, max_pending_bytes: int) -> None:
         self.max_blob_bytes = max_blob_bytes
         self.max_pending_bytes = max_pending_bytes
-        self._pending: OrderedDict[str, _Pending] = OrderedDict()
+        self._pending: OrderedDict[BlobKey, _Pending] = OrderedDict()
         self._pending_bytes = 0
-        self.evicted: list[tuple[str, list[int]]] = []
+        self.evicted: list[tuple[BlobKey, list[int]]] = []
 
     @property
     def pending_seqs(self) -> list[int]:
         return [s for p in self._pending.values() for s in p.seqs]
 
+    def is_pending(self, key: BlobKey) -> bool:
+        return key in self._pending
+
     def add(self, subject: str, headers: dict[str, str] | None, data: bytes, seq: int) -> Blob | None:
         blob_id, index, count, size = parse_chunk_headers(headers, self.max_blob_bytes)
         assert headers is not None
-        pending = self._pending.get(blob_id)
+        key = (subject, blob_id)
+        pending = self._pending.get(key)
         if pending is None:
-            pending = self._open(blob_id, subject, count, size, headers)
-        elif (pending.count, pending.size, pending.subject) != (count, size, subject):
-            self._drop(blob_id)
+            pending = self._open(key, count, size, headers)
+        elif (pending.count, pending.size) != (count, size):
+            self._drop(key)
             raise BlobError(f"blob {blob_id[:64]}: chunk disagrees with earlier chunks")
         pending.seqs.append(seq)
         pending.wire_bytes += len(data) + header_bytes(headers)
@@ -174,17 +191,18 @@ class BlobAssembler:
             return None  # a re-delivered chunk; the first copy counts
         chunk = _chunk_len(size, count, index)
         if len(data) != chunk:
-            self._drop(blob_id)
+            self._drop(key)
             raise BlobError(f"blob {blob_id[:64]} part {index}/{count}: {len(data)} bytes, expected {chunk}")
         start = _chunk_start(size, count, index)
         pending.buffer[start : start + chunk] = data
         pending.received.add(index)
         if len(pending.received) < count:
             return None
-        self._drop(blob_id)
+        self._drop(key)
         return Blob(blob_id, subject, bytes(pending.buffer), pending.headers, pending.seqs, pending.wire_bytes)
 
-    def _open(self, blob_id: str, subject: str, count: int, size: int, headers: dict[str, str]) -> _Pending:
+    def _open(self, key: BlobKey, count: int, size: int, headers: dict[str, str]) -> _Pending:
+        subject, blob_id = key
         while self._pending and self._pending_bytes + size > self.max_pending_bytes:
             oldest = next(iter(self._pending))
             self.evicted.append((oldest, self._pending[oldest].seqs))
@@ -193,12 +211,12 @@ class BlobAssembler:
             raise BlobError(f"blob {blob_id[:64]} of {size} bytes exceeds the reassembly buffer")
         keep = {k: v for k, v in headers.items() if k not in (H_BLOB, H_PART, H_SIZE, MSG_ID)}
         pending = _Pending(blob_id, subject, count, size, bytearray(size), keep)
-        self._pending[blob_id] = pending
+        self._pending[key] = pending
         self._pending_bytes += size
         return pending
 
-    def _drop(self, blob_id: str) -> None:
-        pending = self._pending.pop(blob_id, None)
+    def _drop(self, key: BlobKey) -> None:
+        pending = self._pending.pop(key, None)
         if pending is not None:
             self._pending_bytes -= pending.size
 

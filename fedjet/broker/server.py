@@ -72,7 +72,11 @@ class EmbeddedNatsServer:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self.url = self._wait_for_ports(timeout)
+        try:
+            self.url = self._wait_for_ports(timeout)
+        except BrokerError:
+            self.stop()  # removes the work directory too
+            raise
         return self.url
 
     def _wait_for_ports(self, timeout: float) -> str:

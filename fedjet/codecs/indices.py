@@ -39,6 +39,8 @@ def decode_indices(kind: str, payload: bytes, count: int, numel: int) -> np.ndar
     deltas = decode_varints(payload, count)
     if count and (deltas[1:] == 0).any():
         raise DecodeError("indices must strictly increase")
+    if count and (deltas >= np.uint64(numel)).any():  # also keeps the running sum far from overflow
+        raise DecodeError(f"index delta out of range for {numel} values")
     indices = np.cumsum(deltas, dtype=np.uint64)
     if count and int(indices[-1]) >= numel:
         raise DecodeError(f"index {int(indices[-1])} out of range for {numel} values")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -21,6 +22,7 @@ from fedjet.codecs.tensors import as_numpy, dtype_name
 from fedjet.errors import AuthenticationError, DecodeError, LimitError, SchemaError, ValidationError
 
 UPDATE_KINDS = ("delta", "gradient")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_HEAD_BYTES = 1 << 20
 
 
@@ -49,6 +51,13 @@ class UpdateHeader:
             raise SchemaError("seq, base_version, samples and tokens must be non-negative")
         if not math.isfinite(self.loss):
             raise SchemaError(f"reported loss must be finite, got {self.loss}")
+        for name in ("compute_s", "wall_s", "sent_unix"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise SchemaError(f"{name} must be finite and >= 0, got {value}")
+        for kind, value in (("job", self.job), ("cloud", self.cloud), ("worker", self.worker)):
+            if not _TOKEN.fullmatch(value):
+                raise SchemaError(f"{kind} name {value!r:.40} must match [A-Za-z0-9_-]{{1,64}}")
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> UpdateHeader:

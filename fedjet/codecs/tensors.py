@@ -61,8 +61,3 @@ def weights_hash(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(repr(tuple(tensor.shape)).encode())
         digest.update(as_numpy(tensor).tobytes())
     return digest.hexdigest()
-
-
-def dense_bytes(tensors: dict[str, torch.Tensor]) -> int:
-    """What the dict weighs as dense float32: the reference for compression ratios."""
-    return sum(t.numel() * 4 for t in tensors.values())

@@ -80,5 +80,4 @@ async def last_checkpoint(js: Any, subjects: JobSubjects, follower: GlobalFollow
         previous = follower.parse_head((await js.get_msg(subjects.global_stream, cursor.prev_head_seq)).data)
         history[previous.version] = (await follower.fetch(previous)).tensors
         cursor = previous
-    await follower.fetch(head)  # leave the follower holding the newest version
     return Checkpoint(head, raw.seq, version.tensors, meta, Progress.from_meta(meta), history)

@@ -54,13 +54,23 @@ class Batcher(Generic[T]):
     def start_round(self, now: float) -> None:
         self.round_started = now
 
-    def offer(self, cloud: str, staleness: int, item: T) -> None:
-        if self.mode == "sync":
-            if staleness > 0 and self.policy.late == "drop":
-                raise StaleUpdateError(f"late update (staleness {staleness}) dropped by --late drop")
-            if any(e.cloud == cloud for e in self._entries):
-                raise StaleUpdateError(f"{cloud} already reported in this round")
+    def offer(self, cloud: str, staleness: int, item: T) -> T | None:
+        """Admit ``item``; returns an item it displaced (a carried stale update of the same
+        cloud, replaced by that cloud's fresh one), which the caller drops and counts."""
+        if self.mode != "sync":
+            self._entries.append(_Entry(cloud, staleness, item))
+            return None
+        if staleness > 0 and self.policy.late == "drop":
+            raise StaleUpdateError(f"late update (staleness {staleness}) dropped by --late drop")
+        for i, entry in enumerate(self._entries):
+            if entry.cloud != cloud:
+                continue
+            if entry.staleness > 0 and staleness == 0:
+                self._entries[i] = _Entry(cloud, staleness, item)
+                return entry.item
+            raise StaleUpdateError(f"{cloud} already reported in this round")
         self._entries.append(_Entry(cloud, staleness, item))
+        return None
 
     def ready(self, now: float) -> bool:
         if self.mode != "sync":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -19,7 +20,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from fedjet.broker.blobs import H_BLOB, Blob, BlobAssembler, publish_blob
+from fedjet.broker.blobs import H_BLOB, Blob, BlobAssembler, part_index, publish_blob
 from fedjet.broker.jetstream import close_quietly, connect, ensure_job_streams
 from fedjet.broker.subjects import JobSubjects
 from fedjet.codecs.crypto import COORDINATOR, Boxes, ReplayGuard, digest, seal_global
@@ -41,12 +42,13 @@ from fedjet.coordinator.rounds import Batcher, RoundPolicy
 from fedjet.coordinator.strategies import Aggregator, Applied, StrategyConfig
 from fedjet.coordinator.validate import to_contribution
 from fedjet.data.partition import split_steps
-from fedjet.errors import BlobError, BrokerError, ConfigError, FedjetError
+from fedjet.errors import BlobError, BrokerError, ConfigError, FedjetError, StaleUpdateError
 from fedjet.follow import GlobalFollower
 from fedjet.log import get_logger
 from fedjet.spec import JobSpec, sign_spec, verify_spec
 
 log = get_logger("fedjet.coordinator")
+MAX_DROPPED_LISTED = 64  # per version record: keeps every head far below max_payload
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +72,8 @@ class CoordinatorConfig:
             raise ConfigError("--rounds must be >= 1")
         if self.max_updates is not None and self.max_updates < 1:
             raise ConfigError("--max-updates must be >= 1")
+        if self.rebalance_every < 1 or self.snapshot_every < 1:
+            raise ConfigError("--rebalance-every and snapshot_every must be >= 1")
 
 
 @dataclass
@@ -77,11 +81,11 @@ class Counters:
     applied: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     dropped: list[dict[str, Any]] = field(default_factory=list)
-    per_cloud: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def reject(self, reason: str, cloud: str, seq: int, detail: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
-        self.dropped.append({"stream_seq": seq, "cloud": cloud, "reason": reason})
+        if len(self.dropped) < MAX_DROPPED_LISTED:  # the counts are complete; the list is a sample
+            self.dropped.append({"stream_seq": seq, "cloud": cloud, "reason": reason})
         log.warning("update_rejected", reason=reason, cloud=cloud, stream_seq=seq, detail=detail[:300])
 
 
@@ -105,7 +109,7 @@ class Coordinator:
         self._replay = ReplayGuard()
         self._throughput: dict[str, float] = {}
         self._assignment: dict[str, int] = {}
-        self._held: dict[str, list[Any]] = {}
+        self._held: dict[tuple[str, str], list[Any]] = {}  # (subject, blob id) -> chunks to ack later
         self._published: Weights | None = None
         self.progress = Progress()
         self._last_head_seq = 0
@@ -115,7 +119,9 @@ class Coordinator:
         self.last_head: GlobalHead | None = None
 
     def stop(self) -> None:
-        """Ask the run to end after the message in hand; safe to call twice."""
+        """End the job early: the consume loop stops and a final marker tells workers to exit.
+        Safe to call twice. (SIGTERM instead cancels the task: no marker, so the same command
+        resumes the job later.)"""
         self._stop.set()
 
     async def run(self, initial: Weights) -> Counters:
@@ -209,26 +215,39 @@ class Coordinator:
     async def _on_message(self, msg: Any) -> None:
         seq = msg.metadata.sequence.stream
         cloud = JobSubjects.cloud_of(msg.subject)
-        blob_id = (msg.headers or {}).get(H_BLOB, "")
+        key = (msg.subject, (msg.headers or {}).get(H_BLOB, ""))
+        decided = seq <= self.progress.applied_through  # seen by the coordinator before a restart
+        if decided and part_index(msg.headers) != 0 and not self._assembler.is_pending(key):
+            await _ack(msg)  # the tail of a blob that was decided before the restart
+            return
         try:
             blob = self._assembler.add(msg.subject, msg.headers, msg.data, seq)
         except FedjetError as e:
-            await self._reject(e, cloud, seq, [*self._held.pop(blob_id, []), msg])
+            msgs = [*self._held.pop(key, []), msg]
+            if decided:  # rejected (and counted) before the restart
+                for m in msgs:
+                    await _ack(m)
+                return
+            await self._reject(e, cloud, seq, msgs)
             return
         await self._ack_evicted()
         if blob is None:
-            self._held.setdefault(blob_id, []).append(msg)
+            self._held.setdefault(key, []).append(msg)
             return
-        msgs = [*self._held.pop(blob.blob_id, []), msg]
+        msgs = [*self._held.pop(key, []), msg]
         if blob.last_seq <= self.progress.applied_through:  # decided before a restart
             for m in msgs:
                 await _ack(m)
             return
         try:
             received = await self._admit(blob, cloud, msgs)
-            self._batcher.offer(cloud, received.applied.staleness, received)
+            displaced = self._batcher.offer(cloud, received.applied.staleness, received)
         except FedjetError as e:
             await self._reject(e, cloud, blob.last_seq, msgs)
+            return
+        if displaced is not None:
+            error = StaleUpdateError(f"{cloud}'s carried stale update replaced by its fresh one")
+            await self._reject(error, cloud, displaced.stream_seq, displaced.msgs)
 
     async def _reject(self, error: FedjetError, cloud: str, seq: int, msgs: list[Any]) -> None:
         """A rejected message becomes data: counted, logged, acked (it will never be valid)."""
@@ -237,9 +256,9 @@ class Coordinator:
             await _ack(m)
 
     async def _ack_evicted(self) -> None:
-        for blob_id, seqs in self._assembler.evicted:
-            msgs = self._held.pop(blob_id, [])
-            error = BlobError(f"partial blob {blob_id[:64]} evicted from the reassembly buffer")
+        for key, seqs in self._assembler.evicted:
+            msgs = self._held.pop(key, [])
+            error = BlobError(f"partial blob {key[1][:64]} evicted from the reassembly buffer")
             await self._reject(error, "?", seqs[-1] if seqs else 0, msgs)
         self._assembler.evicted.clear()
 
@@ -342,7 +361,7 @@ class Coordinator:
             self._js,
             self.subjects.global_data,
             sealed.ciphertext,
-            blob_id=f"{spec.job}/g/{agg.version}",
+            blob_id=f"{spec.job}/g/{agg.version}/{secrets.token_hex(6)}",  # fresh after a restart too
             max_payload=self._nc.max_payload,
         )
         head = GlobalHead(

@@ -41,6 +41,8 @@ class StrategyConfig:
             raise ConfigError(f"--alpha-async must be in (0, 1], got {self.alpha}")
         if self.max_staleness < 0 or self.buffer_size < 1:
             raise ConfigError("--max-staleness must be >= 0 and --buffer-size >= 1")
+        if not self.temperature > 0:
+            raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
 
     @property
     def synchronous(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fedjet.codecs.messages import Update
-from fedjet.codecs.sparse import shape_of, values_of
+from fedjet.codecs.sparse import SparseTensor, shape_of, values_of
 from fedjet.coordinator.aggregate import Contribution, Weights
 from fedjet.coordinator.strategies import StrategyConfig
 from fedjet.errors import AuthenticationError, ValidationError
@@ -29,7 +29,15 @@ def to_contribution(
             raise ValidationError(f"unknown tensor {name!r:.80}")
         if shape_of(tensor) != tuple(weights[name].shape):
             raise ValidationError(f"{name}: shape {shape_of(tensor)} != global {tuple(weights[name].shape)}")
+        if isinstance(tensor, SparseTensor) and not _indices_in_range(tensor, weights[name].numel()):
+            raise ValidationError(f"{name}: sparse index out of range")
         if not bool(torch.isfinite(values_of(tensor)).all()):
             raise ValidationError(f"{name}: NaN or Inf values")
     tensors = {n: t.float() if isinstance(t, torch.Tensor) else t for n, t in update.tensors.items()}
     return Contribution(h.cloud, h.base_version, h.samples, h.loss, tensors)
+
+
+def _indices_in_range(tensor: SparseTensor, numel: int) -> bool:
+    if not tensor.indices.numel():
+        return True
+    return int(tensor.indices.min()) >= 0 and int(tensor.indices.max()) < numel

@@ -66,7 +66,8 @@ def split_steps(throughputs: dict[str, float], total_steps: int, min_steps: int 
     names = sorted(throughputs)
     if total_steps < min_steps * len(names):
         raise ConfigError(f"{total_steps} steps cannot give {len(names)} clouds {min_steps} each")
-    rates = np.array([max(float(throughputs[n]), 1e-9) for n in names])
+    rates = np.array([float(throughputs[n]) for n in names])
+    rates = np.where(np.isfinite(rates) & (rates > 0), rates, 1e-9)
     spare = total_steps - min_steps * len(names)
     exact = rates / rates.sum() * spare
     steps = np.floor(exact).astype(int)

@@ -140,9 +140,12 @@ class _Session:
         versions = [v for v in recording.versions if first < v.version <= last]
         start = await self._weights(first)
         self._updates = _UpdateReader(self.js, self.subjects, self.limits)
-        if self.config.verify:
-            return (await self._verify(start, first, versions)).to_dict()
-        return await self._counterfactual(start, first, versions)
+        try:
+            if self.config.verify:
+                return (await self._verify(start, first, versions)).to_dict()
+            return await self._counterfactual(start, first, versions)
+        finally:
+            await self._updates.close()
 
     async def _read_recording(self) -> Recording:
         me = load_identity(self.config.keys_dir, COORDINATOR)
@@ -313,6 +316,9 @@ class _UpdateReader:
         )
         self._done = False
         self._ahead: Blob | None = None  # read past a missing update; still wanted later
+
+    async def close(self) -> None:
+        await self._messages.aclose()
 
     async def take(self, seq: int) -> Blob:
         if self._ahead is not None:

@@ -105,7 +105,7 @@ async def _run(config: UpConfig) -> Report:
     try:
         keys = config.keys or _run_keys(config, workdir)
         worker_urls = await _shape_links(config, url, proxies)
-        children = _spawn_all(config, url, worker_urls, data_dir, workdir, keys)
+        _spawn_all(config, url, worker_urls, data_dir, workdir, keys, children)
         report = await _observe(config, url, corpus, children, keys)
         print(_summary_line(report), flush=True)
         if config.report:
@@ -152,12 +152,20 @@ async def _shape_links(config: UpConfig, url: str, proxies: list[ShapingProxy]) 
 
 
 def _spawn_all(
-    config: UpConfig, url: str, worker_urls: dict[str, str], data_dir: Path | None, workdir: Path, keys: str
-) -> list[Child]:
+    config: UpConfig,
+    url: str,
+    worker_urls: dict[str, str],
+    data_dir: Path | None,
+    workdir: Path,
+    keys: str,
+    children: list[Child],
+) -> None:
+    """Start the coordinator and the workers, appending each to ``children`` as soon as it
+    runs, so a failure half-way still stops the ones already started."""
     opts = config.options
     device = ["--device", config.device] if config.device else []
-    coordinator_args = ["coordinator", "--nats", url, "--keys", keys, *opts.to_args(), *device]
-    children = [spawn("coordinator", coordinator_args, workdir)]
+    coordinator_args = ["coordinator", "--nats", url, "--keys", keys, *opts.to_args()]
+    children.append(spawn("coordinator", coordinator_args, workdir))
     for cloud in opts.clouds:
         args = ["worker", "--nats", worker_urls[cloud], "--job", opts.job, "--cloud", cloud, "--keys", keys, *device]
         if data_dir is not None:
@@ -165,7 +173,6 @@ def _spawn_all(
         if cloud in config.slowdown:
             args += ["--slowdown", str(config.slowdown[cloud])]
         children.append(spawn(f"worker-{cloud}", args, workdir))
-    return children
 
 
 async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child], keys: str) -> Report:
@@ -221,7 +228,7 @@ async def _race(work: Any, children: list[Child], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     try:
         while not task.done():
-            _check_children(children, allow_clean_exit=True)
+            _check_children(children)
             if time.monotonic() > deadline:
                 raise RunFailed(f"run did not finish within {timeout_s}s")
             await asyncio.wait({task}, timeout=0.5)
@@ -233,10 +240,11 @@ async def _race(work: Any, children: list[Child], timeout_s: float) -> None:
                 await task
 
 
-def _check_children(children: list[Child], *, allow_clean_exit: bool = True) -> None:
+def _check_children(children: list[Child]) -> None:
+    """A child that exited with an error ends the run (a clean exit is a finished part)."""
     for child in children:
         code = child.returncode
-        if code is not None and (code != 0 or not allow_clean_exit):
+        if code is not None and code != 0:
             raise RunFailed(f"{child.name} exited with {code}:\n{child.log_tail()}")
 
 

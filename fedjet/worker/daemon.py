@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -215,7 +216,7 @@ class Worker:
             self._js,
             self.subjects.update(self.config.cloud),
             payload,
-            blob_id=f"{self.config.cloud}/{self.config.worker_id}/{self._seq}",
+            blob_id=f"{self.config.cloud}/{self.config.worker_id}/{self._seq}/{secrets.token_hex(6)}",
             max_payload=self._nc.max_payload,
         )
         self.stats.updates_sent += 1
