@@ -5,21 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Callable
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 import torch
 from nats.js import api
 
 from fedjet.broker.blobs import BlobAssembler, header_bytes
 from fedjet.broker.jetstream import read_range
 from fedjet.broker.subjects import JobSubjects
-from fedjet.codecs.crypto import COORDINATOR, Boxes, digest, open_global, open_secret, open_version_key
+from fedjet.codecs.crypto import COORDINATOR, Boxes, PublicIdentity, digest, open_global, open_secret, open_version_key
 from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import GlobalHead, GlobalVersion, decode_global, decode_meta, peek_global_header
 from fedjet.codecs.tensors import weights_hash
-from fedjet.errors import AuthenticationError, FedjetError, ValidationError
+from fedjet.errors import AuthenticationError, BrokerError, FedjetError, ValidationError
 from fedjet.log import get_logger
+from fedjet.spec import JobSpec, verify_spec
 
 log = get_logger("fedjet.follow")
 
@@ -159,3 +163,25 @@ class GlobalFollower:
     def meta(self, head: GlobalHead) -> dict[str, Any]:
         """The coordinator's record of this version (who contributed, losses, bytes, counters)."""
         return decode_meta(open_secret(head.meta, open_version_key(self._sealed_key(head), self.boxes)))
+
+
+async def await_spec(
+    js: Any,
+    subjects: JobSubjects,
+    coordinator: PublicIdentity,
+    timeout_s: float,
+    check: Callable[[], None] | None = None,
+) -> JobSpec:
+    """The job spec the coordinator signed, waiting up to ``timeout_s`` for it to appear
+    (``check`` runs between attempts, e.g. to notice a crashed coordinator)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if check is not None:
+            check()
+        try:
+            kv = await js.key_value(subjects.kv_bucket)
+            return verify_spec((await kv.get("spec")).value, coordinator)
+        except nats.js.errors.NotFoundError:  # bucket or key not there yet
+            if time.monotonic() > deadline:
+                raise BrokerError(f"no job spec for {subjects.job} within {timeout_s:.0f}s") from None
+            await asyncio.sleep(0.2)

@@ -32,7 +32,7 @@ from fedjet.coordinator.validate import to_contribution
 from fedjet.errors import BlobError, ConfigError, ValidationError
 from fedjet.follow import GlobalFollower
 from fedjet.keystore import load_identity, load_public
-from fedjet.report import Report, RoundRecord, round_line
+from fedjet.report import Report, RoundRecord, round_line, summarize
 from fedjet.spec import JobSpec, verify_spec
 
 T = TypeVar("T")
@@ -235,10 +235,11 @@ class _Session:
             self._contribution_of(start),
             lambda v: self._bridge(lambda: self._weights(v)),
         )
-        rounds = [await asyncio.to_thread(_record, 0, first, start, evaluator, [])]
+        rounds = [await asyncio.to_thread(_record, 0, first, start, evaluator, [], 0)]
         while (step := await asyncio.to_thread(next, steps, None)) is not None:
             version, weights, hash_, batch = step
-            record = await asyncio.to_thread(_record, len(rounds), version, weights, evaluator, batch, hash_)
+            applied = rounds[-1].applied_total + len(batch)
+            record = await asyncio.to_thread(_record, len(rounds), version, weights, evaluator, batch, applied, hash_)
             rounds.append(record)
             print(round_line(record), flush=True)
         report = Report(
@@ -255,7 +256,7 @@ class _Session:
             rounds=rounds,
             notes=[COUNTERFACTUAL_NOTE, *evaluator.notes],
         )
-        report.summary = _summary(rounds)
+        report.summary = summarize(rounds, {}, rejected=0)
         if self.config.report:
             report.write(self.config.report)
         return report
@@ -266,7 +267,13 @@ async def _awaited(make: Callable[[], Awaitable[T]]) -> T:
 
 
 def _record(
-    index: int, version: int, weights: Weights, evaluator: Any, batch: list[dict[str, Any]], hash_: str | None = None
+    index: int,
+    version: int,
+    weights: Weights,
+    evaluator: Any,
+    batch: list[dict[str, Any]],
+    applied_total: int,
+    hash_: str | None = None,
 ) -> RoundRecord:
     from fedjet.codecs.tensors import weights_hash
 
@@ -286,20 +293,8 @@ def _record(
         hash=hash_ or weights_hash(weights),
         contributors=[str(c["cloud"]) for c in batch],
         staleness=[int(c["staleness"]) for c in batch],
+        applied_total=applied_total,
     )
-
-
-def _summary(rounds: list[RoundRecord]) -> dict[str, Any]:
-    last = rounds[-1]
-    return {
-        "versions": len(rounds) - 1,
-        "initial_eval_loss": rounds[0].eval_loss,
-        "final_eval_loss": last.eval_loss,
-        "final_eval_ppl": last.eval_ppl,
-        "final_eval_acc": last.eval_acc,
-        "bytes_up": sum(r.bytes_up for r in rounds),
-        "updates_applied": sum(len(r.contributors) for r in rounds),
-    }
 
 
 class _UpdateReader:

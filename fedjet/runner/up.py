@@ -26,11 +26,11 @@ from fedjet.broker.jetstream import close_quietly, connect
 from fedjet.broker.proxy import LinkShape, ShapingProxy
 from fedjet.broker.server import EmbeddedNatsServer
 from fedjet.broker.subjects import JobSubjects
-from fedjet.codecs.crypto import COORDINATOR, Boxes
+from fedjet.codecs.crypto import COORDINATOR
 from fedjet.codecs.frame import Limits
 from fedjet.data.wikitext import load_corpus, resolve_data_dir
 from fedjet.errors import ConfigError, FedjetError, Terminated
-from fedjet.follow import GlobalFollower
+from fedjet.follow import GlobalFollower, await_spec
 from fedjet.keystore import generate, member_boxes
 from fedjet.log import get_logger
 from fedjet.options import RunOptions
@@ -38,7 +38,6 @@ from fedjet.report import Report, summarize
 from fedjet.runner.collect import Collector, print_round
 from fedjet.runner.evaluate import Evaluator
 from fedjet.runner.processes import Child, spawn, stop_all
-from fedjet.spec import JobSpec, verify_spec
 from fedjet.worker.model import quiet_transformers
 
 log = get_logger("fedjet.up")
@@ -183,7 +182,7 @@ async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child
     started = time.perf_counter()
     try:
         js = nc.jetstream()
-        spec = await _await_spec(js, subjects, children, boxes)
+        spec = await await_spec(js, subjects, boxes.public_of(COORDINATOR), 180.0, lambda: _check_children(children))
         evaluator = await asyncio.to_thread(Evaluator.from_corpus, spec, corpus, config.eval_tokens, config.device)
         follower = GlobalFollower(js, subjects, boxes, Limits(), every=True)
         await follower.start()
@@ -206,20 +205,6 @@ async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child
     if corpus.note:
         report.notes.append(corpus.note)
     return report
-
-
-async def _await_spec(
-    js: Any, subjects: JobSubjects, children: list[Child], boxes: Boxes, timeout: float = 180.0
-) -> JobSpec:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        _check_children(children)
-        try:
-            kv = await js.key_value(subjects.kv_bucket)
-            return verify_spec((await kv.get("spec")).value, boxes.public_of(COORDINATOR))
-        except nats.js.errors.NotFoundError:
-            await asyncio.sleep(0.2)
-    raise RunFailed(f"the coordinator published no job spec within {timeout}s")
 
 
 async def _race(work: Any, children: list[Child], timeout_s: float) -> None:

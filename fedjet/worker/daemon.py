@@ -26,11 +26,11 @@ from fedjet.codecs.pipeline import CodecSpec
 from fedjet.data.batches import BatchSampler
 from fedjet.data.shards import make_tokenizer, shard_tokens
 from fedjet.data.wikitext import load_corpus
-from fedjet.errors import BrokerError, ConfigError
-from fedjet.follow import GlobalFollower
+from fedjet.errors import ConfigError
+from fedjet.follow import GlobalFollower, await_spec
 from fedjet.keystore import member_boxes
 from fedjet.log import get_logger
-from fedjet.spec import JobSpec, verify_spec
+from fedjet.spec import JobSpec
 from fedjet.worker.delta import DeltaTracker
 from fedjet.worker.model import model_from_config, pick_device, quiet_transformers
 from fedjet.worker.train import LocalTrainer, TrainSettings
@@ -104,7 +104,10 @@ class Worker:
         self._nc = await connect(self.config.nats_url, f"fedjet-worker-{self.config.job}-{self.config.cloud}")
         try:
             self._js = self._nc.jetstream()
-            self.spec = await self._await_spec()
+            self.spec = await await_spec(
+                self._js, self.subjects, self.boxes.public_of(COORDINATOR), self.config.spec_timeout_s
+            )
+            self.spec.cloud_index(self.config.cloud)
             self.trainer, self.tracker, self.codec = await asyncio.to_thread(self._prepare, self.spec)
             self.follower = GlobalFollower(self._js, self.subjects, self.boxes, self.config.limits)
             await self.follower.start()
@@ -116,22 +119,6 @@ class Worker:
             await self._report_stats()
             await close_quietly(self._nc)
         return self.stats
-
-    async def _await_spec(self) -> JobSpec:
-        deadline = time.monotonic() + self.config.spec_timeout_s
-        while True:
-            try:
-                kv = await self._js.key_value(self.subjects.kv_bucket)
-                entry = await kv.get("spec")
-                spec = verify_spec(entry.value, self.boxes.public_of(COORDINATOR))
-                spec.cloud_index(self.config.cloud)
-                return spec
-            except nats.js.errors.NotFoundError:  # bucket or key not there yet
-                if time.monotonic() > deadline:
-                    raise BrokerError(
-                        f"no job spec for {self.config.job} within {self.config.spec_timeout_s}s"
-                    ) from None
-                await asyncio.sleep(0.2)
 
     def _prepare(self, spec: JobSpec) -> tuple[LocalTrainer, DeltaTracker, CodecSpec]:
         quiet_transformers()
