@@ -33,8 +33,9 @@ def generate(out: str | Path, members: Iterable[str]) -> list[Path]:
     written: list[Path] = []
     for name in names:
         check_token("key", name)
-        if (directory / f"{name}.key").exists():
-            raise ConfigError(f"{directory / (name + '.key')} exists; not overwriting a key")
+        for suffix in (".key", ".pub"):
+            if (directory / f"{name}{suffix}").exists():
+                raise ConfigError(f"{directory / (name + suffix)} exists; not overwriting a key")
     for name in names:
         identity = Identity.generate(name)
         written += [_write_secret(directory, identity), _write_public(directory, identity.public)]
@@ -42,28 +43,20 @@ def generate(out: str | Path, members: Iterable[str]) -> list[Path]:
 
 
 def _write_secret(directory: Path, identity: Identity) -> Path:
-    path = directory / f"{identity.name}.key"
-    body = {
-        "fedjet_key": 1,
-        "name": identity.name,
-        "box_secret": bytes(identity.box).hex(),
-        "sign_secret": bytes(identity.sign).hex(),
-    }
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(body, fh)
-    return path
+    body = {"box_secret": bytes(identity.box).hex(), "sign_secret": bytes(identity.sign).hex()}
+    return _write(directory / f"{identity.name}.key", {"fedjet_key": 1, "name": identity.name, **body}, 0o600)
 
 
 def _write_public(directory: Path, identity: PublicIdentity) -> Path:
-    path = directory / f"{identity.name}.pub"
-    body = {
-        "fedjet_pub": 1,
-        "name": identity.name,
-        "box_public": bytes(identity.box).hex(),
-        "verify": bytes(identity.verify).hex(),
-    }
-    path.write_text(json.dumps(body))
+    body = {"box_public": bytes(identity.box).hex(), "verify": bytes(identity.verify).hex()}
+    return _write(directory / f"{identity.name}.pub", {"fedjet_pub": 1, "name": identity.name, **body}, 0o644)
+
+
+def _write(path: Path, body: dict[str, object], mode: int) -> Path:
+    """Create ``path`` with ``mode`` from the start (a secret is never briefly world-readable)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(body, fh)
     return path
 
 

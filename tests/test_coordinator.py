@@ -55,39 +55,17 @@ def test_hostile_traffic_is_rejected_counted_and_the_round_still_completes(nats_
         js = nc.jetstream()
         while coordinator.last_head is None:  # the coordinator created the streams and v0
             await asyncio.sleep(0.05)
-        mp = nc.max_payload
+
+        async def send(subject_cloud: str, data: bytes, blob_id: str) -> None:
+            await publish_blob(js, subjects.update(subject_cloud), data, blob_id=blob_id, max_payload=nc.max_payload)
+
         await js.publish(subjects.update("aws"), b"no chunk headers at all")
-        await publish_blob(js, subjects.update("aws"), b"\x00garbage", blob_id="g1", max_payload=mp)
-        forged = sealed_update(members["aws"], "aws", 5, 1.0)
-        await publish_blob(js, subjects.update("gcp"), forged, blob_id="moved", max_payload=mp)  # swapped
-        await publish_blob(
-            js,
-            subjects.update("aws"),
-            sealed_update(members["aws"], "aws", 10, 0.5),
-            blob_id="a10",
-            max_payload=mp,
-        )
-        await publish_blob(
-            js,
-            subjects.update("aws"),
-            sealed_update(members["aws"], "aws", 10, 9.0),
-            blob_id="replay",
-            max_payload=mp,
-        )
-        await publish_blob(
-            js,
-            subjects.update("aws"),
-            sealed_update(members["aws"], "aws", 11, 9.0),
-            blob_id="a11",
-            max_payload=mp,
-        )
-        await publish_blob(
-            js,
-            subjects.update("gcp"),
-            sealed_update(members["gcp"], "gcp", 3, -0.5),
-            blob_id="g3",
-            max_payload=mp,
-        )
+        await send("aws", b"\x00garbage", "g1")
+        await send("gcp", sealed_update(members["aws"], "aws", 5, 1.0), "moved")  # swapped cloud
+        await send("aws", sealed_update(members["aws"], "aws", 10, 0.5), "a10")
+        await send("aws", sealed_update(members["aws"], "aws", 10, 9.0), "replay")
+        await send("aws", sealed_update(members["aws"], "aws", 11, 9.0), "a11")
+        await send("gcp", sealed_update(members["gcp"], "gcp", 3, -0.5), "g3")
 
     async def scenario():
         nc = await connect(nats_url, "attacker")
