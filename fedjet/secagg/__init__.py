@@ -1,0 +1,68 @@
+"""Secure aggregation (Bonawitz et al. 2017, double masking): the coordinator learns only the sum.
+
+Pure and synchronous like ``fedjet.codecs``: no asyncio, no NATS. Members encode their update
+in fixed point (``FixedPoint``), optionally over an agreed sparse pattern
+(``random_k_indices``), and run a ``MemberRound``; the coordinator runs a ``ServerRound`` and
+relays the messages. ``recompute_sum`` replays a recorded ``Transcript``.
+"""
+
+from fedjet.secagg.coords import gather, random_k_indices, scatter
+from fedjet.secagg.errors import (
+    EncodingError,
+    RevealRefused,
+    SecAggAbort,
+    SecAggAuthError,
+    SecAggError,
+    SecAggProtocolError,
+    SecAggSchemaError,
+    ShareError,
+    StaleRoundError,
+    StaleShareError,
+)
+from fedjet.secagg.fixedpoint import FixedPoint, fedavg_weights
+from fedjet.secagg.messages import (
+    Advertise,
+    AdvertiseList,
+    MaskedInput,
+    Reveal,
+    RoundConfig,
+    ShareDelivery,
+    ShareKeys,
+    UnmaskRequest,
+    from_wire,
+)
+from fedjet.secagg.protocol import MemberRound, Phase, ServerRound
+from fedjet.secagg.transcript import Transcript
+from fedjet.secagg.unmask import recompute_sum
+
+__all__ = [
+    "Advertise",
+    "AdvertiseList",
+    "EncodingError",
+    "FixedPoint",
+    "MaskedInput",
+    "MemberRound",
+    "Phase",
+    "Reveal",
+    "RevealRefused",
+    "RoundConfig",
+    "SecAggAbort",
+    "SecAggAuthError",
+    "SecAggError",
+    "SecAggProtocolError",
+    "SecAggSchemaError",
+    "ServerRound",
+    "ShareDelivery",
+    "ShareError",
+    "ShareKeys",
+    "StaleRoundError",
+    "StaleShareError",
+    "Transcript",
+    "UnmaskRequest",
+    "fedavg_weights",
+    "from_wire",
+    "gather",
+    "random_k_indices",
+    "recompute_sum",
+    "scatter",
+]
