@@ -1,0 +1,1 @@
+"""Write a trained global version out as a standard Hugging Face checkpoint."""

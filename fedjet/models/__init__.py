@@ -1,0 +1,1 @@
+"""Local Hugging Face checkpoints: loading, identity, LoRA adapters, text generation."""

@@ -1,0 +1,89 @@
+"""Small real Hugging Face checkpoints built offline: a BPE tokenizer trained on WikiText, a tiny GPT-2, a tiny Llama.
+
+Plain functions (not pytest fixtures) so unit tests and end-to-end runs build the same files.
+Everything is seeded: the same call gives byte-identical tokenizer files and identical weights.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The hub is switched off before transformers is imported: tests never download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from fedjet.data.wikitext import load_directory
+
+EOS = "<|endoftext|>"
+
+
+def train_bpe_tokenizer(data_dir: Path, *, articles: int = 10, vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on the first WikiText articles, EOS as its only special token."""
+    texts = [a.text for a in load_directory(data_dir).train[:articles]]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, bos_token=EOS)
+
+
+def save_tiny_gpt2(
+    out: Path, tokenizer: PreTrainedTokenizerFast, *, n_embd: int = 32, n_layer: int = 2, seed: int = 0
+) -> Path:
+    """A GPT-2 (tied embeddings, Conv1D projections) with the tokenizer saved beside it."""
+    config = GPT2Config(
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=2,
+        n_positions=64,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return _save(out, tokenizer, lambda: GPT2LMHeadModel(config), seed)
+
+
+def save_tiny_llama(out: Path, tokenizer: PreTrainedTokenizerFast, *, seed: int = 0) -> Path:
+    """A Llama-architecture model (untied embeddings, RoPE, SwiGLU) with the tokenizer beside it."""
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return _save(out, tokenizer, lambda: LlamaForCausalLM(config), seed)
+
+
+def _save(out: Path, tokenizer: PreTrainedTokenizerFast, build, seed: int) -> Path:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_checkpoints(root: Path, data_dir: Path) -> dict[str, Path]:
+    """``{"gpt2": DIR, "llama": DIR}`` sharing one trained tokenizer, under ``root``."""
+    tokenizer = train_bpe_tokenizer(data_dir)
+    return {
+        "gpt2": save_tiny_gpt2(root / "gpt2", tokenizer),
+        "llama": save_tiny_llama(root / "llama", tokenizer),
+    }
