@@ -104,6 +104,7 @@ def test_packing_with_a_bpe_tokenizer_puts_eos_between_documents(ckpts):
     assert len(ends) == 3 and ends[-1] == len(packed.ids) - 1
     pieces = np.split(packed.ids, ends[:-1] + 1)
     assert [tokenizer.decode(p[:-1]) for p in pieces] == docs
+    assert [e.tolist() for e in tokenizer.encode_batch(docs)] == [tokenizer.encode(d).tolist() for d in docs]
     assert BatchSampler(packed.ids, seq_len=8, batch_size=2, seed=0).next_batch().shape == (2, 9)
 
 

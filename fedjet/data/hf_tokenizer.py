@@ -68,6 +68,15 @@ class HFTokenizer:
         out = np.asarray(ids, dtype=np.int64)
         return np.append(out, self.eos_id) if eos else out
 
+    def encode_batch(self, texts: list[str], *, eos: bool = True) -> list[np.ndarray]:
+        """Many documents at once: the Rust backend spreads them over the CPU cores."""
+        backend = getattr(self._tok, "backend_tokenizer", None)
+        if backend is None:
+            return [self.encode(t, eos=eos) for t in texts]
+        tail = [self.eos_id] if eos else []
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        return [np.asarray([*e.ids, *tail], dtype=np.int64) for e in encodings]
+
     def decode(self, ids: np.ndarray | list[int], *, skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 

@@ -6,7 +6,7 @@ documents tells the model where one text ends, as in GPT-2's own pre-training.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,16 +39,24 @@ def pack_documents(docs: Iterable[str], tokenizer: Tokenizer, seq_len: int) -> P
         raise DataError(f"seq_len must be positive, got {seq_len}")
     dtype = stream_dtype(tokenizer.vocab_size)
     parts: list[np.ndarray] = []
-    for doc in docs:
-        if not doc.strip():
-            continue
-        ids = tokenizer.encode(doc, eos=True)
-        if len(ids) and (int(ids.max()) >= tokenizer.vocab_size or int(ids.min()) < 0):
-            raise DataError(f"tokenizer produced id {int(ids.max())} outside its vocabulary of {tokenizer.vocab_size}")
-        parts.append(ids.astype(dtype))
+    for encoded in _encode_all([d for d in docs if d.strip()], tokenizer):
+        if len(encoded) and (int(encoded.max()) >= tokenizer.vocab_size or int(encoded.min()) < 0):
+            raise DataError(f"tokenizer gave an id outside its vocabulary of {tokenizer.vocab_size}")
+        parts.append(encoded.astype(dtype))
     if not parts:
         raise DataError("no non-empty documents to pack")
     ids = np.concatenate(parts)
     if len(ids) < seq_len + 2:
         raise DataError(f"data holds {len(ids)} tokens, fewer than one training window of {seq_len + 1}")
     return PackedTokens(ids=ids, documents=len(parts), tokens=len(ids))
+
+
+def _encode_all(docs: list[str], tokenizer: Tokenizer, chunk: int = 256) -> Iterator[np.ndarray]:
+    """Documents with EOS appended; in batches when the tokenizer offers ``encode_batch`` (HF's does)."""
+    batch_encode = getattr(tokenizer, "encode_batch", None)
+    if batch_encode is None:
+        for doc in docs:
+            yield tokenizer.encode(doc, eos=True)
+        return
+    for start in range(0, len(docs), chunk):
+        yield from batch_encode(docs[start : start + chunk], eos=True)
