@@ -1,0 +1,166 @@
+"""nats-server configuration text for hub nodes and leaf nodes (pure: data in, text out).
+
+Hub nodes run JetStream in the domain ``jetstream_domain``. Leaf nodes run no JetStream: a
+leaf server always denies the plain JetStream API (``$JS.API.>``, ``$KV.>``) across its
+connection to the hub, so clients behind a leaf reach the hub's JetStream through the
+domain-qualified API, ``$JS.<domain>.API.>``, which the hub maps back onto its own API.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedjet.deploy.permissions import Permissions
+
+LEAF_SEED_VARIABLE = "fedjet_leaf_seed"
+
+
+@dataclass(frozen=True)
+class Raw:
+    """A config token written as is (a variable reference), never quoted."""
+
+    text: str
+
+
+Value = str | int | bool | Path | Raw | Sequence["Value"] | Mapping[str, "Value"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsFiles:
+    """A server's certificate, its key, the CA it trusts and whether peers must present a certificate."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    verify: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class User:
+    public_key: str
+    permissions: Permissions
+
+
+@dataclass(frozen=True, kw_only=True)
+class HubNode:
+    name: str
+    host: str
+    client_port: int
+    cluster_port: int
+    leaf_port: int
+    routes: tuple[str, ...]  # host:port of the other nodes' cluster listeners
+    cluster_name: str
+    store_dir: Path
+    jetstream_domain: str
+    tls: TlsFiles
+    users: tuple[User, ...]  # clients and the leaf nodes (leaf connections use the same users)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeafNode:
+    name: str
+    host: str
+    client_port: int
+    hub_leaf_urls: tuple[str, ...]  # host:port of every hub node's leafnode listener
+    seed_include: str  # file next to the config that defines the leaf's seed variable
+    tls: TlsFiles
+    remote_cert: bool  # present ``tls.cert`` to the hub (when the hub requires client certificates)
+    users: tuple[User, ...]
+
+
+def hub_config(node: HubNode) -> str:
+    body: dict[str, Value] = {
+        "server_name": node.name,
+        "host": node.host,
+        "port": node.client_port,
+        "tls": _tls(node.tls),
+        "jetstream": {"store_dir": node.store_dir, "domain": node.jetstream_domain},
+        "cluster": {
+            "name": node.cluster_name,
+            "host": node.host,
+            "port": node.cluster_port,
+            "routes": [f"nats-route://{route}" for route in node.routes],
+            "tls": _tls(TlsFiles(cert=node.tls.cert, key=node.tls.key, ca=node.tls.ca, verify=True)),
+        },
+        "leafnodes": {"host": node.host, "port": node.leaf_port, "tls": _tls(node.tls)},
+        "authorization": {"users": [_user(user) for user in node.users]},
+    }
+    return f"# hub node {node.name}: start with  nats-server -c THIS_FILE\n{render(body)}"
+
+
+def leaf_config(node: LeafNode) -> str:
+    remote_tls: dict[str, Value] = {"ca_file": node.tls.ca}
+    if node.remote_cert:
+        remote_tls |= {"cert_file": node.tls.cert, "key_file": node.tls.key}
+    remote: dict[str, Value] = {
+        "urls": [f"nats-leaf://{url}" for url in node.hub_leaf_urls],
+        "nkey": Raw(f"${LEAF_SEED_VARIABLE}"),
+        "tls": remote_tls,
+    }
+    body: dict[str, Value] = {
+        "server_name": node.name,
+        "host": node.host,
+        "port": node.client_port,
+        "tls": _tls(node.tls),
+        "authorization": {"users": [_user(user) for user in node.users]},
+        "leafnodes": {"remotes": [remote]},
+    }
+    header = f"# leaf node {node.name} (no JetStream): start with  nats-server -c THIS_FILE\n"
+    return f"{header}include {json.dumps(node.seed_include)}\n{render(body)}"
+
+
+def leaf_seed_include(seed: bytes) -> str:
+    """The secret part of a leaf config, kept in its own 0600 file so the config can be shared."""
+    return f"{LEAF_SEED_VARIABLE}: {json.dumps(seed.decode().strip())}\n"
+
+
+def _tls(tls: TlsFiles) -> dict[str, Value]:
+    return {"cert_file": tls.cert, "key_file": tls.key, "ca_file": tls.ca, "verify": tls.verify}
+
+
+def _user(user: User) -> dict[str, Value]:
+    return {
+        "nkey": user.public_key,
+        "permissions": {
+            "publish": _allow(user.permissions.publish),
+            "subscribe": _allow(user.permissions.subscribe),
+        },
+    }
+
+
+def _allow(subjects: tuple[str, ...]) -> dict[str, Value]:
+    """An empty allow list means *no restriction* to nats-server: write "deny everything" instead."""
+    return {"allow": list(subjects)} if subjects else {"deny": [">"]}
+
+
+def render(body: Mapping[str, Value], indent: int = 0) -> str:
+    """nats-server's config syntax: ``key: value``, ``key { ... }``, lists in brackets, quoted strings."""
+    pad = "  " * indent
+    lines = []
+    for key, value in body.items():
+        if isinstance(value, Mapping):
+            lines.append(f"{pad}{key} {{\n{render(value, indent + 1)}{pad}}}")
+        else:
+            lines.append(f"{pad}{key}: {_scalar(value, indent)}")
+    return "".join(f"{line}\n" for line in lines)
+
+
+def _scalar(value: Value, indent: int) -> str:
+    if isinstance(value, Raw):
+        return value.text
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))  # quoted: "$JS.API.>" is a subject, not a variable
+    if isinstance(value, Mapping):
+        return "{\n" + render(value, indent + 1) + "  " * indent + "}"
+    items = [_scalar(item, indent + 1) for item in value]
+    if not items:
+        return "[]"
+    inner = "  " * (indent + 1)
+    return "[\n" + "".join(f"{inner}{item}\n" for item in items) + "  " * indent + "]"

@@ -1,0 +1,130 @@
+"""Who may publish and subscribe to what: the allow lists the NATS servers enforce.
+
+Pure data, one function per role, so the JetStream API subjects a role needs can be extended
+in one place. Everything not listed is denied by the server (a permissions violation), not by
+fedjet. Each identity subscribes only under its own inbox prefix (see ``fedjet.broker.auth``):
+JetStream acks, KV reads and ordered-consumer deliveries all arrive there.
+
+Clouds and observers use the JetStream API of the hub's domain, ``$JS.<domain>.API``: it is the
+only JetStream API a client behind a leaf node can reach (a leaf denies the plain ``$JS.API.>``
+and ``$KV.>`` towards the hub), and the hub serves it to its own clients too. A KV put is
+therefore published to ``$JS.<domain>.API.$KV.<bucket>.<key>``.
+
+- a **cloud** publishes only its own update subject, its own ``stats.<cloud>`` KV key, and the
+  JetStream requests that reading global versions and the job spec need;
+- an **observer** reads global versions, the KV bucket (spec, stats) and stream info;
+- the **coordinator** does anything under the job's subjects, the JetStream API and the bucket;
+- a cloud's **leaf node** is held on the hub to what that cloud's workers may do.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from fedjet.broker.subjects import JobSubjects, check_token
+
+
+def js_api(domain: str) -> str:
+    """The JetStream API prefix of ``domain`` (``nats.jetstream(domain=...)`` uses the same)."""
+    return f"$JS.{check_token('JetStream domain', domain)}.API"
+
+
+def kv_put_subject(bucket: str, key: str, domain: str) -> str:
+    """Where a client behind a leaf node publishes a KV value (the hub maps it onto ``$KV.``)."""
+    return f"{js_api(domain)}.$KV.{bucket}.{key}"
+
+
+class Role(enum.Enum):
+    COORDINATOR = "coordinator"
+    CLOUD = "cloud"
+    OBSERVER = "observer"
+    LEAF = "leaf"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Permissions:
+    """Allow lists; an empty list allows nothing."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+
+def permissions_for(role: Role, job: str, *, inbox: str, domain: str, cloud: str | None = None) -> Permissions:
+    """The allow lists of one identity of ``job`` whose inbox prefix is ``inbox``."""
+    subjects = JobSubjects(job)
+    api = js_api(domain)
+    if role in (Role.CLOUD, Role.LEAF):
+        if cloud is None:
+            raise ValueError(f"the {role.value} role needs a cloud")
+        return _cloud(subjects, check_token("cloud", cloud), inbox, api)
+    if role is Role.OBSERVER:
+        return _observer(subjects, inbox, api)
+    return _coordinator(subjects, inbox, api)
+
+
+def _stream_read(stream: str, api: str) -> list[str]:
+    """Ordered consumers and direct / stored message gets on one stream: reading, never changing it."""
+    return [
+        f"{api}.STREAM.INFO.{stream}",
+        f"{api}.CONSUMER.CREATE.{stream}",
+        f"{api}.CONSUMER.CREATE.{stream}.>",
+        f"{api}.CONSUMER.INFO.{stream}.*",
+        f"{api}.CONSUMER.DELETE.{stream}.*",
+        f"$JS.FC.{stream}.>",  # flow-control replies of ordered consumers
+        f"{api}.DIRECT.GET.{stream}",
+        f"{api}.DIRECT.GET.{stream}.>",
+        f"{api}.STREAM.MSG.GET.{stream}",
+    ]
+
+
+def _kv_stream(subjects: JobSubjects) -> str:
+    return f"KV_{subjects.kv_bucket}"
+
+
+def _spec_read(subjects: JobSubjects, api: str) -> list[str]:
+    """Opening the bucket and reading its ``spec`` key.
+
+    A direct get names the key in the subject; the stored-message get (used while the bucket
+    is created without direct gets) names it in the body, so the server cannot narrow it.
+    """
+    kv = _kv_stream(subjects)
+    return [
+        f"{api}.STREAM.INFO.{kv}",
+        f"{api}.DIRECT.GET.{kv}.$KV.{subjects.kv_bucket}.spec",
+        f"{api}.STREAM.MSG.GET.{kv}",
+    ]
+
+
+def _cloud(subjects: JobSubjects, cloud: str, inbox: str, api: str) -> Permissions:
+    publish = [
+        subjects.update(cloud),
+        f"{api}.$KV.{subjects.kv_bucket}.stats.{cloud}",
+        f"{api}.INFO",
+        *_stream_read(subjects.global_stream, api),
+        *_spec_read(subjects, api),
+    ]
+    return Permissions(publish=tuple(publish), subscribe=(f"{inbox}.>",))
+
+
+def _observer(subjects: JobSubjects, inbox: str, api: str) -> Permissions:
+    publish = [
+        f"{api}.INFO",
+        f"{api}.STREAM.INFO.{subjects.update_stream}",
+        *_stream_read(subjects.global_stream, api),
+        *_stream_read(_kv_stream(subjects), api),
+    ]
+    return Permissions(publish=tuple(publish), subscribe=(f"{inbox}.>",))
+
+
+def _coordinator(subjects: JobSubjects, inbox: str, api: str) -> Permissions:
+    streams = (subjects.update_stream, subjects.global_stream, _kv_stream(subjects))
+    publish = [
+        f"fedjet.{subjects.job}.>",
+        "$JS.API.>",
+        f"{api}.>",
+        f"$KV.{subjects.kv_bucket}.>",
+        *(f"$JS.ACK.{stream}.>" for stream in streams),
+        *(f"$JS.FC.{stream}.>" for stream in streams),
+    ]
+    return Permissions(publish=tuple(publish), subscribe=(f"{inbox}.>", f"fedjet.{subjects.job}.>"))

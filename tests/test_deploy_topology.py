@@ -1,0 +1,373 @@
+"""The generated topology on real servers: a 3-node TLS hub with JetStream and a leaf node per cloud.
+
+Every refusal asserted here comes from nats-server itself (its error text, its log), never from a
+check inside fedjet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+import pytest
+from nats.aio.client import Client
+from nats.js import api
+
+from fedjet.broker.auth import ClientAuth
+from fedjet.broker.server import find_nats_server
+from fedjet.broker.subjects import JobSubjects
+from fedjet.deploy import Topology, TopologyConfig, generate
+from fedjet.deploy.files import write_secret
+from fedjet.deploy.identities import new_user_seed
+from fedjet.deploy.permissions import kv_put_subject
+
+JOB = "j"
+CLOUDS = ("aws", "gcp", "azure")
+SUBJECTS = JobSubjects(JOB)
+KV_STREAM = f"KV_{SUBJECTS.kv_bucket}"
+
+
+def _free_base_port(count: int, attempts: int = 50) -> int:
+    """A base port whose ``count`` successors are all free on loopback right now."""
+    rng = random.Random()
+    for _ in range(attempts):
+        base = rng.randrange(20000, 60000 - count)
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(base, base + count):
+                    sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return base
+    raise RuntimeError(f"no run of {count} free loopback ports found")
+
+
+def _port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+@dataclass
+class Cluster:
+    """The running servers of one generated topology, stopped by PID."""
+
+    topology: Topology
+    logs: Path
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, name: str) -> None:
+        server = next(s for s in self.topology.servers if s.name == name)
+        log = (self.logs / f"{name}.log").open("ab")
+        self.procs[name] = subprocess.Popen(
+            [find_nats_server(), "-c", str(server.config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def wait_listening(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        for server in self.topology.servers:
+            while True:
+                proc = self.procs[server.name]
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{server.name} exited: {self.log(server.name)[-2000:]}")
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", _port_of(server.url)), 0.5):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{server.name} is not listening: {self.log(server.name)[-2000:]}")
+                time.sleep(0.05)
+
+
+@dataclass
+class Session:
+    """One client connection and the asynchronous errors the server sent it."""
+
+    nc: Client
+    errors: list[str]
+
+    def js(self, topology: Topology) -> Any:
+        return self.nc.jetstream(domain=topology.jetstream_domain, timeout=3.0)
+
+
+@contextlib.asynccontextmanager
+async def session(topology: Topology, identity: str, *, urls: list[str] | None = None, **auth: Any):
+    errors: list[str] = []
+
+    async def on_error(e: Exception) -> None:
+        errors.append(str(e))
+
+    kwargs = topology.client_auth(identity).connect_kwargs() if not auth else ClientAuth(**auth).connect_kwargs()
+    nc = await nats.connect(
+        urls or topology.urls_for(identity),
+        error_cb=on_error,
+        connect_timeout=3,
+        reconnect_time_wait=0.2,
+        max_reconnect_attempts=50,
+        **kwargs,
+    )
+    try:
+        yield Session(nc, errors)
+    finally:
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await nc.close()
+
+
+async def _retry(action: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await action()
+        except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError) as e:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} did not succeed within {timeout}s: {type(e).__name__}: {e}") from e
+            await asyncio.sleep(0.25)
+
+
+async def _set_up_job(topology: Topology) -> None:
+    """What the coordinator does first: R3 streams, the KV bucket, the spec, one global version."""
+    common = {"storage": api.StorageType.FILE, "allow_direct": True, "num_replicas": topology.replicas}
+    async with session(topology, "coordinator") as co:
+        js = co.nc.jetstream(timeout=5.0)
+        await _retry(js.account_info, 20, "JetStream on the hub")
+        await _retry(
+            lambda: js.add_stream(api.StreamConfig(name=SUBJECTS.update_stream, subjects=[SUBJECTS.updates], **common)),
+            20,
+            "creating the updates stream",
+        )
+        global_subjects = [SUBJECTS.global_head, SUBJECTS.global_data]
+        await js.add_stream(api.StreamConfig(name=SUBJECTS.global_stream, subjects=global_subjects, **common))
+        kv = await js.create_key_value(
+            api.KeyValueConfig(bucket=SUBJECTS.kv_bucket, history=1, replicas=topology.replicas)
+        )
+        await kv.put("spec", b"the job spec")
+        await js.publish(SUBJECTS.global_head, b"global version 1")
+        assert co.errors == []
+
+
+async def _wait_leaves(topology: Topology) -> None:
+    """A leaf is ready once its cloud reaches the hub's JetStream through it."""
+    for cloud in CLOUDS:
+        async with session(topology, cloud) as s:
+            await _retry(s.js(topology).account_info, 20, f"JetStream through leaf-{cloud}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    out = tmp_path_factory.mktemp("topology")
+    config = TopologyConfig(clouds=CLOUDS, job=JOB, out=out / "deploy", base_port=_free_base_port(3 * 3 + len(CLOUDS)))
+    running = Cluster(topology=generate(config), logs=out)
+    try:
+        for server in running.topology.servers:
+            running.start(server.name)
+        running.wait_listening()
+        asyncio.run(_set_up_job(running.topology))
+        asyncio.run(_wait_leaves(running.topology))
+        yield running
+    finally:
+        pids = [proc.pid for proc in running.procs.values()]
+        running.stop_all()
+        for pid in pids:  # nothing of ours is left running
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+
+
+def test_coordinator_on_the_hub_holds_r3_streams_and_the_kv_bucket(cluster):
+    async def scenario():
+        async with session(cluster.topology, "coordinator") as co:
+            js = co.js(cluster.topology)
+            infos = [await js.stream_info(name) for name in (SUBJECTS.update_stream, SUBJECTS.global_stream, KV_STREAM)]
+            spec = await (await js.key_value(SUBJECTS.kv_bucket)).get("spec")
+            return infos, spec.value
+
+    infos, spec = asyncio.run(scenario())
+    assert [info.config.num_replicas for info in infos] == [3, 3, 3]
+    assert all(len(info.cluster.replicas or []) == 2 for info in infos)  # a leader and two followers
+    assert infos[1].state.messages >= 1
+    assert spec == b"the job spec"
+
+
+def test_cloud_on_its_leaf_publishes_its_update_and_reads_globals_and_spec(cluster):
+    topology = cluster.topology
+
+    async def scenario():
+        async with session(topology, "aws") as aws:
+            js = aws.js(topology)
+            ack = await js.publish(SUBJECTS.update("aws"), b"aws update", headers={"Nats-Msg-Id": "aws/0/1"})
+            received: asyncio.Queue[Any] = asyncio.Queue()
+            sub = await js.subscribe(
+                SUBJECTS.global_head,
+                cb=received.put,
+                ordered_consumer=True,
+                deliver_policy=api.DeliverPolicy.ALL,
+                stream=SUBJECTS.global_stream,
+            )
+            first = await asyncio.wait_for(received.get(), 5)
+            await sub.unsubscribe()
+            direct = await js.get_msg(SUBJECTS.global_stream, seq=first.metadata.sequence.stream, direct=True)
+            spec = await (await js.key_value(SUBJECTS.kv_bucket)).get("spec")
+            stats_ack = await js.publish(
+                kv_put_subject(SUBJECTS.kv_bucket, "stats.aws", topology.jetstream_domain), b"{}"
+            )
+            return ack, first.data, direct.data, spec.value, stats_ack, aws.errors
+
+    ack, first, direct, spec, stats_ack, errors = asyncio.run(scenario())
+    assert ack.stream == SUBJECTS.update_stream and ack.domain == topology.jetstream_domain
+    assert first == direct == b"global version 1"
+    assert spec == b"the job spec"
+    assert stats_ack.stream == KV_STREAM
+    assert errors == []
+
+
+def test_cloud_publishing_another_clouds_update_is_refused_by_the_server(cluster):
+    topology = cluster.topology
+
+    async def scenario():
+        async with session(topology, "aws") as aws:
+            await aws.nc.publish(SUBJECTS.update("gcp"), b"forged")
+            await aws.nc.flush()
+            with pytest.raises(nats.errors.TimeoutError):  # no PubAck: the message never reached the stream
+                await aws.js(topology).publish(SUBJECTS.update("gcp"), b"forged", timeout=1.0)
+            await asyncio.sleep(0.2)
+            return aws.errors
+
+    errors = asyncio.run(scenario())
+    assert errors, "the server sent no error"
+    assert all(f'permissions violation for publish to "{SUBJECTS.update("gcp")}"' in e.lower() for e in errors)
+    assert f'Publish Violation - Subject "{SUBJECTS.update("gcp")}"' in cluster.log("leaf-aws")
+
+    async def gcp_subject_is_empty():
+        async with session(topology, "coordinator") as co:
+            with pytest.raises(nats.js.errors.NotFoundError):
+                await co.js(topology).get_last_msg(SUBJECTS.update_stream, SUBJECTS.update("gcp"))
+
+    asyncio.run(gcp_subject_is_empty())
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        SUBJECTS.global_head,
+        SUBJECTS.global_data,
+        kv_put_subject(SUBJECTS.kv_bucket, "spec", "hub"),
+        kv_put_subject(SUBJECTS.kv_bucket, "stats.aws", "hub"),  # another cloud's stats
+        f"$JS.hub.API.STREAM.DELETE.{SUBJECTS.update_stream}",
+        f"$JS.hub.API.CONSUMER.CREATE.{SUBJECTS.update_stream}",  # no reading the other clouds' updates
+        f"$KV.{SUBJECTS.kv_bucket}.spec",
+    ],
+)
+def test_worker_cannot_publish_globals_the_spec_or_manage_streams(cluster, subject):
+    async def scenario():
+        async with session(cluster.topology, "gcp") as gcp:
+            await gcp.nc.publish(subject, b"forged")
+            await gcp.nc.flush()
+            await asyncio.sleep(0.1)
+            return gcp.errors
+
+    assert any(
+        f'permissions violation for publish to "{subject.lower()}"' in e.lower() for e in asyncio.run(scenario())
+    )
+
+
+def test_worker_cannot_listen_to_other_identities_inboxes(cluster):
+    async def scenario():
+        async with session(cluster.topology, "azure") as azure:
+            await azure.nc.subscribe("_INBOX.>")
+            await azure.nc.flush()
+            await asyncio.sleep(0.1)
+            return azure.errors
+
+    assert any('permissions violation for subscription to "_inbox.>"' in e.lower() for e in asyncio.run(scenario()))
+
+
+def test_client_without_the_ca_is_refused(cluster):
+    topology = cluster.topology
+    seed = str(topology.identities["aws"].nkey)
+
+    async def attempt(url: str) -> None:
+        await nats.connect([url], nkeys_seed=seed, connect_timeout=2, allow_reconnect=False)
+
+    for url in (topology.leaf["aws"], topology.leaf["aws"].replace("tls://", "nats://"), topology.hub[0]):
+        with pytest.raises(ssl.SSLCertVerificationError):  # the system's trust store does not know the fedjet CA
+            asyncio.run(attempt(url))
+
+
+def test_unknown_nkey_is_refused_with_an_authorization_violation(cluster, tmp_path):
+    seed = write_secret(tmp_path / "stranger" / "user.nk", new_user_seed())
+
+    kwargs = ClientAuth(nkey=str(seed), tls_ca=str(cluster.topology.ca)).connect_kwargs()
+    errors: list[str] = []
+
+    async def on_error(e: Exception) -> None:
+        errors.append(str(e))
+
+    async def attempt(url: str) -> None:
+        await nats.connect([url], connect_timeout=2, allow_reconnect=False, error_cb=on_error, **kwargs)
+
+    for url in (cluster.topology.leaf["gcp"], cluster.topology.hub[1]):
+        with pytest.raises(nats.errors.Error) as refused:
+            asyncio.run(attempt(url))
+        assert "authorization violation" in str(refused.value).lower()
+    assert "authentication error" in cluster.log("leaf-gcp")
+
+
+def test_r3_streams_keep_accepting_updates_after_a_hub_node_dies(cluster):
+    """Run last in this module: it kills hub-2 for good."""
+    topology = cluster.topology
+
+    async def scenario():
+        async with session(topology, "aws") as aws, session(topology, "coordinator") as co:
+            before = (await co.js(topology).stream_info(SUBJECTS.update_stream)).state.messages
+            cluster.stop("hub-2", signal.SIGKILL)
+            js = aws.js(topology)
+            acks = []
+            for i in range(3):
+                msg_id = f"aws/0/after-kill-{i}"
+                acks.append(
+                    await _retry(
+                        lambda i=i, msg_id=msg_id: js.publish(
+                            SUBJECTS.update("aws"), f"update {i}".encode(), headers={"Nats-Msg-Id": msg_id}
+                        ),
+                        20,
+                        "publishing with one hub node down",
+                    )
+                )
+            after = await _retry(lambda: co.js(topology).stream_info(SUBJECTS.update_stream), 20, "stream info")
+            return before, acks, after
+
+    before, acks, after = asyncio.run(scenario())
+    assert all(ack.stream == SUBJECTS.update_stream for ack in acks)
+    assert after.state.messages == before + 3
