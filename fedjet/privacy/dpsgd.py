@@ -103,8 +103,9 @@ def clip_per_example(grads: Tensors, clip: float) -> tuple[Tensors, torch.Tensor
 
 
 def _example_norms(grads: Tensors) -> torch.Tensor:
-    per_tensor = [g.reshape(g.shape[0], -1).float().norm(dim=1) for g in grads.values()]
-    return torch.stack(per_tensor).norm(dim=0)
+    per_tensor = [torch.linalg.vector_norm(g.reshape(g.shape[0], -1).float(), dim=1) for g in grads.values()]
+    norms: torch.Tensor = torch.linalg.vector_norm(torch.stack(per_tensor), dim=0)
+    return norms
 
 
 def private_gradient(
@@ -122,6 +123,8 @@ def private_gradient(
 
     Dividing by the *expected* batch size, not the drawn one, keeps the batch size itself from
     leaking (as Opacus does with Poisson sampling). An empty batch yields noise alone.
+    ``chunk`` examples are differentiated at once: small bounds memory on a CPU; on a GPU a
+    larger chunk (32–64) amortises kernel launches and is several times faster.
     """
     if not clip > 0 or noise_multiplier < 0 or not expected_batch > 0 or chunk < 1:
         raise ConfigError("need clip > 0, noise multiplier >= 0, expected batch > 0 and chunk >= 1")
@@ -191,7 +194,7 @@ class DPSGDStep:
 
     @property
     def expected_batch(self) -> float:
-        return self.sample_rate * self.records.shape[0]
+        return self.sample_rate * int(self.records.shape[0])
 
     def step(self) -> GradientStats:
         """Draw a Poisson batch, take one optimizer step on its private gradient."""
