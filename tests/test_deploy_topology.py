@@ -180,29 +180,44 @@ async def _set_up_job(topology: Topology) -> None:
 
 async def _wait_leaves(topology: Topology) -> None:
     """A leaf is ready once its cloud reaches the hub's JetStream through it."""
-    for cloud in CLOUDS:
+    for cloud in topology.leaf:
         async with session(topology, cloud) as s:
             await _retry(s.js(topology).account_info, 20, f"JetStream through leaf-{cloud}")
+
+
+@contextlib.contextmanager
+def running(config: TopologyConfig, logs: Path, edit: Callable[[Topology], None] | None = None) -> Iterator[Cluster]:
+    """Generate ``config``, start every server, and stop them all (by PID) whatever happens."""
+    topology = generate(config)
+    if edit is not None:
+        edit(topology)
+    cluster = Cluster(topology=topology, logs=logs)
+    try:
+        for server in topology.servers:
+            cluster.start(server.name)
+        cluster.wait_listening()
+        yield cluster
+    finally:
+        pids = [proc.pid for proc in cluster.procs.values()]
+        cluster.stop_all()
+        for pid in pids:  # nothing of ours is left running
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+
+
+def _config(out: Path, clouds: tuple[str, ...], **options: Any) -> TopologyConfig:
+    hub_size = options.get("hub_size", 3)
+    base_port = _free_base_port(3 * hub_size + len(clouds))
+    return TopologyConfig(clouds=clouds, job=JOB, out=out / "deploy", base_port=base_port, **options)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     out = tmp_path_factory.mktemp("topology")
-    config = TopologyConfig(clouds=CLOUDS, job=JOB, out=out / "deploy", base_port=_free_base_port(3 * 3 + len(CLOUDS)))
-    running = Cluster(topology=generate(config), logs=out)
-    try:
-        for server in running.topology.servers:
-            running.start(server.name)
-        running.wait_listening()
-        asyncio.run(_set_up_job(running.topology))
-        asyncio.run(_wait_leaves(running.topology))
-        yield running
-    finally:
-        pids = [proc.pid for proc in running.procs.values()]
-        running.stop_all()
-        for pid in pids:  # nothing of ours is left running
-            with pytest.raises(ProcessLookupError):
-                os.kill(pid, 0)
+    with running(_config(out, CLOUDS), out) as cluster:
+        asyncio.run(_set_up_job(cluster.topology))
+        asyncio.run(_wait_leaves(cluster.topology))
+        yield cluster
 
 
 def test_coordinator_on_the_hub_holds_r3_streams_and_the_kv_bucket(cluster):
@@ -342,6 +357,76 @@ def test_unknown_nkey_is_refused_with_an_authorization_violation(cluster, tmp_pa
             asyncio.run(attempt(url))
         assert "authorization violation" in str(refused.value).lower()
     assert "authentication error" in cluster.log("leaf-gcp")
+
+
+def _drop_local_permissions(topology: Topology) -> None:
+    """Simulate a compromised or misconfigured aws leaf: its aws user may do anything locally."""
+    leaf = next(s for s in topology.servers if s.name == "leaf-aws")
+    text = leaf.config.read_text()
+    start = text.index("      permissions {")
+    end = text.index("\n      }\n", start) + len("\n      }\n")
+    leaf.config.write_text(text[:start] + text[end:])
+
+
+def test_the_hub_holds_a_loosened_leaf_to_its_clouds_rights(tmp_path):
+    with running(_config(tmp_path, ("aws", "gcp"), hub_size=1), tmp_path, edit=_drop_local_permissions) as cluster:
+        topology = cluster.topology
+        assert "permissions" not in next(s for s in topology.servers if s.name == "leaf-aws").config.read_text()
+
+        async def scenario():
+            await _set_up_job(topology)
+            await _wait_leaves(topology)
+            async with session(topology, "aws") as aws, session(topology, "coordinator") as co:
+                js = aws.js(topology)
+                own = await js.publish(SUBJECTS.update("aws"), b"mine")
+                refused = []
+                for subject in (SUBJECTS.update("gcp"), SUBJECTS.global_head):
+                    with pytest.raises(nats.errors.Error):  # the hub never shows the leaf any interest there
+                        await js.publish(subject, b"forged", timeout=1.0)
+                    refused.append(subject)
+                with pytest.raises(nats.errors.Error):
+                    await js.delete_stream(SUBJECTS.global_stream)
+                overheard: list[str] = []
+
+                async def overhear(msg: Any) -> None:
+                    overheard.append(msg.subject)
+
+                await aws.nc.subscribe("_INBOX.>", cb=overhear)  # allowed by the loosened leaf itself
+                await aws.nc.flush()
+                await co.js(topology).account_info()  # the coordinator's reply crosses the hub
+                await asyncio.sleep(0.3)
+                cjs = co.js(topology)
+                counts = [
+                    (await cjs.stream_info(name)).state.messages
+                    for name in (SUBJECTS.update_stream, SUBJECTS.global_stream)
+                ]
+                return own, refused, overheard, counts
+
+        own, refused, overheard, counts = asyncio.run(scenario())
+    assert own.stream == SUBJECTS.update_stream
+    assert len(refused) == 2 and overheard == []
+    assert counts == [1, 1]  # aws's own update; the coordinator's single global
+
+
+def test_client_certificates_when_required(tmp_path):
+    config = _config(tmp_path, ("aws",), hub_size=1, observers=(), client_certs=True)
+    with running(config, tmp_path) as cluster:
+        topology = cluster.topology
+        entry = topology.identities["aws"]
+        assert entry.cert is not None and entry.cert.parent.name == "aws"
+
+        async def with_cert():
+            async with session(topology, "aws") as aws:  # the leaf presents its own certificate to the hub
+                return await _retry(aws.js(topology).account_info, 20, "JetStream through a leaf with mTLS")
+
+        async def without_cert():
+            kwargs = ClientAuth(nkey=str(entry.nkey), tls_ca=str(topology.ca)).connect_kwargs()
+            await nats.connect([topology.leaf["aws"]], connect_timeout=2, allow_reconnect=False, **kwargs)
+
+        assert asyncio.run(with_cert()) is not None
+        with pytest.raises((ssl.SSLError, nats.errors.Error, OSError)):
+            asyncio.run(without_cert())
+    assert "TLS handshake error" in cluster.log("leaf-aws")
 
 
 def test_r3_streams_keep_accepting_updates_after_a_hub_node_dies(cluster):

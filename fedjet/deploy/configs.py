@@ -78,16 +78,18 @@ def hub_config(node: HubNode) -> str:
         "port": node.client_port,
         "tls": _tls(node.tls),
         "jetstream": {"store_dir": node.store_dir, "domain": node.jetstream_domain},
-        "cluster": {
+    }
+    if node.routes:  # a hub of one node runs JetStream unclustered
+        body["cluster"] = {
             "name": node.cluster_name,
             "host": node.host,
             "port": node.cluster_port,
             "routes": [f"nats-route://{route}" for route in node.routes],
+            # routes are mutual TLS: only a node with a certificate from our CA joins the hub
             "tls": _tls(TlsFiles(cert=node.tls.cert, key=node.tls.key, ca=node.tls.ca, verify=True)),
-        },
-        "leafnodes": {"host": node.host, "port": node.leaf_port, "tls": _tls(node.tls)},
-        "authorization": {"users": [_user(user) for user in node.users]},
-    }
+        }
+    body["leafnodes"] = {"host": node.host, "port": node.leaf_port, "tls": _tls(node.tls)}
+    body["authorization"] = {"users": [user_block(user) for user in node.users]}
     return f"# hub node {node.name}: start with  nats-server -c THIS_FILE\n{render(body)}"
 
 
@@ -105,7 +107,7 @@ def leaf_config(node: LeafNode) -> str:
         "host": node.host,
         "port": node.client_port,
         "tls": _tls(node.tls),
-        "authorization": {"users": [_user(user) for user in node.users]},
+        "authorization": {"users": [user_block(user) for user in node.users]},
         "leafnodes": {"remotes": [remote]},
     }
     header = f"# leaf node {node.name} (no JetStream): start with  nats-server -c THIS_FILE\n"
@@ -121,7 +123,7 @@ def _tls(tls: TlsFiles) -> dict[str, Value]:
     return {"cert_file": tls.cert, "key_file": tls.key, "ca_file": tls.ca, "verify": tls.verify}
 
 
-def _user(user: User) -> dict[str, Value]:
+def user_block(user: User) -> dict[str, Value]:
     return {
         "nkey": user.public_key,
         "permissions": {
