@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import signal
 import sys
-from collections.abc import Callable, Coroutine
-from dataclasses import asdict
-from typing import Any
+from pathlib import Path
 
+from fedjet.config.flags import add_config_flags, config_from_args, job_config, overrides_from, parse_names, read_toml
+from fedjet.config.job import JobConfig
 from fedjet.errors import ConfigError, FedjetError, Terminated
 from fedjet.log import configure_logging
-from fedjet.options import add_aggregation_options, add_run_options, parse_clouds, run_options_from, strategy_from
+
+parse_clouds = parse_names
+AGGREGATION_FLAGS = {
+    "--strategy", "--temperature", "--alpha-async", "--staleness", "--staleness-a", "--staleness-b",
+    "--max-staleness", "--buffer-size", "--server-opt", "--server-lr", "--server-momentum",
+}  # fmt: skip
 
 
 def parse_assignments(text: str, *, kind: str) -> dict[str, str]:
@@ -21,9 +24,20 @@ def parse_assignments(text: str, *, kind: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")
-        if not sep or not name or not value:
+        if not sep or not name.strip() or not value.strip():
             raise ConfigError(f"{kind} wants CLOUD=VALUE pairs, got {part!r}")
         out[name.strip()] = value.strip()
+    return out
+
+
+def parse_factors(text: str, *, kind: str) -> dict[str, float]:
+    """``azure=3`` -> {"azure": 3.0}, with a clear error for ``azure=abc``."""
+    out = {}
+    for name, value in parse_assignments(text, kind=kind).items():
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise ConfigError(f"{kind} {name}={value}: the factor must be a number") from None
     return out
 
 
@@ -33,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="run a whole job locally: nats-server, coordinator, workers")
-    add_run_options(up)
+    add_config_flags(up)
     up.add_argument("--nats", default=None, help="use this NATS server instead of starting one")
     up.add_argument("--store", default=None, help="keep the JetStream store in DIR (for replay)")
     up.add_argument("--data", default=None, help="WikiText directory (else $FEDJET_DATA, ./data/wikitext-2)")
@@ -49,15 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
 
     coord = commands.add_parser("coordinator", help="run the coordinator service")
-    add_run_options(coord)
+    add_config_flags(coord)
     coord.add_argument("--nats", required=True, help="NATS URL")
     coord.add_argument("--keys", required=True, help="directory with coordinator.key and members' .pub")
     coord.add_argument("--idle-timeout", type=float, default=600.0)
     coord.set_defaults(func=cmd_coordinator)
 
     worker = commands.add_parser("worker", help="run one cloud's worker daemon")
+    worker.add_argument("--config", default=None, metavar="job.toml", help="take the job name from this file")
     worker.add_argument("--nats", required=True, help="NATS URL")
-    worker.add_argument("--job", required=True)
+    worker.add_argument("--job", default=None, help="job name (or give --config)")
     worker.add_argument("--cloud", required=True)
     worker.add_argument("--keys", required=True, help="directory with CLOUD.key and coordinator.pub")
     worker.add_argument("--worker-id", default="0")
@@ -90,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--eval-tokens", type=int, default=16384)
     replay.add_argument("--device", default=None)
     replay.add_argument("--no-progress", action="store_true")
-    add_aggregation_options(replay, None)
+    add_config_flags(replay, only=AGGREGATION_FLAGS, with_file=False)
     replay.set_defaults(func=cmd_replay)
 
     exp = bench_commands.add_parser("experiment", help="the paper's protocol: strategy x partition x codec")
@@ -118,15 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from fedjet.runner.replay import ReplayConfig, print_summary, run_replay
+    from fedjet.runner.replay import ReplayConfig, print_summary, replay_counterfactual, verify_recording
 
+    overrides = overrides_from(args)
     config = ReplayConfig(
         store=args.store,
         nats_url=args.nats,
         job=args.job,
         keys=args.keys,
         verify=args.verify,
-        strategy=strategy_from(args) if args.strategy else None,
+        strategy=job_config(overrides=overrides).strategy if "strategy" in overrides else None,
         from_version=args.from_version,
         until_version=args.until_version,
         report=args.report,
@@ -135,10 +151,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
     )
-    result = run_replay(config)
-    if isinstance(result, dict):
+    if config.verify:
+        result = verify_recording(config).to_dict()
         print_summary(result)
         return 1 if result["mismatches"] else 0
+    replay_counterfactual(config)
     if args.report:
         print(f"report written to {args.report}")
     return 0
@@ -192,16 +209,15 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from fedjet.runner.up import UpConfig, run_up
 
-    slowdown = {k: float(v) for k, v in parse_assignments(args.slowdown, kind="--slowdown").items()}
     config = UpConfig(
-        options=run_options_from(args),
+        job=config_from_args(args),
         nats_url=args.nats,
         store=args.store,
         data=args.data,
         report=args.report,
         eval_tokens=args.eval_tokens,
         eval_every=args.eval_every,
-        slowdown=slowdown,
+        slowdown=parse_factors(args.slowdown, kind="--slowdown"),
         links=parse_assignments(args.link, kind="--link"),
         timeout_s=args.timeout,
         device=args.device,
@@ -213,59 +229,34 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
-    from fedjet.codecs.pipeline import CodecSpec
     from fedjet.coordinator.service import Coordinator, CoordinatorConfig
-    from fedjet.data.shards import make_tokenizer
     from fedjet.keystore import coordinator_boxes
-    from fedjet.spec import JobSpec
-    from fedjet.worker.model import config_dict, initial_model, parameter_tensors, quiet_transformers
+    from fedjet.lifecycle import run_until_signalled
+    from fedjet.worker.model import initial_spec_and_weights
 
-    options = run_options_from(args)
-    CodecSpec.parse(options.codec)
-    strategy = options.strategy_config()
-    quiet_transformers()
-    tokenizer = make_tokenizer("bytes")
-    model = initial_model(options.model, vocab_size=tokenizer.vocab_size, eos_id=256, seed=options.seed)
-    spec = JobSpec(
-        job=options.job,
-        clouds=options.clouds,
-        model_config=config_dict(model),
-        train=asdict(options.train_settings()),
-        tokenizer="bytes",
-        codec=options.codec,
-        strategy=strategy.name,
-        strategy_config=strategy.to_dict(),
-        synchronous=strategy.synchronous,
-        update_kind=strategy.update_kind,
-        delta_reference=strategy.delta_reference,
-        partition=options.partition,
-        alpha=options.alpha,
-        seed=options.seed,
-        observers=options.observers,
-    )
+    job = config_from_args(args)
+    spec, weights = initial_spec_and_weights(job)
     coordinator = Coordinator(
         CoordinatorConfig(
             nats_url=args.nats,
             spec=spec,
             boxes=coordinator_boxes(args.keys, [*spec.clouds, *spec.observers]),
-            strategy=strategy,
-            policy=options.round_policy(),
-            rounds=options.rounds,
-            max_updates=options.max_updates,
             idle_timeout_s=args.idle_timeout,
-            rebalance_every=options.rebalance_every,
         )
     )
-    return _serve(lambda: coordinator.run(parameter_tensors(model)), coordinator.stop)
+    asyncio.run(run_until_signalled(lambda: coordinator.run(weights), coordinator.stop))
+    return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from fedjet.lifecycle import serve
     from fedjet.worker.daemon import Worker, WorkerConfig
 
+    job = args.job or _job_from_file(args.config)
     worker = Worker(
         WorkerConfig(
             nats_url=args.nats,
-            job=args.job,
+            job=job,
             cloud=args.cloud,
             keys=args.keys,
             worker_id=args.worker_id,
@@ -274,29 +265,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
             device=args.device,
         )
     )
-    return _serve(worker.run, worker.stop)
-
-
-def _serve(main: Callable[[], Coroutine[Any, Any, Any]], stop: Callable[[], None]) -> int:
-    """Run a service; SIGTERM/SIGINT stop it: flags first (so threads finish their step), then
-    the main task is cancelled and its cleanup (drain, close, final stats) runs."""
-
-    async def runner() -> None:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-
-        def on_signal() -> None:
-            stop()
-            task.cancel()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
-        with contextlib.suppress(asyncio.CancelledError):
-            await main()
-
-    asyncio.run(runner())
+    asyncio.run(serve(worker))
     return 0
+
+
+def _job_from_file(path: str | None) -> str:
+    if path is None:
+        raise ConfigError("give --job NAME or --config job.toml")
+    job = read_toml(Path(path)).get("job")
+    if not isinstance(job, str):
+        raise ConfigError(f'--config {path} names no job (a top-level job = "NAME")')
+    return JobConfig(job=job).job
 
 
 def main(argv: list[str] | None = None) -> int:

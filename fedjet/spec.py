@@ -1,53 +1,52 @@
 """The job spec: everything a worker must agree on with the coordinator, published once.
 
-The coordinator writes it to the job's KV bucket; workers read it instead of being configured
-one by one, so three clouds cannot drift apart on model, codec or training settings.
+It carries the typed :class:`JobConfig` plus what the coordinator derived from it (the model's
+architecture, the tokenizer, and the traits of the chosen strategy that workers act on). The
+coordinator writes it, signed, to the job's KV bucket; workers read it instead of being
+configured one by one, so three clouds cannot drift apart on model, codec or training settings.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from fedjet.broker.subjects import check_token
 from fedjet.codecs import crypto
 from fedjet.codecs.crypto import Identity, PublicIdentity
+from fedjet.config.job import JobConfig, PartitionConfig, StopConfig, StrategyConfig, TrainConfig
+from fedjet.config.wire import WireError, from_wire, to_wire
 from fedjet.errors import ConfigError, SchemaError
 
-PARTITIONS = ("fixed", "noniid", "dynamic")
-SPEC_VERSION = 1
+SPEC_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: the flat layout of the first batch (stores it recorded replay)
 
 
 @dataclass(frozen=True, kw_only=True)
 class JobSpec:
-    job: str
-    clouds: tuple[str, ...]
+    config: JobConfig
     model_config: dict[str, Any]
-    train: dict[str, Any]
     tokenizer: str = "bytes"
-    codec: str = "dense"
-    strategy: str = "fedavg"
-    strategy_config: dict[str, Any] = field(default_factory=dict)  # StrategyConfig.to_dict()
     synchronous: bool = True
     update_kind: str = "delta"
     delta_reference: str = "base"
-    partition: str = "fixed"
-    alpha: float = 0.5
-    seed: int = 0
-    observers: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        check_token("job", self.job)
-        if not self.clouds:
-            raise ConfigError("a job needs at least one cloud")
-        if len(set(self.clouds)) != len(self.clouds):
-            raise ConfigError(f"cloud names must be unique: {self.clouds}")
-        for cloud in (*self.clouds, *self.observers):
-            check_token("cloud", cloud)
-        if self.partition not in PARTITIONS:
-            raise ConfigError(f"--partition must be one of {PARTITIONS}, got {self.partition!r}")
+    @property
+    def job(self) -> str:
+        return self.config.job
+
+    @property
+    def clouds(self) -> tuple[str, ...]:
+        return self.config.clouds
+
+    @property
+    def observers(self) -> tuple[str, ...]:
+        return self.config.observers
+
+    @property
+    def strategy(self) -> StrategyConfig:
+        return self.config.strategy
 
     def cloud_index(self, cloud: str) -> int:
         try:
@@ -55,8 +54,12 @@ class JobSpec:
         except ValueError as e:
             raise ConfigError(f"cloud {cloud!r} is not part of job {self.job} {self.clouds}") from e
 
+    def same_job(self, other: JobSpec) -> bool:
+        """Equal but for the stop conditions (a restart may extend a job's rounds)."""
+        return _without_stop(self).to_bytes() == _without_stop(other).to_bytes()
+
     def to_bytes(self) -> bytes:
-        return json.dumps({"spec_version": SPEC_VERSION, **asdict(self)}, sort_keys=True).encode()
+        return json.dumps({"spec_version": SPEC_VERSION, **to_wire(self)}, sort_keys=True).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> JobSpec:
@@ -64,16 +67,34 @@ class JobSpec:
             raw = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SchemaError(f"job spec is not JSON: {e}") from e
-        if not isinstance(raw, dict) or raw.pop("spec_version", None) != SPEC_VERSION:
+        if not isinstance(raw, dict) or raw.get("spec_version") not in READABLE_VERSIONS:
             raise SchemaError("job spec has an unknown version")
-        known = set(cls.__dataclass_fields__)
-        fields = {k: v for k, v in raw.items() if k in known}
         try:
-            fields["clouds"] = tuple(fields["clouds"])
-            fields["observers"] = tuple(fields.get("observers", ()))
-            return cls(**fields)
-        except (KeyError, TypeError) as e:
-            raise SchemaError(f"job spec is incomplete: {e}") from e
+            if raw["spec_version"] == 1:
+                raw = _upgrade_v1(raw)
+            return from_wire(cls, raw)
+        except (WireError, KeyError, TypeError) as e:
+            raise SchemaError(f"job spec is unusable: {e}") from e
+
+
+def _without_stop(spec: JobSpec) -> JobSpec:
+    return replace(spec, config=replace(spec.config, stop=StopConfig()))
+
+
+def _upgrade_v1(raw: dict[str, Any]) -> dict[str, Any]:
+    """The first batch's flat spec as a version 2 one."""
+    config = JobConfig(
+        job=raw["job"],
+        clouds=tuple(raw["clouds"]),
+        observers=tuple(raw.get("observers", ())),
+        seed=int(raw.get("seed", 0)),
+        codec=raw.get("codec", "dense"),
+        strategy=from_wire(StrategyConfig, raw.get("strategy_config") or {"name": raw.get("strategy", "fedavg")}),
+        train=from_wire(TrainConfig, raw.get("train", {})),
+        partition=PartitionConfig(scheme=raw.get("partition", "fixed"), alpha=float(raw.get("alpha", 0.5))),
+    )
+    keep = ("model_config", "tokenizer", "synchronous", "update_kind", "delta_reference", "extra")
+    return {"config": to_wire(config), **{k: raw[k] for k in keep if k in raw}}
 
 
 def sign_spec(spec: JobSpec, coordinator: Identity) -> bytes:

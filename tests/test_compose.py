@@ -5,6 +5,7 @@ from __future__ import annotations
 import yaml
 
 from fedjet.cli import build_parser
+from fedjet.config.flags import config_from_args
 from tests.conftest import REPO
 
 
@@ -27,9 +28,9 @@ def test_every_fedjet_command_in_compose_parses_with_the_real_cli():
         if name == "nats":
             continue
         parsed[name] = parser.parse_args(service["command"])
-    assert parsed["coordinator"].command == "coordinator" and parsed["coordinator"].codec == "topk:0.01+int8"
-    clouds = parsed["coordinator"].clouds
+    job = config_from_args(parsed["coordinator"])
+    assert parsed["coordinator"].command == "coordinator" and job.codec == "topk:0.01+int8"
     workers = {p.cloud for n, p in parsed.items() if n.startswith("worker-")}
-    assert workers == set(clouds)
-    assert all(p.job == parsed["coordinator"].job for n, p in parsed.items() if n.startswith("worker-"))
-    assert parsed["keys"].clouds == clouds
+    assert workers == set(job.clouds)
+    assert all(p.job == job.job for n, p in parsed.items() if n.startswith("worker-"))
+    assert parsed["keys"].clouds == job.clouds

@@ -13,9 +13,8 @@ from fedjet.codecs import crypto
 from fedjet.codecs.crypto import COORDINATOR, Boxes, Identity
 from fedjet.codecs.messages import Update, UpdateHeader, encode_update
 from fedjet.codecs.pipeline import CodecSpec
-from fedjet.coordinator.rounds import RoundPolicy
+from fedjet.config.job import JobConfig, StopConfig, TrainConfig
 from fedjet.coordinator.service import Coordinator, CoordinatorConfig
-from fedjet.coordinator.strategies import StrategyConfig
 from fedjet.spec import JobSpec
 
 CLOUDS = ("aws", "gcp")
@@ -37,24 +36,17 @@ def sealed_update(boxes: Boxes, cloud: str, seq: int, value: float) -> bytes:
 
 def test_hostile_traffic_is_rejected_counted_and_the_round_still_completes(nats_url):
     coord, members = make_parties()
-    spec = JobSpec(job="live", clouds=CLOUDS, model_config={}, train={"local_steps": 1}, codec="topk:0.5+int8")
-    coordinator = Coordinator(
-        CoordinatorConfig(
-            nats_url=nats_url,
-            spec=spec,
-            boxes=coord,
-            strategy=StrategyConfig(name="fedavg"),
-            policy=RoundPolicy(clouds=CLOUDS),
-            rounds=1,
-            idle_timeout_s=30,
-        )
-    )
+    job = JobConfig(
+        job="live", clouds=CLOUDS, observers=(), codec="topk:0.5+int8",
+        train=TrainConfig(local_steps=1), stop=StopConfig(rounds=1),
+    )  # fmt: skip
+    spec = JobSpec(config=job, model_config={})
+    coordinator = Coordinator(CoordinatorConfig(nats_url=nats_url, spec=spec, boxes=coord, idle_timeout_s=30))
     subjects = JobSubjects("live")
 
     async def attack_then_behave(nc):
         js = nc.jetstream()
-        while coordinator.last_head is None:  # the coordinator created the streams and v0
-            await asyncio.sleep(0.05)
+        await asyncio.wait_for(coordinator.serving.wait(), 30)  # the streams and v0 exist
 
         async def send(subject_cloud: str, data: bytes, blob_id: str) -> None:
             await publish_blob(js, subjects.update(subject_cloud), data, blob_id=blob_id, max_payload=nc.max_payload)
@@ -72,15 +64,15 @@ def test_hostile_traffic_is_rejected_counted_and_the_round_still_completes(nats_
         try:
             task = asyncio.create_task(coordinator.run(dict(WEIGHTS)))
             await attack_then_behave(nc)
-            counters = await asyncio.wait_for(task, 60)
+            ledger = await asyncio.wait_for(task, 60)
             info = await nc.jetstream().consumer_info(subjects.update_stream, subjects.coordinator_durable)
         finally:
             await close_quietly(nc)
-        return counters, info
+        return ledger, info
 
-    counters, info = asyncio.run(scenario())
-    assert counters.applied == 2
-    assert counters.rejected == {
+    ledger, info = asyncio.run(scenario())
+    assert ledger.applied == 2
+    assert ledger.rejected == {
         "BlobError": 1,
         "DecodeError": 1,
         "AuthenticationError": 1,

@@ -13,13 +13,12 @@ from fedjet.codecs.messages import (
     Update,
     UpdateHeader,
     decode_global,
-    decode_meta,
     decode_update,
     encode_global,
-    encode_meta,
     encode_update,
 )
 from fedjet.codecs.pipeline import CodecSpec
+from fedjet.codecs.record import ContributionRecord, VersionRecord
 from fedjet.errors import CodecError, DecodeError, LimitError, SchemaError, ValidationError
 
 LIMITS = Limits()
@@ -51,13 +50,27 @@ def test_dense_update_round_trips_exactly():
 
 def test_global_round_trips_and_its_record_too():
     version = GlobalVersion(GlobalHeader(job="j", version=4, hash="ab", final=True), tensors())
-    back = decode_global(encode_global(version), LIMITS)
-    assert back.header == version.header
+    payload, header = encode_global(version)
+    back = decode_global(payload, LIMITS)
+    assert back.header == version.header == header
     assert all(torch.equal(back.tensors[n], t) for n, t in version.tensors.items())
-    meta = {"train_loss": 1.5, "contributions": [{"cloud": "aws", "stream_seq": 3}]}
-    assert decode_meta(encode_meta(meta)) == meta
+    record = VersionRecord(
+        strategy="fedavg",
+        contributions=(ContributionRecord(cloud="aws", seq=1, stream_seq=3, base=0, staleness=0, samples=8, loss=1.5),),
+        train_loss=1.5,
+    )
+    assert VersionRecord.from_bytes(record.to_bytes()) == record
     with pytest.raises(SchemaError):
-        decode_meta(msgpack.packb([1]))
+        VersionRecord.from_bytes(msgpack.packb([1]))
+    with pytest.raises(SchemaError):  # tolerant of unknown keys, strict on types
+        VersionRecord.from_bytes(msgpack.packb({"strategy": "fedavg", "bytes_up": "many"}))
+    assert VersionRecord.from_bytes(msgpack.packb({"strategy": "x", "new_field": 1})).strategy == "x"
+
+
+def test_a_first_batch_record_reads_with_its_flat_progress():
+    flat = {"strategy": "fedavg", "contributions": [], "applied_total": 4, "applied_through": 9, "resume_from": 7}
+    record = VersionRecord.from_bytes(msgpack.packb({**flat, "guard": {"aws/0": 12}, "rejected": {"BlobError": 1}}))
+    assert record.progress.applied_through == 9 and record.progress.guard == {"aws/0": 12}
 
 
 def test_unknown_format_version_is_a_schema_error():
@@ -126,8 +139,9 @@ def test_global_delta_carries_only_changed_values_and_rebuilds_exactly():
     new["w"].view(-1)[torch.randperm(10_000, generator=gen)[:150]] += 0.25
     new["b"][3] = -0.0  # same value as 0.0, different bits: must still count as a change
     header = GlobalHeader(job="j", version=5, hash=weights_hash(new))
-    delta = encode_global(GlobalVersion(header, new), base, base_version=4)
-    full = encode_global(GlobalVersion(header, new))
+    delta, delta_header = encode_global(GlobalVersion(header, new), base, base_version=4)
+    full, full_header = encode_global(GlobalVersion(header, new))
+    assert delta_header.delta_from == 4 and full_header.delta_from == -1
     assert len(delta) * 10 < len(full)
     back = decode_global(delta, LIMITS, base)
     assert back.header.delta_from == 4 and weights_hash(back.tensors) == header.hash

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fedjet.config.job import TrainConfig
 from fedjet.data.batches import BatchSampler, encode_articles, eval_windows
 from fedjet.data.tokenizer import ByteTokenizer
 from fedjet.data.wikitext import load_directory
@@ -16,7 +17,7 @@ from fedjet.worker.model import (
     model_from_config,
     parameter_tensors,
 )
-from fedjet.worker.train import LocalTrainer, TrainSettings, evaluate
+from fedjet.worker.train import LocalTrainer, evaluate
 
 
 def test_tiny_preset_is_about_one_to_two_million_parameters():
@@ -57,7 +58,7 @@ def test_local_training_lowers_loss_on_wikitext(data_dir):
     corpus = load_directory(data_dir)
     tok = ByteTokenizer()
     tokens = encode_articles(corpus.train[:5], tok)
-    settings = TrainSettings(local_steps=15, batch_size=4, seq_len=64, lr=3e-3)
+    settings = TrainConfig(local_steps=15, batch_size=4, seq_len=64, lr=3e-3)
     model = initial_model("tiny", vocab_size=257, eos_id=256, seed=0)
     windows = eval_windows(encode_articles(corpus.eval[:3], tok), 64, 2048)
     before = evaluate(model, windows, torch.device("cpu"))

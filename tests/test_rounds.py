@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from fedjet.coordinator.rounds import Batcher, RoundPolicy
+from fedjet.config.job import JobConfig, RoundConfig
+from fedjet.coordinator.rounds import Batcher
 from fedjet.errors import ConfigError, StaleUpdateError
 
 CLOUDS = ("aws", "gcp", "azure")
 
 
 def test_sync_round_waits_for_every_cloud():
-    b = Batcher(mode="sync", policy=RoundPolicy(clouds=CLOUDS))
+    b = Batcher(synchronous=True, clouds=CLOUDS)
     b.start_round(0.0)
     b.offer("aws", 0, "a")
     b.offer("gcp", 0, "g")
@@ -22,7 +23,7 @@ def test_sync_round_waits_for_every_cloud():
 
 
 def test_deadline_closes_a_round_with_a_quorum_only():
-    b = Batcher(mode="sync", policy=RoundPolicy(clouds=CLOUDS, quorum=2, deadline_s=5.0))
+    b = Batcher(synchronous=True, clouds=CLOUDS, policy=RoundConfig(quorum=2, deadline_s=5.0))
     b.start_round(10.0)
     b.offer("aws", 0, "a")
     assert not b.ready(16.0)  # deadline passed but only one cloud
@@ -31,10 +32,10 @@ def test_deadline_closes_a_round_with_a_quorum_only():
 
 
 def test_late_updates_are_dropped_or_carried_as_stale():
-    drop = Batcher(mode="sync", policy=RoundPolicy(clouds=CLOUDS, late="drop"))
+    drop = Batcher(synchronous=True, clouds=CLOUDS, policy=RoundConfig(late="drop"))
     with pytest.raises(StaleUpdateError, match="late"):
         drop.offer("azure", 1, "old")
-    carry = Batcher(mode="sync", policy=RoundPolicy(clouds=CLOUDS, late="carry"))
+    carry = Batcher(synchronous=True, clouds=CLOUDS, policy=RoundConfig(late="carry"))
     carry.offer("azure", 1, "old")
     assert carry.pending_items() == ["old"]
     assert carry.offer("azure", 0, "fresh") == "old"  # the fresh update replaces the carried one
@@ -44,7 +45,7 @@ def test_late_updates_are_dropped_or_carried_as_stale():
 
 
 def test_buffers_release_k_updates_in_arrival_order():
-    b = Batcher(mode="buffer", policy=RoundPolicy(clouds=CLOUDS), size=2)
+    b = Batcher(synchronous=False, clouds=CLOUDS, size=2)
     b.offer("aws", 0, 1)
     assert not b.ready(0)
     b.offer("aws", 1, 2)
@@ -53,9 +54,9 @@ def test_buffers_release_k_updates_in_arrival_order():
 
 
 def test_policy_flags_are_validated():
-    with pytest.raises(ConfigError):
-        RoundPolicy(clouds=CLOUDS, quorum=4)
-    with pytest.raises(ConfigError):
-        RoundPolicy(clouds=CLOUDS, late="keep")
-    with pytest.raises(ConfigError):
-        RoundPolicy(clouds=CLOUDS, deadline_s=0)
+    with pytest.raises(ConfigError, match="quorum"):
+        JobConfig(clouds=CLOUDS, round=RoundConfig(quorum=4))
+    with pytest.raises(ConfigError, match="late"):
+        RoundConfig(late="keep")
+    with pytest.raises(ConfigError, match="deadline"):
+        RoundConfig(deadline_s=0)

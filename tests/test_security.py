@@ -24,15 +24,15 @@ from fedjet.codecs.messages import (
     Update,
     UpdateHeader,
     decode_global,
-    decode_meta,
     encode_global,
-    encode_meta,
     encode_update,
     open_sealed_update,
 )
 from fedjet.codecs.pipeline import CodecSpec
-from fedjet.coordinator.strategies import Aggregator, StrategyConfig
-from fedjet.coordinator.validate import to_contribution
+from fedjet.codecs.record import VersionRecord
+from fedjet.config.job import JobConfig
+from fedjet.coordinator.admission import Admission
+from fedjet.coordinator.strategies import Aggregator
 from fedjet.errors import (
     AuthenticationError,
     CodecError,
@@ -57,7 +57,7 @@ def parties():
 
 
 WEIGHTS = {"w": torch.zeros(40, 10), "b": torch.zeros(10)}
-SPEC = JobSpec(job="j", clouds=CLOUDS, model_config={}, train={"local_steps": 1})
+SPEC = JobSpec(config=JobConfig(job="j", clouds=CLOUDS), model_config={})
 
 
 def update_frame(cloud="aws", seq=1, codec="topk:0.1+int8", tensors=None) -> bytes:
@@ -68,12 +68,11 @@ def update_frame(cloud="aws", seq=1, codec="topk:0.1+int8", tensors=None) -> byt
 
 
 def accept(envelope: bytes, coord: Boxes, subject_cloud: str = "aws", guard: ReplayGuard | None = None):
-    """The coordinator's whole acceptance path for bytes from an update subject."""
-    update = open_sealed_update(envelope, coord, subject_cloud, LIMITS)
-    (guard or ReplayGuard()).check(update.header.cloud, update.header.worker, update.header.seq)
-    contribution = to_contribution(update, subject_cloud, SPEC, StrategyConfig(), WEIGHTS)
-    Aggregator(StrategyConfig(), dict(WEIGHTS)).admissible(update.header.base_version)
-    return contribution
+    """The coordinator's whole acceptance path for bytes from an update subject (the very
+    admission the live service and replay call)."""
+    aggregator = Aggregator(SPEC.strategy, dict(WEIGHTS))
+    admission = Admission(SPEC, coord, LIMITS)
+    return admission.admit(envelope, subject_cloud, WEIGHTS, aggregator.admissible, guard or ReplayGuard()).contribution
 
 
 def test_sealed_update_round_trips_and_names_its_sender(parties):
@@ -127,12 +126,11 @@ def test_nan_and_wrong_shape_updates_are_validation_errors(parties):
 def test_signed_encrypted_global_verifies_and_tampering_is_detected(parties):
     coord, members = parties
     version = GlobalVersion(GlobalHeader(job="j", version=3, hash="h"), dict(WEIGHTS))
-    sealed = crypto.seal_global(encode_global(version), encode_meta({"round": 3}), coord, list(CLOUDS))
+    payload, header = encode_global(version)
+    record = VersionRecord(strategy="fedavg", rejected_total=3)
+    sealed = crypto.seal_global(payload, record.to_bytes(), coord, list(CLOUDS))
     head = GlobalHead(
-        job="j",
-        version=3,
-        hash="h",
-        final=False,
+        header=header,
         first_seq=1,
         last_seq=2,
         size=len(sealed.ciphertext),
@@ -145,8 +143,8 @@ def test_signed_encrypted_global_verifies_and_tampering_is_detected(parties):
     opened = crypto.open_global(sealed.ciphertext, head.keys["gcp"], members["gcp"])
     assert decode_global(opened, LIMITS).header.version == 3
     key = crypto.open_version_key(head.keys["gcp"], members["gcp"])
-    assert decode_meta(crypto.open_secret(head.meta, key)) == {"round": 3}
-    assert b"round" not in signed  # the record travels encrypted
+    assert VersionRecord.from_bytes(crypto.open_secret(head.meta, key)) == record
+    assert b"rejected_total" not in signed  # the record travels encrypted
     forged = bytearray(signed)
     forged[-5] ^= 1
     with pytest.raises(AuthenticationError):

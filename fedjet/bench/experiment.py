@@ -13,13 +13,14 @@ import json
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 from typing import Any
 
-from fedjet.coordinator.strategies import STRATEGIES
-from fedjet.options import RunOptions
+from fedjet.config.flags import job_config
+from fedjet.config.job import STRATEGIES, JobConfig, StrategyConfig
+from fedjet.coordinator.strategies import Strategy, strategy_for
 from fedjet.report import Report
 from fedjet.runner.up import UpConfig, run_up
 
@@ -41,7 +42,7 @@ class ExperimentConfig:
     seed: int = 0
     data: str | None = None
     eval_tokens: int = 16384
-    extra: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-strategy flag overrides
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-strategy JobConfig overrides (nested)
 
     @classmethod
     def preset(cls, quick: bool, out: Path, **overrides: Any) -> ExperimentConfig:
@@ -55,21 +56,27 @@ def cell_name(strategy: str, partition: str, codec: str) -> str:
     return f"{strategy}/{partition}/{codec}"
 
 
-def cell_options(config: ExperimentConfig, strategy: str, partition: str, codec: str) -> RunOptions:
+def cell_options(config: ExperimentConfig, strategy: str, partition: str, codec: str) -> JobConfig:
     updates = config.rounds * 3  # the same applied updates for every rule
     slug = codec.replace(":", "").replace("+", "-").replace(".", "")
-    options = RunOptions(
-        job=f"exp-{strategy}-{partition}-{slug}-{int(time.time())}",
-        rounds=config.rounds if strategy in ("fedavg", "dynamic", "gradient") else None,
-        max_updates=updates,
-        model=config.model,
-        seed=config.seed,
-        codec=codec,
-        strategy=strategy,
-        partition=partition,
-        local_steps=config.local_steps,
-    )
-    return replace(options, **config.extra.get(strategy, {}))
+    synchronous = _strategy(strategy).synchronous
+    overrides: dict[str, Any] = {
+        "job": f"exp-{strategy}-{partition}-{slug}-{int(time.time())}",
+        "model": config.model,
+        "seed": config.seed,
+        "codec": codec,
+        "strategy": {"name": strategy},
+        "partition": {"scheme": partition},
+        "train": {"local_steps": config.local_steps},
+        "stop": {"rounds": config.rounds if synchronous else None, "max_updates": updates},
+    }
+    for key, value in config.extra.get(strategy, {}).items():
+        overrides[key] = {**overrides.get(key, {}), **value} if isinstance(value, dict) else value
+    return job_config(overrides=overrides)
+
+
+def _strategy(name: str) -> Strategy:
+    return strategy_for(StrategyConfig(name=name))
 
 
 def run_experiment(config: ExperimentConfig, log: Any = print) -> dict[str, Any]:
@@ -80,7 +87,7 @@ def run_experiment(config: ExperimentConfig, log: Any = print) -> dict[str, Any]
         name = cell_name(strategy, partition, codec)
         log(f"== {name}")
         up = UpConfig(
-            options=cell_options(config, strategy, partition, codec),
+            job=cell_options(config, strategy, partition, codec),
             data=config.data,
             eval_tokens=config.eval_tokens,
             eval_every=3 if strategy == "async" else 1,  # evaluate at the same update counts

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from fedjet.errors import ConfigError
+from fedjet.config.names import check_token
 
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-def check_token(kind: str, value: str) -> str:
-    """Job and cloud names become subject tokens and stream names: keep them plain."""
-    if not _NAME.fullmatch(value):
-        raise ConfigError(f"{kind} name {value!r} must match [A-Za-z0-9_-]{{1,64}}")
-    return value
+__all__ = ["JobSubjects", "check_token"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +45,14 @@ class JobSubjects:
     def kv_bucket(self) -> str:
         """Job spec, per-cloud stats and heartbeats."""
         return f"fedjet-{self.job}"
+
+    # Keys of the KV bucket, named once.
+    spec_key = "spec"
+
+    @staticmethod
+    def stats_key(cloud: str) -> str:
+        """A worker's own figures for the report."""
+        return f"stats.{check_token('cloud', cloud)}"
 
     @property
     def coordinator_durable(self) -> str:

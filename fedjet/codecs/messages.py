@@ -146,30 +146,19 @@ def open_sealed_update(envelope: bytes, boxes: Boxes, subject_cloud: str, limits
     return update
 
 
-def encode_meta(meta: dict[str, Any]) -> bytes:
-    return msgpack.packb(meta, use_bin_type=True)
-
-
-def decode_meta(data: bytes) -> dict[str, Any]:
-    try:
-        meta = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=MAX_HEAD_BYTES)
-    except (msgpack.UnpackException, ValueError, TypeError, OverflowError) as e:
-        raise DecodeError(f"version record is not msgpack: {type(e).__name__}") from e
-    if not isinstance(meta, dict):
-        raise SchemaError("version record must be a map")
-    return meta
-
-
-def encode_global(version: GlobalVersion, base: dict[str, torch.Tensor] | None = None, base_version: int = -1) -> bytes:
+def encode_global(
+    version: GlobalVersion, base: dict[str, torch.Tensor] | None = None, base_version: int = -1
+) -> tuple[bytes, GlobalHeader]:
     """Dense float32 weights, or, when ``base`` is given and it is less than half the size, only
-    the values that changed since ``base`` (sent as the new values, so rebuilding is exact)."""
+    the values that changed since ``base`` (sent as the new values, so rebuilding is exact).
+    Returns the frame and the header it carries (which says what was decided)."""
     if base is not None:
         entries = delta_entries(version.tensors, base)
         if entries is not None:
             header = replace(version.header, delta_from=base_version)
-            return pack_frame("global", asdict(header), entries)
+            return pack_frame("global", asdict(header), entries), header
     header = replace(version.header, delta_from=-1)
-    return pack_frame("global", asdict(header), compress(version.tensors, CodecSpec.dense()).entries)
+    return pack_frame("global", asdict(header), compress(version.tensors, CodecSpec.dense()).entries), header
 
 
 def delta_entries(new: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> list[dict[str, Any]] | None:
@@ -226,24 +215,47 @@ def decode_global(data: bytes, limits: Limits, base: dict[str, torch.Tensor] | N
 
 @dataclass(frozen=True, kw_only=True)
 class GlobalHead:
-    """The small signed message announcing a global version: where its encrypted weights sit,
-    their digest, and the version key sealed to each member."""
+    """The small signed message announcing a global version: its header (identity and hash),
+    where its encrypted weights sit, their digest, and the version key sealed to each member.
+    On the wire the header's fields sit flat beside the others."""
 
-    job: str
-    version: int
-    hash: str
-    final: bool
+    header: GlobalHeader
     first_seq: int
     last_seq: int
     size: int
     sha256: str
+    blob_id: str = ""  # the chunks' blob id: chunks in the range with another id are foreign
     keys: dict[str, bytes] = field(default_factory=dict)
-    meta: bytes = b""  # encrypted with the version key: see ``encode_meta``
-    delta_from: int = -1  # the weights are a lossless delta on top of this version
+    meta: bytes = b""  # the VersionRecord, encrypted with the version key
     prev_head_seq: int = 0  # stream sequence of the previous version's head (walk back to a snapshot)
 
+    @property
+    def job(self) -> str:
+        return self.header.job
+
+    @property
+    def version(self) -> int:
+        return self.header.version
+
+    @property
+    def hash(self) -> str:
+        return self.header.hash
+
+    @property
+    def final(self) -> bool:
+        return self.header.final
+
+    @property
+    def delta_from(self) -> int:
+        return self.header.delta_from
+
+    def as_final(self) -> GlobalHead:
+        """The same version re-announced as the last one (a job stopped early)."""
+        return replace(self, header=replace(self.header, final=True))
+
     def sign(self, coordinator: Identity) -> bytes:
-        body = msgpack.packb({"hv": 1, **asdict(self)}, use_bin_type=True)
+        fields = {k: v for k, v in asdict(self).items() if k != "header"}
+        body = msgpack.packb({"hv": 1, **asdict(self.header), **fields}, use_bin_type=True)
         return crypto.sign(body, coordinator)
 
     @classmethod
@@ -261,16 +273,13 @@ class GlobalHead:
         if not all(isinstance(k, str) and isinstance(v, bytes) for k, v in keys.items()):
             raise SchemaError("global head keys must map member names to bytes")
         return cls(
-            job=read(raw, "job", str),
-            version=read(raw, "version", int),
-            hash=read(raw, "hash", str),
-            final=read(raw, "final", bool),
+            header=GlobalHeader.from_wire({**raw, "final": read(raw, "final", bool)}),
             first_seq=read(raw, "first_seq", int),
             last_seq=read(raw, "last_seq", int),
             size=read(raw, "size", int),
             sha256=read(raw, "sha256", str),
+            blob_id=read(raw, "blob_id", str, default=""),
             keys=keys,
             meta=read(raw, "meta", bytes, default=b""),
-            delta_from=read(raw, "delta_from", int, default=-1),
             prev_head_seq=read(raw, "prev_head_seq", int, default=0),
         )

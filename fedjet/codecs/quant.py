@@ -10,10 +10,10 @@ import math
 
 import numpy as np
 
+from fedjet.config.codec import DEFAULT_CHUNK
 from fedjet.errors import DecodeError
 
 LEVELS = {"int8": 127, "int4": 7}
-DEFAULT_CHUNK = 256
 
 
 def quantize(values: np.ndarray, bits: str, chunk: int = DEFAULT_CHUNK) -> tuple[bytes, bytes]:

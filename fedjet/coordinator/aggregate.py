@@ -9,6 +9,11 @@ Every rule is written as a *pseudo-gradient* ``g`` that a server optimizer then 
 * async (4): ``g = -alpha*s(tau)*(w_i - w)``          with ``w_i = w_base + delta_i``
 * FedBuff: ``g = -mean(s(tau_i) * delta_i)``          scaled by the server lr ``eta_g``
 
+When is this the paper's formula? Exactly when the server optimizer is SGD with lr 1 and every
+delta was measured from the current global ``w_t`` (a synchronous round with no carried late
+update): then ``w - 1 * g`` is formula 1, 2 or 4 term by term. Any other server lr, momentum,
+Adam, or a stale base generalizes it (DiLoCo's outer Nesterov, FedAdam, FedAsync).
+
 Sums run in the order given (the coordinator passes JetStream sequence order), so the same
 inputs always give bit-identical weights.
 """
@@ -22,9 +27,11 @@ from dataclasses import dataclass
 import torch
 
 from fedjet.codecs.sparse import TensorLike, add_scaled_
+from fedjet.config.job import Staleness
 from fedjet.errors import AggregationError, ConfigError
 
 Weights = dict[str, torch.Tensor]
+__all__ = ["Contribution", "Staleness", "Weights", "async_mix", "dynamic", "fedavg", "fedbuff", "gradient"]
 
 
 @dataclass(frozen=True)
@@ -117,32 +124,3 @@ def _negated(weights: Weights) -> Weights:
     for tensor in weights.values():
         tensor.neg_()
     return weights
-
-
-# --- staleness functions s(tau) -------------------------------------------------------------
-
-STALENESS = ("constant", "polynomial", "hinge")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Staleness:
-    """s(tau): constant 1; polynomial (1+tau)^-a (FedAsync); hinge 1 until b, then 1/(a(tau-b)+1)."""
-
-    kind: str = "polynomial"
-    a: float = 0.5
-    b: int = 4
-
-    def __post_init__(self) -> None:
-        if self.kind not in STALENESS:
-            raise ConfigError(f"staleness must be one of {STALENESS}, got {self.kind!r}")
-        if self.a < 0 or self.b < 0:
-            raise ConfigError("staleness parameters a and b must be >= 0")
-
-    def __call__(self, tau: int) -> float:
-        if tau < 0:
-            raise AggregationError(f"negative staleness {tau}")
-        if self.kind == "constant":
-            return 1.0
-        if self.kind == "polynomial":
-            return float((1.0 + tau) ** (-self.a))
-        return 1.0 if tau <= self.b else 1.0 / (self.a * (tau - self.b) + 1.0)

@@ -1,18 +1,19 @@
-"""The coordinator's record of one global version: who contributed what, and its progress.
-
-It travels encrypted inside the version's signed head; the observer builds the report from
-it, ``fedjet replay`` re-applies the batches it lists, and a restarted coordinator resumes from
-its progress fields.
-"""
+"""The coordinator's running account: counters, progress, and the :class:`VersionRecord`
+of each version it publishes (the typed record lives in :mod:`fedjet.codecs.record`)."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fedjet.codecs.messages import Update
+from fedjet.codecs.record import ContributionRecord, DroppedRecord, Progress, VersionRecord
 from fedjet.coordinator.strategies import Applied
+from fedjet.log import get_logger
+
+log = get_logger("fedjet.coordinator")
+MAX_DROPPED_LISTED = 64  # per version record: keeps every head far below max_payload
 
 
 @dataclass
@@ -25,33 +26,75 @@ class Received:
     wire_bytes: int
     msgs: list[Any]
 
+    def to_record(self) -> ContributionRecord:
+        h = self.update.header
+        return ContributionRecord(
+            cloud=h.cloud,
+            worker=h.worker,
+            seq=h.seq,
+            stream_seq=self.stream_seq,
+            base=h.base_version,
+            staleness=self.applied.staleness,
+            samples=h.samples,
+            loss=h.loss,
+            wire_bytes=self.wire_bytes,
+            tokens=h.tokens,
+            compute_s=h.compute_s,
+        )
 
-def contribution(r: Received) -> dict[str, Any]:
-    h = r.update.header
-    return {
-        "cloud": h.cloud,
-        "worker": h.worker,
-        "seq": h.seq,
-        "stream_seq": r.stream_seq,
-        "base": h.base_version,
-        "staleness": r.applied.staleness,
-        "samples": h.samples,
-        "loss": h.loss,
-        "wire_bytes": r.wire_bytes,
-        "tokens": h.tokens,
-        "compute_s": h.compute_s,
-    }
 
+@dataclass
+class Ledger:
+    """What the coordinator has decided so far; each version's record carries a snapshot."""
 
-def version_record(strategy: str, received: list[Received], **extra: Any) -> dict[str, Any]:
-    """The record of a version made from ``received`` (in the order they were folded)."""
-    samples = sum(r.update.header.samples for r in received)
-    loss = sum(r.update.header.loss * r.update.header.samples for r in received)
-    return {
-        "strategy": strategy,
-        "contributions": [contribution(r) for r in received],
-        "train_loss": loss / samples if samples else None,
-        "bytes_up": sum(r.wire_bytes for r in received),
-        "published_unix": time.time(),
-        **extra,
-    }
+    applied: int = 0
+    applied_through: int = 0  # every update blob ending at or before this seq is decided
+    guard: dict[str, int] = field(default_factory=dict)  # last applied seq per cloud/worker
+    rejected: dict[str, int] = field(default_factory=dict)
+    dropped: list[DroppedRecord] = field(default_factory=list)
+
+    @classmethod
+    def resume(cls, progress: Progress) -> Ledger:
+        return cls(progress.applied_total, progress.applied_through, dict(progress.guard), dict(progress.rejected))
+
+    def reject(self, reason: str, cloud: str, seq: int, detail: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        if len(self.dropped) < MAX_DROPPED_LISTED:  # the counts are complete; the list is a sample
+            self.dropped.append(DroppedRecord(stream_seq=seq, cloud=cloud, reason=reason))
+        log.warning("update_rejected", reason=reason, cloud=cloud, stream_seq=seq, detail=detail[:300])
+
+    def applied_batch(self, received: list[Received]) -> None:
+        self.applied += len(received)
+        for r in received:
+            h = r.update.header
+            key = f"{h.cloud}/{h.worker}"
+            self.guard[key] = max(h.seq, self.guard.get(key, 0))
+            self.applied_through = max(self.applied_through, r.stream_seq)
+
+    def record(
+        self, strategy: str, received: list[Received], *, waiting: list[int], assignment: dict[str, int]
+    ) -> VersionRecord:
+        """The record of a version made from ``received`` (in the order they were folded);
+        ``waiting`` are stream seqs still undecided (where a restart must read from)."""
+        samples = sum(r.update.header.samples for r in received)
+        loss = sum(r.update.header.loss * r.update.header.samples for r in received)
+        progress = Progress(
+            applied_total=self.applied,
+            applied_through=self.applied_through,
+            resume_from=min([*waiting, self.applied_through + 1]),
+            guard=dict(self.guard),
+            rejected=dict(self.rejected),
+        )
+        record = VersionRecord(
+            strategy=strategy,
+            contributions=tuple(r.to_record() for r in received),
+            train_loss=loss / samples if samples else None,
+            bytes_up=sum(r.wire_bytes for r in received),
+            published_unix=time.time(),
+            rejected_total=sum(self.rejected.values()),
+            dropped=tuple(self.dropped),
+            assignment=dict(assignment),
+            progress=progress,
+        )
+        self.dropped = []
+        return record

@@ -1,22 +1,23 @@
-"""Replay: re-apply recorded updates with the coordinator's own aggregation code.
+"""Replay: re-apply recorded updates with the coordinator's own pieces. Pure.
 
-Pure: the recorded versions, a way to turn a recorded contribution into a
-:class:`Contribution`, and a way to fetch recorded weights come in; hashes and weights go out.
-``verify`` re-applies each version's recorded batch under the recorded strategy and compares
-hashes; ``counterfactual`` re-batches the same updates for another strategy.
+The async runner (:mod:`fedjet.runner.replay`) reads the record and the updates and hands
+them in; this module only re-aggregates. :class:`Verifier` re-applies each version's recorded
+batch under the recorded strategy and compares hashes. :func:`counterfactual_batches` groups
+the same updates as another strategy would, through the service's own :class:`Batcher`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedjet.codecs.record import ContributionRecord
+from fedjet.config.job import StrategyConfig
 from fedjet.coordinator.aggregate import Contribution, Weights
-from fedjet.coordinator.strategies import Aggregator, Applied, StrategyConfig
-from fedjet.errors import ConfigError, FedjetError
-
-ContributionOf = Callable[[dict[str, Any]], Contribution]
+from fedjet.coordinator.rounds import Batcher
+from fedjet.coordinator.strategies import Aggregator, Applied, strategy_for
+from fedjet.errors import ConfigError, FedjetError, StaleUpdateError
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,10 @@ class RecordedVersion:
 
     version: int
     hash: str
-    contributions: list[dict[str, Any]]  # cloud, stream_seq, base, staleness, samples, loss, wire_bytes
+    contributions: tuple[ContributionRecord, ...]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Mismatch:
     version: int
     expected: str
@@ -49,84 +50,95 @@ class VerifyResult:
         return {"versions": self.versions, "mismatches": len(self.mismatches), "first_mismatch": first}
 
 
-def verify(
-    start: Weights,
-    start_version: int,
-    versions: list[RecordedVersion],
-    strategy: StrategyConfig,
-    contribution_of: ContributionOf,
-    recorded_weights: Callable[[int], Weights],
-    on_version: Callable[[int], None] | None = None,
-) -> VerifyResult:
-    """Re-apply every recorded batch in order; after a mismatch continue from the recorded
-    weights, so each tampered version is reported (with a stateful server optimizer later
-    versions may differ too, since its state cannot be rebuilt from the record)."""
-    aggregator = Aggregator(strategy, start, start_version, bases=recorded_weights)
-    result = VerifyResult()
-    for record in versions:
-        got, reason = _reapply(aggregator, record, contribution_of)
-        result.versions += 1
-        if reason is not None:
-            result.mismatches.append(Mismatch(record.version, record.hash, got, reason))
-            aggregator.resync(recorded_weights(record.version), record.version)
-        if on_version is not None:
-            on_version(record.version)
-    return result
+class Verifier:
+    """Re-applies recorded versions one at a time. After a mismatch the runner resyncs it to
+    the recorded weights, so each tampered version is reported (with a stateful server
+    optimizer later versions may differ too: its state cannot be rebuilt from the record)."""
 
+    def __init__(self, strategy: StrategyConfig, start: Weights, start_version: int) -> None:
+        self.aggregator = Aggregator(strategy, start, start_version)
+        self.result = VerifyResult()
 
-def _reapply(
-    aggregator: Aggregator, record: RecordedVersion, contribution_of: ContributionOf
-) -> tuple[str | None, str | None]:
-    if record.version != aggregator.version + 1:
-        return None, f"versions are not consecutive: replay is at {aggregator.version}"
-    try:
-        batch = []
-        for recorded in record.contributions:
-            contribution = contribution_of(recorded)
-            staleness = aggregator.staleness_of(contribution.base_version)
-            if staleness != int(recorded["staleness"]):
-                return None, f"recorded staleness {recorded['staleness']} but the update implies {staleness}"
-            batch.append(Applied(contribution, staleness))
-        aggregator.apply(batch)
-    except FedjetError as e:
-        return None, f"{e.reason}: {e}"
-    return aggregator.hash, None if aggregator.hash == record.hash else "weights hash differs"
+    def missing_bases(self, contributions: Sequence[Contribution]) -> set[int]:
+        if not self.aggregator.strategy.needs_stale_bases:
+            return set()
+        return {c.base_version for c in contributions if not self.aggregator.holds(c.base_version)}
+
+    def check(self, record: RecordedVersion, contributions: Sequence[Contribution]) -> Mismatch | None:
+        got, reason = self._reapply(record, contributions)
+        self.result.versions += 1
+        if reason is None:
+            return None
+        mismatch = Mismatch(record.version, record.hash, got, reason)
+        self.result.mismatches.append(mismatch)
+        return mismatch
+
+    def fail(self, record: RecordedVersion, reason: str) -> Mismatch:
+        """A version that could not even be re-applied (its update is missing or invalid)."""
+        self.result.versions += 1
+        mismatch = Mismatch(record.version, record.hash, None, reason)
+        self.result.mismatches.append(mismatch)
+        return mismatch
+
+    def _reapply(self, record: RecordedVersion, contributions: Sequence[Contribution]) -> tuple[str | None, str | None]:
+        agg = self.aggregator
+        if record.version != agg.version + 1:
+            return None, f"versions are not consecutive: replay is at {agg.version}"
+        try:
+            batch = []
+            for recorded, contribution in zip(record.contributions, contributions, strict=True):
+                staleness = agg.staleness_of(contribution.base_version)
+                if staleness != recorded.staleness:
+                    return None, f"recorded staleness {recorded.staleness} but the update implies {staleness}"
+                batch.append(Applied(contribution, staleness))
+            agg.apply(batch)
+        except FedjetError as e:
+            return None, f"{e.reason}: {e}"
+        return agg.hash, None if agg.hash == record.hash else "weights hash differs"
 
 
 def counterfactual_batches(
-    versions: list[RecordedVersion], strategy: StrategyConfig, recorded_strategy: StrategyConfig, clouds: int
-) -> Iterator[list[dict[str, Any]]]:
+    versions: Sequence[RecordedVersion], strategy: StrategyConfig, recorded: StrategyConfig, clouds: tuple[str, ...]
+) -> Iterator[list[ContributionRecord]]:
     """The same recorded updates, in stream order, grouped as ``strategy`` would fold them."""
-    if strategy.update_kind != recorded_strategy.update_kind:
+    rule, recorded_rule = strategy_for(strategy), strategy_for(recorded)
+    if rule.update_kind != recorded_rule.update_kind:
         raise ConfigError(
-            f"the recorded updates are {recorded_strategy.update_kind}s; {strategy.name} needs {strategy.update_kind}s"
+            f"the recorded updates are {recorded_rule.update_kind}s; {rule.name} needs {rule.update_kind}s"
         )
-    if strategy.synchronous and recorded_strategy.synchronous:
-        yield from (v.contributions for v in versions if v.contributions)
+    if rule.synchronous and recorded_rule.synchronous:  # the recorded rounds are the rounds
+        yield from (list(v.contributions) for v in versions if v.contributions)
         return
-    flat = [c for v in versions for c in v.contributions]
-    size = clouds if strategy.synchronous else 1 if strategy.name == "async" else strategy.buffer_size
-    for i in range(0, len(flat), size):
-        yield flat[i : i + size]
+    batcher: Batcher[ContributionRecord] = Batcher(
+        synchronous=rule.synchronous, clouds=clouds, size=rule.batch_size(len(clouds))
+    )
+    deferred: list[ContributionRecord] = []  # a cloud's second update waits for the next round
+    for contribution in (c for v in versions for c in v.contributions):
+        queue, deferred = [*deferred, contribution], []
+        for item in queue:
+            try:
+                batcher.offer(item.cloud, 0, item)
+            except StaleUpdateError:
+                deferred.append(item)
+            if batcher.ready(0.0):
+                yield [c for _, c in batcher.take()]
+    rest = [c for _, c in batcher.take()] + deferred
+    if rest:
+        yield rest
 
 
-def counterfactual(
-    start: Weights,
-    start_version: int,
-    versions: list[RecordedVersion],
-    strategy: StrategyConfig,
-    recorded_strategy: StrategyConfig,
-    clouds: int,
-    contribution_of: ContributionOf,
-    recorded_weights: Callable[[int], Weights],
-) -> Iterator[tuple[int, Weights, str, list[dict[str, Any]]]]:
-    """Yield (version, weights, hash, batch) for each counterfactual version.
+class Counterfactual:
+    """Folds counterfactual batches. Updates were trained from the recorded bases, so formula
+    4 mixes against the recorded base weights and staleness is the recorded one."""
 
-    Updates were trained from the recorded bases, so formula 4 mixes against the recorded base
-    weights and staleness is the recorded one.
-    """
-    aggregator = Aggregator(strategy, start, start_version, bases=recorded_weights, bases_from_record=True)
-    for batch in counterfactual_batches(versions, strategy, recorded_strategy, clouds):
-        applied = [Applied(contribution_of(c), int(c["staleness"])) for c in batch]
-        weights = aggregator.apply(applied)
-        yield aggregator.version, weights, aggregator.hash, batch
+    def __init__(self, strategy: StrategyConfig, start: Weights, start_version: int) -> None:
+        self.aggregator = Aggregator(strategy, start, start_version, bases_from_record=True)
+
+    def missing_bases(self, contributions: Sequence[Contribution]) -> set[int]:
+        if not self.aggregator.strategy.needs_stale_bases:
+            return set()
+        return {c.base_version for c in contributions if not self.aggregator.holds(c.base_version)}
+
+    def apply(self, batch: Sequence[ContributionRecord], contributions: Sequence[Contribution]) -> Weights:
+        applied = [Applied(c, r.staleness) for r, c in zip(batch, contributions, strict=True)]
+        return self.aggregator.apply(applied)

@@ -6,28 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from fedjet.errors import ConfigError, StaleUpdateError
+from fedjet.config.job import RoundConfig
+from fedjet.errors import StaleUpdateError
 
 T = TypeVar("T")
-LATE_POLICIES = ("drop", "carry")
-
-
-@dataclass(frozen=True, kw_only=True)
-class RoundPolicy:
-    """Sync rounds close when every cloud has reported, or at ``deadline_s`` with ``quorum``."""
-
-    clouds: tuple[str, ...]
-    quorum: int | None = None
-    deadline_s: float | None = None
-    late: str = "drop"
-
-    def __post_init__(self) -> None:
-        if self.late not in LATE_POLICIES:
-            raise ConfigError(f"--late must be one of {LATE_POLICIES}, got {self.late!r}")
-        if self.quorum is not None and not 1 <= self.quorum <= len(self.clouds):
-            raise ConfigError(f"--quorum must be in 1..{len(self.clouds)}, got {self.quorum}")
-        if self.deadline_s is not None and self.deadline_s <= 0:
-            raise ConfigError("--round-deadline must be > 0 seconds")
 
 
 @dataclass
@@ -41,12 +23,14 @@ class _Entry(Generic[T]):
 class Batcher(Generic[T]):
     """Collects admitted updates until a batch is ready.
 
-    ``mode`` is "sync" (one round per version), or "buffer" with ``size`` 1 (async) or K
-    (FedBuff). ``offer`` raises :class:`StaleUpdateError` for updates the policy drops.
+    ``synchronous``: one round of ``clouds`` per version; otherwise a buffer of ``size`` (1 for
+    async, K for FedBuff). ``offer`` raises :class:`StaleUpdateError` for updates the policy
+    drops. The live coordinator and counterfactual replay both batch through this one class.
     """
 
-    mode: str
-    policy: RoundPolicy
+    synchronous: bool
+    clouds: tuple[str, ...]
+    policy: RoundConfig = field(default_factory=RoundConfig)
     size: int = 1
     round_started: float = 0.0
     _entries: list[_Entry[T]] = field(default_factory=list)
@@ -57,7 +41,7 @@ class Batcher(Generic[T]):
     def offer(self, cloud: str, staleness: int, item: T) -> T | None:
         """Admit ``item``; returns an item it displaced (a carried stale update of the same
         cloud, replaced by that cloud's fresh one), which the caller drops and counts."""
-        if self.mode != "sync":
+        if not self.synchronous:
             self._entries.append(_Entry(cloud, staleness, item))
             return None
         if staleness > 0 and self.policy.late == "drop":
@@ -73,18 +57,18 @@ class Batcher(Generic[T]):
         return None
 
     def ready(self, now: float) -> bool:
-        if self.mode != "sync":
+        if not self.synchronous:
             return len(self._entries) >= self.size
         reported = {e.cloud for e in self._entries}
-        if reported >= set(self.policy.clouds):
+        if reported >= set(self.clouds):
             return True
         deadline = self.policy.deadline_s
-        quorum = self.policy.quorum or len(self.policy.clouds)
+        quorum = self.policy.quorum or len(self.clouds)
         return deadline is not None and now - self.round_started >= deadline and len(reported) >= quorum
 
     def take(self) -> list[tuple[int, T]]:
         """The batch, in arrival (stream) order, as (staleness, item) pairs."""
-        count = len(self._entries) if self.mode == "sync" else self.size
+        count = len(self._entries) if self.synchronous else self.size
         batch, self._entries = self._entries[:count], self._entries[count:]
         return [(e.staleness, e.item) for e in batch]
 

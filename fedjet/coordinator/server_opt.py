@@ -3,30 +3,12 @@ FedAdam). Pure and deterministic; the state is plain tensors so it can be checkp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from fedjet.errors import ConfigError
+from fedjet.config.job import ServerOptConfig
 
 Weights = dict[str, torch.Tensor]
-OPTIMIZERS = ("sgd", "nesterov", "adam")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ServerOptConfig:
-    name: str = "sgd"
-    lr: float = 1.0
-    momentum: float = 0.9
-    beta1: float = 0.9
-    beta2: float = 0.99
-    eps: float = 1e-8
-
-    def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise ConfigError(f"server optimizer must be one of {OPTIMIZERS}, got {self.name!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"server lr must be > 0, got {self.lr}")
+__all__ = ["ServerOptConfig", "ServerOptimizer"]
 
 
 class ServerOptimizer:
@@ -51,7 +33,7 @@ class ServerOptimizer:
                 direction = g + c.momentum * buf
             else:
                 direction = self._adam(name, w, g)
-            out[name] = w - c.lr * direction
+            out[name] = w - c.step_size * direction
         return out
 
     def _adam(self, name: str, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

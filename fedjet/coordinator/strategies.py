@@ -1,72 +1,31 @@
-"""Strategies: which rule, its parameters, and the state that folds batches into versions.
+"""Strategies as classes, and the :class:`Aggregator` that folds batches into versions.
 
-:class:`Aggregator` owns the global weights, the version counter, the server optimizer and
-(for formula 4) the recent versions a stale update may refer to. It is pure: the live
-coordinator and ``fedjet replay`` drive the very same object with the same batches.
+A strategy declares what the rest of the system needs to know about it (is it synchronous,
+how many updates make a version, how many past versions it must hold, what kind of update it
+takes, what a worker's delta is measured from) and turns a batch into a pseudo-gradient with
+the pure functions of :mod:`fedjet.coordinator.aggregate`. Nothing else looks at its name.
+
+:class:`Aggregator` owns the global weights, the version counter, the server optimizer and the
+recent versions a stale update may refer to. The live coordinator and ``fedjet replay`` drive
+the very same object with the same batches.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
 from fedjet.codecs.tensors import weights_hash
+from fedjet.config.job import STRATEGIES, StrategyConfig
 from fedjet.coordinator import aggregate as agg
-from fedjet.coordinator.aggregate import Contribution, Staleness, Weights
-from fedjet.coordinator.server_opt import ServerOptConfig, ServerOptimizer
-from fedjet.errors import ConfigError, StaleUpdateError
+from fedjet.coordinator.aggregate import Contribution, Weights
+from fedjet.coordinator.server_opt import ServerOptimizer
+from fedjet.errors import StaleUpdateError
 
-STRATEGIES = ("fedavg", "dynamic", "gradient", "async", "fedbuff")
-SYNCHRONOUS = ("fedavg", "dynamic", "gradient")
-
-
-@dataclass(frozen=True, kw_only=True)
-class StrategyConfig:
-    """``--strategy`` and its parameters; recorded in the report and in every global version."""
-
-    name: str = "fedavg"
-    temperature: float = 1.0  # dynamic
-    alpha: float = 0.6  # async mixing weight
-    staleness: Staleness = field(default_factory=Staleness)
-    max_staleness: int = 8
-    buffer_size: int = 3  # fedbuff K
-    server: ServerOptConfig = field(default_factory=ServerOptConfig)
-
-    def __post_init__(self) -> None:
-        if self.name not in STRATEGIES:
-            raise ConfigError(f"--strategy must be one of {STRATEGIES}, got {self.name!r}")
-        if not 0 < self.alpha <= 1:
-            raise ConfigError(f"--alpha-async must be in (0, 1], got {self.alpha}")
-        if self.max_staleness < 0 or self.buffer_size < 1:
-            raise ConfigError("--max-staleness must be >= 0 and --buffer-size >= 1")
-        if not self.temperature > 0:
-            raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
-
-    @property
-    def synchronous(self) -> bool:
-        return self.name in SYNCHRONOUS
-
-    @property
-    def update_kind(self) -> str:
-        return "gradient" if self.name == "gradient" else "delta"
-
-    @property
-    def delta_reference(self) -> str:
-        """What a worker's delta is measured from: its base global, or its last send (FedBuff
-        sums deltas, so a worker that continues without a new global must not resend work)."""
-        return "last_send" if self.name == "fedbuff" else "base"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> StrategyConfig:
-        fields = dict(raw)
-        fields["staleness"] = Staleness(**fields.get("staleness", {}))
-        fields["server"] = ServerOptConfig(**fields.get("server", {}))
-        return cls(**fields)
+__all__ = ["STRATEGIES", "Aggregator", "Applied", "Strategy", "StrategyConfig", "strategy_for"]
+BaseOf = Callable[[int], Weights]
 
 
 @dataclass(frozen=True)
@@ -75,6 +34,92 @@ class Applied:
 
     contribution: Contribution
     staleness: int
+
+
+class Strategy:
+    """Base: a synchronous FedAvg-like rule over deltas measured from the base version."""
+
+    name: ClassVar[str]
+    synchronous: ClassVar[bool] = True
+    update_kind: ClassVar[str] = "delta"
+    # FedBuff sums deltas, so a worker that goes on without a new global must not resend work.
+    delta_reference: ClassVar[str] = "base"
+    needs_stale_bases: ClassVar[bool] = False  # formula 4 mixes against the update's own base
+
+    def __init__(self, config: StrategyConfig) -> None:
+        self.config = config
+
+    def batch_size(self, clouds: int) -> int:
+        """Updates per version: a whole round of clouds, or a buffer."""
+        return clouds
+
+    @property
+    def history_depth(self) -> int:
+        """Versions to hold so stale updates find their base."""
+        return self.config.max_staleness + 1 if self.needs_stale_bases else 1
+
+    def pseudo_gradient(self, weights: Weights, batch: Sequence[Applied], base_of: BaseOf) -> Weights:
+        raise NotImplementedError
+
+    def _discounts(self, batch: Sequence[Applied]) -> list[float]:
+        return [self.config.staleness(a.staleness) for a in batch]
+
+
+class FedAvg(Strategy):
+    name = "fedavg"
+
+    def pseudo_gradient(self, weights: Weights, batch: Sequence[Applied], base_of: BaseOf) -> Weights:
+        return agg.fedavg(weights, [a.contribution for a in batch], self._discounts(batch))
+
+
+class Dynamic(Strategy):
+    name = "dynamic"
+
+    def pseudo_gradient(self, weights: Weights, batch: Sequence[Applied], base_of: BaseOf) -> Weights:
+        parts = [a.contribution for a in batch]
+        return agg.dynamic(weights, parts, self.config.temperature, self._discounts(batch))
+
+
+class Gradient(Strategy):
+    name = "gradient"
+    update_kind = "gradient"
+
+    def pseudo_gradient(self, weights: Weights, batch: Sequence[Applied], base_of: BaseOf) -> Weights:
+        return agg.gradient(weights, [a.contribution for a in batch], self._discounts(batch))
+
+
+class Async(Strategy):
+    name = "async"
+    synchronous = False
+    needs_stale_bases = True
+
+    def batch_size(self, clouds: int) -> int:
+        return 1
+
+    def pseudo_gradient(self, weights: Weights, batch: Sequence[Applied], base_of: BaseOf) -> Weights:
+        (only,) = batch
+        base = base_of(only.contribution.base_version)
+        return agg.async_mix(weights, base, only.contribution, self.config.alpha, self._discounts(batch)[0])
+
+
+class FedBuff(Strategy):
+    name = "fedbuff"
+    synchronous = False
+    delta_reference = "last_send"
+
+    def batch_size(self, clouds: int) -> int:
+        return self.config.buffer_size
+
+    def pseudo_gradient(self, weights: Weights, batch: Sequence[Applied], base_of: BaseOf) -> Weights:
+        return agg.fedbuff(weights, [a.contribution for a in batch], self._discounts(batch))
+
+
+_CLASSES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, Dynamic, Gradient, Async, FedBuff)}
+assert tuple(_CLASSES) == STRATEGIES
+
+
+def strategy_for(config: StrategyConfig) -> Strategy:
+    return _CLASSES[config.name](config)
 
 
 class Aggregator:
@@ -86,15 +131,16 @@ class Aggregator:
         weights: Weights,
         version: int = 0,
         *,
-        bases: Callable[[int], Weights] | None = None,
         bases_from_record: bool = False,
     ) -> None:
-        """``bases`` supplies base versions this aggregator never held (replay); with
-        ``bases_from_record`` every base comes from it (counterfactuals number versions anew)."""
+        """Replay supplies base versions this aggregator never held with :meth:`provide_base`;
+        with ``bases_from_record`` every base comes from there (counterfactuals number
+        versions anew)."""
         self.config = config
+        self.strategy = strategy_for(config)
         self.weights = weights
         self.version = version
-        self.bases = bases
+        self.recorded_bases: dict[int, Weights] = {}
         self.bases_from_record = bases_from_record
         self.optimizer = ServerOptimizer(config.server)
         self._history: OrderedDict[int, Weights] = OrderedDict([(version, weights)])
@@ -110,49 +156,42 @@ class Aggregator:
         tau = self.staleness_of(base_version)
         if tau > self.config.max_staleness:
             raise StaleUpdateError(f"staleness {tau} > --max-staleness {self.config.max_staleness}")
-        if self.config.name == "async" and base_version not in self._history and self.bases is None:
+        if self.strategy.needs_stale_bases and not self.holds(base_version):
             raise StaleUpdateError(f"base version {base_version} is no longer held")
         return tau
+
+    def holds(self, version: int) -> bool:
+        """Whether the base ``version`` is at hand (replay fetches the ones that are not)."""
+        if version in self.recorded_bases:
+            return True
+        return version in self._history and not self.bases_from_record
+
+    def provide_base(self, version: int, weights: Weights) -> None:
+        self.recorded_bases[version] = weights
 
     def apply(self, batch: Sequence[Applied]) -> Weights:
         """Fold one batch (a sync round, one async update, or K buffered updates)."""
         if not batch:
             raise StaleUpdateError("an empty batch makes no version")
-        pseudo_grad = self._pseudo_gradient(batch)
+        pseudo_grad = self.strategy.pseudo_gradient(self.weights, batch, self.base_weights)
         self.weights = self.optimizer.step(self.weights, pseudo_grad)
         self.version += 1
         self.hash = weights_hash(self.weights)
         self._remember()
         return self.weights
 
-    def _pseudo_gradient(self, batch: Sequence[Applied]) -> Weights:
-        cfg, parts = self.config, [a.contribution for a in batch]
-        s = [cfg.staleness(a.staleness) for a in batch]
-        if cfg.name == "async":
-            (only,) = batch
-            base = self.base_weights(only.contribution.base_version)
-            return agg.async_mix(self.weights, base, only.contribution, cfg.alpha, s[0])
-        if cfg.name == "fedbuff":
-            return agg.fedbuff(self.weights, parts, s)
-        if cfg.name == "gradient":
-            return agg.gradient(self.weights, parts, s)
-        if cfg.name == "dynamic":
-            return agg.dynamic(self.weights, parts, cfg.temperature, s)
-        return agg.fedavg(self.weights, parts, s)
-
     def base_weights(self, version: int) -> Weights:
         if version in self._history and not self.bases_from_record:
             return self._history[version]
-        if self.bases is None:
+        if version not in self.recorded_bases:
             raise StaleUpdateError(f"base version {version} is no longer held")
-        return self.bases(version)
+        return self.recorded_bases[version]
 
     def preload(self, versions: dict[int, Weights]) -> None:
-        """Recent versions a restarted coordinator read back (formula 4 needs stale bases)."""
-        if self.config.name == "async":
-            merged = {**versions, self.version: self.weights}
-            self._history = OrderedDict((v, merged[v]) for v in sorted(merged))
-            self._remember()
+        """Recent versions a restarted coordinator read back (stale updates need their bases)."""
+        merged = {**versions, self.version: self.weights}
+        self._history = OrderedDict((v, merged[v]) for v in sorted(merged))
+        self._remember()
 
     def resync(self, weights: Weights, version: int) -> None:
         """Continue from known weights (replay after a mismatch; the optimizer state is kept)."""
@@ -160,9 +199,6 @@ class Aggregator:
         self._remember()
 
     def _remember(self) -> None:
-        if self.config.name != "async":
-            self._history = OrderedDict([(self.version, self.weights)])
-            return
         self._history[self.version] = self.weights
-        while len(self._history) > self.config.max_staleness + 1:
+        while len(self._history) > self.strategy.history_depth:
             self._history.popitem(last=False)

@@ -7,13 +7,12 @@ import torch
 from fedjet.codecs.messages import Update
 from fedjet.codecs.sparse import SparseTensor, shape_of, values_of
 from fedjet.coordinator.aggregate import Contribution, Weights
-from fedjet.coordinator.strategies import StrategyConfig
 from fedjet.errors import AuthenticationError, ValidationError
 from fedjet.spec import JobSpec
 
 
 def to_contribution(
-    update: Update, subject_cloud: str, spec: JobSpec, strategy: StrategyConfig, weights: Weights
+    update: Update, subject_cloud: str, spec: JobSpec, update_kind: str, weights: Weights
 ) -> Contribution:
     h = update.header
     if h.job != spec.job:
@@ -22,8 +21,8 @@ def to_contribution(
         raise AuthenticationError(f"update claims cloud {h.cloud!r:.40} but arrived on {subject_cloud!r}")
     if h.cloud not in spec.clouds:
         raise AuthenticationError(f"cloud {h.cloud!r:.40} is not a member of job {spec.job}")
-    if h.kind != strategy.update_kind:
-        raise ValidationError(f"strategy {strategy.name} takes {strategy.update_kind} updates, got {h.kind}")
+    if h.kind != update_kind:
+        raise ValidationError(f"strategy {spec.strategy.name} takes {update_kind} updates, got {h.kind}")
     for name, tensor in update.tensors.items():
         if name not in weights:
             raise ValidationError(f"unknown tensor {name!r:.80}")

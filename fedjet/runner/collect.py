@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
 
+from fedjet.channel.globals import GlobalFollower
 from fedjet.codecs.messages import GlobalHead, GlobalVersion
-from fedjet.follow import GlobalFollower
+from fedjet.codecs.record import VersionRecord
 from fedjet.report import RoundRecord, round_line
 from fedjet.runner.evaluate import Evaluator
 from fedjet.worker.train import EvalResult
@@ -32,7 +32,7 @@ class Collector:
         self.eval_every = max(1, eval_every)
         self.on_round = on_round
         self.rounds: list[RoundRecord] = []
-        self.last_meta: dict[str, Any] = {}
+        self.last_record: VersionRecord | None = None
         self._t0: float | None = None
         self._prev_t: float | None = None
 
@@ -53,9 +53,9 @@ class Collector:
                 return self.rounds
 
     async def _record(self, head: GlobalHead, version: GlobalVersion) -> RoundRecord:
-        meta = self.follower.meta(head)
-        self.last_meta = meta
-        published = float(meta.get("published_unix", 0.0))
+        record = self.follower.record(head)
+        self.last_record = record
+        published = record.published_unix
         if self._t0 is None:
             self._t0 = self._prev_t = published
         assert self._prev_t is not None
@@ -63,29 +63,28 @@ class Collector:
         result: EvalResult | None = None
         if head.version == 0 or head.final or head.version % self.eval_every == 0:
             result = await asyncio.to_thread(self.evaluator.evaluate, version.tensors)
-        contributions = meta.get("contributions", [])
-        samples = sum(int(c["samples"]) for c in contributions) or 1
+        samples = record.samples or 1
         shares: dict[str, float] = {}
-        for c in contributions:
-            shares[c["cloud"]] = shares.get(c["cloud"], 0.0) + int(c["samples"]) / samples
+        for c in record.contributions:
+            shares[c.cloud] = shares.get(c.cloud, 0.0) + c.samples / samples
         return RoundRecord(
             round=len(self.rounds),
             version=head.version,
-            train_loss=meta.get("train_loss"),
+            train_loss=record.train_loss,
             eval_loss=result.loss if result else None,
             eval_ppl=result.ppl if result else None,
             eval_acc=result.acc if result else None,
-            bytes_up=int(meta.get("bytes_up", 0)),
+            bytes_up=record.bytes_up,
             bytes_down=self.follower.wire_bytes.get(head.version, 0) * self.clouds if not head.final else 0,
             wall_s=wall,
             round_s=round_s,
             hash=head.hash,
-            contributors=[c["cloud"] for c in contributions],
-            staleness=[int(c["staleness"]) for c in contributions],
+            contributors=[c.cloud for c in record.contributions],
+            staleness=[c.staleness for c in record.contributions],
             shares=shares,
-            assignment={k: int(v) for k, v in meta.get("assignment", {}).items()},
-            applied_total=int(meta.get("applied_total", 0)),
-            rejected_total=int(meta.get("rejected_total", 0)),
+            assignment=dict(record.assignment),
+            applied_total=record.progress.applied_total,
+            rejected_total=record.rejected_total,
         )
 
 

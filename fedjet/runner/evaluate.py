@@ -31,7 +31,7 @@ class Evaluator:
     def from_corpus(cls, spec: JobSpec, corpus: Corpus, eval_tokens: int, device: str | None = None) -> Evaluator:
         quiet_transformers()
         tokens = encode_articles(corpus.eval, make_tokenizer(spec.tokenizer))
-        windows = eval_windows(tokens, int(spec.train["seq_len"]), eval_tokens)
+        windows = eval_windows(tokens, spec.config.train.seq_len, eval_tokens)
         target = pick_device(device)
         model = model_from_config(spec.model_config).to(target)
         return cls(model, windows, target, corpus.source, [corpus.note] if corpus.note else [])

@@ -10,32 +10,32 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import nats.js.errors
 from tqdm import tqdm
 
 from fedjet.broker.blobs import Blob, BlobAssembler
 from fedjet.broker.jetstream import close_quietly, connect, read_range
 from fedjet.broker.server import EmbeddedNatsServer
 from fedjet.broker.subjects import JobSubjects
+from fedjet.channel.globals import GlobalFollower
+from fedjet.channel.kv import read_spec
 from fedjet.codecs.crypto import COORDINATOR, Boxes
 from fedjet.codecs.frame import Limits
-from fedjet.codecs.messages import GlobalHead, open_sealed_update
+from fedjet.codecs.messages import GlobalHead
+from fedjet.codecs.record import ContributionRecord
+from fedjet.codecs.tensors import weights_hash
+from fedjet.config.job import StrategyConfig
+from fedjet.coordinator.admission import Admission
 from fedjet.coordinator.aggregate import Contribution, Weights
-from fedjet.coordinator.replay import RecordedVersion, VerifyResult, counterfactual, verify
-from fedjet.coordinator.strategies import StrategyConfig
-from fedjet.coordinator.validate import to_contribution
-from fedjet.errors import BlobError, ConfigError, ValidationError
-from fedjet.follow import GlobalFollower
+from fedjet.coordinator.replay import Counterfactual, RecordedVersion, Verifier, VerifyResult, counterfactual_batches
+from fedjet.errors import BlobError, ConfigError, FedjetError, ValidationError
 from fedjet.keystore import load_identity, load_public
 from fedjet.report import Report, RoundRecord, round_line, summarize
-from fedjet.spec import JobSpec, verify_spec
+from fedjet.spec import JobSpec
 
-T = TypeVar("T")
 COUNTERFACTUAL_NOTE = (
     "counterfactual: the recorded updates were trained from the recorded global versions, "
     "not from the counterfactual globals"
@@ -82,16 +82,21 @@ class Recording:
     """What was read back: the spec, the heads (one per version) and their records."""
 
     spec: JobSpec
-    strategy: StrategyConfig
     heads: dict[int, GlobalHead]
     versions: list[RecordedVersion]
 
 
-def run_replay(config: ReplayConfig) -> dict[str, Any] | Report:
-    return asyncio.run(_run(config))
+def verify_recording(config: ReplayConfig) -> VerifyResult:
+    """``fedjet replay --verify``: re-apply every recorded version and compare hashes."""
+    return asyncio.run(_with_session(config, lambda s: s.verify()))
 
 
-async def _run(config: ReplayConfig) -> dict[str, Any] | Report:
+def replay_counterfactual(config: ReplayConfig) -> Report:
+    """``fedjet replay --strategy S``: the recorded updates re-aggregated under another rule."""
+    return asyncio.run(_with_session(config, lambda s: s.counterfactual()))
+
+
+async def _with_session(config: ReplayConfig, work: Any) -> Any:
     server = None
     url = config.nats_url
     if config.store is not None:
@@ -105,7 +110,11 @@ async def _run(config: ReplayConfig) -> dict[str, Any] | Report:
         js = nc.jetstream()
         job = config.job or await _only_job(js)
         session = _Session(js, JobSubjects(job), config)
-        return await session.run()
+        await session.open()
+        try:
+            return await work(session)
+        finally:
+            await session.close()
     finally:
         await close_quietly(nc)
         if server is not None:
@@ -122,53 +131,50 @@ async def _only_job(js: Any) -> str:
 
 
 class _Session:
+    """Reads the record and the updates; the pure :mod:`fedjet.coordinator.replay` re-aggregates."""
+
     def __init__(self, js: Any, subjects: JobSubjects, config: ReplayConfig) -> None:
         self.js = js
         self.subjects = subjects
         self.config = config
         self.limits = Limits()
-        self.loop = asyncio.get_running_loop()
-        self._updates: _UpdateReader | None = None
         self._weights_cache: dict[int, Weights] = {}
 
-    async def run(self) -> dict[str, Any] | Report:
+    async def open(self) -> None:
         self.recording = recording = await self._read_recording()
-        first = self.config.from_version
+        self.first = self.config.from_version
         last = self.config.until_version if self.config.until_version is not None else max(recording.heads)
-        if first not in recording.heads or last not in recording.heads or last < first:
-            raise ConfigError(f"versions {first}..{last} are not all recorded (have 0..{max(recording.heads)})")
-        versions = [v for v in recording.versions if first < v.version <= last]
-        start = await self._weights(first)
-        self._updates = _UpdateReader(self.js, self.subjects, self.limits)
-        try:
-            if self.config.verify:
-                return (await self._verify(start, first, versions)).to_dict()
-            return await self._counterfactual(start, first, versions)
-        finally:
-            await self._updates.close()
+        if self.first not in recording.heads or last not in recording.heads or last < self.first:
+            raise ConfigError(f"versions {self.first}..{last} are not all recorded (have 0..{max(recording.heads)})")
+        self.versions = [v for v in recording.versions if self.first < v.version <= last]
+        self.start = await self._weights(self.first)
+        self.updates = _UpdateReader(self.js, self.subjects, self.limits)
+        self.admission = Admission(recording.spec, self.boxes, self.limits)
+
+    async def close(self) -> None:
+        await self.updates.close()
 
     async def _read_recording(self) -> Recording:
         me = load_identity(self.config.keys_dir, COORDINATOR)
-        try:
-            kv = await self.js.key_value(self.subjects.kv_bucket)
-            spec = verify_spec((await kv.get("spec")).value, me.public)
-        except nats.js.errors.NotFoundError as e:
-            raise ConfigError(f"job {self.subjects.job!r} has no recorded spec in this JetStream") from e
+        spec = await read_spec(self.js, self.subjects, me.public)
+        if spec is None:
+            raise ConfigError(f"job {self.subjects.job!r} has no recorded spec in this JetStream")
         peers = {m: load_public(self.config.keys_dir, m) for m in (*spec.clouds, *spec.observers)}
         self.boxes = Boxes(me, peers)
         self.follower = GlobalFollower(self.js, self.subjects, self.boxes, self.limits)
         heads: dict[int, GlobalHead] = {}
         async for msg in read_range(self.js, self.subjects.global_stream, self.subjects.global_head):
-            head = self.follower.parse_head(msg.data)
+            try:
+                head = self.follower.parse_head(msg.data)
+            except FedjetError:
+                continue  # not signed by this job's coordinator: not part of the record
             heads.setdefault(head.version, head)  # a final marker repeats the last version
         if not heads:
             raise ConfigError(f"job {self.subjects.job!r} has no recorded global versions")
-        versions = []
-        for version in sorted(heads):
-            meta = self.follower.meta(heads[version])
-            versions.append(RecordedVersion(version, heads[version].hash, list(meta.get("contributions", []))))
-        strategy = StrategyConfig.from_dict(spec.strategy_config) if spec.strategy_config else StrategyConfig()
-        return Recording(spec, strategy, heads, versions)
+        versions = [
+            RecordedVersion(v, heads[v].hash, self.follower.record(heads[v]).contributions) for v in sorted(heads)
+        ]
+        return Recording(spec, heads, versions)
 
     async def _weights(self, version: int) -> Weights:
         if version not in self._weights_cache:
@@ -178,78 +184,79 @@ class _Session:
             self._weights_cache[version] = fetched.tensors
         return self._weights_cache[version]
 
-    def _bridge(self, make: Callable[[], Awaitable[T]]) -> T:
-        """Run a coroutine on the event loop from the replay thread and wait for it."""
-        return asyncio.run_coroutine_threadsafe(_awaited(make), self.loop).result()
+    async def _contributions(
+        self, recorded: tuple[ContributionRecord, ...] | list[ContributionRecord], template: Weights
+    ) -> list[Contribution]:
+        out = []
+        for c in recorded:
+            blob = await self.updates.take(c.stream_seq)
+            admitted = await asyncio.to_thread(
+                self.admission.admit, blob.data, JobSubjects.cloud_of(blob.subject), template, lambda _base: 0
+            )
+            h = admitted.update.header
+            if h.seq != c.seq or h.cloud != c.cloud:
+                raise ValidationError(f"stream seq {c.stream_seq} holds {h.cloud}/{h.seq}, not the recorded one")
+            out.append(admitted.contribution)
+        return out
 
-    def _contribution_of(self, template: Weights) -> Callable[[dict[str, Any]], Contribution]:
-        spec, strategy = self.recording.spec, self.recording.strategy
+    async def _provide_bases(self, aggregator: Any, recorded: Any) -> None:
+        for base in {c.base for c in recorded}:
+            if aggregator.strategy.needs_stale_bases and not aggregator.holds(base):
+                aggregator.provide_base(base, await self._weights(base))
 
-        def contribution_of(recorded: dict[str, Any]) -> Contribution:
-            assert self._updates is not None
-            seq, cloud = int(recorded["stream_seq"]), str(recorded["cloud"])
-            blob = self._bridge(lambda: self._updates.take(seq))
-            update = open_sealed_update(blob.data, self.boxes, JobSubjects.cloud_of(blob.subject), self.limits)
-            if update.header.seq != recorded["seq"] or update.header.cloud != cloud:
-                raise ValidationError(
-                    f"stream seq {seq} holds {update.header.cloud}/{update.header.seq}, not the recorded one"
-                )
-            return to_contribution(update, cloud, spec, strategy, template)
-
-        return contribution_of
-
-    async def _verify(self, start: Weights, first: int, versions: list[RecordedVersion]) -> VerifyResult:
+    async def verify(self) -> VerifyResult:
+        verifier = Verifier(self.recording.spec.strategy, self.start, self.first)
         bar = tqdm(
-            total=len(versions), desc="verify", unit="version", disable=not self.config.progress, file=sys.stderr
+            total=len(self.versions), desc="verify", unit="version", disable=not self.config.progress, file=sys.stderr
         )
         try:
-            return await asyncio.to_thread(
-                verify,
-                start,
-                first,
-                versions,
-                self.recording.strategy,
-                self._contribution_of(start),
-                lambda v: self._bridge(lambda: self._weights(v)),
-                lambda _: bar.update(1),
-            )
+            for record in self.versions:
+                try:
+                    contributions = await self._contributions(record.contributions, self.start)
+                    await self._provide_bases(verifier.aggregator, record.contributions)
+                    mismatch = await asyncio.to_thread(verifier.check, record, contributions)
+                except FedjetError as e:
+                    mismatch = verifier.fail(record, f"{e.reason}: {e}")
+                if mismatch is not None:
+                    verifier.aggregator.resync(await self._weights(record.version), record.version)
+                bar.update(1)
         finally:
             bar.close()
+        return verifier.result
 
-    async def _counterfactual(self, start: Weights, first: int, versions: list[RecordedVersion]) -> Report:
+    async def counterfactual(self) -> Report:
         from fedjet.runner.evaluate import Evaluator
 
         strategy = self.config.strategy
         assert strategy is not None
+        spec = self.recording.spec
         evaluator = await asyncio.to_thread(
-            Evaluator.build, self.recording.spec, self.config.data, self.config.eval_tokens, self.config.device
+            Evaluator.build, spec, self.config.data, self.config.eval_tokens, self.config.device
         )
         print(f"note: {COUNTERFACTUAL_NOTE}", flush=True)
-        steps = counterfactual(
-            start,
-            first,
-            versions,
-            strategy,
-            self.recording.strategy,
-            len(self.recording.spec.clouds),
-            self._contribution_of(start),
-            lambda v: self._bridge(lambda: self._weights(v)),
-        )
-        rounds = [await asyncio.to_thread(_record, 0, first, start, evaluator, [], 0)]
-        while (step := await asyncio.to_thread(next, steps, None)) is not None:
-            version, weights, hash_, batch = step
-            applied = rounds[-1].applied_total + len(batch)
-            record = await asyncio.to_thread(_record, len(rounds), version, weights, evaluator, batch, applied, hash_)
+        folding = Counterfactual(strategy, self.start, self.first)
+        rounds = [await asyncio.to_thread(_record, 0, self.first, self.start, evaluator, [], 0)]
+        for batch in counterfactual_batches(self.versions, strategy, spec.strategy, spec.clouds):
+            contributions = await self._contributions(batch, self.start)
+            await self._provide_bases(folding.aggregator, batch)
+            weights = await asyncio.to_thread(folding.apply, batch, contributions)
+            version, applied = folding.aggregator.version, rounds[-1].applied_total + len(batch)
+            record = await asyncio.to_thread(_record, len(rounds), version, weights, evaluator, batch, applied)
             rounds.append(record)
             print(round_line(record), flush=True)
+        return self._counterfactual_report(strategy, evaluator, rounds)
+
+    def _counterfactual_report(self, strategy: StrategyConfig, evaluator: Any, rounds: list[RoundRecord]) -> Report:
+        from fedjet.config.wire import to_wire
+
         report = Report(
             config={
                 "replay_of": self.subjects.job,
                 "strategy": strategy.name,
-                "strategy_config": strategy.to_dict(),
-                "recorded_strategy": self.recording.strategy.to_dict(),
-                "from_version": first,
-                "until_version": versions[-1].version if versions else first,
+                "strategy_config": to_wire(strategy),
+                "recorded_strategy": to_wire(self.recording.spec.strategy),
+                "from_version": self.first,
+                "until_version": self.versions[-1].version if self.versions else self.first,
                 "data": evaluator.source,
                 "eval_tokens": self.config.eval_tokens,
             },
@@ -262,37 +269,30 @@ class _Session:
         return report
 
 
-async def _awaited(make: Callable[[], Awaitable[T]]) -> T:
-    return await make()
-
-
 def _record(
     index: int,
     version: int,
     weights: Weights,
     evaluator: Any,
-    batch: list[dict[str, Any]],
+    batch: list[ContributionRecord],
     applied_total: int,
-    hash_: str | None = None,
 ) -> RoundRecord:
-    from fedjet.codecs.tensors import weights_hash
-
     result = evaluator.evaluate(weights)
-    samples = sum(int(c["samples"]) for c in batch) or 1
+    samples = sum(c.samples for c in batch) or 1
     return RoundRecord(
         round=index,
         version=version,
-        train_loss=sum(float(c["loss"]) * int(c["samples"]) for c in batch) / samples if batch else None,
+        train_loss=sum(c.loss * c.samples for c in batch) / samples if batch else None,
         eval_loss=result.loss,
         eval_ppl=result.ppl,
         eval_acc=result.acc,
-        bytes_up=sum(int(c.get("wire_bytes", 0)) for c in batch),
+        bytes_up=sum(c.wire_bytes for c in batch),
         bytes_down=0,
         wall_s=0.0,
         round_s=0.0,
-        hash=hash_ or weights_hash(weights),
-        contributors=[str(c["cloud"]) for c in batch],
-        staleness=[int(c["staleness"]) for c in batch],
+        hash=weights_hash(weights),
+        contributors=[c.cloud for c in batch],
+        staleness=[c.staleness for c in batch],
         applied_total=applied_total,
     )
 

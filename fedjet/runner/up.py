@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import shutil
 import signal
 import tempfile
@@ -19,21 +18,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import nats.errors
-import nats.js.errors
-
 from fedjet.broker.jetstream import close_quietly, connect
 from fedjet.broker.proxy import LinkShape, ShapingProxy
 from fedjet.broker.server import EmbeddedNatsServer
 from fedjet.broker.subjects import JobSubjects
+from fedjet.channel.globals import GlobalFollower
+from fedjet.channel.kv import await_spec, read_stats
 from fedjet.codecs.crypto import COORDINATOR
 from fedjet.codecs.frame import Limits
+from fedjet.config.flags import to_toml
+from fedjet.config.job import JobConfig
+from fedjet.config.wire import to_wire
 from fedjet.data.wikitext import load_corpus, resolve_data_dir
 from fedjet.errors import ConfigError, FedjetError, Terminated
-from fedjet.follow import GlobalFollower, await_spec
 from fedjet.keystore import generate, member_boxes
 from fedjet.log import get_logger
-from fedjet.options import RunOptions
 from fedjet.report import Report, summarize
 from fedjet.runner.collect import Collector, print_round
 from fedjet.runner.evaluate import Evaluator
@@ -45,7 +44,7 @@ log = get_logger("fedjet.up")
 
 @dataclass(frozen=True, kw_only=True)
 class UpConfig:
-    options: RunOptions
+    job: JobConfig
     nats_url: str | None = None
     store: str | None = None
     data: str | None = None
@@ -61,10 +60,15 @@ class UpConfig:
 
     def __post_init__(self) -> None:
         for cloud in (*self.slowdown, *self.links):
-            if cloud not in self.options.clouds:
+            if cloud not in self.job.clouds:
                 raise ConfigError(f"--slowdown/--link name {cloud!r}, which is not in --clouds")
+        for cloud, factor in self.slowdown.items():
+            if not factor >= 1.0:
+                raise ConfigError(f"--slowdown {cloud}={factor}: the factor must be >= 1")
         for shape in self.links.values():
             LinkShape.parse(shape)
+        if self.eval_tokens < 1 or self.eval_every < 1 or not self.timeout_s > 0:
+            raise ConfigError("--eval-tokens and --eval-every must be >= 1 and --timeout > 0")
 
 
 class RunFailed(FedjetError):
@@ -129,7 +133,7 @@ def _run_keys(config: UpConfig, workdir: Path) -> str:
     the coordinator's key); otherwise they vanish with the run's temporary directory."""
     directory = Path(config.store) / "keys" if config.store else workdir / "keys"
     if not (directory / "coordinator.key").exists():
-        generate(directory, [*config.options.clouds, *config.options.observers])
+        generate(directory, [*config.job.clouds, *config.job.observers])
     return str(directory)
 
 
@@ -137,7 +141,7 @@ async def _shape_links(config: UpConfig, url: str, proxies: list[ShapingProxy]) 
     """Each cloud's NATS URL: direct, or through a shaping proxy for ``--link`` clouds."""
     target = urlsplit(url)
     urls = {}
-    for cloud in config.options.clouds:
+    for cloud in config.job.clouds:
         if cloud not in config.links:
             urls[cloud] = url
             continue
@@ -161,9 +165,11 @@ def _spawn_all(
 ) -> None:
     """Start the coordinator and the workers, appending each to ``children`` as soon as it
     runs, so a failure half-way still stops the ones already started."""
-    opts = config.options
+    opts = config.job
     device = ["--device", config.device] if config.device else []
-    coordinator_args = ["coordinator", "--nats", url, "--keys", keys, *opts.to_args()]
+    job_file = workdir / "job.toml"  # the coordinator reads the one validated config tree
+    job_file.write_text(to_toml(opts))
+    coordinator_args = ["coordinator", "--nats", url, "--keys", keys, "--config", str(job_file)]
     children.append(spawn("coordinator", coordinator_args, workdir))
     for cloud in opts.clouds:
         args = ["worker", "--nats", worker_urls[cloud], "--job", opts.job, "--cloud", cloud, "--keys", keys, *device]
@@ -175,7 +181,7 @@ def _spawn_all(
 
 
 async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child], keys: str) -> Report:
-    opts = config.options
+    opts = config.job
     subjects = JobSubjects(opts.job)
     boxes = member_boxes(keys, opts.observers[0])
     nc = await connect(url, f"fedjet-up-{opts.job}")
@@ -198,7 +204,7 @@ async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child
         clouds = await _cloud_stats(js, subjects, opts.clouds, children)
     finally:
         await close_quietly(nc)
-    rejected = int(collector.last_meta.get("rejected_total", 0))
+    rejected = collector.last_record.rejected_total if collector.last_record else 0
     report = Report(config=_config_dict(config, corpus), rounds=collector.rounds, clouds=clouds)
     report.summary = summarize(collector.rounds, clouds, rejected)
     report.summary["run_s"] = time.perf_counter() - started
@@ -242,20 +248,16 @@ async def _cloud_stats(
     while any(c.returncode is None for c in workers) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     _check_children(children)
-    stats: dict[str, Any] = {}
-    kv = await js.key_value(subjects.kv_bucket)
-    for cloud in clouds:
-        try:
-            stats[cloud] = json.loads((await kv.get(f"stats.{cloud}")).value)
-        except nats.js.errors.NotFoundError:
-            stats[cloud] = {}
-    return stats
+    return await read_stats(js, subjects, clouds)
 
 
 def _config_dict(config: UpConfig, corpus: Any) -> dict[str, Any]:
     return {
-        **config.options.to_dict(),
-        "strategy_config": config.options.strategy_config().to_dict(),
+        **to_wire(config.job),
+        "strategy": config.job.strategy.name,  # flat keys that report readers use
+        "strategy_config": to_wire(config.job.strategy),
+        "rounds": config.job.stop.rounds,
+        "max_updates": config.job.stop.max_updates,
         "data": corpus.source,
         "train_split": corpus.train_split,
         "eval_split": corpus.eval_split,

@@ -7,33 +7,32 @@ gradients are published, to this cloud's own update subject.
 from __future__ import annotations
 
 import asyncio
-import json
-import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import nats.errors
-import nats.js.errors
+import structlog
 
-from fedjet.broker.blobs import publish_blob
 from fedjet.broker.jetstream import close_quietly, connect
-from fedjet.broker.subjects import JobSubjects, check_token
-from fedjet.codecs.crypto import COORDINATOR, seal_update
+from fedjet.broker.subjects import JobSubjects
+from fedjet.channel.globals import GlobalFollower
+from fedjet.channel.kv import await_spec, put_stats
+from fedjet.channel.updates import UpdateSender
+from fedjet.codecs.crypto import COORDINATOR
 from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import GlobalHead, UpdateHeader, frame_update
-from fedjet.codecs.pipeline import CodecSpec
+from fedjet.config.codec import CodecSpec
+from fedjet.config.names import check_token
 from fedjet.data.batches import BatchSampler
 from fedjet.data.shards import make_tokenizer, shard_tokens
 from fedjet.data.wikitext import load_corpus
 from fedjet.errors import ConfigError
-from fedjet.follow import GlobalFollower, await_spec
 from fedjet.keystore import member_boxes
 from fedjet.log import get_logger
 from fedjet.spec import JobSpec
 from fedjet.worker.delta import DeltaTracker
 from fedjet.worker.model import model_from_config, pick_device, quiet_transformers
-from fedjet.worker.train import LocalTrainer, TrainSettings
+from fedjet.worker.train import LocalTrainer
 
 log = get_logger("fedjet.worker")
 
@@ -101,17 +100,22 @@ class Worker:
 
     async def run(self) -> WorkerStats:
         started = time.perf_counter()
-        self._nc = await connect(self.config.nats_url, f"fedjet-worker-{self.config.job}-{self.config.cloud}")
+        cfg = self.config
+        self._nc = await connect(cfg.nats_url, f"fedjet-worker-{cfg.job}-{cfg.cloud}")
         try:
-            self._js = self._nc.jetstream()
-            self.spec = await await_spec(
-                self._js, self.subjects, self.boxes.public_of(COORDINATOR), self.config.spec_timeout_s
-            )
-            self.spec.cloud_index(self.config.cloud)
-            self.trainer, self.tracker, self.codec = await asyncio.to_thread(self._prepare, self.spec)
-            self.follower = GlobalFollower(self._js, self.subjects, self.boxes, self.config.limits)
-            await self.follower.start()
-            await self._loop()
+            with structlog.contextvars.bound_contextvars(job=cfg.job, cloud=cfg.cloud):
+                self._js = self._nc.jetstream()
+                self.spec = await await_spec(
+                    self._js, self.subjects, self.boxes.public_of(COORDINATOR), cfg.spec_timeout_s
+                )
+                self.spec.cloud_index(cfg.cloud)
+                self.trainer, self.tracker, self.codec = await asyncio.to_thread(self._prepare, self.spec)
+                self.sender = UpdateSender(
+                    self._js, self.subjects, self.boxes, cfg.cloud, cfg.worker_id, max_payload=self._nc.max_payload
+                )
+                self.follower = GlobalFollower(self._js, self.subjects, self.boxes, cfg.limits)
+                await self.follower.start()
+                await self._loop()
         finally:
             self.stats.wall_s = time.perf_counter() - started
             if self.follower is not None:
@@ -125,21 +129,22 @@ class Worker:
         corpus = load_corpus(self.config.data)
         tokenizer = make_tokenizer(spec.tokenizer)
         index = spec.cloud_index(self.config.cloud)
+        job = spec.config
         tokens = shard_tokens(
             corpus.train,
             tokenizer,
             clouds=len(spec.clouds),
             index=index,
-            scheme=spec.partition,
-            alpha=spec.alpha,
-            seed=spec.seed,
+            scheme=job.partition.scheme,
+            alpha=job.partition.alpha,
+            seed=job.seed,
         )
-        settings = TrainSettings(**spec.train)
-        sampler = BatchSampler(tokens, settings.seq_len, settings.batch_size, seed=spec.seed * 1000 + index)
+        settings = job.train
+        sampler = BatchSampler(tokens, settings.seq_len, settings.batch_size, seed=job.seed * 1000 + index)
         model = model_from_config(spec.model_config)
         device = pick_device(self.config.device)
         trainer = LocalTrainer(model, sampler, settings, device, slowdown=self.config.slowdown)
-        codec = CodecSpec.parse(spec.codec)
+        codec = CodecSpec.parse(job.codec)
         log.info(
             "worker_ready",
             cloud=self.config.cloud,
@@ -153,7 +158,7 @@ class Worker:
     async def _loop(self) -> None:
         """Sync: wait for each new global. Async: take the newest between local rounds, if any."""
         base: GlobalHead | None = None
-        steps = int(self.spec.train["local_steps"])
+        steps = self.spec.config.train.local_steps
         while not self._stop.is_set():
             wait_from = time.perf_counter()
             if base is None or self.spec.synchronous:
@@ -168,12 +173,16 @@ class Worker:
                 self.trainer.load(version.tensors)
                 self.tracker.rebase(version.tensors)
                 base = head
-                steps = int(self.follower.meta(head).get("assignment", {}).get(self.config.cloud, steps))
+                steps = self.follower.record(head).assignment.get(self.config.cloud, steps)
             self.stats.idle_s += time.perf_counter() - wait_from
             assert base is not None
             await self._train_and_send(base.version, steps)
 
     async def _train_and_send(self, base_version: int, steps: int) -> None:
+        with structlog.contextvars.bound_contextvars(version=base_version):
+            await self._train_and_send_from(base_version, steps)
+
+    async def _train_and_send_from(self, base_version: int, steps: int) -> None:
         spec, trainer = self.spec, self.trainer
         if spec.update_kind == "gradient":
             gradient, result = await asyncio.to_thread(trainer.gradient, steps)
@@ -198,21 +207,13 @@ class Worker:
             sent_unix=time.time(),
         )
         frame = frame_update(header, compressed.entries)
-        payload = await asyncio.to_thread(seal_update, frame, self.boxes)
-        published = await publish_blob(
-            self._js,
-            self.subjects.update(self.config.cloud),
-            payload,
-            blob_id=f"{self.config.cloud}/{self.config.worker_id}/{self._seq}/{secrets.token_hex(6)}",
-            max_payload=self._nc.max_payload,
-        )
+        published = await self.sender.send(frame, self._seq)
         self.stats.updates_sent += 1
         self.stats.bytes_up += published.wire_bytes
         self.stats.tokens += result.tokens
         self.stats.compute_s += result.compute_s
         log.info(
             "update_sent",
-            cloud=self.config.cloud,
             base=base_version,
             steps=steps,
             loss=round(result.mean_loss, 4),
@@ -226,8 +227,4 @@ class Worker:
             self.stats.bytes_down = self.follower.bytes_down
         if self._nc is None or self._nc.is_closed:
             return
-        try:
-            kv = await self._js.key_value(self.subjects.kv_bucket)
-            await kv.put(f"stats.{self.config.cloud}", json.dumps(self.stats.to_dict()).encode())
-        except (nats.errors.Error, nats.js.errors.Error) as e:
-            log.warning("stats_not_reported", error=str(e))
+        await put_stats(self._js, self.subjects, self.config.cloud, self.stats.to_dict())

@@ -11,27 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedjet.config.job import TrainConfig
 from fedjet.data.batches import BatchSampler
-from fedjet.errors import ConfigError
 from fedjet.worker.model import load_parameters, parameter_tensors
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainSettings:
-    """Local optimisation per round. Part of the job spec, so every cloud trains alike."""
-
-    local_steps: int = 20
-    batch_size: int = 8
-    seq_len: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.local_steps < 1 or self.batch_size < 1 or self.seq_len < 2:
-            raise ConfigError("local_steps, batch_size must be >= 1 and seq_len >= 2")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
 
 
 @dataclass(frozen=True)
@@ -67,7 +49,7 @@ class LocalTrainer:
         self,
         model: torch.nn.Module,
         sampler: BatchSampler,
-        settings: TrainSettings,
+        settings: TrainConfig,
         device: torch.device,
         *,
         slowdown: float = 1.0,

@@ -1,0 +1,287 @@
+"""The global-version channel, both ends: the coordinator's :class:`GlobalPublisher` and the
+:class:`GlobalFollower` that workers, the observer, replay and a resuming coordinator share.
+
+A version is two things on the GLOBALS stream: its weights (encrypted, chunked, on
+``global.data``) and a small signed head (on ``global``) saying where the weights sit, their
+digest, the version key sealed to each member, and the encrypted :class:`VersionRecord`. Heads
+link back through ``prev_head_seq``; :meth:`GlobalFollower.previous` is the one walk along
+that chain (to a delta's base, or to the versions a resuming coordinator needs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+import torch
+from nats.js import api
+
+from fedjet.broker.blobs import H_BLOB, BlobAssembler, header_bytes, publish_blob
+from fedjet.broker.jetstream import read_range
+from fedjet.broker.subjects import JobSubjects
+from fedjet.codecs.crypto import COORDINATOR, Boxes, digest, open_global, open_secret, open_version_key, seal_global
+from fedjet.codecs.frame import Limits
+from fedjet.codecs.messages import (
+    GlobalHead,
+    GlobalHeader,
+    GlobalVersion,
+    decode_global,
+    encode_global,
+    peek_global_header,
+)
+from fedjet.codecs.record import VersionRecord
+from fedjet.codecs.tensors import weights_hash
+from fedjet.errors import AuthenticationError, BrokerError, FedjetError, ValidationError
+from fedjet.log import get_logger
+
+log = get_logger("fedjet.channel")
+Weights = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LatestHead:
+    head: GlobalHead
+    seq: int  # its stream sequence
+
+
+class GlobalPublisher:
+    """Publishes versions: weights as a lossless delta on the previous version (a full
+    snapshot every ``snapshot_every``), then the signed head that makes them count."""
+
+    def __init__(
+        self, js: Any, subjects: JobSubjects, boxes: Boxes, members: list[str], *, max_payload: int, snapshot_every: int
+    ) -> None:
+        self._js = js
+        self.subjects = subjects
+        self.boxes = boxes
+        self.members = members  # the coordinator is one of them: replay reads every version
+        self.max_payload = max_payload
+        self.snapshot_every = snapshot_every
+        self.last_head: GlobalHead | None = None
+        self._last_head_seq = 0
+        self._published: Weights | None = None
+
+    def resume(self, latest: LatestHead, weights: Weights) -> None:
+        """Continue the chain of a version published before a restart."""
+        self.last_head, self._last_head_seq, self._published = latest.head, latest.seq, weights
+
+    async def publish(
+        self, version: int, hash_: str, weights: Weights, record: VersionRecord, *, final: bool
+    ) -> GlobalHead:
+        header = GlobalHeader(job=self.subjects.job, version=version, hash=hash_, final=final)
+        base = self._delta_base(version)
+        payload, header = await asyncio.to_thread(
+            encode_global, GlobalVersion(header, weights), base, version - 1 if base is not None else -1
+        )
+        self._published = weights
+        sealed = await asyncio.to_thread(seal_global, payload, record.to_bytes(), self.boxes, self.members)
+        blob_id = f"{self.subjects.job}/g/{version}/{secrets.token_hex(6)}"  # fresh after a restart too
+        blob = await publish_blob(
+            self._js, self.subjects.global_data, sealed.ciphertext, blob_id=blob_id, max_payload=self.max_payload
+        )
+        head = GlobalHead(
+            header=header,
+            first_seq=blob.first_seq,
+            last_seq=blob.last_seq,
+            size=len(sealed.ciphertext),
+            sha256=digest(sealed.ciphertext),
+            blob_id=blob_id,
+            keys=sealed.keys,
+            meta=sealed.meta,
+            prev_head_seq=self._last_head_seq,
+        )
+        await self._publish_head(head)
+        log.info("version_published", version=version, hash=hash_[:12], bytes=blob.wire_bytes, final=final)
+        return head
+
+    async def publish_final_marker(self) -> None:
+        """Stopped early: re-announce the current version as final so workers exit."""
+        if self.last_head is not None and not self.last_head.final:
+            await self._publish_head(self.last_head.as_final())
+
+    def _delta_base(self, version: int) -> Weights | None:
+        """The previous version's weights, unless a full snapshot is due (bounds the chain a
+        late joiner walks back)."""
+        if self._published is None or version % self.snapshot_every == 0:
+            return None
+        return self._published
+
+    async def _publish_head(self, head: GlobalHead) -> None:
+        msg_id = f"{head.job}/h/{head.version}/{int(head.final)}"
+        try:
+            ack = await self._js.publish(
+                self.subjects.global_head, head.sign(self.boxes.me), headers={"Nats-Msg-Id": msg_id}
+            )
+        except (nats.errors.Error, nats.js.errors.Error) as e:
+            raise BrokerError(f"publishing global head {head.version} failed: {e}") from e
+        self.last_head, self._last_head_seq = head, ack.seq
+
+
+class GlobalFollower:
+    """Keeps the newest announced head (``every=False``) or queues every head (``every=True``).
+
+    Heads that fail to verify are counted (``rejected``) and ignored; older heads are ignored.
+    """
+
+    def __init__(self, js: Any, subjects: JobSubjects, boxes: Boxes, limits: Limits, *, every: bool = False) -> None:
+        self._js = js
+        self.boxes = boxes
+        self.subjects = subjects
+        self.limits = limits
+        self.every = every
+        self.latest: GlobalHead | None = None
+        self.final: GlobalHead | None = None
+        self.rejected = 0
+        self.bytes_down = 0
+        self.wire_bytes: dict[int, int] = {}  # version -> head + weights as they crossed the wire
+        self._queue: asyncio.Queue[GlobalHead] = asyncio.Queue()
+        self._changed = asyncio.Event()
+        self._sub: Any = None
+        self._held: tuple[int, Weights] | None = None  # the last version fetched
+
+    async def start(self) -> None:
+        policy = api.DeliverPolicy.ALL if self.every else api.DeliverPolicy.LAST
+        self._sub = await self._js.subscribe(
+            self.subjects.global_head,
+            cb=self._on_head,
+            ordered_consumer=True,
+            deliver_policy=policy,
+            stream=self.subjects.global_stream,
+        )
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _on_head(self, msg: Any) -> None:
+        self.bytes_down += len(msg.data) + header_bytes(msg.headers)
+        try:
+            head = self.parse_head(msg.data)
+        except FedjetError as e:
+            self.rejected += 1
+            log.warning("global_head_rejected", reason=e.reason, detail=str(e)[:200])
+            return
+        newer = self.latest is None or head.version > self.latest.version
+        self.wire_bytes[head.version] = len(msg.data) + header_bytes(msg.headers)
+        if newer:
+            self.latest = head
+        if head.final:
+            self.final = head
+        if self.every and (newer or head.final):
+            self._queue.put_nowait(head)  # a final marker may repeat the last version
+        self._changed.set()
+
+    def parse_head(self, data: bytes) -> GlobalHead:
+        head = GlobalHead.verify(data, self.boxes.public_of(COORDINATOR))
+        if head.job != self.subjects.job:
+            raise ValidationError(f"head for job {head.job!r:.40}")
+        return head
+
+    async def newer_than(self, version: int) -> GlobalHead:
+        """Wait for a head newer than ``version``, or the final marker."""
+        while True:
+            if self.latest is not None and self.latest.version > version:
+                return self.latest
+            if self.final is not None:
+                return self.final
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def next_head(self) -> GlobalHead:
+        """Every head in order (``every=True``)."""
+        return await self._queue.get()
+
+    async def read_latest(self) -> LatestHead | None:
+        """The newest head that verifies, or None for a job with no versions yet. Junk that
+        someone without the coordinator's key put on the head subject is skipped."""
+        try:
+            raw = await self._js.get_last_msg(self.subjects.global_stream, self.subjects.global_head)
+        except nats.js.errors.NotFoundError:
+            return None
+        try:
+            return LatestHead(self.parse_head(raw.data), raw.seq)
+        except FedjetError as e:
+            log.warning("global_head_rejected", reason=e.reason, stream_seq=raw.seq)
+        latest = None
+        async for msg in read_range(self._js, self.subjects.global_stream, self.subjects.global_head):
+            with contextlib.suppress(FedjetError):
+                latest = LatestHead(self.parse_head(msg.data), msg.metadata.sequence.stream)
+        return latest
+
+    async def previous(self, head: GlobalHead) -> GlobalHead | None:
+        """One step back along the head chain (None at version 0)."""
+        if head.prev_head_seq <= 0:
+            return None
+        msg = await self._js.get_msg(self.subjects.global_stream, head.prev_head_seq, direct=True)
+        previous = self.parse_head(msg.data)
+        if previous.version >= head.version:
+            raise AuthenticationError(f"global {head.version}: head chain points forward to {previous.version}")
+        return previous
+
+    async def fetch(self, head: GlobalHead) -> GlobalVersion:
+        """Read, check and decode the weights a head points to.
+
+        A delta version is applied on top of its base: the version fetched last when that is
+        the base, else the base fetched first (walking back along the head chain to the last
+        full snapshot). The result is checked against the signed hash either way.
+        """
+        plaintext = await self._read_plaintext(head)
+        header = peek_global_header(plaintext, self.limits)
+        base = None
+        if header.delta_from >= 0:
+            base = await self._base(head, header.delta_from)
+        version = await asyncio.to_thread(decode_global, plaintext, self.limits, base)
+        if version.header.version != head.version or weights_hash(version.tensors) != head.hash:
+            raise AuthenticationError(f"global {head.version}: decoded weights do not match the head")
+        self._held = (head.version, version.tensors)
+        return version
+
+    async def _base(self, head: GlobalHead, base_version: int) -> Weights:
+        if self._held is not None and self._held[0] == base_version:
+            return self._held[1]
+        previous = await self.previous(head) if head.delta_from == base_version else None
+        if previous is None:
+            raise ValidationError(f"global {head.version}: no way back to its base {base_version}")
+        if previous.version != base_version:
+            raise AuthenticationError(f"global {head.version}: head chain points at {previous.version}")
+        return (await self.fetch(previous)).tensors
+
+    async def _read_plaintext(self, head: GlobalHead) -> bytes:
+        if not 0 <= head.size <= self.limits.max_frame_bytes:
+            raise ValidationError(f"global {head.version}: size {head.size} out of range")
+        # The signed size bounds what unsigned chunk headers may make us allocate.
+        assembler = BlobAssembler(max_blob_bytes=head.size, max_pending_bytes=head.size)
+        blob = None
+        messages = read_range(
+            self._js, self.subjects.global_stream, self.subjects.global_data, head.first_seq, head.last_seq
+        )
+        async with contextlib.aclosing(messages):
+            async for msg in messages:
+                size = len(msg.data) + header_bytes(msg.headers)
+                self.bytes_down += size
+                self.wire_bytes[head.version] = self.wire_bytes.get(head.version, 0) + size
+                if head.blob_id and (msg.headers or {}).get(H_BLOB) != head.blob_id:
+                    continue  # a foreign chunk inside the version's range: not ours, skip it
+                blob = assembler.add(msg.subject, msg.headers, msg.data, msg.metadata.sequence.stream) or blob
+        if blob is None or len(blob.data) != head.size:
+            raise ValidationError(f"global {head.version}: weights incomplete at {head.first_seq}..{head.last_seq}")
+        if digest(blob.data) != head.sha256:
+            raise AuthenticationError(f"global {head.version}: weights do not match the signed digest")
+        return await asyncio.to_thread(open_global, blob.data, self._sealed_key(head), self.boxes)
+
+    def _sealed_key(self, head: GlobalHead) -> bytes:
+        sealed_key = head.keys.get(self.boxes.me.name)
+        if sealed_key is None:
+            raise AuthenticationError(f"global {head.version} is not sealed to {self.boxes.me.name!r}")
+        return sealed_key
+
+    def record(self, head: GlobalHead) -> VersionRecord:
+        """The coordinator's record of this version (who contributed, losses, bytes, progress)."""
+        return VersionRecord.from_bytes(open_secret(head.meta, open_version_key(self._sealed_key(head), self.boxes)))

@@ -1,0 +1,75 @@
+"""The job's KV bucket: the signed job spec and each worker's own figures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+
+from fedjet.broker.subjects import JobSubjects
+from fedjet.codecs.crypto import Identity, PublicIdentity
+from fedjet.errors import BrokerError
+from fedjet.log import get_logger
+from fedjet.spec import JobSpec, sign_spec, verify_spec
+
+log = get_logger("fedjet.channel")
+
+
+async def publish_spec(js: Any, subjects: JobSubjects, spec: JobSpec, coordinator: Identity) -> None:
+    kv = await js.key_value(subjects.kv_bucket)
+    await kv.put(subjects.spec_key, sign_spec(spec, coordinator))
+
+
+async def read_spec(js: Any, subjects: JobSubjects, coordinator: PublicIdentity) -> JobSpec | None:
+    """The recorded spec, or None when the job has none yet."""
+    try:
+        kv = await js.key_value(subjects.kv_bucket)
+        return verify_spec((await kv.get(subjects.spec_key)).value, coordinator)
+    except nats.js.errors.NotFoundError:  # bucket or key not there yet
+        return None
+
+
+async def await_spec(
+    js: Any,
+    subjects: JobSubjects,
+    coordinator: PublicIdentity,
+    timeout_s: float,
+    check: Callable[[], None] | None = None,
+) -> JobSpec:
+    """The job spec the coordinator signed, waiting up to ``timeout_s`` for it to appear
+    (``check`` runs between attempts, e.g. to notice a crashed coordinator)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if check is not None:
+            check()
+        spec = await read_spec(js, subjects, coordinator)
+        if spec is not None:
+            return spec
+        if time.monotonic() > deadline:
+            raise BrokerError(f"no job spec for {subjects.job} within {timeout_s:.0f}s")
+        await asyncio.sleep(0.2)
+
+
+async def put_stats(js: Any, subjects: JobSubjects, cloud: str, stats: dict[str, Any]) -> None:
+    """Best effort: a failure is logged, the worker goes on."""
+    try:
+        kv = await js.key_value(subjects.kv_bucket)
+        await kv.put(subjects.stats_key(cloud), json.dumps(stats).encode())
+    except (nats.errors.Error, nats.js.errors.Error) as e:
+        log.warning("stats_not_reported", cloud=cloud, error=str(e))
+
+
+async def read_stats(js: Any, subjects: JobSubjects, clouds: tuple[str, ...]) -> dict[str, Any]:
+    kv = await js.key_value(subjects.kv_bucket)
+    stats: dict[str, Any] = {}
+    for cloud in clouds:
+        try:
+            stats[cloud] = json.loads((await kv.get(subjects.stats_key(cloud))).value)
+        except nats.js.errors.NotFoundError:
+            stats[cloud] = {}
+    return stats

@@ -1,0 +1,92 @@
+"""The version record: the coordinator's account of one global version, typed and versioned.
+
+It travels encrypted inside the version's signed head and is the contract for three readers:
+the observer builds the report from it, ``fedjet replay`` re-applies the batches it lists, and
+a restarted coordinator resumes from its progress. Decoding is tolerant (unknown keys are
+ignored, so newer coordinators can add fields) but strict on types. Records of the first batch
+(progress fields at the top level, no ``record_version``) are read as version 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgpack
+
+from fedjet.config.wire import WireError, from_wire, to_wire
+from fedjet.errors import DecodeError, SchemaError
+
+RECORD_VERSION = 2
+MAX_RECORD_BYTES = 1 << 20
+_PROGRESS_KEYS = ("applied_total", "applied_through", "resume_from", "guard", "rejected")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContributionRecord:
+    """One update folded into the version, in the order it was folded."""
+
+    cloud: str
+    worker: str = "0"
+    seq: int
+    stream_seq: int
+    base: int
+    staleness: int
+    samples: int
+    loss: float
+    wire_bytes: int = 0
+    tokens: int = 0
+    compute_s: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class DroppedRecord:
+    stream_seq: int
+    cloud: str
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Progress:
+    """What a restarted coordinator needs to carry on exactly once."""
+
+    applied_total: int = 0
+    applied_through: int = 0  # every update blob ending at or before this seq is decided
+    resume_from: int = 1  # first stream seq still needed (unapplied or partial blobs)
+    guard: dict[str, int] = field(default_factory=dict)  # last seq per cloud/worker
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VersionRecord:
+    strategy: str
+    contributions: tuple[ContributionRecord, ...] = ()
+    train_loss: float | None = None
+    bytes_up: int = 0
+    published_unix: float = 0.0
+    rejected_total: int = 0
+    dropped: tuple[DroppedRecord, ...] = ()
+    assignment: dict[str, int] = field(default_factory=dict)
+    progress: Progress = field(default_factory=Progress)
+    record_version: int = RECORD_VERSION
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb(to_wire(self), use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> VersionRecord:
+        try:
+            raw = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=MAX_RECORD_BYTES)
+        except (msgpack.UnpackException, ValueError, TypeError, OverflowError) as e:
+            raise DecodeError(f"version record is not msgpack: {type(e).__name__}") from e
+        if not isinstance(raw, dict):
+            raise SchemaError("version record must be a map")
+        if "progress" not in raw:  # version 1: progress at the top level
+            raw = {**raw, "progress": {k: raw[k] for k in _PROGRESS_KEYS if k in raw}}
+        try:
+            return from_wire(cls, raw)
+        except WireError as e:
+            raise SchemaError(f"version record: {e}") from e
+
+    @property
+    def samples(self) -> int:
+        return sum(c.samples for c in self.contributions)

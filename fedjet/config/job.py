@@ -1,0 +1,228 @@
+"""The job's configuration: one frozen, keyword-only dataclass tree, defaults in one place.
+
+``JobConfig`` nests the strategy (with its staleness function and server optimizer), the
+round policy, local training, partitioning and stop conditions. Every part validates itself in
+``__post_init__``; the CLI flags and ``job.toml`` are two front doors to the same tree (see
+:mod:`fedjet.config.flags`), and the job spec carries it typed. No torch here: a wrong value
+is refused before any process starts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from fedjet.config.codec import CodecSpec
+from fedjet.config.names import check_token
+from fedjet.errors import ConfigError
+
+STRATEGIES = ("fedavg", "dynamic", "gradient", "async", "fedbuff")
+STALENESS = ("constant", "polynomial", "hinge")
+OPTIMIZERS = ("sgd", "nesterov", "adam")
+LATE_POLICIES = ("drop", "carry")
+PARTITIONS = ("fixed", "noniid", "dynamic")
+DEFAULT_ROUNDS = 5
+
+
+def flag(name: str, help: str = "", **extra: Any) -> dict[str, Any]:
+    """Field metadata naming the CLI flag that sets this field (see ``flags.add_config_flags``)."""
+    return {"flag": name, "help": help, **extra}
+
+
+def default_job() -> str:
+    return time.strftime("run-%Y%m%d-%H%M%S")
+
+
+def default_server_lr(strategy: str) -> float:
+    """lr 1 makes SGD reproduce formulas 1, 2 and 4 exactly; gradient steps need a real step size."""
+    return 0.05 if strategy == "gradient" else 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Staleness:
+    """s(tau): constant 1; polynomial (1+tau)^-a (FedAsync); hinge 1 until b, then 1/(a(tau-b)+1)."""
+
+    kind: str = field(
+        default="polynomial", metadata=flag("--staleness", "staleness function s(tau)", choices=STALENESS)
+    )
+    a: float = field(default=0.5, metadata=flag("--staleness-a"))
+    b: int = field(default=4, metadata=flag("--staleness-b"))
+
+    def __post_init__(self) -> None:
+        if self.kind not in STALENESS:
+            raise ConfigError(f"staleness must be one of {STALENESS}, got {self.kind!r}")
+        if not (self.a >= 0 and math.isfinite(self.a)) or self.b < 0:
+            raise ConfigError("staleness parameters a and b must be >= 0")
+
+    def __call__(self, tau: int) -> float:
+        if tau < 0:
+            raise ConfigError(f"negative staleness {tau}")
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "polynomial":
+            return float((1.0 + tau) ** (-self.a))
+        return 1.0 if tau <= self.b else 1.0 / (self.a * (tau - self.b) + 1.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerOptConfig:
+    """The server optimizer over the aggregated pseudo-gradient; ``lr`` None = the strategy's default."""
+
+    name: str = field(default="sgd", metadata=flag("--server-opt", choices=OPTIMIZERS))
+    lr: float | None = field(default=None, metadata=flag("--server-lr", "default 1.0 (0.05 for gradient)"))
+    momentum: float = field(default=0.9, metadata=flag("--server-momentum"))
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"server optimizer must be one of {OPTIMIZERS}, got {self.name!r}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"server lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"--server-momentum must be in [0, 1), got {self.momentum}")
+
+    @property
+    def step_size(self) -> float:
+        assert self.lr is not None, "StrategyConfig resolves the default lr"
+        return self.lr
+
+
+@dataclass(frozen=True, kw_only=True)
+class StrategyConfig:
+    """``--strategy`` and its parameters; recorded in the spec and the report."""
+
+    name: str = field(default="fedavg", metadata=flag("--strategy", "aggregation rule", choices=STRATEGIES))
+    temperature: float = field(default=1.0, metadata=flag("--temperature", "dynamic: softmax(-L/T)"))
+    alpha: float = field(default=0.6, metadata=flag("--alpha-async", "async: mixing weight alpha"))
+    staleness: Staleness = field(default_factory=Staleness)
+    max_staleness: int = field(default=8, metadata=flag("--max-staleness"))
+    buffer_size: int = field(default=3, metadata=flag("--buffer-size", "fedbuff: K updates per version"))
+    server: ServerOptConfig = field(default_factory=ServerOptConfig)
+
+    def __post_init__(self) -> None:
+        if self.name not in STRATEGIES:
+            raise ConfigError(f"--strategy must be one of {STRATEGIES}, got {self.name!r}")
+        if not 0 < self.alpha <= 1:
+            raise ConfigError(f"--alpha-async must be in (0, 1], got {self.alpha}")
+        if self.max_staleness < 0 or self.buffer_size < 1:
+            raise ConfigError("--max-staleness must be >= 0 and --buffer-size >= 1")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
+        if self.server.lr is None:  # the default that makes formulas 1, 2 and 4 exact
+            object.__setattr__(self, "server", replace(self.server, lr=default_server_lr(self.name)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundConfig:
+    """Sync rounds close when every cloud has reported, or at ``deadline_s`` with ``quorum``."""
+
+    quorum: int | None = field(default=None, metadata=flag("--quorum", "sync: clouds needed once the deadline passes"))
+    deadline_s: float | None = field(
+        default=None, metadata=flag("--round-deadline", "sync: seconds before a quorum closes")
+    )
+    late: str = field(default="drop", metadata=flag("--late", "sync: late updates", choices=LATE_POLICIES))
+
+    def __post_init__(self) -> None:
+        if self.late not in LATE_POLICIES:
+            raise ConfigError(f"--late must be one of {LATE_POLICIES}, got {self.late!r}")
+        if self.quorum is not None and self.quorum < 1:
+            raise ConfigError(f"--quorum must be >= 1, got {self.quorum}")
+        if self.deadline_s is not None and not self.deadline_s > 0:
+            raise ConfigError("--round-deadline must be > 0 seconds")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Local optimisation per update; part of the spec, so every cloud trains alike."""
+
+    local_steps: int = field(default=20, metadata=flag("--local-steps"))
+    batch_size: int = field(default=8, metadata=flag("--batch-size"))
+    seq_len: int = field(default=128, metadata=flag("--seq-len"))
+    lr: float = field(default=2e-3, metadata=flag("--lr", "local AdamW learning rate"))
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.local_steps < 1 or self.batch_size < 1 or self.seq_len < 2:
+            raise ConfigError("--local-steps and --batch-size must be >= 1 and --seq-len >= 2")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or not self.grad_clip > 0:
+            raise ConfigError("weight_decay must be >= 0 and grad_clip > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartitionConfig:
+    """How ``fedjet up`` deals its one demo corpus, and how often dynamic re-assigns steps."""
+
+    scheme: str = field(default="fixed", metadata=flag("--partition", choices=PARTITIONS))
+    alpha: float = field(default=0.5, metadata=flag("--alpha", "noniid: Dirichlet concentration"))
+    rebalance_every: int = field(
+        default=1, metadata=flag("--rebalance-every", "dynamic: versions between re-assignments")
+    )
+
+    def __post_init__(self) -> None:
+        if self.scheme not in PARTITIONS:
+            raise ConfigError(f"--partition must be one of {PARTITIONS}, got {self.scheme!r}")
+        if not self.alpha > 0:
+            raise ConfigError(f"--alpha must be > 0, got {self.alpha}")
+        if self.rebalance_every < 1:
+            raise ConfigError("--rebalance-every must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StopConfig:
+    """When the job ends; with neither given it makes ``DEFAULT_ROUNDS`` versions."""
+
+    rounds: int | None = field(
+        default=None, metadata=flag("--rounds", f"global versions to make (default {DEFAULT_ROUNDS})")
+    )
+    max_updates: int | None = field(default=None, metadata=flag("--max-updates", "end once N updates are applied"))
+
+    def __post_init__(self) -> None:
+        if self.rounds is None and self.max_updates is None:
+            object.__setattr__(self, "rounds", DEFAULT_ROUNDS)
+        if self.rounds is not None and self.rounds < 1:
+            raise ConfigError("--rounds must be >= 1")
+        if self.max_updates is not None and self.max_updates < 1:
+            raise ConfigError("--max-updates must be >= 1")
+
+    def reached(self, version: int, applied: int) -> bool:
+        if self.max_updates is not None and applied >= self.max_updates:
+            return True
+        return self.rounds is not None and version >= self.rounds
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobConfig:
+    """Everything the coordinator and every worker must agree on."""
+
+    job: str = field(default_factory=default_job, metadata=flag("--job", "job name (default: run-<timestamp>)"))
+    clouds: tuple[str, ...] = field(default=("aws", "gcp", "azure"), metadata=flag("--clouds", "comma-separated"))
+    observers: tuple[str, ...] = field(default=("eval",), metadata=flag("--observers", "read-only members"))
+    model: str = field(default="tiny", metadata=flag("--model", "preset (tiny, small, medium) or checkpoint dir"))
+    seed: int = field(default=0, metadata=flag("--seed"))
+    codec: str = field(default="topk:0.01+int8", metadata=flag("--codec", "topk:0.01+int8, dense, topk:D+int4 ..."))
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    round: RoundConfig = field(default_factory=RoundConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    stop: StopConfig = field(default_factory=StopConfig)
+
+    def __post_init__(self) -> None:
+        check_token("job", self.job)
+        if not self.clouds:
+            raise ConfigError("a job needs at least one cloud (--clouds aws,gcp,azure)")
+        if len(set(self.clouds) | set(self.observers)) != len(self.clouds) + len(self.observers):
+            raise ConfigError(f"cloud and observer names must be unique: {self.clouds} {self.observers}")
+        for name in (*self.clouds, *self.observers):
+            check_token("cloud", name)
+        if "coordinator" in (*self.clouds, *self.observers):
+            raise ConfigError("'coordinator' is reserved; pick another cloud name")
+        if self.round.quorum is not None and self.round.quorum > len(self.clouds):
+            raise ConfigError(f"--quorum must be in 1..{len(self.clouds)}, got {self.round.quorum}")
+        CodecSpec.parse(self.codec)
