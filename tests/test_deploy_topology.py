@@ -39,6 +39,7 @@ JOB = "j"
 CLOUDS = ("aws", "gcp", "azure")
 SUBJECTS = JobSubjects(JOB)
 KV_STREAM = f"KV_{SUBJECTS.kv_bucket}"
+GLOBAL_CHUNKS, CHUNK_BYTES = 16, 900_000
 
 
 def _free_base_port(count: int, attempts: int = 50) -> int:
@@ -175,6 +176,8 @@ async def _set_up_job(topology: Topology) -> None:
         )
         await kv.put("spec", b"the job spec")
         await js.publish(SUBJECTS.global_head, b"global version 1")
+        for i in range(GLOBAL_CHUNKS):  # weights: enough bytes that an ordered consumer needs flow control
+            await js.publish(SUBJECTS.global_data, bytes([i]) * CHUNK_BYTES)
         assert co.errors == []
 
 
@@ -231,7 +234,7 @@ def test_coordinator_on_the_hub_holds_r3_streams_and_the_kv_bucket(cluster):
     infos, spec = asyncio.run(scenario())
     assert [info.config.num_replicas for info in infos] == [3, 3, 3]
     assert all(len(info.cluster.replicas or []) == 2 for info in infos)  # a leader and two followers
-    assert infos[1].state.messages >= 1
+    assert infos[1].state.messages == 1 + GLOBAL_CHUNKS
     assert spec == b"the job spec"
 
 
@@ -252,14 +255,25 @@ def test_cloud_on_its_leaf_publishes_its_update_and_reads_globals_and_spec(clust
             )
             first = await asyncio.wait_for(received.get(), 5)
             await sub.unsubscribe()
+            chunks: asyncio.Queue[Any] = asyncio.Queue()
+            sub = await js.subscribe(
+                SUBJECTS.global_data,
+                cb=chunks.put,
+                ordered_consumer=True,
+                deliver_policy=api.DeliverPolicy.ALL,
+                stream=SUBJECTS.global_stream,
+            )
+            weights = [(await asyncio.wait_for(chunks.get(), 10)).data for _ in range(GLOBAL_CHUNKS)]
+            await sub.unsubscribe()
             direct = await js.get_msg(SUBJECTS.global_stream, seq=first.metadata.sequence.stream, direct=True)
             spec = await (await js.key_value(SUBJECTS.kv_bucket)).get("spec")
             stats_ack = await js.publish(
                 kv_put_subject(SUBJECTS.kv_bucket, "stats.aws", topology.jetstream_domain), b"{}"
             )
-            return ack, first.data, direct.data, spec.value, stats_ack, aws.errors
+            return ack, first.data, direct.data, spec.value, stats_ack, weights, aws.errors
 
-    ack, first, direct, spec, stats_ack, errors = asyncio.run(scenario())
+    ack, first, direct, spec, stats_ack, weights, errors = asyncio.run(scenario())
+    assert weights == [bytes([i]) * CHUNK_BYTES for i in range(GLOBAL_CHUNKS)]
     assert ack.stream == SUBJECTS.update_stream and ack.domain == topology.jetstream_domain
     assert first == direct == b"global version 1"
     assert spec == b"the job spec"
@@ -405,7 +419,7 @@ def test_the_hub_holds_a_loosened_leaf_to_its_clouds_rights(tmp_path):
         own, refused, overheard, counts = asyncio.run(scenario())
     assert own.stream == SUBJECTS.update_stream
     assert len(refused) == 2 and overheard == []
-    assert counts == [1, 1]  # aws's own update; the coordinator's single global
+    assert counts == [1, 1 + GLOBAL_CHUNKS]  # aws's own update; only what the coordinator published
 
 
 def test_client_certificates_when_required(tmp_path):

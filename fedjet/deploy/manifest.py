@@ -7,7 +7,9 @@
      "identities": {name: {"nkey": seed path, "public_key", "inbox_prefix", ["cert", "key"]}},
      "jetstream_domain": D, "replicas": R, "tls": true, "client_certs": bool}
 
-URLs are ``tls://HOST:PORT`` (nats-py then insists on TLS). Paths are absolute.
+URLs are ``tls://HOST:PORT`` (nats-py then insists on TLS; hand ``nats.connect`` a list, as
+``urls_for`` gives, not a tuple). Paths are absolute. Clients use the JetStream API of
+``jetstream_domain`` (``nc.jetstream(domain=...)``) wherever they connect.
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ class Topology:
         return [self.leaf[identity]] if identity in self.leaf else list(self.hub)
 
     def client_auth(self, identity: str) -> ClientAuth:
+        """``identity``'s seed, the CA, and its client certificate when the servers require one."""
+        if identity not in self.identities:
+            raise ConfigError(f"no identity {identity!r} in this topology (have {sorted(self.identities)})")
         entry = self.identities[identity]
         return ClientAuth(
             nkey=str(entry.nkey),
