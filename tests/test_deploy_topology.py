@@ -15,7 +15,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,20 +125,20 @@ class Session:
 
 
 @contextlib.asynccontextmanager
-async def session(topology: Topology, identity: str, *, urls: list[str] | None = None, **auth: Any):
+async def session(topology: Topology, identity: str) -> AsyncIterator[Session]:
+    """``identity`` connected where the topology says it connects (its leaf, or the hub)."""
     errors: list[str] = []
 
     async def on_error(e: Exception) -> None:
         errors.append(str(e))
 
-    kwargs = topology.client_auth(identity).connect_kwargs() if not auth else ClientAuth(**auth).connect_kwargs()
     nc = await nats.connect(
-        urls or topology.urls_for(identity),
+        topology.urls_for(identity),
         error_cb=on_error,
         connect_timeout=3,
         reconnect_time_wait=0.2,
         max_reconnect_attempts=50,
-        **kwargs,
+        **topology.client_auth(identity).connect_kwargs(),
     )
     try:
         yield Session(nc, errors)
