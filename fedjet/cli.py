@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 from fedjet.config.flags import add_config_flags, config_from_args, job_config, overrides_from, parse_names, read_toml
 from fedjet.config.job import JobConfig
@@ -45,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedjet", description=__doc__)
     parser.add_argument("--log-level", default=None, help="debug, info, warning (default info)")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_up, _add_services, _add_replay, _add_bench, _add_keys):
+        add(commands)
+    return parser
 
+
+def _add_up(commands: Any) -> None:
     up = commands.add_parser("up", help="run a whole job locally: nats-server, coordinator, workers")
     add_config_flags(up)
     up.add_argument("--nats", default=None, help="use this NATS server instead of starting one")
@@ -62,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--quiet", action="store_true", help="print only the summary")
     up.set_defaults(func=cmd_up)
 
+
+def _add_services(commands: Any) -> None:
     coord = commands.add_parser("coordinator", help="run the coordinator service")
     add_config_flags(coord)
     coord.add_argument("--nats", required=True, help="NATS URL")
@@ -81,16 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--device", default=None)
     worker.set_defaults(func=cmd_worker)
 
-    bench = commands.add_parser("bench", help="benchmarks (speed targets live here, not in tests)")
-    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
-    codec = bench_commands.add_parser("codec", help="wire size and speed of the update codec")
-    codec.add_argument("--params", type=int, default=10_000_000)
-    codec.add_argument("--density", type=float, default=0.01)
-    codec.add_argument("--codec", default=None, help="default topk:DENSITY+int8")
-    codec.add_argument("--repeats", type=int, default=5)
-    codec.add_argument("--json", action="store_true", help="print one JSON object")
-    codec.set_defaults(func=cmd_bench_codec)
 
+def _add_replay(commands: Any) -> None:
     replay = commands.add_parser("replay", help="verify or re-aggregate a recorded job from JetStream")
     source = replay.add_mutually_exclusive_group(required=True)
     source.add_argument("--store", help="a JetStream store kept by fedjet up --store DIR")
@@ -108,6 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(replay, only=AGGREGATION_FLAGS, with_file=False)
     replay.set_defaults(func=cmd_replay)
 
+
+def _add_bench(commands: Any) -> None:
+    bench = commands.add_parser("bench", help="benchmarks (speed targets live here, not in tests)")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    codec = bench_commands.add_parser("codec", help="wire size and speed of the update codec")
+    codec.add_argument("--params", type=int, default=10_000_000)
+    codec.add_argument("--density", type=float, default=0.01)
+    codec.add_argument("--codec", default=None, help="default topk:DENSITY+int8")
+    codec.add_argument("--repeats", type=int, default=5)
+    codec.add_argument("--json", action="store_true", help="print one JSON object")
+    codec.set_defaults(func=cmd_bench_codec)
+
     exp = bench_commands.add_parser("experiment", help="the paper's protocol: strategy x partition x codec")
     exp.add_argument("--out", required=True, help="directory for results.json, results.md and plots")
     exp.add_argument("--quick", action="store_true", help="5 strategies, fixed partition, top-k codec, 4 rounds")
@@ -121,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--eval-tokens", type=int, default=None)
     exp.set_defaults(func=cmd_bench_experiment)
 
+
+def _add_keys(commands: Any) -> None:
     keys = commands.add_parser("keys", help="key management")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     generate = keys_commands.add_parser("generate", help="write key pairs for a job")
@@ -129,7 +143,6 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--observers", type=parse_clouds, default=("eval",))
     generate.add_argument("--if-missing", action="store_true", help="do nothing if the keys already exist")
     generate.set_defaults(func=cmd_keys_generate)
-    return parser
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -207,17 +220,19 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    job = config_from_args(args)  # a wrong flag fails here, before anything heavy is imported
+    slowdown = parse_factors(args.slowdown, kind="--slowdown")
     from fedjet.runner.up import UpConfig, run_up
 
     config = UpConfig(
-        job=config_from_args(args),
+        job=job,
         nats_url=args.nats,
         store=args.store,
         data=args.data,
         report=args.report,
         eval_tokens=args.eval_tokens,
         eval_every=args.eval_every,
-        slowdown=parse_factors(args.slowdown, kind="--slowdown"),
+        slowdown=slowdown,
         links=parse_assignments(args.link, kind="--link"),
         timeout_s=args.timeout,
         device=args.device,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import torch
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
 
 from fedjet.broker.blobs import publish_blob
 from fedjet.broker.jetstream import close_quietly, connect
@@ -70,7 +72,8 @@ def test_hostile_traffic_is_rejected_counted_and_the_round_still_completes(nats_
             await close_quietly(nc)
         return ledger, info
 
-    ledger, info = asyncio.run(scenario())
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        ledger, info = asyncio.run(scenario())
     assert ledger.applied == 2
     assert ledger.rejected == {
         "BlobError": 1,
@@ -84,3 +87,14 @@ def test_hostile_traffic_is_rejected_counted_and_the_round_still_completes(nats_
     # FedAvg of +0.5 and -0.5 (equal samples, top-50% of a constant keeps exact values) -> unchanged
     assert torch.allclose(agg.weights["w"], WEIGHTS["w"], atol=0.01)
     assert info.num_ack_pending == 0 and info.num_pending == 0  # every message was acked
+
+    # the canonical events, each with its unit of work bound once (job from the service,
+    # cloud per update, version per publication)
+    applied = [e for e in logs if e["event"] == "update_applied"]
+    assert [(e["cloud"], e["version"], e["job"]) for e in applied] == [("aws", 1, "live"), ("gcp", 1, "live")]
+    rejected = [e for e in logs if e["event"] == "update_rejected"]
+    assert sorted(e["reason"] for e in rejected) == sorted(ledger.rejected) and all(
+        e["job"] == "live" for e in rejected
+    )
+    published = [e for e in logs if e["event"] == "version_published"]
+    assert [(e["version"], e["final"], e["job"]) for e in published] == [(0, False, "live"), (1, True, "live")]

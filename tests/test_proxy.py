@@ -28,8 +28,7 @@ async def _sink_server():
         total = 0
         while data := await reader.read(65536):
             total += len(data)
-            if total >= 1:
-                received.put_nowait((time.monotonic(), total))
+            received.put_nowait((time.monotonic(), total))
         writer.close()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)

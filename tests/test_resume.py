@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import nats.js.errors
 import torch
 
 from fedjet.broker.blobs import publish_blob
@@ -75,7 +76,7 @@ def test_killed_coordinator_resumes_exactly_once(tmp_path, nats_server):
             try:
                 if await head_version(js) >= version:
                     return
-            except Exception:  # noqa: BLE001 - stream not there yet
+            except nats.js.errors.NotFoundError:  # the coordinator has not made the stream yet
                 pass
             await asyncio.sleep(0.1)
         raise AssertionError(f"version {version} never appeared")
@@ -94,11 +95,12 @@ def test_killed_coordinator_resumes_exactly_once(tmp_path, nats_server):
                 await publish(js, nc, cloud, 1)
             await wait_for(js, 1, first)
             await publish(js, nc, "aws", 2)  # read by the first coordinator, never acked ...
-            for _ in range(100):
+            for _ in range(200):
                 info = await js.consumer_info(subjects.update_stream, subjects.coordinator_durable)
                 if info.num_ack_pending >= 1:
                     break
                 await asyncio.sleep(0.05)
+            assert info.num_ack_pending == 1, "the first coordinator never held aws's round-2 update"
             os.kill(first.pid, signal.SIGKILL)  # ... because it dies mid-round
             first.wait()
             await publish(js, nc, "gcp", 2)

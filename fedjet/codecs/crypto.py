@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 import nacl.exceptions
 import nacl.utils
 from nacl.public import Box, PrivateKey, PublicKey
@@ -75,7 +76,7 @@ class Boxes:
         return box
 
 
-def _unpack_map(data: bytes, max_bytes: int, what: str) -> dict:
+def _unpack_map(data: bytes, max_bytes: int, what: str) -> dict[str, Any]:
     if len(data) > max_bytes:
         raise LimitError(f"{what} of {len(data)} bytes > limit {max_bytes}")
     try:
@@ -93,7 +94,10 @@ def _unpack_map(data: bytes, max_bytes: int, what: str) -> dict:
 def seal_update(frame: bytes, boxes: Boxes) -> bytes:
     """Encrypt a frame from ``boxes.me`` (a cloud) to the coordinator."""
     ciphertext = boxes.to(COORDINATOR).encrypt(frame)
-    return msgpack.packb({"ev": ENVELOPE_VERSION, "from": boxes.me.name, "ct": bytes(ciphertext)}, use_bin_type=True)
+    envelope: bytes = msgpack.packb(
+        {"ev": ENVELOPE_VERSION, "from": boxes.me.name, "ct": bytes(ciphertext)}, use_bin_type=True
+    )
+    return envelope
 
 
 def open_update(envelope: bytes, boxes: Boxes, max_bytes: int) -> tuple[str, bytes]:

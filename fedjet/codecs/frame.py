@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 
 from fedjet.errors import DecodeError, LimitError, SchemaError
 
@@ -32,7 +32,8 @@ def pack_frame(frame_type: str, header: dict[str, Any], tensors: list[dict[str, 
     if frame_type not in FRAME_TYPES:
         raise SchemaError(f"unknown frame type {frame_type!r}")
     body = {"fv": FORMAT_VERSION, "type": frame_type, "header": header, "tensors": tensors}
-    return msgpack.packb(body, use_bin_type=True)
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return packed
 
 
 def _no_ext(code: int, data: bytes) -> Any:

@@ -25,6 +25,7 @@ from fedjet.config.codec import MAX_QUANT_CHUNK, CodecSpec
 from fedjet.errors import DecodeError, LimitError, SchemaError
 
 QUANTS = ("raw", "f16", "int8", "int4")
+__all__ = ["QUANTS", "CodecSpec", "Compressed", "compress", "decode_tensors"]
 
 
 @dataclass

@@ -44,7 +44,8 @@ def dequantize(packed: bytes, scales_raw: bytes, n: int, bits: str, chunk: int) 
     q = _unpack(packed, n, bits)
     if (np.abs(q) > LEVELS[bits]).any():
         raise DecodeError(f"{bits} level out of range")
-    return q.astype(np.float32) * np.repeat(scales, chunk)[:n]
+    values: np.ndarray = q.astype(np.float32) * np.repeat(scales, chunk)[:n]
+    return values
 
 
 def _pack(q: np.ndarray, bits: str) -> bytes:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 
 from fedjet.config.wire import WireError, from_wire, to_wire
 from fedjet.errors import DecodeError, SchemaError
@@ -70,7 +70,8 @@ class VersionRecord:
     record_version: int = RECORD_VERSION
 
     def to_bytes(self) -> bytes:
-        return msgpack.packb(to_wire(self), use_bin_type=True)
+        packed: bytes = msgpack.packb(to_wire(self), use_bin_type=True)
+        return packed
 
     @classmethod
     def from_bytes(cls, data: bytes) -> VersionRecord:

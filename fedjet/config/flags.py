@@ -56,7 +56,7 @@ def _parser(hint: Any) -> Callable[[str], Any]:
     base = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
     if typing.get_origin(base) is tuple:
         return parse_names
-    return base if base in (int, float, str) else str  # type: ignore[no-any-return]
+    return base if base in (int, float, str) else str
 
 
 def parse_names(text: str) -> tuple[str, ...]:
