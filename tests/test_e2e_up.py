@@ -33,7 +33,8 @@ def dense_run(tmp_path_factory, data_dir):
 
 @pytest.fixture(scope="module")
 def topk_run(tmp_path_factory, data_dir):
-    return up(tmp_path_factory, data_dir, "--rounds", "2", "--codec", "topk:0.01+int8")
+    """The shipped example job.toml (codec topk:0.01+int8), flags overriding its rounds."""
+    return up(tmp_path_factory, data_dir, "--config", str(REPO / "examples" / "job.toml"), "--rounds", "2")
 
 
 def test_three_clouds_two_rounds_lower_eval_loss_and_leave_nothing_running(dense_run):
