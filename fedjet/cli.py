@@ -14,6 +14,7 @@ from fedjet.errors import ConfigError, FedjetError, Terminated
 from fedjet.log import configure_logging
 
 parse_clouds = parse_names
+PRECISIONS = ("bf16", "fp32")
 AGGREGATION_FLAGS = {
     "--strategy", "--temperature", "--alpha-async", "--staleness", "--staleness-a", "--staleness-b",
     "--max-staleness", "--buffer-size", "--server-opt", "--server-lr", "--server-momentum",
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedjet", description=__doc__)
     parser.add_argument("--log-level", default=None, help="debug, info, warning (default info)")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_up, _add_services, _add_replay, _add_bench, _add_keys):
+    for add in (_add_up, _add_services, _add_replay, _add_model_io, _add_bench, _add_keys):
         add(commands)
     return parser
 
@@ -57,6 +58,12 @@ def _add_up(commands: Any) -> None:
     up.add_argument("--nats", default=None, help="use this NATS server instead of starting one")
     up.add_argument("--store", default=None, help="keep the JetStream store in DIR (for replay)")
     up.add_argument("--data", default=None, help="WikiText directory (else $FEDJET_DATA, ./data/wikitext-2)")
+    up.add_argument(
+        "--data-per-cloud", default="", help="aws=DIR,gcp=DIR,azure=DIR: each cloud trains on its own files"
+    )
+    up.add_argument("--eval-data", default=None, help="the observer's held-out text (any format --data takes)")
+    up.add_argument("--save", default=None, metavar="DIR", help="export the final version as a checkpoint to DIR")
+    up.add_argument("--precision", choices=PRECISIONS, default=None, help="bf16 (CUDA default) or fp32")
     up.add_argument("--report", default=None, help="write the JSON report here")
     up.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per evaluation")
     up.add_argument("--eval-every", type=int, default=1, help="evaluate every N-th version")
@@ -84,7 +91,10 @@ def _add_services(commands: Any) -> None:
     worker.add_argument("--cloud", required=True)
     worker.add_argument("--keys", required=True, help="directory with CLOUD.key and coordinator.pub")
     worker.add_argument("--worker-id", default="0")
-    worker.add_argument("--data", default=None, help="this cloud's WikiText directory")
+    worker.add_argument("--data", default=None, help="this cloud's data: .txt/.md/.jsonl files, WikiText, save_to_disk")
+    worker.add_argument("--deal", action="store_true", help="take this cloud's share of one corpus at --data (demo)")
+    worker.add_argument("--model", default=None, help="this cloud's copy of the checkpoint (and its tokenizer)")
+    worker.add_argument("--precision", choices=PRECISIONS, default=None, help="bf16 (CUDA default) or fp32")
     worker.add_argument("--slowdown", type=float, default=1.0, help="simulate slower compute")
     worker.add_argument("--device", default=None)
     worker.set_defaults(func=cmd_worker)
@@ -102,11 +112,35 @@ def _add_replay(commands: Any) -> None:
     replay.add_argument("--until-version", type=int, default=None)
     replay.add_argument("--report", default=None, help="counterfactual: write the JSON report here")
     replay.add_argument("--data", default=None, help="counterfactual: WikiText directory for evaluation")
+    replay.add_argument("--eval-data", default=None, help="counterfactual: held-out text (any --data format)")
+    replay.add_argument("--model", default=None, help="counterfactual: the job's checkpoint (tokenizer, LoRA base)")
     replay.add_argument("--eval-tokens", type=int, default=16384)
     replay.add_argument("--device", default=None)
     replay.add_argument("--no-progress", action="store_true")
     add_config_flags(replay, only=AGGREGATION_FLAGS, with_file=False)
     replay.set_defaults(func=cmd_replay)
+
+
+def _add_model_io(commands: Any) -> None:
+    export = commands.add_parser("export", help="write a recorded global version as a standard checkpoint")
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument("--store", help="a JetStream store kept by fedjet up --store DIR")
+    source.add_argument("--nats", help="a running NATS server")
+    export.add_argument("--job", default=None, help="default: the only one recorded")
+    export.add_argument("--version", type=int, default=None, help="default: the newest")
+    export.add_argument("--keys", default=None, help="coordinator keys (default: STORE/keys)")
+    export.add_argument("--out", required=True, help="the checkpoint directory to write")
+    export.add_argument("--model", default=None, help="the checkpoint the job started from (tokenizer, LoRA base)")
+    export.add_argument("--merge", action="store_true", help="LoRA: also write the merged full model")
+    export.set_defaults(func=cmd_export)
+
+    generate = commands.add_parser("generate", help="print a sample from a checkpoint")
+    generate.add_argument("--model", required=True, help="a checkpoint directory (e.g. from fedjet export)")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=40)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.set_defaults(func=cmd_generate)
 
 
 def _add_bench(commands: Any) -> None:
@@ -160,6 +194,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         until_version=args.until_version,
         report=args.report,
         data=args.data,
+        eval_data=args.eval_data,
+        model=args.model,
         eval_tokens=args.eval_tokens,
         device=args.device,
         progress=not args.no_progress,
@@ -219,11 +255,35 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedjet.runner.export import ExportConfig, run_export
+
+    config = ExportConfig(
+        out=args.out, store=args.store, nats_url=args.nats, job=args.job, keys=args.keys,
+        version=args.version, model=args.model, merge=args.merge,
+    )  # fmt: skip
+    exported = run_export(config)
+    print(f"exported {exported.job} version {exported.version} to {exported.out} (weights {exported.weights_sha256})")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fedjet.models.generate import generate_text
+
+    if args.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens must be >= 1")
+    print(generate_text(args.model, args.prompt, args.max_new_tokens, args.seed, temperature=args.temperature))
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     job = config_from_args(args)  # a wrong flag fails here, before anything heavy is imported
     slowdown = parse_factors(args.slowdown, kind="--slowdown")
+    data_per_cloud = parse_assignments(args.data_per_cloud, kind="--data-per-cloud")
+    from fedjet.models.job_model import validate_model_source
     from fedjet.runner.up import UpConfig, run_up
 
+    validate_model_source(job)
     config = UpConfig(
         job=job,
         nats_url=args.nats,
@@ -233,6 +293,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         eval_tokens=args.eval_tokens,
         eval_every=args.eval_every,
         slowdown=slowdown,
+        data_per_cloud=data_per_cloud,
+        eval_data=args.eval_data,
+        save=args.save,
+        precision=args.precision,
         links=parse_assignments(args.link, kind="--link"),
         timeout_s=args.timeout,
         device=args.device,
@@ -247,10 +311,11 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from fedjet.coordinator.service import Coordinator, CoordinatorConfig
     from fedjet.keystore import coordinator_boxes
     from fedjet.lifecycle import run_until_signalled
-    from fedjet.worker.model import initial_spec_and_weights
+    from fedjet.models.job_model import initial_job_model, spec_for
 
     job = config_from_args(args)
-    spec, weights = initial_spec_and_weights(job)
+    jm = initial_job_model(job)
+    spec, weights = spec_for(job, jm), jm.exchanged()
     coordinator = Coordinator(
         CoordinatorConfig(
             nats_url=args.nats,
@@ -276,8 +341,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
             keys=args.keys,
             worker_id=args.worker_id,
             data=args.data,
+            deal=args.deal,
+            model=args.model,
             slowdown=args.slowdown,
             device=args.device,
+            precision=args.precision,
         )
     )
     asyncio.run(serve(worker))

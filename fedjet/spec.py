@@ -27,6 +27,8 @@ class JobSpec:
     config: JobConfig
     model_config: dict[str, Any]
     tokenizer: str = "bytes"
+    tokenizer_sha256: str = ""  # of the checkpoint's tokenizer files; a worker with other files refuses
+    base_hash: str = ""  # LoRA: the frozen base's weights hash, which every cloud must hold
     synchronous: bool = True
     update_kind: str = "delta"
     delta_reference: str = "base"

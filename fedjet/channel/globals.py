@@ -143,6 +143,7 @@ class GlobalFollower:
         self._changed = asyncio.Event()
         self._sub: Any = None
         self._held: tuple[int, Weights] | None = None  # the last version fetched
+        self._local: dict[int, Weights] = {}  # versions this party built itself (version 0)
 
     async def start(self) -> None:
         policy = api.DeliverPolicy.ALL if self.every else api.DeliverPolicy.LAST
@@ -225,6 +226,11 @@ class GlobalFollower:
             raise AuthenticationError(f"global {head.version}: head chain points forward to {previous.version}")
         return previous
 
+    def hold_local(self, version: int, tensors: Weights) -> None:
+        """Weights this party already holds (its own copy of version 0): a head whose signed
+        hash they match is not downloaded."""
+        self._local[version] = tensors
+
     async def fetch(self, head: GlobalHead) -> GlobalVersion:
         """Read, check and decode the weights a head points to.
 
@@ -232,6 +238,10 @@ class GlobalFollower:
         the base, else the base fetched first (walking back along the head chain to the last
         full snapshot). The result is checked against the signed hash either way.
         """
+        local = self._local.get(head.version)
+        if local is not None and weights_hash(local) == head.hash:
+            self._held = (head.version, local)
+            return GlobalVersion(head.header, local)
         plaintext = await self._read_plaintext(head)
         header = peek_global_header(plaintext, self.limits)
         base = None

@@ -43,12 +43,16 @@ class UpdateHeader:
     compute_s: float = 0.0
     wall_s: float = 0.0
     sent_unix: float = 0.0
+    data_tokens: int = 0  # tokens in the cloud's training set (``samples`` counts its windows)
+    heldout_loss: float | None = None  # loss on a held-out slice of the cloud's own data: a number, never text
 
     def __post_init__(self) -> None:
         if self.kind not in UPDATE_KINDS:
             raise SchemaError(f"update kind must be one of {UPDATE_KINDS}, got {self.kind!r:.40}")
-        if self.seq < 0 or self.base_version < 0 or self.samples < 0 or self.tokens < 0:
-            raise SchemaError("seq, base_version, samples and tokens must be non-negative")
+        if min(self.seq, self.base_version, self.samples, self.tokens, self.data_tokens) < 0:
+            raise SchemaError("seq, base_version, samples, tokens and data_tokens must be non-negative")
+        if self.heldout_loss is not None and not (math.isfinite(self.heldout_loss) and self.heldout_loss >= 0):
+            raise SchemaError(f"held-out loss must be finite and >= 0, got {self.heldout_loss}")
         if not math.isfinite(self.loss):
             raise SchemaError(f"reported loss must be finite, got {self.loss}")
         for name in ("compute_s", "wall_s", "sent_unix"):
@@ -75,6 +79,8 @@ class UpdateHeader:
             compute_s=read(raw, "compute_s", float, default=0.0),
             wall_s=read(raw, "wall_s", float, default=0.0),
             sent_unix=read(raw, "sent_unix", float, default=0.0),
+            data_tokens=read(raw, "data_tokens", int, default=0),
+            heldout_loss=read(raw, "heldout_loss", (float, type(None)), default=None),
         )
 
 

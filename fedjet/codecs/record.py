@@ -36,6 +36,7 @@ class ContributionRecord:
     wire_bytes: int = 0
     tokens: int = 0
     compute_s: float = 0.0
+    heldout_loss: float | None = None  # the cloud's loss on its own held-out slice
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -207,6 +207,9 @@ class JobConfig:
     model: str = field(default="tiny", metadata=flag("--model", "preset (tiny, small, medium) or checkpoint dir"))
     seed: int = field(default=0, metadata=flag("--seed"))
     codec: str = field(default="topk:0.01+int8", metadata=flag("--codec", "topk:0.01+int8, dense, topk:D+int4 ..."))
+    peft: str | None = field(
+        default=None, metadata=flag("--peft", "lora:r=8,alpha=16,dropout=0.05[,targets=NAME,NAME]: train adapters only")
+    )
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     round: RoundConfig = field(default_factory=RoundConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -226,3 +229,5 @@ class JobConfig:
         if self.round.quorum is not None and self.round.quorum > len(self.clouds):
             raise ConfigError(f"--quorum must be in 1..{len(self.clouds)}, got {self.round.quorum}")
         CodecSpec.parse(self.codec)
+        if self.peft is not None and not self.peft.startswith("lora"):
+            raise ConfigError(f"--peft {self.peft!r}: only lora[:key=value,...] is supported")

@@ -40,6 +40,7 @@ class Received:
             wire_bytes=self.wire_bytes,
             tokens=h.tokens,
             compute_s=h.compute_s,
+            heldout_loss=h.heldout_loss,
         )
 
 

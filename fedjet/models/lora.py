@@ -144,7 +144,7 @@ def _uses_conv1d(model: torch.nn.Module, targets: tuple[str, ...]) -> bool:
     )
 
 
-def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """Trainable parameters under names without the adapter name (as peft's saved adapters name them)."""
     adapter = getattr(model, "active_adapter", "default")
     adapter = adapter if isinstance(adapter, str) else "default"
@@ -153,12 +153,12 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 def exchanged_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors an update and a global version carry: trainable only, float32, CPU."""
-    return {n: p.detach().to("cpu", torch.float32).contiguous() for n, p in _trainable(model).items()}
+    return {n: p.detach().to("cpu", torch.float32).contiguous() for n, p in trainable_parameters(model).items()}
 
 
 def load_exchanged(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy adapter tensors into ``model``, refusing any missing, extra or misshapen name."""
-    params = _trainable(model)
+    params = trainable_parameters(model)
     if set(params) != set(tensors):
         missing = sorted(set(params) - set(tensors))[:3]
         extra = sorted(set(tensors) - set(params))[:3]

@@ -11,18 +11,14 @@ import asyncio
 import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from fedjet.broker.blobs import Blob, BlobAssembler
-from fedjet.broker.jetstream import close_quietly, connect, read_range
-from fedjet.broker.server import EmbeddedNatsServer
+from fedjet.broker.jetstream import read_range
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower
-from fedjet.channel.kv import read_spec
-from fedjet.codecs.crypto import COORDINATOR, Boxes
 from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import GlobalHead
 from fedjet.codecs.record import ContributionRecord
@@ -32,8 +28,8 @@ from fedjet.coordinator.admission import Admission
 from fedjet.coordinator.aggregate import Contribution, Weights
 from fedjet.coordinator.replay import Counterfactual, RecordedVersion, Verifier, VerifyResult, counterfactual_batches
 from fedjet.errors import BlobError, ConfigError, FedjetError, ValidationError
-from fedjet.keystore import load_identity, load_public
 from fedjet.report import Report, RoundRecord, round_line, summarize
+from fedjet.runner.recorded import coordinator_view, keys_dir_for, only_job, recorded_jetstream
 from fedjet.spec import JobSpec
 
 COUNTERFACTUAL_NOTE = (
@@ -54,6 +50,8 @@ class ReplayConfig:
     until_version: int | None = None
     report: str | None = None
     data: str | None = None
+    eval_data: str | None = None
+    model: str | None = None  # a local copy of the checkpoint (tokenizer, LoRA base)
     eval_tokens: int = 16384
     device: str | None = None
     progress: bool = True
@@ -70,11 +68,7 @@ class ReplayConfig:
 
     @property
     def keys_dir(self) -> str:
-        if self.keys:
-            return self.keys
-        if self.store and (Path(self.store) / "keys").is_dir():
-            return str(Path(self.store) / "keys")
-        raise ConfigError("replay needs the coordinator's keys: --keys DIR (coordinator.key and members' .pub)")
+        return keys_dir_for(self.keys, self.store)
 
 
 @dataclass
@@ -97,37 +91,14 @@ def replay_counterfactual(config: ReplayConfig) -> Report:
 
 
 async def _with_session(config: ReplayConfig, work: Any) -> Any:
-    server = None
-    url = config.nats_url
-    if config.store is not None:
-        if not (Path(config.store) / "jetstream").is_dir():
-            raise ConfigError(f"{config.store} holds no JetStream store (fedjet up --store DIR writes one)")
-        server = EmbeddedNatsServer(config.store)
-        url = server.start()
-    assert url is not None
-    nc = await connect(url, "fedjet-replay")
-    try:
-        js = nc.jetstream()
-        job = config.job or await _only_job(js)
+    async with recorded_jetstream(config.store, config.nats_url, "fedjet-replay") as js:
+        job = config.job or await only_job(js)
         session = _Session(js, JobSubjects(job), config)
         await session.open()
         try:
             return await work(session)
         finally:
             await session.close()
-    finally:
-        await close_quietly(nc)
-        if server is not None:
-            server.stop()
-
-
-async def _only_job(js: Any) -> str:
-    names = [info.config.name for info in await js.streams_info()]
-    prefix, suffix = "FEDJET_", "_GLOBALS"
-    jobs = sorted(n[len(prefix) : -len(suffix)] for n in names if n.startswith(prefix) and n.endswith(suffix))
-    if len(jobs) != 1:
-        raise ConfigError(f"say which --job to replay; this JetStream holds {jobs or 'none'}")
-    return jobs[0]
 
 
 class _Session:
@@ -155,12 +126,7 @@ class _Session:
         await self.updates.close()
 
     async def _read_recording(self) -> Recording:
-        me = load_identity(self.config.keys_dir, COORDINATOR)
-        spec = await read_spec(self.js, self.subjects, me.public)
-        if spec is None:
-            raise ConfigError(f"job {self.subjects.job!r} has no recorded spec in this JetStream")
-        peers = {m: load_public(self.config.keys_dir, m) for m in (*spec.clouds, *spec.observers)}
-        self.boxes = Boxes(me, peers)
+        spec, self.boxes = await coordinator_view(self.js, self.subjects, self.config.keys_dir)
         self.follower = GlobalFollower(self.js, self.subjects, self.boxes, self.limits)
         heads: dict[int, GlobalHead] = {}
         async for msg in read_range(self.js, self.subjects.global_stream, self.subjects.global_head):
@@ -231,7 +197,14 @@ class _Session:
         assert strategy is not None
         spec = self.recording.spec
         evaluator = await asyncio.to_thread(
-            Evaluator.build, spec, self.config.data, self.config.eval_tokens, self.config.device
+            lambda: Evaluator.build(
+                spec,
+                eval_tokens=self.config.eval_tokens,
+                eval_data=self.config.eval_data,
+                data=self.config.data,
+                model_path=self.config.model,
+                device=self.config.device,
+            )
         )
         print(f"note: {COUNTERFACTUAL_NOTE}", flush=True)
         folding = Counterfactual(strategy, self.start, self.first)

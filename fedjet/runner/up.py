@@ -37,7 +37,7 @@ from fedjet.report import Report, summarize
 from fedjet.runner.collect import Collector, print_round
 from fedjet.runner.evaluate import Evaluator
 from fedjet.runner.processes import Child, spawn, stop_all
-from fedjet.worker.model import quiet_transformers
+from fedjet.worker.model import PRESETS, quiet_transformers
 
 log = get_logger("fedjet.up")
 
@@ -55,10 +55,28 @@ class UpConfig:
     links: dict[str, str] = field(default_factory=dict)
     timeout_s: float = 3600.0
     device: str | None = None
+    precision: str | None = None
     keys: str | None = None
     quiet: bool = False
+    data_per_cloud: dict[str, str] = field(default_factory=dict)  # the production shape on one machine
+    eval_data: str | None = None
+    save: str | None = None
+
+    @property
+    def model_path(self) -> str | None:
+        """The local checkpoint every process here shares (None for a preset)."""
+        return None if self.job.model in PRESETS else self.job.model
 
     def __post_init__(self) -> None:
+        if self.data_per_cloud and set(self.data_per_cloud) != set(self.job.clouds):
+            raise ConfigError(
+                f"--data-per-cloud must name every cloud {self.job.clouds}, got {sorted(self.data_per_cloud)}"
+            )
+        for cloud, path in self.data_per_cloud.items():
+            if not Path(path).exists():
+                raise ConfigError(f"--data-per-cloud {cloud}={path}: no such file or directory")
+        if self.save is not None and Path(self.save).exists() and any(Path(self.save).iterdir()):
+            raise ConfigError(f"--save {self.save}: exists and is not empty")
         for cloud in (*self.slowdown, *self.links):
             if cloud not in self.job.clouds:
                 raise ConfigError(f"--slowdown/--link name {cloud!r}, which is not in --clouds")
@@ -90,9 +108,11 @@ async def _run(config: UpConfig) -> Report:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     quiet_transformers()
     data_dir = resolve_data_dir(config.data)
-    corpus = await asyncio.to_thread(load_corpus, data_dir)
-    if corpus.note:
-        _say(config, f"note: {corpus.note}")
+    corpus = None
+    if not config.data_per_cloud or config.eval_data is None:  # dealt to the clouds, or evaluated on
+        corpus = await asyncio.to_thread(load_corpus, data_dir)
+        if corpus.note:
+            _say(config, f"note: {corpus.note}")
     server = None
     url = config.nats_url
     if url is None:
@@ -111,6 +131,14 @@ async def _run(config: UpConfig) -> Report:
         _spawn_all(config, url, worker_urls, data_dir, workdir, keys, children)
         report = await _observe(config, url, corpus, children, keys)
         print(_summary_line(report), flush=True)
+        if config.save:
+            exported = await _save(config, url, keys)
+            report.summary["saved"] = {
+                "dir": exported.out,
+                "version": exported.version,
+                "hash": exported.weights_sha256,
+            }
+            _say(config, f"model (version {exported.version}) saved to {exported.out}")
         if config.report:
             report.write(config.report)
             _say(config, f"report written to {config.report}")
@@ -173,8 +201,14 @@ def _spawn_all(
     children.append(spawn("coordinator", coordinator_args, workdir))
     for cloud in opts.clouds:
         args = ["worker", "--nats", worker_urls[cloud], "--job", opts.job, "--cloud", cloud, "--keys", keys, *device]
-        if data_dir is not None:
-            args += ["--data", str(data_dir)]
+        if config.data_per_cloud:
+            args += ["--data", config.data_per_cloud[cloud]]
+        else:
+            args += ["--deal", *(["--data", str(data_dir)] if data_dir is not None else [])]
+        if config.model_path is not None:
+            args += ["--model", config.model_path]
+        if config.precision is not None:
+            args += ["--precision", config.precision]
         if cloud in config.slowdown:
             args += ["--slowdown", str(config.slowdown[cloud])]
         children.append(spawn(f"worker-{cloud}", args, workdir))
@@ -189,8 +223,18 @@ async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child
     try:
         js = nc.jetstream()
         spec = await await_spec(js, subjects, boxes.public_of(COORDINATOR), 180.0, lambda: _check_children(children))
-        evaluator = await asyncio.to_thread(Evaluator.from_corpus, spec, corpus, config.eval_tokens, config.device)
+        evaluator = await asyncio.to_thread(
+            lambda: Evaluator.build(
+                spec,
+                eval_tokens=config.eval_tokens,
+                eval_data=config.eval_data,
+                corpus=corpus,
+                model_path=config.model_path,
+                device=config.device,
+            )
+        )
         follower = GlobalFollower(js, subjects, boxes, Limits(), every=True)
+        follower.hold_local(0, {n: t.clone() for n, t in evaluator.job_model.exchanged().items()})
         await follower.start()
         collector = Collector(
             follower,
@@ -208,7 +252,7 @@ async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child
     report = Report(config=_config_dict(config, corpus), rounds=collector.rounds, clouds=clouds)
     report.summary = summarize(collector.rounds, clouds, rejected)
     report.summary["run_s"] = time.perf_counter() - started
-    if corpus.note:
+    if corpus is not None and corpus.note:
         report.notes.append(corpus.note)
     return report
 
@@ -258,14 +302,27 @@ def _config_dict(config: UpConfig, corpus: Any) -> dict[str, Any]:
         "strategy_config": to_wire(config.job.strategy),
         "rounds": config.job.stop.rounds,
         "max_updates": config.job.stop.max_updates,
-        "data": corpus.source,
-        "train_split": corpus.train_split,
-        "eval_split": corpus.eval_split,
+        "data": dict(config.data_per_cloud) if config.data_per_cloud else corpus.source if corpus else None,
+        "train_split": None if config.data_per_cloud or corpus is None else corpus.train_split,
+        "eval_split": config.eval_data or (corpus.eval_split if corpus else None),
         "eval_tokens": config.eval_tokens,
         "slowdown": config.slowdown,
         "links": config.links,
         "nats": "embedded" if config.nats_url is None else config.nats_url,
     }
+
+
+async def _save(config: UpConfig, url: str, keys: str) -> Any:
+    """Export the final version from the live server, as ``fedjet export`` would."""
+    from fedjet.runner.export import ExportConfig, export_version
+
+    assert config.save is not None
+    nc = await connect(url, f"fedjet-save-{config.job.job}")
+    try:
+        export = ExportConfig(out=config.save, nats_url=url, model=config.model_path)
+        return await export_version(nc.jetstream(), JobSubjects(config.job.job), keys, export)
+    finally:
+        await close_quietly(nc)
 
 
 def _summary_line(report: Report) -> str:

@@ -24,15 +24,15 @@ from fedjet.codecs.messages import GlobalHead, UpdateHeader, frame_update
 from fedjet.config.codec import CodecSpec
 from fedjet.config.names import check_token
 from fedjet.data.batches import BatchSampler
-from fedjet.data.shards import make_tokenizer, shard_tokens
-from fedjet.data.wikitext import load_corpus
 from fedjet.errors import ConfigError
 from fedjet.keystore import member_boxes
 from fedjet.log import get_logger
+from fedjet.models.job_model import job_model_for
 from fedjet.spec import JobSpec
 from fedjet.worker.delta import DeltaTracker
-from fedjet.worker.model import model_from_config, pick_device, quiet_transformers
-from fedjet.worker.train import LocalTrainer
+from fedjet.worker.local_data import dealt_share, own_data
+from fedjet.worker.model import pick_device
+from fedjet.worker.train import LocalTrainer, evaluate
 
 log = get_logger("fedjet.worker")
 
@@ -44,9 +44,12 @@ class WorkerConfig:
     cloud: str
     keys: str
     worker_id: str = "0"
-    data: str | None = None
+    data: str | None = None  # this cloud's own data (the production shape)
+    deal: bool = False  # take this cloud's share of one corpus at ``data`` instead (the demo)
+    model: str | None = None  # this cloud's copy of the checkpoint (and tokenizer)
     slowdown: float = 1.0
     device: str | None = None
+    precision: str | None = None  # bf16 | fp32; default bf16 on CUDA, fp32 on CPU
     spec_timeout_s: float = 120.0
     limits: Limits = field(default_factory=Limits)
 
@@ -68,6 +71,10 @@ class WorkerStats:
     compute_s: float = 0.0
     idle_s: float = 0.0
     wall_s: float = 0.0
+    data_documents: int = 0
+    data_tokens: int = 0
+    heldout_loss: float | None = None
+    initial_weights: str = ""  # "local" when version 0 came from this cloud's own copy
 
     @property
     def tokens_per_s(self) -> float:
@@ -125,33 +132,30 @@ class Worker:
         return self.stats
 
     def _prepare(self, spec: JobSpec) -> tuple[LocalTrainer, DeltaTracker, CodecSpec]:
-        quiet_transformers()
-        corpus = load_corpus(self.config.data)
-        tokenizer = make_tokenizer(spec.tokenizer)
-        index = spec.cloud_index(self.config.cloud)
-        job = spec.config
-        tokens = shard_tokens(
-            corpus.train,
-            tokenizer,
-            clouds=len(spec.clouds),
-            index=index,
-            scheme=job.partition.scheme,
-            alpha=job.partition.alpha,
-            seed=job.seed,
+        cfg, job = self.config, spec.config
+        self.job_model = job_model_for(spec, cfg.model)
+        tokenizer = self.job_model.tokenizer
+        if cfg.deal:
+            self.data = dealt_share(cfg.data, tokenizer, spec, cfg.cloud)
+        else:
+            self.data = own_data(cfg.data, tokenizer, spec)
+        index = spec.cloud_index(cfg.cloud)
+        sampler = BatchSampler(self.data.train, job.train.seq_len, job.train.batch_size, seed=job.seed * 1000 + index)
+        device = pick_device(cfg.device)
+        trainer = LocalTrainer(
+            self.job_model, sampler, job.train, device, slowdown=cfg.slowdown, precision=cfg.precision
         )
-        settings = job.train
-        sampler = BatchSampler(tokens, settings.seq_len, settings.batch_size, seed=job.seed * 1000 + index)
-        model = model_from_config(spec.model_config)
-        device = pick_device(self.config.device)
-        trainer = LocalTrainer(model, sampler, settings, device, slowdown=self.config.slowdown)
         codec = CodecSpec.parse(job.codec)
+        self.stats.data_documents, self.stats.data_tokens = self.data.documents, self.data.tokens
         log.info(
             "worker_ready",
-            cloud=self.config.cloud,
-            shard_tokens=len(tokens),
-            source=corpus.source,
-            note=corpus.note,
+            documents=self.data.documents,
+            tokens=self.data.tokens,
+            skipped=self.data.skipped,
+            source=self.data.source,
+            note=self.data.note,
             device=str(device),
+            precision=trainer.precision,
         )
         return trainer, DeltaTracker(codec, reference=spec.delta_reference), codec
 
@@ -159,6 +163,10 @@ class Worker:
         """Sync: wait for each new global. Async: take the newest between local rounds, if any."""
         base: GlobalHead | None = None
         steps = self.spec.config.train.local_steps
+        # version 0 as this cloud built it (a copy: training changes the model in place); no
+        # download when its hash is the signed one
+        local_v0 = {n: t.clone() for n, t in self.trainer.weights().items()}
+        self.follower.hold_local(0, local_v0)
         while not self._stop.is_set():
             wait_from = time.perf_counter()
             if base is None or self.spec.synchronous:
@@ -170,6 +178,8 @@ class Worker:
                 break
             if head is not None:
                 version = await self.follower.fetch(head)
+                if head.version == 0:
+                    self.stats.initial_weights = "local" if version.tensors is local_v0 else "downloaded"
                 self.trainer.load(version.tensors)
                 self.tracker.rebase(version.tensors)
                 base = head
@@ -190,6 +200,7 @@ class Worker:
         else:
             result = await asyncio.to_thread(trainer.train, steps)
             compressed = await asyncio.to_thread(self.tracker.compress_delta, trainer.weights())
+        heldout = await asyncio.to_thread(self._heldout_loss)
         self._seq = max(self._seq + 1, time.time_ns() // 1000)
         header = UpdateHeader(
             job=spec.job,
@@ -197,7 +208,7 @@ class Worker:
             worker=self.config.worker_id,
             seq=self._seq,
             base_version=base_version,
-            samples=result.sequences,
+            samples=self.data.samples(spec.config.train.seq_len),
             loss=result.mean_loss,
             kind=spec.update_kind,
             codec=self.codec.text,
@@ -205,6 +216,8 @@ class Worker:
             compute_s=result.compute_s,
             wall_s=result.wall_s,
             sent_unix=time.time(),
+            data_tokens=self.data.tokens,
+            heldout_loss=heldout,
         )
         frame = frame_update(header, compressed.entries)
         published = await self.sender.send(frame, self._seq)
@@ -217,9 +230,18 @@ class Worker:
             base=base_version,
             steps=steps,
             loss=round(result.mean_loss, 4),
+            heldout_loss=None if heldout is None else round(heldout, 4),
             bytes=published.wire_bytes,
         )
         await self._report_stats()
+
+    def _heldout_loss(self) -> float | None:
+        """Loss of the freshly trained local model on this cloud's held-out slice."""
+        if self.data.heldout is None:
+            return None
+        loss = evaluate(self.trainer.model, self.data.heldout, self.trainer.device).loss
+        self.stats.heldout_loss = loss
+        return loss
 
     async def _report_stats(self) -> None:
         """Per-cloud figures for the report, in the job's KV bucket (best effort)."""

@@ -15,9 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
-from fedjet.config.job import JobConfig
 from fedjet.errors import ConfigError, ValidationError
-from fedjet.spec import JobSpec
 
 PRESETS: dict[str, dict[str, int]] = {
     # ~1.3 M parameters with the byte vocabulary: trains at a useful speed on 2 CPU cores.
@@ -120,24 +118,3 @@ def quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-
-
-def initial_spec_and_weights(job: JobConfig) -> tuple[JobSpec, dict[str, torch.Tensor]]:
-    """What the coordinator publishes at version 0: the spec (with the architecture) and the
-    initial weights, both derived from the job's config alone."""
-    from fedjet.coordinator.strategies import strategy_for
-    from fedjet.data.shards import make_tokenizer
-
-    quiet_transformers()
-    tokenizer = make_tokenizer("bytes")
-    model = initial_model(job.model, vocab_size=tokenizer.vocab_size, eos_id=256, seed=job.seed)
-    strategy = strategy_for(job.strategy)
-    spec = JobSpec(
-        config=job,
-        model_config=config_dict(model),
-        tokenizer="bytes",
-        synchronous=strategy.synchronous,
-        update_kind=strategy.update_kind,
-        delta_reference=strategy.delta_reference,
-    )
-    return spec, parameter_tensors(model)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -13,7 +15,9 @@ import torch.nn.functional as F
 
 from fedjet.config.job import TrainConfig
 from fedjet.data.batches import BatchSampler
-from fedjet.worker.model import load_parameters, parameter_tensors
+from fedjet.errors import ConfigError
+
+PRECISIONS = ("bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -42,31 +46,64 @@ def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, 
     return loss, correct, targets.numel()
 
 
+class Trainable(Protocol):
+    """The model and which of its tensors travel (see ``fedjet.models.job_model.JobModel``)."""
+
+    model: torch.nn.Module
+
+    def exchanged(self) -> dict[str, torch.Tensor]: ...
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]: ...
+
+
+def pick_precision(requested: str | None, device: torch.device) -> str:
+    """bf16 autocast where the device supports it (CUDA with bf16), fp32 otherwise."""
+    if requested is not None:
+        if requested not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {PRECISIONS}, got {requested!r}")
+        if requested == "bf16" and device.type != "cuda":
+            raise ConfigError("--precision bf16 needs a CUDA device; on CPU fedjet trains in fp32")
+        return requested
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
 class LocalTrainer:
     """One cloud's model and optimizer; the optimizer state persists across rounds (as DiLoCo)."""
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        job_model: Trainable,
         sampler: BatchSampler,
         settings: TrainConfig,
         device: torch.device,
         *,
         slowdown: float = 1.0,
+        precision: str | None = None,
     ) -> None:
-        self.model = model.to(device)
+        self.job_model = job_model
+        self.model = job_model.model.to(device)
         self.sampler = sampler
         self.settings = settings
         self.device = device
         self.slowdown = slowdown
+        self.precision = pick_precision(precision, device)
         self.stopping = threading.Event()  # set from the event loop thread to end a round early
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        params = list(job_model.trainable().values())
+        fused = {"fused": True} if device.type == "cuda" else {}
+        self.optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, **fused)
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        load_parameters(self.model, tensors)
+        self.job_model.load(tensors)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return parameter_tensors(self.model)
+        return self.job_model.exchanged()
+
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def train(self, steps: int) -> StepsResult:
         """``steps`` optimizer steps on local batches."""
@@ -76,10 +113,11 @@ class LocalTrainer:
             if self.stopping.is_set():
                 break
             t0 = time.perf_counter()
-            loss, _, _ = lm_loss(self.model, self._batch())
+            with self._autocast():
+                loss, _, _ = lm_loss(self.model, self._batch())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], self.settings.grad_clip)
             self.optimizer.step()
             losses.append(loss.detach().item())
             compute += self._pace(time.perf_counter() - t0)
@@ -94,13 +132,14 @@ class LocalTrainer:
             if self.stopping.is_set():
                 break
             t0 = time.perf_counter()
-            loss, _, _ = lm_loss(self.model, self._batch())
+            with self._autocast():
+                loss, _, _ = lm_loss(self.model, self._batch())
             (loss / steps).backward()
             losses.append(loss.detach().item())
             compute += self._pace(time.perf_counter() - t0)
         grads = {
             n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().to("cpu", torch.float32)
-            for n, p in self.model.named_parameters()
+            for n, p in self.job_model.trainable().items()
         }
         self.model.zero_grad(set_to_none=True)
         return grads, self._result(losses, compute, started)

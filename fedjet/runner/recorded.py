@@ -1,0 +1,69 @@
+"""Opening a recorded job: a kept JetStream store (``--store DIR``, served by an embedded
+nats-server for the duration) or a live server (``--nats URL``), and the coordinator's keys.
+Shared by ``fedjet replay`` and ``fedjet export``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fedjet.broker.jetstream import close_quietly, connect
+from fedjet.broker.server import EmbeddedNatsServer
+from fedjet.broker.subjects import JobSubjects
+from fedjet.channel.kv import read_spec
+from fedjet.codecs.crypto import COORDINATOR, Boxes
+from fedjet.errors import ConfigError
+from fedjet.keystore import load_identity, load_public
+from fedjet.spec import JobSpec
+
+
+def keys_dir_for(keys: str | None, store: str | None) -> str:
+    if keys:
+        return keys
+    if store and (Path(store) / "keys").is_dir():
+        return str(Path(store) / "keys")
+    raise ConfigError("this needs the coordinator's keys: --keys DIR (coordinator.key and members' .pub)")
+
+
+@contextlib.asynccontextmanager
+async def recorded_jetstream(store: str | None, nats_url: str | None, name: str) -> AsyncIterator[Any]:
+    if (store is None) == (nats_url is None):
+        raise ConfigError("give exactly one of --store DIR or --nats URL")
+    server = None
+    url = nats_url
+    if store is not None:
+        if not (Path(store) / "jetstream").is_dir():
+            raise ConfigError(f"{store} holds no JetStream store (fedjet up --store DIR writes one)")
+        server = EmbeddedNatsServer(store)
+        url = server.start()
+    assert url is not None
+    try:
+        nc = await connect(url, name)
+        try:
+            yield nc.jetstream()
+        finally:
+            await close_quietly(nc)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+async def only_job(js: Any) -> str:
+    names = [info.config.name for info in await js.streams_info()]
+    prefix, suffix = "FEDJET_", "_GLOBALS"
+    jobs = sorted(n[len(prefix) : -len(suffix)] for n in names if n.startswith(prefix) and n.endswith(suffix))
+    if len(jobs) != 1:
+        raise ConfigError(f"say which --job; this JetStream holds {jobs or 'none'}")
+    return jobs[0]
+
+
+async def coordinator_view(js: Any, subjects: JobSubjects, keys_dir: str) -> tuple[JobSpec, Boxes]:
+    """The recorded spec and the coordinator's boxes (which open every version and record)."""
+    me = load_identity(keys_dir, COORDINATOR)
+    spec = await read_spec(js, subjects, me.public)
+    if spec is None:
+        raise ConfigError(f"job {subjects.job!r} has no recorded spec in this JetStream")
+    peers = {m: load_public(keys_dir, m) for m in (*spec.clouds, *spec.observers)}
+    return spec, Boxes(me, peers)
