@@ -71,3 +71,7 @@ class StaleUpdateError(AggregationError):
 
 class Terminated(FedjetError):
     """SIGTERM asked a command to stop; what it had started has been stopped."""
+
+
+class NonFiniteError(AggregationError):
+    """Folding an update would make the global weights NaN or Inf; it is rejected instead."""

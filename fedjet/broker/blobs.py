@@ -25,6 +25,7 @@ H_PART = "Fedjet-Part"
 H_SIZE = "Fedjet-Size"
 MSG_ID = "Nats-Msg-Id"
 HEADER_ROOM = 2048  # bytes kept free in each message for headers
+MAX_CHUNKS_PER_SUBJECT = 4096  # chunks one subject may hold in partial blobs (4 GiB at 1 MiB each)
 
 
 def chunk_size_for(max_payload: int) -> int:
@@ -116,12 +117,20 @@ class _Pending:
     subject: str
     count: int
     size: int
-    buffer: bytearray
     headers: dict[str, str]
-    received: set[int] = field(default_factory=set)
+    touched: float  # when its last chunk came (expiry counts from there)
+    parts: dict[int, bytes] = field(default_factory=dict)  # the chunks themselves: nothing is preallocated
     seqs: list[int] = field(default_factory=list)
-    filled: int = 0
     wire_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Evicted:
+    """A partial blob given up on: its subject's budget was needed, or it stopped arriving."""
+
+    key: BlobKey
+    seqs: list[int]
+    why: str
 
 
 def part_index(headers: dict[str, str] | None) -> int | None:
@@ -132,8 +141,12 @@ def part_index(headers: dict[str, str] | None) -> int | None:
         return None
 
 
-def parse_chunk_headers(headers: dict[str, str] | None, max_blob_bytes: int) -> tuple[str, int, int, int]:
-    """(blob id, index, count, total size), validated before anything is allocated."""
+def parse_chunk_headers(
+    headers: dict[str, str] | None, max_blob_bytes: int, min_chunk_bytes: int = 1
+) -> tuple[str, int, int, int]:
+    """(blob id, index, count, total size), validated before anything is allocated. A blob
+    of ``size`` bytes has at most ``ceil(size / min_chunk_bytes)`` chunks (publishers fill
+    each chunk to the server's payload size), which bounds the messages it can hold up."""
     if not headers or H_BLOB not in headers or H_PART not in headers or H_SIZE not in headers:
         raise BlobError("message is not a fedjet chunk (missing Fedjet-Blob/Part/Size headers)")
     blob_id = headers[H_BLOB]
@@ -146,27 +159,42 @@ def parse_chunk_headers(headers: dict[str, str] | None, max_blob_bytes: int) -> 
         raise BlobError("blob id must be 1..256 characters")
     if size < 0 or size > max_blob_bytes:
         raise BlobError(f"blob {blob_id[:64]} declares {size} bytes > limit {max_blob_bytes}")
-    if count < 1 or not 0 <= index < count or count > max(1, size):
+    if count < 1 or not 0 <= index < count or count > max(1, math.ceil(size / min_chunk_bytes)):
         raise BlobError(f"blob {blob_id[:64]} declares part {index}/{count} of {size} bytes")
     return blob_id, index, count, size
 
 
 class BlobAssembler:
-    """Reassembles chunked blobs in stream order under a memory bound.
+    """Reassembles chunked blobs in stream order under per-subject memory bounds.
 
-    ``add`` returns the completed :class:`Blob` or ``None``; an inconsistent chunk raises
-    :class:`BlobError` (the caller counts it and moves on). When partial blobs would exceed
-    ``max_pending_bytes`` the oldest partial blob is evicted and reported by ``evicted``.
-    Blobs are keyed by (subject, blob id): a publisher on one subject cannot touch another
-    subject's blobs by reusing their ids.
+    ``add`` returns the completed :class:`Blob` or ``None``; a chunk that is inconsistent
+    (malformed, a duplicate index, the wrong length, disagreeing with earlier chunks) raises
+    :class:`BlobError` and is refused alone: the partial blob it claims to belong to is kept.
+    Every subject has its own budget: at most ``max_pending_bytes`` declared and
+    ``max_blobs_per_subject`` partial blobs; beyond them that subject's oldest partial blob is
+    evicted, never another subject's. A partial blob with no new chunk for ``ttl_s`` expires.
+    Both are reported by ``evicted``. Chunks are kept as they came and joined on completion,
+    so a declared size never allocates anything. The clock is passed in.
     """
 
-    def __init__(self, *, max_blob_bytes: int, max_pending_bytes: int) -> None:
+    def __init__(
+        self,
+        *,
+        max_blob_bytes: int,
+        max_pending_bytes: int,
+        max_blobs_per_subject: int = 32,
+        max_chunks_per_subject: int = MAX_CHUNKS_PER_SUBJECT,
+        min_chunk_bytes: int = HEADER_ROOM,
+        ttl_s: float = 600.0,
+    ) -> None:
         self.max_blob_bytes = max_blob_bytes
         self.max_pending_bytes = max_pending_bytes
+        self.max_blobs_per_subject = max_blobs_per_subject
+        self.max_chunks_per_subject = max_chunks_per_subject
+        self.min_chunk_bytes = min_chunk_bytes
+        self.ttl_s = ttl_s
         self._pending: OrderedDict[BlobKey, _Pending] = OrderedDict()
-        self._pending_bytes = 0
-        self.evicted: list[tuple[BlobKey, list[int]]] = []
+        self.evicted: list[Evicted] = []
 
     @property
     def pending_seqs(self) -> list[int]:
@@ -175,54 +203,68 @@ class BlobAssembler:
     def is_pending(self, key: BlobKey) -> bool:
         return key in self._pending
 
-    def add(self, subject: str, headers: dict[str, str] | None, data: bytes, seq: int) -> Blob | None:
-        blob_id, index, count, size = parse_chunk_headers(headers, self.max_blob_bytes)
+    def pending_bytes(self, subject: str) -> int:
+        return sum(p.size for p in self._pending.values() if p.subject == subject)
+
+    def pending_chunks(self, subject: str) -> int:
+        return sum(len(p.parts) for p in self._pending.values() if p.subject == subject)
+
+    def add(self, subject: str, headers: dict[str, str] | None, data: bytes, seq: int, now: float = 0.0) -> Blob | None:
+        blob_id, index, count, size = parse_chunk_headers(headers, self.max_blob_bytes, self.min_chunk_bytes)
         assert headers is not None
+        chunk = _chunk_len(size, count, index)
+        if len(data) != chunk:
+            raise BlobError(f"blob {blob_id[:64]} part {index}/{count}: {len(data)} bytes, expected {chunk}")
         key = (subject, blob_id)
         pending = self._pending.get(key)
         if pending is None:
-            pending = self._open(key, count, size, headers)
+            pending = self._open(key, count, size, headers, now)
         elif (pending.count, pending.size) != (count, size):
-            self._drop(key)
             raise BlobError(f"blob {blob_id[:64]}: chunk disagrees with earlier chunks")
+        elif index in pending.parts:
+            raise BlobError(f"blob {blob_id[:64]}: part {index}/{count} came twice")
+        self._make_room(subject, key, chunks=1)
+        pending.parts[index] = data
         pending.seqs.append(seq)
         pending.wire_bytes += len(data) + header_bytes(headers)
-        if index in pending.received:
-            return None  # a re-delivered chunk; the first copy counts
-        chunk = _chunk_len(size, count, index)
-        if len(data) != chunk:
-            self._drop(key)
-            raise BlobError(f"blob {blob_id[:64]} part {index}/{count}: {len(data)} bytes, expected {chunk}")
-        start = _chunk_start(size, count, index)
-        pending.buffer[start : start + chunk] = data
-        pending.received.add(index)
-        if len(pending.received) < count:
+        pending.touched = now
+        if len(pending.parts) < count:
             return None
-        self._drop(key)
-        return Blob(blob_id, subject, bytes(pending.buffer), pending.headers, pending.seqs, pending.wire_bytes)
+        del self._pending[key]
+        data = b"".join(pending.parts[i] for i in range(count))
+        return Blob(blob_id, subject, data, pending.headers, pending.seqs, pending.wire_bytes)
 
-    def _open(self, key: BlobKey, count: int, size: int, headers: dict[str, str]) -> _Pending:
+    def expire(self, now: float) -> None:
+        """Give up on partial blobs that received nothing for ``ttl_s``."""
+        for key in [k for k, p in self._pending.items() if now - p.touched > self.ttl_s]:
+            self._evict(key, f"no chunk for {self.ttl_s:.0f}s")
+
+    def _open(self, key: BlobKey, count: int, size: int, headers: dict[str, str], now: float) -> _Pending:
         subject, blob_id = key
-        while self._pending and self._pending_bytes + size > self.max_pending_bytes:
-            oldest = next(iter(self._pending))
-            self.evicted.append((oldest, self._pending[oldest].seqs))
-            self._drop(oldest)
         if size > self.max_pending_bytes:
-            raise BlobError(f"blob {blob_id[:64]} of {size} bytes exceeds the reassembly buffer")
+            raise BlobError(f"blob {blob_id[:64]} of {size} bytes exceeds the reassembly budget")
+        if count > self.max_chunks_per_subject:
+            raise BlobError(f"blob {blob_id[:64]} of {count} chunks exceeds the reassembly budget")
+        self._make_room(subject, key, blobs=1, size=size)
         keep = {k: v for k, v in headers.items() if k not in (H_BLOB, H_PART, H_SIZE, MSG_ID)}
-        pending = _Pending(blob_id, subject, count, size, bytearray(size), keep)
+        pending = _Pending(blob_id, subject, count, size, keep, now)
         self._pending[key] = pending
-        self._pending_bytes += size
         return pending
 
-    def _drop(self, key: BlobKey) -> None:
-        pending = self._pending.pop(key, None)
-        if pending is not None:
-            self._pending_bytes -= pending.size
+    def _make_room(self, subject: str, key: BlobKey, *, blobs: int = 0, size: int = 0, chunks: int = 0) -> None:
+        """Evict ``subject``'s oldest partial blobs (never ``key``, never another subject's)
+        until one more blob, ``size`` declared bytes and ``chunks`` held chunks fit."""
+        mine = [k for k in self._pending if k[0] == subject and k != key]  # oldest first
+        while mine and (
+            len(mine) + blobs + int(key in self._pending) > self.max_blobs_per_subject
+            or self.pending_bytes(subject) + size > self.max_pending_bytes
+            or self.pending_chunks(subject) + chunks > self.max_chunks_per_subject
+        ):
+            self._evict(mine.pop(0), "its subject's reassembly budget was needed")
 
-
-def _chunk_start(size: int, count: int, index: int) -> int:
-    return index * math.ceil(size / count) if size else 0
+    def _evict(self, key: BlobKey, why: str) -> None:
+        pending = self._pending.pop(key)
+        self.evicted.append(Evicted(key, pending.seqs, why))
 
 
 def _chunk_len(size: int, count: int, index: int) -> int:

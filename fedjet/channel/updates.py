@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,13 +19,22 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from fedjet.broker.blobs import H_BLOB, Blob, BlobAssembler, PublishedBlob, part_index, publish_blob
+from fedjet.broker.blobs import (
+    H_BLOB,
+    MAX_CHUNKS_PER_SUBJECT,
+    Blob,
+    BlobAssembler,
+    PublishedBlob,
+    part_index,
+    publish_blob,
+)
 from fedjet.broker.subjects import JobSubjects
-from fedjet.codecs.crypto import Boxes, seal_update
-from fedjet.errors import BlobError, FedjetError
+from fedjet.codecs.crypto import MAX_WORKERS_PER_CLOUD, Boxes, seal_update
+from fedjet.errors import AuthenticationError, BlobError, FedjetError
 from fedjet.log import get_logger
 
 log = get_logger("fedjet.channel")
+PENDING_BLOBS_PER_SUBJECT = 2  # x the largest blob: one subject's reassembly budget
 
 
 class UpdateSender:
@@ -56,13 +66,39 @@ class Arrival:
 
 
 class UpdateInbox:
-    def __init__(self, js: Any, subjects: JobSubjects, *, max_blob_bytes: int) -> None:
+    """The coordinator's end. Only member clouds' subjects are reassembled (anything else is
+    refused at once), each within its own budget of ``PENDING_BLOBS_PER_SUBJECT`` x the
+    largest blob, so what a subject can hold unacked is bounded and no subject can crowd
+    out another. ``clouds`` None takes every subject (tests of the channel alone)."""
+
+    def __init__(
+        self,
+        js: Any,
+        subjects: JobSubjects,
+        *,
+        max_blob_bytes: int,
+        clouds: Collection[str] | None = None,
+        ttl_s: float = 600.0,
+    ) -> None:
         self._js = js
         self.subjects = subjects
-        self._assembler = BlobAssembler(max_blob_bytes=max_blob_bytes, max_pending_bytes=2 * max_blob_bytes)
+        self.clouds = None if clouds is None else frozenset(clouds)
+        self._assembler = BlobAssembler(
+            max_blob_bytes=max_blob_bytes,
+            max_pending_bytes=PENDING_BLOBS_PER_SUBJECT * max_blob_bytes,
+            max_blobs_per_subject=2 * MAX_WORKERS_PER_CLOUD,
+            ttl_s=ttl_s,
+        )
         self._held: dict[tuple[str, str], list[Any]] = {}  # (subject, blob id) -> chunks to ack later
         self._sub: Any = None
         self.applied_through = 0  # decided before a restart: ack, never admit again
+
+    @property
+    def max_ack_pending(self) -> int:
+        """Above what partial blobs (bounded per subject) and a batch of complete ones can
+        hold, so JetStream never stops delivering while the inbox waits."""
+        subjects = len(self.clouds) if self.clouds is not None else 8
+        return max(100_000, 4 * subjects * MAX_CHUNKS_PER_SUBJECT)
 
     async def open(self, resume_from: int) -> None:
         """A fresh durable from where the record says work is undecided: messages a killed
@@ -73,7 +109,7 @@ class UpdateInbox:
             durable_name=self.subjects.coordinator_durable,
             ack_policy=api.AckPolicy.EXPLICIT,
             ack_wait=3600.0,
-            max_ack_pending=100_000,
+            max_ack_pending=self.max_ack_pending,
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=resume_from,
             filter_subject=self.subjects.updates,
@@ -88,19 +124,23 @@ class UpdateInbox:
         except (TimeoutError, nats.errors.TimeoutError):
             return []
 
-    async def receive(self, msg: Any) -> Arrival | None:
-        """Reassemble; None while a blob is incomplete or the message was decided before."""
+    async def receive(self, msg: Any, now: float = 0.0) -> Arrival | None:
+        """Reassemble; None while a blob is incomplete or the message was decided before. A
+        refused chunk comes back alone, as an error to count and ack at once."""
         seq = msg.metadata.sequence.stream
-        arrival = Arrival(JobSubjects.cloud_of(msg.subject), seq)
+        arrival = Arrival(JobSubjects.cloud_of(msg.subject), seq, [msg])
         key = (msg.subject, (msg.headers or {}).get(H_BLOB, ""))
         decided = seq <= self.applied_through
         if decided and part_index(msg.headers) != 0 and not self._assembler.is_pending(key):
             await self.ack([msg])  # the tail of a blob that was decided before the restart
             return None
+        if self.clouds is not None and arrival.cloud not in self.clouds:
+            arrival.error = AuthenticationError(f"{msg.subject[:80]} is not a member cloud's subject")
+            return await self._undecided(arrival, decided)
         try:
-            blob = self._assembler.add(msg.subject, msg.headers, msg.data, seq)
+            blob = self._assembler.add(msg.subject, msg.headers, msg.data, seq, now)
         except FedjetError as e:
-            arrival.msgs, arrival.error = [*self._held.pop(key, []), msg], e
+            arrival.error = e
             return await self._undecided(arrival, decided)
         if blob is None:
             self._held.setdefault(key, []).append(msg)
@@ -108,18 +148,26 @@ class UpdateInbox:
         arrival.msgs, arrival.blob, arrival.seq = [*self._held.pop(key, []), msg], blob, blob.last_seq
         return await self._undecided(arrival, blob.last_seq <= self.applied_through)
 
+    def held(self, subject: str) -> int:
+        """Messages of ``subject`` held unacked in partial blobs."""
+        return sum(len(msgs) for (held_subject, _), msgs in self._held.items() if held_subject == subject)
+
     async def _undecided(self, arrival: Arrival, decided: bool) -> Arrival | None:
         if decided:  # applied or rejected (and counted) before the restart
             await self.ack(arrival.msgs)
             return None
         return arrival
 
-    def evicted(self) -> list[Arrival]:
-        """Partial blobs pushed out of the reassembly buffer, as rejections to count and ack."""
+    def evicted(self, now: float | None = None) -> list[Arrival]:
+        """Partial blobs given up on (over their subject's budget, or expired by ``now``), as
+        rejections to count and ack."""
+        if now is not None:
+            self._assembler.expire(now)
         out = []
-        for key, seqs in self._assembler.evicted:
-            error = BlobError(f"partial blob {key[1][:64]} evicted from the reassembly buffer")
-            out.append(Arrival("?", seqs[-1] if seqs else 0, self._held.pop(key, []), error=error))
+        for gone in self._assembler.evicted:
+            error = BlobError(f"partial blob {gone.key[1][:64]} dropped: {gone.why}")
+            cloud = JobSubjects.cloud_of(gone.key[0])
+            out.append(Arrival(cloud, gone.seqs[-1] if gone.seqs else 0, self._held.pop(gone.key, []), error=error))
         self._assembler.evicted.clear()
         return out
 

@@ -1,7 +1,11 @@
 """End-to-end protection that does not trust the broker (PyNaCl).
 
-* Updates: ``Box(worker_secret, coordinator_public)`` - authenticated public-key encryption,
-  so only the coordinator can read an update and it knows which cloud's key sealed it.
+* Updates: a ``SecretBox`` under a key derived (BLAKE2b, personalised "update") from the
+  X25519 agreement of the worker's and the coordinator's keys - authenticated encryption, so
+  only the coordinator can read an update and it knows which cloud's key sealed it. The raw
+  ``Box`` of the same pair only wraps version keys: one domain can never open as the other.
+* The envelope is a fixed binary header (magic, version, the sender's name) and the raw
+  ciphertext: nothing but that header is parsed before the ciphertext authenticates.
 * Global versions: encrypted once with a fresh ``SecretBox`` key per version; that key is
   sealed to every member with ``Box(coordinator_secret, member_public)``; the head that
   carries the sealed keys and the ciphertext digest is signed with the coordinator's
@@ -14,21 +18,28 @@ Pure: keys come in as objects, bytes go out; files live in ``fedjet.keystore``.
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
 
-import msgpack  # type: ignore[import-untyped]
+import nacl.encoding
 import nacl.exceptions
+import nacl.hash
 import nacl.utils
 from nacl.public import Box, PrivateKey, PublicKey
 from nacl.secret import SecretBox
 from nacl.signing import SigningKey, VerifyKey
 
-from fedjet.codecs.frame import field as read
-from fedjet.errors import AuthenticationError, DecodeError, LimitError, ReplayError, SchemaError
+from fedjet.errors import AuthenticationError, DecodeError, LimitError, ReplayError, SchemaError, ValidationError
 
-ENVELOPE_VERSION = 1
+ENVELOPE_VERSION = 2  # 1: a msgpack map sealed with the raw Box (read only with legacy=True)
+ENVELOPE_MAGIC = b"FJE"
+MAX_SENDER_BYTES = 64
+ENVELOPE_OVERHEAD = len(ENVELOPE_MAGIC) + 2 + MAX_SENDER_BYTES + SecretBox.NONCE_SIZE + SecretBox.MACBYTES
 COORDINATOR = "coordinator"
+MAX_WORKERS_PER_CLOUD = 16  # keeps the anti-replay counters, and so every version record, small
+_UPDATE_PERSON = b"fedjet-update-v2"  # BLAKE2b personalisation: the update key's domain
+_SENDER = re.compile(rb"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,7 @@ class Boxes:
     me: Identity
     peers: dict[str, PublicIdentity]
     _cache: dict[str, Box] = field(default_factory=dict)
+    _update_keys: dict[str, SecretBox] = field(default_factory=dict)
 
     def public_of(self, name: str) -> PublicIdentity:
         identity = self.me.public if name == self.me.name else self.peers.get(name)
@@ -75,55 +87,113 @@ class Boxes:
             box = self._cache[peer] = Box(self.me.box, self.public_of(peer).box)
         return box
 
-
-def _unpack_map(data: bytes, max_bytes: int, what: str) -> dict[str, Any]:
-    if len(data) > max_bytes:
-        raise LimitError(f"{what} of {len(data)} bytes > limit {max_bytes}")
-    try:
-        raw = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=max_bytes, max_str_len=1 << 12)
-    except (msgpack.UnpackException, ValueError, TypeError, OverflowError) as e:
-        raise DecodeError(f"{what} is not msgpack: {type(e).__name__}") from e
-    if not isinstance(raw, dict):
-        raise DecodeError(f"{what} must be a map")
-    return raw
+    def updates_with(self, peer: str) -> SecretBox:
+        """The key for updates between this party and ``peer``: derived from the agreement,
+        so it never equals the raw ``Box`` that wraps version keys."""
+        box = self._update_keys.get(peer)
+        if box is None:
+            shared = self.to(peer).shared_key()
+            key = nacl.hash.blake2b(shared, digest_size=32, person=_UPDATE_PERSON, encoder=nacl.encoding.RawEncoder)
+            box = self._update_keys[peer] = SecretBox(key)
+        return box
 
 
 # --- updates: worker -> coordinator --------------------------------------------------------
 
 
 def seal_update(frame: bytes, boxes: Boxes) -> bytes:
-    """Encrypt a frame from ``boxes.me`` (a cloud) to the coordinator."""
-    ciphertext = boxes.to(COORDINATOR).encrypt(frame)
-    envelope: bytes = msgpack.packb(
-        {"ev": ENVELOPE_VERSION, "from": boxes.me.name, "ct": bytes(ciphertext)}, use_bin_type=True
-    )
-    return envelope
+    """Encrypt a frame from ``boxes.me`` (a cloud) to the coordinator, behind a fixed header."""
+    sender = boxes.me.name.encode()
+    if not _SENDER.fullmatch(sender):
+        raise SchemaError(f"sender name {boxes.me.name!r:.40} must match [A-Za-z0-9_-]{{1,64}}")
+    ciphertext = boxes.updates_with(COORDINATOR).encrypt(frame)
+    return b"".join((ENVELOPE_MAGIC, bytes((ENVELOPE_VERSION, len(sender))), sender, bytes(ciphertext)))
 
 
-def open_update(envelope: bytes, boxes: Boxes, max_bytes: int) -> tuple[str, bytes]:
-    """(sender, frame) of a sealed update; anything not sealed by a known cloud is rejected."""
-    raw = _unpack_map(envelope, max_bytes, "update envelope")
-    if raw.get("ev") != ENVELOPE_VERSION:
-        raise SchemaError(f"unknown envelope version {raw.get('ev')!r:.20}")
-    sender = read(raw, "from", str)
-    ciphertext = read(raw, "ct", bytes)
+def envelope_sender(envelope: bytes) -> tuple[str, int, int]:
+    """(sender, envelope version, offset of the ciphertext) from the fixed header alone."""
+    if envelope[:3] == ENVELOPE_MAGIC:
+        if len(envelope) < 5 or envelope[3] != ENVELOPE_VERSION:
+            raise SchemaError(f"unknown envelope version {envelope[3:4]!r}")
+        end = 5 + envelope[4]
+        if envelope[4] > MAX_SENDER_BYTES or len(envelope) < end:
+            raise DecodeError("envelope sender does not fit the header")
+        return _sender_name(envelope[5:end]), ENVELOPE_VERSION, end
+    return _legacy_header(envelope)
+
+
+def _sender_name(raw: bytes) -> str:
+    if not _SENDER.fullmatch(raw):
+        raise DecodeError("envelope sender is not a valid name")
+    return raw.decode()
+
+
+def _legacy_header(envelope: bytes) -> tuple[str, int, int]:
+    """Version 1 was ``msgpack {"ev": 1, "from": name, "ct": bin}`` in that order: read as a
+    fixed layout, never by a general parser."""
+    prefix = b"\x83\xa2ev\x01\xa4from"
+    if not envelope.startswith(prefix) or len(envelope) < len(prefix) + 1:
+        raise DecodeError("not a fedjet update envelope")
+    at = len(prefix)
+    if 0xA1 <= envelope[at] <= 0xBF:  # fixstr
+        length, at = envelope[at] & 0x1F, at + 1
+    elif envelope[at] == 0xD9 and len(envelope) > at + 1:  # str8
+        length, at = envelope[at + 1], at + 2
+    else:
+        raise DecodeError("not a fedjet update envelope (sender)")
+    if length > MAX_SENDER_BYTES or len(envelope) < at + length:
+        raise DecodeError("not a fedjet update envelope (sender)")
+    sender = _sender_name(envelope[at : at + length])
+    at += length
+    widths = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+    if envelope[at : at + 3] != b"\xa2ct" or len(envelope) < at + 4 or envelope[at + 3] not in widths:
+        raise DecodeError("not a fedjet update envelope (ciphertext)")
+    width = widths[envelope[at + 3]]
+    start = at + 4 + width
+    if int.from_bytes(envelope[at + 4 : start], "big") != len(envelope) - start:
+        raise DecodeError("update envelope length does not match its ciphertext")
+    return sender, 1, start
+
+
+def open_update(
+    envelope: bytes, boxes: Boxes, max_bytes: int, *, senders: Collection[str] | None = None, legacy: bool = False
+) -> tuple[str, bytes]:
+    """(sender, frame) of a sealed update. Only the fixed header is read before decryption;
+    a sender outside ``senders`` (default: every peer) is refused before any key is used."""
+    if len(envelope) > max_bytes:
+        raise LimitError(f"update envelope of {len(envelope)} bytes > limit {max_bytes}")
+    sender, version, start = envelope_sender(envelope)
+    if sender not in (boxes.peers if senders is None else senders) or sender == COORDINATOR:
+        raise AuthenticationError(f"update from {sender!r}, which may not send updates here")
+    if version != ENVELOPE_VERSION and not legacy:
+        raise SchemaError(f"envelope version {version} is no longer accepted (this build reads {ENVELOPE_VERSION})")
+    nonce_end = start + SecretBox.NONCE_SIZE
+    if len(envelope) < nonce_end + SecretBox.MACBYTES:
+        raise DecodeError("update envelope is shorter than a nonce and a MAC")
     try:
-        return sender, boxes.to(sender).decrypt(ciphertext)
+        if version == ENVELOPE_VERSION:
+            nonce, ciphertext = envelope[start:nonce_end], envelope[nonce_end:]
+            return sender, boxes.updates_with(sender).decrypt(ciphertext, nonce)
+        return sender, boxes.to(sender).decrypt(envelope[start:])
     except nacl.exceptions.CryptoError as e:
-        raise AuthenticationError(f"update claiming to be from {sender!r:.40} does not decrypt") from e
+        raise AuthenticationError(f"update claiming to be from {sender!r} does not decrypt") from e
 
 
 @dataclass
 class ReplayGuard:
-    """Per (cloud, worker) sequence numbers must strictly increase."""
+    """Per (cloud, worker) sequence numbers must strictly increase; at most
+    ``max_workers`` worker ids per cloud (each costs room in every version record)."""
 
     last: dict[str, int] = field(default_factory=dict)
+    max_workers: int = MAX_WORKERS_PER_CLOUD
 
     def check(self, cloud: str, worker: str, seq: int) -> None:
         key = f"{cloud}/{worker}"
         previous = self.last.get(key)
         if previous is not None and seq <= previous:
             raise ReplayError(f"{key} sequence {seq} <= last accepted {previous}")
+        if previous is None and sum(k.startswith(f"{cloud}/") for k in self.last) >= self.max_workers:
+            raise ValidationError(f"{cloud} already has {self.max_workers} workers; {worker!r:.40} is one too many")
         self.last[key] = seq
 
 

@@ -16,6 +16,8 @@ from fedjet.errors import DecodeError, LimitError, SchemaError
 
 FORMAT_VERSION = 1
 FRAME_TYPES = ("update", "global")
+FRAME_FACTOR = 2  # x the dense float32 size of the model
+FRAME_HEADROOM = 1 << 20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,6 +28,19 @@ class Limits:
     max_tensors: int = 4096
     max_elements: int = 1 << 28  # per tensor
     max_total_elements: int = 1 << 30
+
+    @classmethod
+    def for_model(cls, numel: int, tensors: int = 4096) -> Limits:
+        """Limits for a model of ``numel`` parameters: a frame may hold at most twice its dense
+        float32 size plus 1 MiB (names, shapes, scales), and no more elements than it has."""
+        if numel < 1 or tensors < 1:
+            raise LimitError(f"a model needs parameters and tensors, got {numel} and {tensors}")
+        return cls(
+            max_frame_bytes=FRAME_FACTOR * 4 * numel + FRAME_HEADROOM,
+            max_tensors=max(tensors, 1),
+            max_elements=numel,
+            max_total_elements=numel,
+        )
 
 
 def pack_frame(frame_type: str, header: dict[str, Any], tensors: list[dict[str, Any]]) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -137,15 +138,25 @@ def decode_update(data: bytes, limits: Limits) -> Update:
     return Update(header, decode_tensors(entries, limits))
 
 
-def open_sealed_update(envelope: bytes, boxes: Boxes, subject_cloud: str, limits: Limits) -> Update:
+def open_sealed_update(
+    envelope: bytes,
+    boxes: Boxes,
+    subject_cloud: str,
+    limits: Limits,
+    *,
+    members: Collection[str] | None = None,
+    legacy: bool = False,
+) -> Update:
     """What the coordinator does with bytes off an update subject: decrypt, authenticate, parse.
 
-    The sealing key must belong to the cloud whose subject carried the message, and the frame
-    must name that cloud: a message moved to another cloud's subject is rejected.
+    The sealing key must belong to the cloud whose subject carried the message (and to
+    ``members``, default every peer), and the frame must name that cloud: a message moved to
+    another cloud's subject is refused before it is decrypted. ``legacy`` also reads
+    version-1 envelopes (replaying a store recorded before version 2).
     """
-    sender, frame = crypto.open_update(envelope, boxes, limits.max_frame_bytes)
-    if sender != subject_cloud:
-        raise AuthenticationError(f"update sealed by {sender!r:.40} arrived on {subject_cloud!r}'s subject")
+    allowed = set(boxes.peers if members is None else members) & {subject_cloud}
+    max_bytes = limits.max_frame_bytes + crypto.ENVELOPE_OVERHEAD
+    sender, frame = crypto.open_update(envelope, boxes, max_bytes, senders=allowed, legacy=legacy)
     update = decode_update(frame, limits)
     if update.header.cloud != sender:
         raise AuthenticationError(f"update sealed by {sender!r} claims cloud {update.header.cloud!r:.40}")

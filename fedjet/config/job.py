@@ -102,6 +102,9 @@ class StrategyConfig:
     max_staleness: int = field(default=8, metadata=flag("--max-staleness"))
     buffer_size: int = field(default=3, metadata=flag("--buffer-size", "fedbuff: K updates per version"))
     server: ServerOptConfig = field(default_factory=ServerOptConfig)
+    clip_update: float | None = field(
+        default=2.0, metadata=flag("--clip-update", "scale each update down to this x the global's norm (0: off)")
+    )
 
     def __post_init__(self) -> None:
         if self.name not in STRATEGIES:
@@ -112,6 +115,8 @@ class StrategyConfig:
             raise ConfigError("--max-staleness must be >= 0 and --buffer-size >= 1")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
+        if self.clip_update is not None and not (self.clip_update >= 0 and math.isfinite(self.clip_update)):
+            raise ConfigError(f"--clip-update must be >= 0 (0: off), got {self.clip_update}")
         if self.server.lr is None:  # the default that makes formulas 1, 2 and 4 exact
             object.__setattr__(self, "server", replace(self.server, lr=default_server_lr(self.name)))
 

@@ -30,11 +30,13 @@ class Admitted:
 
 @dataclass(frozen=True)
 class Admission:
-    """The fixed context of admission: the job, the keys, the size limits."""
+    """The fixed context of admission: the job, the keys, the size limits. ``legacy_envelopes``
+    also reads version-1 envelopes (replaying a store recorded before version 2)."""
 
     spec: JobSpec
     boxes: Boxes
     limits: Limits = field(default_factory=Limits)
+    legacy_envelopes: bool = False
 
     def admit(
         self,
@@ -48,9 +50,22 @@ class Admission:
         :class:`~fedjet.errors.FedjetError` saying why not. ``staleness_of`` maps its base
         version to its staleness (raising when it must be dropped); ``guard`` None skips
         anti-replay (replay re-admits updates that were accepted once already)."""
-        update = open_sealed_update(envelope, self.boxes, subject_cloud, self.limits)
+        return self.check(self.open(envelope, subject_cloud, guard), subject_cloud, weights, staleness_of)
+
+    def open(self, envelope: bytes, subject_cloud: str, guard: ReplayGuard | None = None) -> Update:
+        """Authenticate (only a member cloud's key on its own subject is even tried) and check
+        the sequence number. Whatever happens next, this sequence number is spent."""
+        update = open_sealed_update(
+            envelope, self.boxes, subject_cloud, self.limits, members=self.spec.clouds, legacy=self.legacy_envelopes
+        )
         if guard is not None:
             guard.check(update.header.cloud, update.header.worker, update.header.seq)
+        return update
+
+    def check(
+        self, update: Update, subject_cloud: str, weights: Weights, staleness_of: Callable[[int], int]
+    ) -> Admitted:
+        """Validate an authenticated update's claims and tensors and place it in time."""
         kind = strategy_for(self.spec.strategy).update_kind
         contribution = to_contribution(update, subject_cloud, self.spec, kind, weights)
         return Admitted(update, Applied(contribution, staleness_of(update.header.base_version)))

@@ -50,13 +50,20 @@ class Ledger:
 
     applied: int = 0
     applied_through: int = 0  # every update blob ending at or before this seq is decided
-    guard: dict[str, int] = field(default_factory=dict)  # last applied seq per cloud/worker
+    guard: dict[str, int] = field(default_factory=dict)  # last authenticated seq per cloud/worker, decided
     rejected: dict[str, int] = field(default_factory=dict)
     dropped: list[DroppedRecord] = field(default_factory=list)
+    spent: list[tuple[int, str, int]] = field(default_factory=list)  # (stream seq, cloud/worker, seq)
 
     @classmethod
     def resume(cls, progress: Progress) -> Ledger:
         return cls(progress.applied_total, progress.applied_through, dict(progress.guard), dict(progress.rejected))
+
+    def authenticated(self, stream_seq: int, cloud: str, worker: str, seq: int) -> None:
+        """An update that authenticated has spent its sequence number, whatever its fate. The
+        record's guard takes it once everything up to its stream position is decided (a
+        restart skips that far), so a rejected update cannot come back after a restart."""
+        self.spent.append((stream_seq, f"{cloud}/{worker}", seq))
 
     def reject(self, reason: str, cloud: str, seq: int, detail: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -71,6 +78,10 @@ class Ledger:
             key = f"{h.cloud}/{h.worker}"
             self.guard[key] = max(h.seq, self.guard.get(key, 0))
             self.applied_through = max(self.applied_through, r.stream_seq)
+        settled = [s for s in self.spent if s[0] <= self.applied_through]
+        self.spent = [s for s in self.spent if s[0] > self.applied_through]
+        for _, key, seq in settled:
+            self.guard[key] = max(seq, self.guard.get(key, 0))
 
     def record(
         self, strategy: str, received: list[Received], *, waiting: list[int], assignment: dict[str, int]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 
@@ -20,17 +20,19 @@ from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower, GlobalPublisher
 from fedjet.channel.kv import publish_spec, read_spec
 from fedjet.channel.updates import Arrival, UpdateInbox, stream_seqs
-from fedjet.codecs.crypto import COORDINATOR, Boxes, ReplayGuard
+from fedjet.codecs.crypto import COORDINATOR, ENVELOPE_OVERHEAD, Boxes, ReplayGuard
 from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import GlobalHead
 from fedjet.coordinator.admission import Admission
 from fedjet.coordinator.aggregate import Weights
 from fedjet.coordinator.checkpoint import Checkpoint, last_checkpoint
+from fedjet.coordinator.local_state import LocalState, Published, check_not_behind
 from fedjet.coordinator.record import Ledger, Received
 from fedjet.coordinator.rounds import Batcher
 from fedjet.coordinator.strategies import Aggregator
+from fedjet.coordinator.validate import plausible_rate
 from fedjet.data.partition import split_steps
-from fedjet.errors import ConfigError, FedjetError, StaleUpdateError
+from fedjet.errors import ConfigError, FedjetError, NonFiniteError, StaleUpdateError
 from fedjet.log import get_logger
 from fedjet.spec import JobSpec
 
@@ -44,9 +46,10 @@ class CoordinatorConfig:
     nats_url: str
     spec: JobSpec
     boxes: Boxes
-    limits: Limits = field(default_factory=Limits)
+    limits: Limits | None = None  # None: derived from the initial weights (Limits.for_model)
     idle_timeout_s: float = 600.0
     snapshot_every: int = 8  # full weights every N versions; lossless deltas in between
+    state_dir: str | None = None  # local record of the newest version published (refuses rollbacks)
 
     def __post_init__(self) -> None:
         if self.snapshot_every < 1 or not self.idle_timeout_s > 0:
@@ -73,7 +76,11 @@ class Coordinator:
             size=strategy.batch_size(len(spec.clouds)),
         )
         self._guard = ReplayGuard()
-        self._admission = Admission(spec, config.boxes, config.limits)
+        self.limits = config.limits or Limits()
+        self._admission = Admission(spec, config.boxes, self.limits)
+        self._state = LocalState(config.state_dir, spec.job) if config.state_dir else None
+        self._published_at: dict[int, float] = {}  # version -> monotonic time (claims are checked against it)
+        self._last_arrival: dict[str, float] = {}
         self._resume_from = 1  # the first stream seq not yet decided
         self._throughput: dict[str, float] = {}
         self._assignment = dict.fromkeys(spec.clouds, spec.config.train.local_steps)
@@ -96,6 +103,9 @@ class Coordinator:
 
     async def run(self, initial: Weights) -> Ledger:
         spec = self.config.spec
+        if self.config.limits is None:  # frames no larger than this model's can be
+            self.limits = Limits.for_model(sum(t.numel() for t in initial.values()), len(initial))
+            self._admission = Admission(spec, self.config.boxes, self.limits)
         nc = await connect(self.config.nats_url, f"fedjet-coordinator-{spec.job}")
         try:
             with structlog.contextvars.bound_contextvars(job=spec.job):
@@ -105,7 +115,8 @@ class Coordinator:
                     js, self.subjects, self.config.boxes, members,
                     max_payload=nc.max_payload, snapshot_every=self.config.snapshot_every,
                 )  # fmt: skip
-                self.inbox = UpdateInbox(js, self.subjects, max_blob_bytes=self.config.limits.max_frame_bytes)
+                max_blob = self.limits.max_frame_bytes + ENVELOPE_OVERHEAD
+                self.inbox = UpdateInbox(js, self.subjects, max_blob_bytes=max_blob, clouds=spec.clouds)
                 checkpoint = await self._prepare(js)
                 if checkpoint is None:
                     self.aggregator = Aggregator(spec.strategy, initial)
@@ -124,9 +135,13 @@ class Coordinator:
         """Streams and spec; the last checkpoint when this job ran before (a restart)."""
         spec = self.config.spec
         await ensure_job_streams(js, self.subjects)
-        follower = GlobalFollower(js, self.subjects, self.config.boxes, self.config.limits)
+        follower = GlobalFollower(js, self.subjects, self.config.boxes, self.limits)
         depth = Aggregator(spec.strategy, {}).strategy.history_depth
         checkpoint = await last_checkpoint(follower, depth)
+        if self._state is not None:
+            head = checkpoint.latest.head if checkpoint is not None else None
+            found = None if head is None else Published(job=spec.job, version=head.version, hash=head.hash)
+            check_not_behind(self._state.read(), found)
         if checkpoint is None:
             await publish_spec(js, self.subjects, spec, self.config.boxes.me)
             return None
@@ -157,8 +172,10 @@ class Coordinator:
             msgs = await self.inbox.fetch(timeout=0.25)
             if msgs:
                 last_activity = time.monotonic()
+            for expired in self.inbox.evicted(time.monotonic()):
+                await self._reject(expired)
             for msg in msgs:
-                arrival = await self.inbox.receive(msg)
+                arrival = await self.inbox.receive(msg, time.monotonic())
                 for evicted in self.inbox.evicted():
                     await self._reject(evicted)
                 if arrival is not None:
@@ -184,10 +201,10 @@ class Coordinator:
         assert self.aggregator is not None
         with structlog.contextvars.bound_contextvars(cloud=arrival.cloud, stream_seq=arrival.seq):
             try:
-                agg = self.aggregator
-                admitted = await asyncio.to_thread(
-                    self._admission.admit, arrival.blob.data, arrival.cloud, agg.weights, agg.admissible, self._guard
-                )
+                agg, admission = self.aggregator, self._admission
+                update = await asyncio.to_thread(admission.open, arrival.blob.data, arrival.cloud, self._guard)
+                self.ledger.authenticated(arrival.seq, update.header.cloud, update.header.worker, update.header.seq)
+                admitted = await asyncio.to_thread(admission.check, update, arrival.cloud, agg.weights, agg.admissible)
                 received = Received(
                     admitted.update, admitted.applied, arrival.seq, arrival.blob.wire_bytes, arrival.msgs
                 )
@@ -209,9 +226,14 @@ class Coordinator:
         await self.inbox.ack(arrival.msgs)
 
     def _note_throughput(self, received: Received) -> None:
-        h = received.update.header
-        if h.compute_s > 0 and h.tokens > 0:
-            rate = h.tokens / h.compute_s
+        """Tokens/s for dynamic partitioning: tokens at most what was assigned, time at least
+        a fraction of what the coordinator itself saw pass (both are the worker's claims)."""
+        h, train, now = received.update.header, self.config.spec.config.train, time.monotonic()
+        assigned = self._assignment.get(h.cloud, train.local_steps) * train.batch_size * train.seq_len
+        since = max(self._published_at.get(h.base_version, 0.0), self._last_arrival.get(h.cloud, 0.0))
+        self._last_arrival[h.cloud] = now
+        rate = plausible_rate(min(h.tokens, assigned), h.compute_s, now - since if since else 0.0)
+        if rate is not None:
             old = self._throughput.get(h.cloud)
             self._throughput[h.cloud] = rate if old is None else 0.5 * old + 0.5 * rate
 
@@ -222,7 +244,14 @@ class Coordinator:
     async def _fold(self, received: list[Received]) -> None:
         agg, inbox = self.aggregator, self.inbox
         assert agg is not None and inbox is not None
-        await asyncio.to_thread(agg.apply, [r.applied for r in received])
+        unfit = await asyncio.to_thread(agg.apply_finite, [r.applied for r in received])
+        for r in (received[i] for i in unfit):  # the last good version stays
+            error = NonFiniteError(f"{r.update.header.cloud}'s update would make the global non-finite")
+            await self._reject(Arrival(r.update.header.cloud, r.stream_seq, r.msgs, error=error))
+        received = [r for i, r in enumerate(received) if i not in unfit]
+        if not received:
+            self._batcher.start_round(time.monotonic())
+            return
         self.ledger.applied_batch(received)
         for r in received:
             h = r.update.header
@@ -250,3 +279,7 @@ class Coordinator:
         record = self.ledger.record(agg.strategy.name, received, waiting=waiting, assignment=self._assignment)
         with structlog.contextvars.bound_contextvars(version=agg.version):
             await publisher.publish(agg.version, agg.hash, agg.weights, record, final=self._done())
+        self._published_at[agg.version] = time.monotonic()
+        self._published_at.pop(agg.version - agg.strategy.config.max_staleness - 2, None)
+        if self._state is not None:
+            self._state.write(Published(job=self.config.spec.job, version=agg.version, hash=agg.hash))

@@ -17,12 +17,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from fedjet.codecs.tensors import weights_hash
 from fedjet.config.job import STRATEGIES, StrategyConfig
 from fedjet.coordinator import aggregate as agg
 from fedjet.coordinator.aggregate import Contribution, Weights
 from fedjet.coordinator.server_opt import ServerOptimizer
-from fedjet.errors import StaleUpdateError
+from fedjet.coordinator.validate import clip_bound, clipped
+from fedjet.errors import NonFiniteError, StaleUpdateError
 
 __all__ = ["STRATEGIES", "Aggregator", "Applied", "Strategy", "StrategyConfig", "strategy_for"]
 BaseOf = Callable[[int], Weights]
@@ -170,15 +173,48 @@ class Aggregator:
         self.recorded_bases[version] = weights
 
     def apply(self, batch: Sequence[Applied]) -> Weights:
-        """Fold one batch (a sync round, one async update, or K buffered updates)."""
+        """Fold one batch (a sync round, one async update, or K buffered updates), each update
+        clipped to ``clip_update`` x the global's norm. A batch that would make the weights
+        non-finite raises :class:`NonFiniteError` and changes nothing."""
         if not batch:
             raise StaleUpdateError("an empty batch makes no version")
+        bound = clip_bound(self.weights, self.config.clip_update)
+        batch = [Applied(clipped(a.contribution, bound), a.staleness) for a in batch]
         pseudo_grad = self.strategy.pseudo_gradient(self.weights, batch, self.base_weights)
-        self.weights = self.optimizer.step(self.weights, pseudo_grad)
+        saved = self.optimizer.steps, {n: {k: v.clone() for k, v in s.items()} for n, s in self.optimizer.state.items()}
+        weights = self.optimizer.step(self.weights, pseudo_grad)
+        if not all(bool(torch.isfinite(t).all()) for t in weights.values()):
+            self.optimizer.steps, self.optimizer.state = saved
+            raise NonFiniteError(f"version {self.version + 1} would not be finite")
+        self.weights = weights
         self.version += 1
         self.hash = weights_hash(self.weights)
         self._remember()
         return self.weights
+
+    def apply_finite(self, batch: Sequence[Applied]) -> list[int]:
+        """Fold ``batch`` without the updates that would make the global non-finite; returns
+        their positions (all of them when none does so alone: then no version is made)."""
+        try:
+            self.apply(batch)
+            return []
+        except NonFiniteError:
+            pass
+        bad = [i for i, a in enumerate(batch) if not self._finite_alone(a)] or list(range(len(batch)))
+        rest = [a for i, a in enumerate(batch) if i not in bad]
+        if rest:
+            try:
+                self.apply(rest)
+            except NonFiniteError:
+                return list(range(len(batch)))
+        return bad
+
+    def _finite_alone(self, applied: Applied) -> bool:
+        bound = clip_bound(self.weights, self.config.clip_update)
+        one = [Applied(clipped(applied.contribution, bound), applied.staleness)]
+        grad = self.strategy.pseudo_gradient(self.weights, one, self.base_weights)
+        lr = self.config.server.step_size
+        return all(bool(torch.isfinite(w - lr * grad[n]).all()) for n, w in self.weights.items())
 
     def base_weights(self, version: int) -> Weights:
         if version in self._history and not self.bases_from_record:

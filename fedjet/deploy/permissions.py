@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from fedjet.broker.subjects import JobSubjects, check_token
 
 
+LOCAL_API = "$JS.API"  # the JetStream API of the server a client is connected to
+
+
 def js_api(domain: str) -> str:
     """The JetStream API prefix of ``domain`` (``nats.jetstream(domain=...)`` uses the same)."""
     return f"$JS.{check_token('JetStream domain', domain)}.API"
@@ -108,13 +111,20 @@ def _cloud(subjects: JobSubjects, cloud: str, inbox: str, api: str) -> Permissio
 
 
 def _observer(subjects: JobSubjects, inbox: str, api: str) -> Permissions:
-    publish = [
-        f"{api}.INFO",
+    reads = [
         f"{api}.STREAM.INFO.{subjects.update_stream}",
         *_stream_read(subjects.global_stream, api),
         *_stream_read(_kv_stream(subjects), api),
     ]
-    return Permissions(publish=tuple(publish), subscribe=(f"{inbox}.>",))
+    # An observer connects to the hub itself, which maps ``$JS.<domain>.API.>`` onto its own
+    # ``$JS.API.>`` before it checks permissions: allow the same reads under the local name.
+    local = [_local_api(subject, api) for subject in reads if subject.startswith(f"{api}.")]
+    return Permissions(publish=(f"{api}.INFO", *reads, *local), subscribe=(f"{inbox}.>",))
+
+
+def _local_api(subject: str, api: str) -> str:
+    """``$JS.<domain>.API.X`` as the hub sees it after its domain mapping: ``$JS.API.X``."""
+    return LOCAL_API + subject[len(api) :]
 
 
 def _coordinator(subjects: JobSubjects, inbox: str, api: str) -> Permissions:
