@@ -19,7 +19,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-demo: venv
+# The demo also installs the hub extra: with no local WikiText it downloads WikiText-2 (tests never do).
+$(VENV)/.hub-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[hub]'
+	touch $@
+
+demo: venv $(VENV)/.hub-installed
 	$(VENV)/bin/fedjet up $(DEMO_ARGS)
 
 test: venv
