@@ -32,8 +32,8 @@ from fedjet.models.lora import (
     merge_and_unload,
     parse_peft,
 )
+from fedjet.models.tiny import EOS, build_checkpoints, save_tiny_gpt2, train_bpe_tokenizer
 from fedjet.worker.model import config_dict, initial_model, parameter_tensors
-from tests.hf_fixtures import EOS, build_checkpoints, save_tiny_gpt2, train_bpe_tokenizer
 
 INFO = {"job": "j1", "version": 3, "strategy": "fedavg", "codec": "dense", "privacy": {"epsilon": 8.0}}
 

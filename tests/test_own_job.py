@@ -24,8 +24,8 @@ from fedjet.broker.jetstream import close_quietly, connect
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.kv import read_stats
 from fedjet.data.wikitext import load_directory
+from fedjet.models.tiny import save_tiny_gpt2, save_tiny_llama, train_bpe_tokenizer
 from tests.conftest import REPO, run_fedjet
-from tests.hf_fixtures import save_tiny_gpt2, save_tiny_llama, train_bpe_tokenizer
 
 pytestmark = pytest.mark.e2e
 TRAIN = ["--local-steps", "8", "--batch-size", "8", "--seq-len", "32", "--lr", "0.005"]

@@ -1,7 +1,9 @@
 """Small real Hugging Face checkpoints built offline: a BPE tokenizer trained on WikiText, a tiny GPT-2, a tiny Llama.
 
-Plain functions (not pytest fixtures) so unit tests and end-to-end runs build the same files.
-Everything is seeded: the same call gives byte-identical tokenizer files and identical weights.
+The tests and the README's "own model and data" runs build the same files with these functions;
+``python -m fedjet.models.tiny --wikitext DIR --out DIR`` writes the checkpoints plus three
+clouds' private data in three formats and a held-out folder. Everything is seeded: the same call
+gives byte-identical tokenizer files and identical weights.
 """
 
 from __future__ import annotations
@@ -87,3 +89,43 @@ def build_checkpoints(root: Path, data_dir: Path) -> dict[str, Path]:
         "gpt2": save_tiny_gpt2(root / "gpt2", tokenizer),
         "llama": save_tiny_llama(root / "llama", tokenizer),
     }
+
+
+def write_cloud_data(data_dir: Path, out: Path) -> dict[str, Path]:
+    """Three clouds, three formats (.txt files, one .jsonl, a WikiText folder) and held-out .md files."""
+    import json
+
+    corpus = load_directory(data_dir)
+    third = len(corpus.train) // 3
+    folders = {name: out / name for name in ("aws", "gcp", "azure", "eval")}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=False)
+    for i, article in enumerate(corpus.train[:third]):
+        (folders["aws"] / f"doc{i:03d}.txt").write_text(article.text, encoding="utf-8")
+    with (folders["gcp"] / "notes.jsonl").open("w", encoding="utf-8") as fh:
+        for article in corpus.train[third : 2 * third]:
+            fh.write(json.dumps({"text": article.text}) + "\n")
+    azure = "".join(a.text for a in corpus.train[2 * third :])
+    (folders["azure"] / "wiki.valid.tokens").write_text(azure, encoding="utf-8")
+    for i, article in enumerate(corpus.eval[:10]):
+        (folders["eval"] / f"eval{i:02d}.md").write_text(article.text, encoding="utf-8")
+    return folders
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="tiny GPT-2 and Llama checkpoints and three clouds' data")
+    parser.add_argument("--wikitext", required=True, type=Path, help="a WikiText-2 folder")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--gpt2-width", type=int, default=128)
+    args = parser.parse_args(argv)
+    tokenizer = train_bpe_tokenizer(args.wikitext, articles=30, vocab_size=2000)
+    print(save_tiny_gpt2(args.out / "gpt2", tokenizer, n_embd=args.gpt2_width, n_layer=4))
+    print(save_tiny_llama(args.out / "llama", tokenizer))
+    for name, folder in write_cloud_data(args.wikitext, args.out / "clouds").items():
+        print(name, folder)
+
+
+if __name__ == "__main__":
+    main()
