@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fedjet.broker.server import EmbeddedNatsServer
+from fedjet.codecs.crypto import COORDINATOR, Boxes, Identity
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,6 +51,14 @@ def nats_url(nats_server: EmbeddedNatsServer) -> str:
     return nats_server.url
 
 
+def make_parties(clouds: tuple[str, ...], observers: tuple[str, ...] = ()) -> tuple[Boxes, dict[str, Boxes]]:
+    """Fresh keys: the coordinator's boxes (every member a peer) and each member's own."""
+    ids = {n: Identity.generate(n) for n in (COORDINATOR, *clouds, *observers)}
+    coord = Boxes(ids[COORDINATOR], {c: ids[c].public for c in (*clouds, *observers)})
+    members = {c: Boxes(ids[c], {COORDINATOR: ids[COORDINATOR].public}) for c in (*clouds, *observers)}
+    return coord, members
+
+
 def run_fedjet(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real CLI as a user would."""
     return subprocess.run(
@@ -61,16 +71,45 @@ def run_fedjet(*args: str, timeout: float = 300, env: dict[str, str] | None = No
     )
 
 
-def processes_matching(text: str) -> list[str]:
-    """Command lines of live processes that mention ``text`` (to prove nothing was left)."""
+TAG_ENV = "FEDJET_TEST_TAG"
+
+
+def tagged(tag: str) -> dict[str, str]:
+    """Environment that marks a process the test starts, and every process it starts in turn
+    (children inherit it), so checks never look at anyone else's processes."""
+    return {TAG_ENV: tag}
+
+
+def processes_tagged(tag: str) -> list[int]:
+    """PIDs of live (not zombie) processes that carry ``tag``: only what this test started."""
+    marker = f"{TAG_ENV}={tag}".encode()
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
             continue
-        if text in cmdline:
-            found.append(cmdline)
+        if marker in environ and state != "Z":
+            found.append(int(proc.name))
     return found
+
+
+def wait_until_gone(pids: list[int], timeout: float = 30.0) -> list[int]:
+    """The PIDs among ``pids`` still alive (not zombies) after up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    alive = [pid for pid in pids if _alive(pid)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [pid for pid in alive if _alive(pid)]
+    return alive
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
