@@ -75,3 +75,7 @@ class Terminated(FedjetError):
 
 class NonFiniteError(AggregationError):
     """Folding an update would make the global weights NaN or Inf; it is rejected instead."""
+
+
+class PrivacyError(ValidationError):
+    """An update of a DP job lacks its privacy claim, or claims parameters other than the job's."""

@@ -36,15 +36,17 @@ class Report:
     summary: dict[str, Any] = field(default_factory=dict)
     clouds: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    privacy: dict[str, Any] | None = None  # DP jobs: accountant, delta, noise, q, clip, steps and ε per cloud
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "config": self.config,
             "rounds": [asdict(r) for r in self.rounds],
             "summary": self.summary,
             "clouds": self.clouds,
             "notes": self.notes,
         }
+        return out if self.privacy is None else {**out, "privacy": self.privacy}
 
     def write(self, path: str | Path) -> None:
         target = Path(path)

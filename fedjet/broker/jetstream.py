@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,17 +16,22 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from fedjet.broker.subjects import JobSubjects
+from fedjet.broker.urls import NATS_USERINFO_ENV, redact_url, with_userinfo
 from fedjet.errors import BrokerError
 from fedjet.log import get_logger
 
 log = get_logger("fedjet.broker")
+__all__ = ["close_quietly", "connect", "ensure_job_streams", "read_range", "redact_url"]
 
 
 async def connect(url: str, name: str, *, timeout: float = 10.0) -> Client:
-    """Connect with bounded reconnects; connection trouble is logged, not raised into callbacks."""
+    """Connect with bounded reconnects; connection trouble is logged, not raised into callbacks.
+    Credentials handed down in the environment (never on a command line) fill in a URL that
+    has none; no message carries them."""
+    url = with_userinfo(url, os.environ.get(NATS_USERINFO_ENV))
 
     async def on_error(e: Exception) -> None:
-        log.warning("nats_error", client=name, error=f"{type(e).__name__}: {e}")
+        log.warning("nats_error", client=name, error=redact_url(f"{type(e).__name__}: {e}"))
 
     async def on_disconnect() -> None:
         log.debug("nats_disconnected", client=name)
@@ -42,7 +48,7 @@ async def connect(url: str, name: str, *, timeout: float = 10.0) -> Client:
             allow_reconnect=True,
         )
     except (OSError, TimeoutError, nats.errors.Error) as e:
-        raise BrokerError(f"cannot connect to NATS at {url}: {type(e).__name__}: {e}") from e
+        raise BrokerError(redact_url(f"cannot connect to NATS at {url}: {type(e).__name__}: {e}")) from e
 
 
 async def ensure_job_streams(js: Any, subjects: JobSubjects) -> None:

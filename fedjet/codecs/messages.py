@@ -22,9 +22,42 @@ from fedjet.codecs.sparse import SparseTensor, TensorLike, shape_of
 from fedjet.codecs.tensors import as_numpy, dtype_name
 from fedjet.errors import AuthenticationError, DecodeError, LimitError, SchemaError, ValidationError
 
-UPDATE_KINDS = ("delta", "gradient")
+RETIRE = "retire"  # no tensors: the sender will send no more (e.g. its privacy budget is spent)
+UPDATE_KINDS = ("delta", "gradient", RETIRE)
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_HEAD_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPClaim:
+    """What a DP-SGD worker says it spent: enough for the coordinator to recompute ε."""
+
+    epsilon: float
+    delta: float
+    noise: float
+    sample_rate: float
+    clip: float
+    steps: int
+    accountant: str = "rdp"
+
+    def __post_init__(self) -> None:
+        numbers = (self.epsilon, self.delta, self.noise, self.sample_rate, self.clip)
+        if not all(math.isfinite(x) and x >= 0 for x in numbers) or self.steps < 0:
+            raise SchemaError("DP claims must be finite and non-negative")
+        if not 0 < self.sample_rate <= 1 or not 0 < self.delta < 1:
+            raise SchemaError("DP sample rate must be in (0, 1] and delta in (0, 1)")
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> DPClaim:
+        return cls(
+            epsilon=read(raw, "epsilon", float),
+            delta=read(raw, "delta", float),
+            noise=read(raw, "noise", float),
+            sample_rate=read(raw, "sample_rate", float),
+            clip=read(raw, "clip", float),
+            steps=read(raw, "steps", int),
+            accountant=read(raw, "accountant", str, default="rdp"),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +79,7 @@ class UpdateHeader:
     sent_unix: float = 0.0
     data_tokens: int = 0  # tokens in the cloud's training set (``samples`` counts its windows)
     heldout_loss: float | None = None  # loss on a held-out slice of the cloud's own data: a number, never text
+    dp: DPClaim | None = None  # a DP job's privacy spent so far, which the coordinator checks
 
     def __post_init__(self) -> None:
         if self.kind not in UPDATE_KINDS:
@@ -82,6 +116,7 @@ class UpdateHeader:
             sent_unix=read(raw, "sent_unix", float, default=0.0),
             data_tokens=read(raw, "data_tokens", int, default=0),
             heldout_loss=read(raw, "heldout_loss", (float, type(None)), default=None),
+            dp=DPClaim.from_wire(read(raw, "dp", dict)) if raw.get("dp") is not None else None,
         )
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import msgpack  # type: ignore[import-untyped]
 
+from fedjet.codecs.messages import DPClaim
 from fedjet.config.wire import WireError, from_wire, to_wire
 from fedjet.errors import DecodeError, SchemaError
 
@@ -37,6 +38,7 @@ class ContributionRecord:
     tokens: int = 0
     compute_s: float = 0.0
     heldout_loss: float | None = None  # the cloud's loss on its own held-out slice
+    dp: DPClaim | None = None  # a DP job's privacy spent by that cloud so far
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +70,7 @@ class VersionRecord:
     dropped: tuple[DroppedRecord, ...] = ()
     assignment: dict[str, int] = field(default_factory=dict)
     progress: Progress = field(default_factory=Progress)
+    retired: tuple[str, ...] = ()  # clouds that said they send no more (privacy budget spent)
     record_version: int = RECORD_VERSION
 
     def to_bytes(self) -> bytes:

@@ -17,6 +17,7 @@ from typing import Any
 from fedjet.config.codec import CodecSpec
 from fedjet.config.names import check_token
 from fedjet.errors import ConfigError
+from fedjet.privacy.config import CentralDPConfig, DPConfig, parse_central_dp, parse_dp
 
 STRATEGIES = ("fedavg", "dynamic", "gradient", "async", "fedbuff")
 STALENESS = ("constant", "polynomial", "hinge")
@@ -215,6 +216,12 @@ class JobConfig:
     peft: str | None = field(
         default=None, metadata=flag("--peft", "lora:r=8,alpha=16,dropout=0.05[,targets=NAME,NAME]: train adapters only")
     )
+    dp: str | None = field(
+        default=None, metadata=flag("--dp", "record-level DP-SGD: epsilon=E,delta=D,clip=C (or noise=S,...)")
+    )
+    central_dp: str | None = field(
+        default=None, metadata=flag("--central-dp", "clip=C,noise=Z: the coordinator clips updates, noises the sum")
+    )
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     round: RoundConfig = field(default_factory=RoundConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -234,5 +241,25 @@ class JobConfig:
         if self.round.quorum is not None and self.round.quorum > len(self.clouds):
             raise ConfigError(f"--quorum must be in 1..{len(self.clouds)}, got {self.round.quorum}")
         CodecSpec.parse(self.codec)
+        self._check_privacy()
         if self.peft is not None and not self.peft.startswith("lora"):
             raise ConfigError(f"--peft {self.peft!r}: only lora[:key=value,...] is supported")
+
+    def _check_privacy(self) -> None:
+        if self.dp is not None:
+            parse_dp(self.dp)
+            if self.strategy.name in ("dynamic", "gradient"):
+                raise ConfigError(
+                    f"--dp with --strategy {self.strategy.name}: dynamic weights by training losses and gradient "
+                    "sends raw gradients, neither covered by DP-SGD; use fedavg, async or fedbuff"
+                )
+        if self.central_dp is not None:
+            parse_central_dp(self.central_dp)
+
+    @property
+    def dp_config(self) -> DPConfig | None:
+        return parse_dp(self.dp) if self.dp is not None else None
+
+    @property
+    def central_dp_config(self) -> CentralDPConfig | None:
+        return parse_central_dp(self.central_dp) if self.central_dp is not None else None

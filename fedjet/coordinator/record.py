@@ -41,6 +41,7 @@ class Received:
             tokens=h.tokens,
             compute_s=h.compute_s,
             heldout_loss=h.heldout_loss,
+            dp=h.dp,
         )
 
 

@@ -33,6 +33,7 @@ class Batcher(Generic[T]):
     policy: RoundConfig = field(default_factory=RoundConfig)
     size: int = 1
     round_started: float = 0.0
+    retired: set[str] = field(default_factory=set)  # clouds that will send no more (a round no longer waits)
     _entries: list[_Entry[T]] = field(default_factory=list)
 
     def start_round(self, now: float) -> None:
@@ -60,7 +61,8 @@ class Batcher(Generic[T]):
         if not self.synchronous:
             return len(self._entries) >= self.size
         reported = {e.cloud for e in self._entries}
-        if reported >= set(self.clouds):
+        active = set(self.clouds) - self.retired
+        if reported >= active and (reported or active):
             return True
         deadline = self.policy.deadline_s
         quorum = self.policy.quorum or len(self.clouds)
@@ -75,6 +77,13 @@ class Batcher(Generic[T]):
     @property
     def pending(self) -> int:
         return len(self._entries)
+
+    def retire(self, cloud: str) -> None:
+        self.retired.add(cloud)
+
+    @property
+    def everyone_retired(self) -> bool:
+        return self.retired >= set(self.clouds)
 
     def pending_items(self) -> list[T]:
         return [e.item for e in self._entries]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import structlog
 
@@ -22,11 +23,12 @@ from fedjet.channel.kv import publish_spec, read_spec
 from fedjet.channel.updates import Arrival, UpdateInbox, stream_seqs
 from fedjet.codecs.crypto import COORDINATOR, ENVELOPE_OVERHEAD, Boxes, ReplayGuard
 from fedjet.codecs.frame import Limits
-from fedjet.codecs.messages import GlobalHead
+from fedjet.codecs.messages import RETIRE, GlobalHead, Update
 from fedjet.coordinator.admission import Admission
 from fedjet.coordinator.aggregate import Weights
 from fedjet.coordinator.checkpoint import Checkpoint, last_checkpoint
 from fedjet.coordinator.local_state import LocalState, Published, check_not_behind
+from fedjet.coordinator.privacy_check import check_claim
 from fedjet.coordinator.record import Ledger, Received
 from fedjet.coordinator.rounds import Batcher
 from fedjet.coordinator.strategies import Aggregator
@@ -82,6 +84,9 @@ class Coordinator:
         self._published_at: dict[int, float] = {}  # version -> monotonic time (claims are checked against it)
         self._last_arrival: dict[str, float] = {}
         self._resume_from = 1  # the first stream seq not yet decided
+        self._dp = spec.config.dp_config
+        self._dp_steps: dict[str, int] = {}  # steps each cloud/worker claimed (this process's view)
+        self._retire_msgs: list[Any] = []  # acked once a record says who retired
         self._throughput: dict[str, float] = {}
         self._assignment = dict.fromkeys(spec.clouds, spec.config.train.local_steps)
         self.inbox: UpdateInbox | None = None
@@ -161,6 +166,7 @@ class Coordinator:
         self.publisher.resume(checkpoint.latest, checkpoint.weights)
         self.inbox.applied_through = record.progress.applied_through
         self._resume_from = record.progress.resume_from
+        self._batcher.retired.update(record.retired)
         log.info("coordinator_resumed", version=head.version, resume_from=record.progress.resume_from)
 
     async def _consume(self) -> None:
@@ -184,6 +190,10 @@ class Coordinator:
                 if self._done():
                     break
             await self._fold_ready()
+            if self._batcher.everyone_retired:
+                log.warning("every_cloud_retired", version=self.aggregator.version)
+                self._finish = True  # the job is over: nobody will send again
+                break
             if time.monotonic() - last_activity > self.config.idle_timeout_s:
                 log.error("coordinator_idle_timeout", seconds=self.config.idle_timeout_s)
                 break
@@ -204,6 +214,10 @@ class Coordinator:
                 agg, admission = self.aggregator, self._admission
                 update = await asyncio.to_thread(admission.open, arrival.blob.data, arrival.cloud, self._guard)
                 self.ledger.authenticated(arrival.seq, update.header.cloud, update.header.worker, update.header.seq)
+                if update.header.kind == RETIRE:
+                    self._retire(update.header.cloud, arrival)
+                    return
+                self._check_privacy(update)
                 admitted = await asyncio.to_thread(admission.check, update, arrival.cloud, agg.weights, agg.admissible)
                 received = Received(
                     admitted.update, admitted.applied, arrival.seq, arrival.blob.wire_bytes, arrival.msgs
@@ -218,6 +232,20 @@ class Coordinator:
         if displaced is not None:
             error = StaleUpdateError(f"{arrival.cloud}'s carried stale update replaced by its fresh one")
             await self._reject(Arrival(arrival.cloud, displaced.stream_seq, displaced.msgs, error=error))
+
+    def _retire(self, cloud: str, arrival: Arrival) -> None:
+        """A cloud sends no more: rounds stop waiting for it; its message is acked with the
+        next record (which names it), so a restart learns it again."""
+        self._batcher.retire(cloud)
+        self._retire_msgs += arrival.msgs
+        log.warning("cloud_retired", remaining=sorted(set(self.config.spec.clouds) - self._batcher.retired))
+
+    def _check_privacy(self, update: Update) -> None:
+        h = update.header
+        key = f"{h.cloud}/{h.worker}"
+        check_claim(h.dp, self._dp, self._dp_steps.get(key, 0))
+        if h.dp is not None:
+            self._dp_steps[key] = h.dp.steps
 
     async def _reject(self, arrival: Arrival) -> None:
         """A rejected message becomes data: counted, logged, acked (it will never be valid)."""
@@ -276,9 +304,13 @@ class Coordinator:
         agg, inbox, publisher = self.aggregator, self.inbox, self.publisher
         assert agg is not None and inbox is not None and publisher is not None
         waiting = [s for r in self._batcher.pending_items() for s in stream_seqs(r.msgs)] + inbox.pending_seqs
+        waiting += stream_seqs(self._retire_msgs)
         record = self.ledger.record(agg.strategy.name, received, waiting=waiting, assignment=self._assignment)
+        record = replace(record, retired=tuple(sorted(self._batcher.retired)))
         with structlog.contextvars.bound_contextvars(version=agg.version):
             await publisher.publish(agg.version, agg.hash, agg.weights, record, final=self._done())
+        retire_msgs, self._retire_msgs = self._retire_msgs, []
+        await inbox.ack(retire_msgs)
         self._published_at[agg.version] = time.monotonic()
         self._published_at.pop(agg.version - agg.strategy.config.max_staleness - 2, None)
         if self._state is not None:

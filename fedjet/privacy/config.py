@@ -15,7 +15,7 @@ from fedjet.errors import ConfigError, SchemaError
 
 ACCOUNTANTS = ("rdp", "pld")
 
-DP_FLAG_HELP = "--dp epsilon=E,delta=D,clip=C[,accountant=rdp|pld] or --dp noise=S,delta=D,clip=C"
+DP_FLAG_HELP = "--dp epsilon=E,delta=D,clip=C[,updates=K][,accountant=rdp|pld] or --dp noise=S,delta=D,clip=C"
 CENTRAL_DP_FLAG_HELP = "--central-dp clip=C,noise=Z"
 
 
@@ -33,8 +33,11 @@ class DPConfig:
     clip: float
     noise: float | None
     accountant: str = "rdp"
+    updates: int | None = None  # updates each cloud plans (σ is calibrated for them); default: the job's rounds
 
     def __post_init__(self) -> None:
+        if self.updates is not None and self.updates < 1:
+            raise ConfigError(f"dp updates must be >= 1, got {self.updates}")
         if (self.epsilon is None) == (self.noise is None):
             raise ConfigError(f"differential privacy needs exactly one of epsilon= or noise=: {DP_FLAG_HELP}")
         if self.epsilon is not None and not (math.isfinite(self.epsilon) and self.epsilon > 0):
@@ -55,6 +58,7 @@ class DPConfig:
             "clip": self.clip,
             "noise": self.noise,
             "accountant": self.accountant,
+            "updates": self.updates,
         }
 
     @classmethod
@@ -66,6 +70,7 @@ class DPConfig:
             clip=_wire_number(raw, "clip"),
             noise=_wire_optional(raw, "noise"),
             accountant=_wire_text(raw, "accountant", default="rdp"),
+            updates=int(raw["updates"]) if isinstance(raw.get("updates"), int) else None,
         )
 
 
@@ -96,7 +101,7 @@ class CentralDPConfig:
 def parse_dp(text: str) -> DPConfig:
     """Parse ``epsilon=E,delta=D,clip=C`` (or ``noise=S`` instead of epsilon; ``accountant=pld``)."""
     fields = _key_values(text, "--dp", DP_FLAG_HELP)
-    allowed = {"epsilon", "delta", "clip", "noise", "accountant"}
+    allowed = {"epsilon", "delta", "clip", "noise", "accountant", "updates"}
     _check_keys(fields, allowed, required={"delta", "clip"}, flag="--dp", usage=DP_FLAG_HELP)
     return DPConfig(
         epsilon=_flag_number(fields, "epsilon", "--dp"),
@@ -104,7 +109,16 @@ def parse_dp(text: str) -> DPConfig:
         clip=_required(_flag_number(fields, "clip", "--dp")),
         noise=_flag_number(fields, "noise", "--dp"),
         accountant=fields.get("accountant", "rdp").lower(),
+        updates=_whole(_flag_number(fields, "updates", "--dp")),
     )
+
+
+def _whole(value: float | None) -> int | None:
+    if value is None:
+        return None
+    if value != int(value):
+        raise ConfigError(f"--dp updates must be a whole number, got {value}")
+    return int(value)
 
 
 def parse_central_dp(text: str) -> CentralDPConfig:

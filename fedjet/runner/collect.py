@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 from fedjet.channel.globals import GlobalFollower
-from fedjet.codecs.messages import GlobalHead, GlobalVersion
+from fedjet.codecs.messages import DPClaim, GlobalHead, GlobalVersion
 from fedjet.codecs.record import VersionRecord
+from fedjet.privacy.accounting import PrivacyLedger, privacy_report
 from fedjet.report import RoundRecord, round_line
 from fedjet.runner.evaluate import Evaluator
 from fedjet.worker.train import EvalResult
@@ -33,8 +35,25 @@ class Collector:
         self.on_round = on_round
         self.rounds: list[RoundRecord] = []
         self.last_record: VersionRecord | None = None
+        self.claims: dict[str, DPClaim] = {}  # each cloud's newest privacy claim (DP jobs)
         self._t0: float | None = None
         self._prev_t: float | None = None
+
+    def privacy(self) -> dict[str, Any] | None:
+        """The report's ``privacy`` section: enough to recompute each cloud's ε."""
+        if not self.claims:
+            return None
+        ledgers = {
+            cloud: PrivacyLedger(
+                sample_rate=c.sample_rate,
+                noise_multiplier=c.noise,
+                delta=c.delta,
+                steps_spent=c.steps,
+                accountant=c.accountant,
+            )
+            for cloud, c in sorted(self.claims.items())
+        }
+        return privacy_report(ledgers, clip=next(iter(self.claims.values())).clip)
 
     async def run(self) -> list[RoundRecord]:
         """Until the final version has been recorded."""
@@ -55,6 +74,9 @@ class Collector:
     async def _record(self, head: GlobalHead, version: GlobalVersion) -> RoundRecord:
         record = self.follower.record(head)
         self.last_record = record
+        for c in record.contributions:
+            if c.dp is not None:
+                self.claims[c.cloud] = c.dp
         published = record.published_unix
         if self._t0 is None:
             self._t0 = self._prev_t = published

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from fedjet.broker.jetstream import close_quietly, connect
+from fedjet.broker.jetstream import close_quietly, connect, redact_url
 from fedjet.broker.proxy import LinkShape, ShapingProxy
 from fedjet.broker.server import EmbeddedNatsServer
 from fedjet.broker.subjects import JobSubjects
@@ -250,6 +250,7 @@ async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child
         await close_quietly(nc)
     rejected = collector.last_record.rejected_total if collector.last_record else 0
     report = Report(config=_config_dict(config, corpus), rounds=collector.rounds, clouds=clouds)
+    report.privacy = collector.privacy()
     report.summary = summarize(collector.rounds, clouds, rejected)
     report.summary["run_s"] = time.perf_counter() - started
     if corpus is not None and corpus.note:
@@ -308,7 +309,7 @@ def _config_dict(config: UpConfig, corpus: Any) -> dict[str, Any]:
         "eval_tokens": config.eval_tokens,
         "slowdown": config.slowdown,
         "links": config.links,
-        "nats": "embedded" if config.nats_url is None else config.nats_url,
+        "nats": "embedded" if config.nats_url is None else redact_url(config.nats_url),
     }
 
 

@@ -20,7 +20,7 @@ from fedjet.channel.kv import await_spec, put_stats
 from fedjet.channel.updates import UpdateSender
 from fedjet.codecs.crypto import COORDINATOR
 from fedjet.codecs.frame import Limits
-from fedjet.codecs.messages import GlobalHead, UpdateHeader, frame_update
+from fedjet.codecs.messages import RETIRE, GlobalHead, UpdateHeader, frame_update
 from fedjet.config.codec import CodecSpec
 from fedjet.config.names import check_token
 from fedjet.data.batches import BatchSampler
@@ -32,6 +32,7 @@ from fedjet.spec import JobSpec
 from fedjet.worker.delta import DeltaTracker
 from fedjet.worker.local_data import dealt_share, own_data
 from fedjet.worker.model import pick_device
+from fedjet.worker.private import PrivateTraining
 from fedjet.worker.train import LocalTrainer, evaluate
 
 log = get_logger("fedjet.worker")
@@ -75,6 +76,7 @@ class WorkerStats:
     data_tokens: int = 0
     heldout_loss: float | None = None
     initial_weights: str = ""  # "local" when version 0 came from this cloud's own copy
+    retired: bool = False  # out of privacy budget
 
     @property
     def tokens_per_s(self) -> float:
@@ -146,6 +148,8 @@ class Worker:
             self.job_model, sampler, job.train, device, slowdown=cfg.slowdown, precision=cfg.precision
         )
         codec = CodecSpec.parse(job.codec)
+        dp = job.dp_config
+        self.private = None if dp is None else PrivateTraining(dp, spec, self.data, trainer, job.seed * 7919 + index)
         self.stats.data_documents, self.stats.data_tokens = self.data.documents, self.data.tokens
         log.info(
             "worker_ready",
@@ -186,6 +190,9 @@ class Worker:
                 steps = self.follower.record(head).assignment.get(self.config.cloud, steps)
             self.stats.idle_s += time.perf_counter() - wait_from
             assert base is not None
+            if self.private is not None and not self.private.affordable(steps):
+                await self._retire(base.version)
+                break
             await self._train_and_send(base.version, steps)
 
     async def _train_and_send(self, base_version: int, steps: int) -> None:
@@ -198,9 +205,11 @@ class Worker:
             gradient, result = await asyncio.to_thread(trainer.gradient, steps)
             compressed = await asyncio.to_thread(self.tracker.compress_gradient, gradient)
         else:
-            result = await asyncio.to_thread(trainer.train, steps)
+            train = trainer.train if self.private is None else self.private.train
+            result = await asyncio.to_thread(train, steps)
             compressed = await asyncio.to_thread(self.tracker.compress_delta, trainer.weights())
-        heldout = await asyncio.to_thread(self._heldout_loss)
+        # Under DP no loss leaves the worker: both are functions of the private records.
+        heldout = await asyncio.to_thread(self._heldout_loss) if self.private is None else None
         self._seq = max(self._seq + 1, time.time_ns() // 1000)
         header = UpdateHeader(
             job=spec.job,
@@ -218,6 +227,7 @@ class Worker:
             sent_unix=time.time(),
             data_tokens=self.data.tokens,
             heldout_loss=heldout,
+            dp=None if self.private is None else self.private.claim(),
         )
         frame = frame_update(header, compressed.entries)
         published = await self.sender.send(frame, self._seq)
@@ -234,6 +244,18 @@ class Worker:
             bytes=published.wire_bytes,
         )
         await self._report_stats()
+
+    async def _retire(self, base_version: int) -> None:
+        """Out of privacy budget: tell the coordinator this cloud sends no more updates."""
+        assert self.private is not None
+        self._seq = max(self._seq + 1, time.time_ns() // 1000)
+        header = UpdateHeader(
+            job=self.spec.job, cloud=self.config.cloud, worker=self.config.worker_id, seq=self._seq,
+            base_version=base_version, samples=0, loss=0.0, kind=RETIRE, dp=self.private.claim(),
+        )  # fmt: skip
+        await self.sender.send(frame_update(header, []), self._seq)
+        self.stats.retired = True
+        log.warning("privacy_budget_spent", epsilon=round(self.private.ledger.epsilon_spent(), 4))
 
     def _heldout_loss(self) -> float | None:
         """Loss of the freshly trained local model on this cloud's held-out slice."""
