@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import tracemalloc
 
 import pytest
 import torch
@@ -88,13 +89,19 @@ def chunk(blob: str, i: int, n: int, size: int) -> dict[str, str]:
     return {"Fedjet-Blob": blob, "Fedjet-Part": f"{i}/{n}", "Fedjet-Size": str(size)}
 
 
-def test_assembler_reassembles_interleaved_blobs_and_ignores_redelivery():
-    asm = BlobAssembler(max_blob_bytes=100, max_pending_bytes=200)
+def assembler(**overrides) -> BlobAssembler:
+    """Tiny budgets for hand-made chunks (real ones are at least 2 KiB each)."""
+    return BlobAssembler(**({"max_blob_bytes": 100, "max_pending_bytes": 200, "min_chunk_bytes": 1} | overrides))
+
+
+def test_assembler_reassembles_interleaved_blobs_and_refuses_a_repeated_part_alone():
+    asm = assembler()
     assert asm.add("s", chunk("a", 0, 2, 4), b"ab", 1) is None
     assert asm.add("s", chunk("b", 0, 1, 3), b"xyz", 2).data == b"xyz"
-    assert asm.add("s", chunk("a", 0, 2, 4), b"ab", 3) is None  # redelivered chunk
+    with pytest.raises(BlobError, match="twice"):  # refused at once, never held
+        asm.add("s", chunk("a", 0, 2, 4), b"zz", 3)
     done = asm.add("s", chunk("a", 1, 2, 4), b"cd", 4)
-    assert done.data == b"abcd" and done.seqs == [1, 3, 4]
+    assert done.data == b"abcd" and done.seqs == [1, 4]  # the first copy counts, the blob survives
 
 
 @pytest.mark.parametrize(
@@ -109,22 +116,72 @@ def test_assembler_reassembles_interleaved_blobs_and_ignores_redelivery():
 )
 def test_assembler_rejects_bad_chunks_with_blob_error(headers, data):
     with pytest.raises(BlobError):
-        BlobAssembler(max_blob_bytes=1 << 20, max_pending_bytes=1 << 21).add("s", headers, data, 1)
+        assembler(max_blob_bytes=1 << 20, max_pending_bytes=1 << 21).add("s", headers, data, 1)
 
 
 def test_blobs_on_different_subjects_never_mix_even_with_the_same_id():
-    asm = BlobAssembler(max_blob_bytes=100, max_pending_bytes=200)
+    asm = assembler()
     assert asm.add("fedjet.j.update.aws", chunk("x", 0, 2, 4), b"ab", 1) is None
     with pytest.raises(BlobError):  # gcp's garbage under aws's id hurts only itself
         asm.add("fedjet.j.update.gcp", chunk("x", 0, 2, 4), b"abc", 2)
     assert asm.add("fedjet.j.update.aws", chunk("x", 1, 2, 4), b"cd", 3).data == b"abcd"
 
 
-def test_assembler_evicts_oldest_partial_blob_when_full():
-    asm = BlobAssembler(max_blob_bytes=100, max_pending_bytes=100)
-    asm.add("s", chunk("old", 0, 2, 80), b"x" * 40, 1)
-    asm.add("s", chunk("new", 0, 2, 80), b"y" * 40, 2)
-    assert [key for key, _ in asm.evicted] == [("s", "old")]
+def test_a_forged_chunk_under_a_pending_blobs_id_is_refused_and_the_blob_completes():
+    asm = assembler()
+    asm.add("s", chunk("x", 0, 2, 4), b"ab", 1)
+    for headers, data in ((chunk("x", 1, 3, 6), b"zz"), (chunk("x", 1, 2, 4), b"toolong")):
+        with pytest.raises(BlobError):
+            asm.add("s", headers, data, 2)
+    assert asm.add("s", chunk("x", 1, 2, 4), b"cd", 3).data == b"abcd"
+
+
+def test_lengths_are_checked_and_nothing_is_allocated_for_a_declared_size():
+    asm = BlobAssembler(max_blob_bytes=1 << 30, max_pending_bytes=1 << 31)
+    tracemalloc.start()
+    try:
+        with pytest.raises(BlobError):  # a 64 MiB blob whose first chunk is not the size it must be
+            asm.add("s", chunk("big", 0, 64, 1 << 26), b"x" * 4096, 1)
+        assert asm.add("s", chunk("big", 0, 64, 1 << 26), b"x" * (1 << 20), 2) is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak} bytes allocated for one 1 MiB chunk of a declared 64 MiB blob"
+    with pytest.raises(BlobError):  # 1-byte chunks of a large blob would hold a message per byte
+        asm.add("s", chunk("tiny", 0, 1 << 20, 1 << 20), b"x", 3)
+
+
+def test_one_subject_never_evicts_another_subjects_partial_blob():
+    asm = assembler(max_blob_bytes=100, max_pending_bytes=100, max_blobs_per_subject=2)
+    asm.add("aws", chunk("honest", 0, 2, 80), b"x" * 40, 1)
+    for n in range(10):  # a flood of never-completing blobs on gcp's subject
+        asm.add("gcp", chunk(f"junk{n}", 0, 2, 80), b"y" * 40, 2 + n)
+    assert {gone.key[0] for gone in asm.evicted} == {"gcp"}
+    assert asm.add("aws", chunk("honest", 1, 2, 80), b"z" * 40, 20).data == b"x" * 40 + b"z" * 40
+    asm.evicted.clear()
+    asm.add("gcp", chunk("junk-new", 0, 2, 80), b"y" * 40, 21)
+    assert [gone.key for gone in asm.evicted] == [("gcp", "junk9")]  # the oldest of that subject
+
+
+def test_a_subjects_held_chunks_are_capped():
+    asm = assembler(max_blob_bytes=100, max_pending_bytes=10_000, max_chunks_per_subject=4)
+    for n in range(3):
+        asm.add("aws", chunk(f"b{n}", 0, 2, 4), b"ab", n)
+    assert asm.pending_chunks("aws") == 3
+    for n in range(3, 6):
+        asm.add("aws", chunk(f"b{n}", 0, 2, 4), b"ab", n)
+    assert asm.pending_chunks("aws") <= 4 and len(asm.evicted) == 2
+    with pytest.raises(BlobError):  # a blob that could never fit is refused at its first chunk
+        asm.add("aws", chunk("huge", 0, 5, 10), b"ab", 9)
+
+
+def test_partial_blobs_expire_when_nothing_arrives():
+    asm = assembler(ttl_s=60.0)
+    asm.add("s", chunk("slow", 0, 2, 4), b"ab", 1, now=0.0)
+    asm.add("s", chunk("stuck", 0, 2, 4), b"ab", 2, now=30.0)
+    asm.expire(now=70.0)
+    assert [(gone.key, gone.seqs) for gone in asm.evicted] == [(("s", "slow"), [1])]
+    assert asm.add("s", chunk("stuck", 1, 2, 4), b"cd", 3, now=80.0).data == b"abcd"
 
 
 def test_job_and_cloud_names_are_validated():
