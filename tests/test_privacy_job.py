@@ -1,0 +1,74 @@
+"""Differential privacy in a real job: claims checked by the coordinator, the budget a hard limit."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from fedjet.codecs.messages import DPClaim
+from fedjet.coordinator.privacy_check import check_claim
+from fedjet.errors import PrivacyError
+from fedjet.privacy.accounting import epsilon_for
+from fedjet.privacy.config import parse_dp
+from tests.conftest import run_fedjet
+
+JOB_DP = parse_dp("epsilon=4,delta=1e-5,clip=1.0")
+
+
+def claim(epsilon: float | None = None, **changes) -> DPClaim:
+    fields = {"noise": 1.1, "sample_rate": 0.01, "steps": 40, "delta": 1e-5, "clip": 1.0, "accountant": "rdp"}
+    fields |= changes
+    if epsilon is None:  # what an honest worker claims: the accountant's ε for its parameters
+        epsilon = epsilon_for(fields["noise"], fields["sample_rate"], fields["steps"], fields["delta"])
+    return DPClaim(epsilon=epsilon, **fields)
+
+
+def test_an_honest_claim_passes_and_a_job_without_dp_asks_for_none():
+    check_claim(claim(), JOB_DP, previous_steps=20)
+    check_claim(None, None, previous_steps=0)
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (None, "no privacy claim"),
+        (claim(clip=5.0), "clip"),
+        (claim(delta=1e-3), "delta"),
+        (claim(accountant="pld"), "rdp"),
+        (claim(epsilon=0.5), "its parameters give"),  # an ε the accountant does not confirm
+        (claim(noise=0.3), "over the job's budget"),  # too little noise for the budget
+        (claim(steps=20), "not more than"),  # steps must grow: no rewinding the ledger
+    ],
+)
+def test_the_coordinator_refuses_missing_or_foreign_privacy_claims(bad, match):
+    with pytest.raises(PrivacyError, match=match):
+        check_claim(bad, JOB_DP, previous_steps=20)
+
+
+@pytest.mark.e2e
+def test_a_dp_job_learns_and_stops_when_the_budget_is_spent(tmp_path, data_dir):
+    """σ is calibrated for 2 updates at ε = 8; the job asks for 4 rounds, so every cloud retires
+    after its second update and the run ends cleanly at version 2 with ε ≤ 8 per cloud."""
+    report_path = tmp_path / "report.json"
+    result = run_fedjet(
+        "up", "--job", f"dp-{uuid.uuid4().hex[:6]}", "--data", str(data_dir), "--report", str(report_path),
+        "--dp", "epsilon=8,delta=1e-5,clip=1,updates=2", "--rounds", "4", "--local-steps", "8",
+        "--batch-size", "16", "--seq-len", "64", "--lr", "0.005", "--eval-tokens", "4096", "--quiet",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(report_path.read_text())
+    privacy = report["privacy"]
+    assert report["summary"]["versions"] == 2 and report["summary"]["updates_applied"] == 6
+    assert privacy["steps"] == {"aws": 16, "azure": 16, "gcp": 16}
+    for cloud, eps in privacy["epsilon"].items():
+        noise = privacy["noise_multiplier"][cloud] if isinstance(privacy["noise_multiplier"], dict) else None
+        rate = privacy["sample_rate"][cloud] if isinstance(privacy["sample_rate"], dict) else None
+        assert eps <= 8.0
+        assert eps == pytest.approx(
+            epsilon_for(noise or privacy["noise_multiplier"], rate or privacy["sample_rate"], 16, 1e-5)
+        )
+    assert all(c["retired"] for c in report["clouds"].values())
+    rounds = report["rounds"]
+    assert rounds[-1]["eval_loss"] < rounds[0]["eval_loss"]
