@@ -17,7 +17,7 @@ parse_clouds = parse_names
 PRECISIONS = ("bf16", "fp32")
 AGGREGATION_FLAGS = {
     "--strategy", "--temperature", "--alpha-async", "--staleness", "--staleness-a", "--staleness-b",
-    "--max-staleness", "--buffer-size", "--server-opt", "--server-lr", "--server-momentum",
+    "--max-staleness", "--buffer-size", "--server-opt", "--server-lr", "--server-momentum", "--central-dp",
 }  # fmt: skip
 
 

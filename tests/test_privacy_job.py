@@ -72,3 +72,34 @@ def test_a_dp_job_learns_and_stops_when_the_budget_is_spent(tmp_path, data_dir):
     assert all(c["retired"] for c in report["clouds"].values())
     rounds = report["rounds"]
     assert rounds[-1]["eval_loss"] < rounds[0]["eval_loss"]
+
+
+def test_central_dp_clips_each_update_and_draws_the_same_noise_again():
+    """DP-FedAvg in the aggregator: every update is clipped to ``clip`` and weighted alike, the
+    noise is seeded by (job seed, version), so a replay re-derives the very same version."""
+    import torch
+
+    from fedjet.config.job import StrategyConfig
+    from fedjet.coordinator.aggregate import Contribution
+    from fedjet.coordinator.central_dp import central_epsilon
+    from fedjet.coordinator.strategies import Aggregator, Applied
+
+    weights = {"w": torch.zeros(1000)}
+    config = StrategyConfig(name="fedavg", central_dp="clip=0.5,noise=0.0001")
+    big = Contribution("aws", 0, 1000, 1.0, {"w": torch.full((1000,), 1.0)})  # norm 31.6, weight 1000
+    small = Contribution("gcp", 0, 1, 1.0, {"w": torch.full((1000,), -0.001)})  # norm 0.03
+    runs = [Aggregator(config, dict(weights), noise_seed=7).apply([Applied(big, 0), Applied(small, 0)]) for _ in "ab"]
+    assert torch.equal(runs[0]["w"], runs[1]["w"])  # same seed, same version: same noise
+    expected = (0.5 / 1000**0.5 - 0.001) / 2  # aws clipped to norm 0.5, equal weights
+    assert torch.allclose(runs[0]["w"], torch.full((1000,), expected), atol=1e-4)
+    other = Aggregator(config, dict(weights), noise_seed=8).apply([Applied(big, 0), Applied(small, 0)])
+    assert not torch.equal(other["w"], runs[0]["w"])
+    with pytest.raises(ValueError, match="fedavg or fedbuff"):
+        StrategyConfig(name="async", central_dp="clip=1,noise=1")
+    assert central_epsilon(parse_central("clip=1,noise=1"), 10) > central_epsilon(parse_central("clip=1,noise=1"), 5)
+
+
+def parse_central(text: str):
+    from fedjet.privacy.config import parse_central_dp
+
+    return parse_central_dp(text)

@@ -107,6 +107,10 @@ class StrategyConfig:
         default=2.0, metadata=flag("--clip-update", "scale each update down to this x the global's norm (0: off)")
     )
 
+    central_dp: str | None = field(
+        default=None, metadata=flag("--central-dp", "clip=C,noise=Z: clip each update, noise the average (DP-FedAvg)")
+    )
+
     def __post_init__(self) -> None:
         if self.name not in STRATEGIES:
             raise ConfigError(f"--strategy must be one of {STRATEGIES}, got {self.name!r}")
@@ -118,8 +122,16 @@ class StrategyConfig:
             raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
         if self.clip_update is not None and not (self.clip_update >= 0 and math.isfinite(self.clip_update)):
             raise ConfigError(f"--clip-update must be >= 0 (0: off), got {self.clip_update}")
+        if self.central_dp is not None:
+            parse_central_dp(self.central_dp)
+            if self.name not in ("fedavg", "fedbuff"):
+                raise ConfigError("--central-dp averages clipped updates: use it with fedavg or fedbuff")
         if self.server.lr is None:  # the default that makes formulas 1, 2 and 4 exact
             object.__setattr__(self, "server", replace(self.server, lr=default_server_lr(self.name)))
+
+    @property
+    def central_dp_config(self) -> CentralDPConfig | None:
+        return parse_central_dp(self.central_dp) if self.central_dp is not None else None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,9 +231,6 @@ class JobConfig:
     dp: str | None = field(
         default=None, metadata=flag("--dp", "record-level DP-SGD: epsilon=E,delta=D,clip=C (or noise=S,...)")
     )
-    central_dp: str | None = field(
-        default=None, metadata=flag("--central-dp", "clip=C,noise=Z: the coordinator clips updates, noises the sum")
-    )
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     round: RoundConfig = field(default_factory=RoundConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -253,13 +262,7 @@ class JobConfig:
                     f"--dp with --strategy {self.strategy.name}: dynamic weights by training losses and gradient "
                     "sends raw gradients, neither covered by DP-SGD; use fedavg, async or fedbuff"
                 )
-        if self.central_dp is not None:
-            parse_central_dp(self.central_dp)
 
     @property
     def dp_config(self) -> DPConfig | None:
         return parse_dp(self.dp) if self.dp is not None else None
-
-    @property
-    def central_dp_config(self) -> CentralDPConfig | None:
-        return parse_central_dp(self.central_dp) if self.central_dp is not None else None

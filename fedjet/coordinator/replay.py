@@ -55,8 +55,8 @@ class Verifier:
     the recorded weights, so each tampered version is reported (with a stateful server
     optimizer later versions may differ too: its state cannot be rebuilt from the record)."""
 
-    def __init__(self, strategy: StrategyConfig, start: Weights, start_version: int) -> None:
-        self.aggregator = Aggregator(strategy, start, start_version)
+    def __init__(self, strategy: StrategyConfig, start: Weights, start_version: int, noise_seed: int = 0) -> None:
+        self.aggregator = Aggregator(strategy, start, start_version, noise_seed=noise_seed)
         self.result = VerifyResult()
 
     def missing_bases(self, contributions: Sequence[Contribution]) -> set[int]:
@@ -131,8 +131,8 @@ class Counterfactual:
     """Folds counterfactual batches. Updates were trained from the recorded bases, so formula
     4 mixes against the recorded base weights and staleness is the recorded one."""
 
-    def __init__(self, strategy: StrategyConfig, start: Weights, start_version: int) -> None:
-        self.aggregator = Aggregator(strategy, start, start_version, bases_from_record=True)
+    def __init__(self, strategy: StrategyConfig, start: Weights, start_version: int, noise_seed: int = 0) -> None:
+        self.aggregator = Aggregator(strategy, start, start_version, bases_from_record=True, noise_seed=noise_seed)
 
     def missing_bases(self, contributions: Sequence[Contribution]) -> set[int]:
         if not self.aggregator.strategy.needs_stale_bases:

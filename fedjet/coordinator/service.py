@@ -124,7 +124,7 @@ class Coordinator:
                 self.inbox = UpdateInbox(js, self.subjects, max_blob_bytes=max_blob, clouds=spec.clouds)
                 checkpoint = await self._prepare(js)
                 if checkpoint is None:
-                    self.aggregator = Aggregator(spec.strategy, initial)
+                    self.aggregator = Aggregator(spec.strategy, initial, noise_seed=spec.config.seed)
                     await self._publish([])
                 else:
                     self._restore(checkpoint)
@@ -157,7 +157,9 @@ class Coordinator:
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         head, record = checkpoint.latest.head, checkpoint.record
-        self.aggregator = Aggregator(self.config.spec.strategy, checkpoint.weights, head.version)
+        self.aggregator = Aggregator(
+            self.config.spec.strategy, checkpoint.weights, head.version, noise_seed=self.config.spec.config.seed
+        )
         self.aggregator.preload(checkpoint.history)
         self.ledger = Ledger.resume(record.progress)
         self._guard = ReplayGuard(dict(record.progress.guard))

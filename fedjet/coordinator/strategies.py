@@ -23,6 +23,7 @@ from fedjet.codecs.tensors import weights_hash
 from fedjet.config.job import STRATEGIES, StrategyConfig
 from fedjet.coordinator import aggregate as agg
 from fedjet.coordinator.aggregate import Contribution, Weights
+from fedjet.coordinator.central_dp import add_noise, equal_and_clipped
 from fedjet.coordinator.server_opt import ServerOptimizer
 from fedjet.coordinator.validate import clip_bound, clipped
 from fedjet.errors import NonFiniteError, StaleUpdateError
@@ -135,6 +136,7 @@ class Aggregator:
         version: int = 0,
         *,
         bases_from_record: bool = False,
+        noise_seed: int = 0,
     ) -> None:
         """Replay supplies base versions this aggregator never held with :meth:`provide_base`;
         with ``bases_from_record`` every base comes from there (counterfactuals number
@@ -145,6 +147,7 @@ class Aggregator:
         self.version = version
         self.recorded_bases: dict[int, Weights] = {}
         self.bases_from_record = bases_from_record
+        self.noise_seed = noise_seed  # central DP: the job's seed, so replay draws the same noise
         self.optimizer = ServerOptimizer(config.server)
         self._history: OrderedDict[int, Weights] = OrderedDict([(version, weights)])
         self.hash = weights_hash(weights)
@@ -180,7 +183,13 @@ class Aggregator:
             raise StaleUpdateError("an empty batch makes no version")
         bound = clip_bound(self.weights, self.config.clip_update)
         batch = [Applied(clipped(a.contribution, bound), a.staleness) for a in batch]
+        central = self.config.central_dp_config
+        if central is not None:
+            parts = equal_and_clipped([a.contribution for a in batch], central.clip)
+            batch = [Applied(p, a.staleness) for p, a in zip(parts, batch, strict=True)]
         pseudo_grad = self.strategy.pseudo_gradient(self.weights, batch, self.base_weights)
+        if central is not None:
+            pseudo_grad = add_noise(pseudo_grad, central, len(batch), self.noise_seed, self.version + 1)
         saved = self.optimizer.steps, {n: {k: v.clone() for k, v in s.items()} for n, s in self.optimizer.state.items()}
         weights = self.optimizer.step(self.weights, pseudo_grad)
         if not all(bool(torch.isfinite(t).all()) for t in weights.values()):

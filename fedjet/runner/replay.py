@@ -171,7 +171,7 @@ class _Session:
                 aggregator.provide_base(base, await self._weights(base))
 
     async def verify(self) -> VerifyResult:
-        verifier = Verifier(self.recording.spec.strategy, self.start, self.first)
+        verifier = Verifier(self.recording.spec.strategy, self.start, self.first, self.recording.spec.config.seed)
         bar = tqdm(
             total=len(self.versions), desc="verify", unit="version", disable=not self.config.progress, file=sys.stderr
         )
@@ -207,7 +207,7 @@ class _Session:
             )
         )
         print(f"note: {COUNTERFACTUAL_NOTE}", flush=True)
-        folding = Counterfactual(strategy, self.start, self.first)
+        folding = Counterfactual(strategy, self.start, self.first, spec.config.seed)
         rounds = [await asyncio.to_thread(_record, 0, self.first, self.start, evaluator, [], 0)]
         for batch in counterfactual_batches(self.versions, strategy, spec.strategy, spec.clouds):
             contributions = await self._contributions(batch, self.start)

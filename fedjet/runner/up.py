@@ -29,6 +29,7 @@ from fedjet.codecs.frame import Limits
 from fedjet.config.flags import to_toml
 from fedjet.config.job import JobConfig
 from fedjet.config.wire import to_wire
+from fedjet.coordinator.central_dp import central_report
 from fedjet.data.wikitext import load_corpus, resolve_data_dir
 from fedjet.errors import ConfigError, FedjetError, Terminated
 from fedjet.keystore import generate, member_boxes
@@ -251,6 +252,9 @@ async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child
     rejected = collector.last_record.rejected_total if collector.last_record else 0
     report = Report(config=_config_dict(config, corpus), rounds=collector.rounds, clouds=clouds)
     report.privacy = collector.privacy()
+    central = config.job.strategy.central_dp_config
+    if central is not None and collector.rounds:
+        report.privacy = {**(report.privacy or {}), "central": central_report(central, collector.rounds[-1].version)}
     report.summary = summarize(collector.rounds, clouds, rejected)
     report.summary["run_s"] = time.perf_counter() - started
     if corpus is not None and corpus.note:
