@@ -51,11 +51,11 @@ def test_the_coordinator_refuses_missing_or_foreign_privacy_claims(bad, match):
 def test_a_dp_job_learns_and_stops_when_the_budget_is_spent(tmp_path, data_dir):
     """σ is calibrated for 2 updates at ε = 8; the job asks for 4 rounds, so every cloud retires
     after its second update and the run ends cleanly at version 2 with ε ≤ 8 per cloud."""
-    report_path = tmp_path / "report.json"
+    report_path, saved = tmp_path / "report.json", tmp_path / "model"
     result = run_fedjet(
         "up", "--job", f"dp-{uuid.uuid4().hex[:6]}", "--data", str(data_dir), "--report", str(report_path),
         "--dp", "epsilon=8,delta=1e-5,clip=1,updates=2", "--rounds", "4", "--local-steps", "8",
-        "--batch-size", "16", "--seq-len", "64", "--lr", "0.005", "--eval-tokens", "4096", "--quiet",
+        "--batch-size", "16", "--seq-len", "64", "--lr", "0.005", "--eval-tokens", "4096", "--quiet", "--save", str(saved),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(report_path.read_text())
@@ -72,6 +72,8 @@ def test_a_dp_job_learns_and_stops_when_the_budget_is_spent(tmp_path, data_dir):
     assert all(c["retired"] for c in report["clouds"].values())
     rounds = report["rounds"]
     assert rounds[-1]["eval_loss"] < rounds[0]["eval_loss"]
+    exported = json.loads((saved / "fedjet.json").read_text())  # the model records its ε/δ
+    assert exported["privacy"]["epsilon"] == privacy["epsilon"] and exported["privacy"]["delta"] == 1e-5
 
 
 def test_central_dp_clips_each_update_and_draws_the_same_noise_again():

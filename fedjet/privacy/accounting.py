@@ -12,7 +12,7 @@ import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import dp_accounting  # type: ignore[import-untyped]
 from dp_accounting import pld, rdp
@@ -182,3 +182,29 @@ def privacy_report(ledgers: Mapping[str, PrivacyLedger], *, clip: float) -> dict
 def _shared_or_per_cloud(values: dict[str, float]) -> float | dict[str, float]:
     distinct = set(values.values())
     return distinct.pop() if len(distinct) == 1 else values
+
+
+class Claim(Protocol):
+    """What a worker's update header says it spent (``fedjet.codecs.messages.DPClaim``)."""
+
+    delta: float
+    noise: float
+    sample_rate: float
+    clip: float
+    steps: int
+    accountant: str
+
+
+def claims_report(claims: Mapping[str, Claim]) -> dict[str, Any]:
+    """The report's ``privacy`` section from each cloud's newest claim."""
+    ledgers = {
+        cloud: PrivacyLedger(
+            sample_rate=c.sample_rate,
+            noise_multiplier=c.noise,
+            delta=c.delta,
+            steps_spent=c.steps,
+            accountant=c.accountant,
+        )
+        for cloud, c in sorted(claims.items())
+    }
+    return privacy_report(ledgers, clip=next(iter(claims.values())).clip)

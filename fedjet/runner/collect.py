@@ -10,7 +10,7 @@ from typing import Any
 from fedjet.channel.globals import GlobalFollower
 from fedjet.codecs.messages import DPClaim, GlobalHead, GlobalVersion
 from fedjet.codecs.record import VersionRecord
-from fedjet.privacy.accounting import PrivacyLedger, privacy_report
+from fedjet.privacy.accounting import claims_report
 from fedjet.report import RoundRecord, round_line
 from fedjet.runner.evaluate import Evaluator
 from fedjet.worker.train import EvalResult
@@ -43,17 +43,7 @@ class Collector:
         """The report's ``privacy`` section: enough to recompute each cloud's ε."""
         if not self.claims:
             return None
-        ledgers = {
-            cloud: PrivacyLedger(
-                sample_rate=c.sample_rate,
-                noise_multiplier=c.noise,
-                delta=c.delta,
-                steps_spent=c.steps,
-                accountant=c.accountant,
-            )
-            for cloud, c in sorted(self.claims.items())
-        }
-        return privacy_report(ledgers, clip=next(iter(self.claims.values())).clip)
+        return claims_report(self.claims)
 
     async def run(self) -> list[RoundRecord]:
         """Until the final version has been recorded."""

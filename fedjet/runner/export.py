@@ -19,9 +19,11 @@ from fedjet.channel.globals import GlobalFollower
 from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import GlobalHead
 from fedjet.config.wire import to_wire
+from fedjet.coordinator.central_dp import central_report
 from fedjet.errors import ConfigError, FedjetError
 from fedjet.export.checkpoint import write_checkpoint
 from fedjet.models.job_model import preset_base_weights
+from fedjet.privacy.accounting import claims_report
 from fedjet.runner.recorded import coordinator_view, keys_dir_for, only_job, recorded_jetstream
 from fedjet.spec import JobSpec
 
@@ -65,7 +67,8 @@ async def _export(config: ExportConfig) -> Exported:
 async def export_version(js: Any, subjects: JobSubjects, keys_dir: str, config: ExportConfig) -> Exported:
     spec, boxes = await coordinator_view(js, subjects, keys_dir)
     follower = GlobalFollower(js, subjects, boxes, Limits())
-    head = await _head(js, subjects, follower, config.version)
+    heads = await _heads(js, subjects, follower)
+    head = _pick(heads, subjects, config.version)
     version = await follower.fetch(head)
     record = follower.record(head)
     info = {
@@ -77,6 +80,7 @@ async def export_version(js: Any, subjects: JobSubjects, keys_dir: str, config: 
         "codec": spec.config.codec,
         "applied_updates": record.progress.applied_total,
         "config": to_wire(spec.config),
+        "privacy": _privacy(follower, [h for v, h in sorted(heads.items()) if v <= head.version], spec),
     }
     written = await asyncio.to_thread(_write, config, spec, version.tensors, info)
     if written != head.hash:
@@ -84,7 +88,7 @@ async def export_version(js: Any, subjects: JobSubjects, keys_dir: str, config: 
     return Exported(config.out, spec.job, head.version, written)
 
 
-async def _head(js: Any, subjects: JobSubjects, follower: GlobalFollower, version: int | None) -> GlobalHead:
+async def _heads(js: Any, subjects: JobSubjects, follower: GlobalFollower) -> dict[int, GlobalHead]:
     heads: dict[int, GlobalHead] = {}
     async for msg in read_range(js, subjects.global_stream, subjects.global_head):
         try:
@@ -92,12 +96,26 @@ async def _head(js: Any, subjects: JobSubjects, follower: GlobalFollower, versio
         except FedjetError:
             continue  # not signed by this job's coordinator
         heads[head.version] = head  # a final marker re-announces the last version
+    return heads
+
+
+def _pick(heads: dict[int, GlobalHead], subjects: JobSubjects, version: int | None) -> GlobalHead:
     if not heads:
         raise ConfigError(f"job {subjects.job!r} has no recorded global versions")
     wanted = max(heads) if version is None else version
     if wanted not in heads:
         raise ConfigError(f"version {wanted} is not recorded (have 0..{max(heads)})")
     return heads[wanted]
+
+
+def _privacy(follower: GlobalFollower, heads: list[GlobalHead], spec: JobSpec) -> dict[str, Any] | None:
+    """The ε/δ the exported weights were trained under (each cloud's newest claim up to them)."""
+    claims = {c.cloud: c.dp for h in heads for c in follower.record(h).contributions if c.dp is not None}
+    out: dict[str, Any] = claims_report(claims) if claims else {}
+    central = spec.strategy.central_dp_config
+    if central is not None:
+        out["central"] = central_report(central, heads[-1].version)
+    return out or None
 
 
 def _write(config: ExportConfig, spec: JobSpec, tensors: dict[str, Any], info: dict[str, Any]) -> str:
