@@ -55,7 +55,8 @@ def test_a_dp_job_learns_and_stops_when_the_budget_is_spent(tmp_path, data_dir):
     result = run_fedjet(
         "up", "--job", f"dp-{uuid.uuid4().hex[:6]}", "--data", str(data_dir), "--report", str(report_path),
         "--dp", "epsilon=8,delta=1e-5,clip=1,updates=2", "--rounds", "4", "--local-steps", "8",
-        "--batch-size", "16", "--seq-len", "64", "--lr", "0.005", "--eval-tokens", "4096", "--quiet", "--save", str(saved),
+        "--batch-size", "16", "--seq-len", "64", "--lr", "0.005", "--eval-tokens", "4096", "--quiet",
+        "--save", str(saved),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(report_path.read_text())
