@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import socket
 import subprocess
@@ -22,6 +21,7 @@ import nats.js.errors
 import pytest
 import torch
 
+from fedjet.broker.auth import ClientAuth
 from fedjet.broker.jetstream import close_quietly, ensure_job_streams
 from fedjet.broker.server import find_nats_server
 from fedjet.broker.subjects import JobSubjects
@@ -32,6 +32,8 @@ from fedjet.codecs.record import ContributionRecord, Progress, VersionRecord
 from fedjet.codecs.tensors import weights_hash
 from fedjet.config.job import JobConfig
 from fedjet.deploy import Topology, TopologyConfig, generate
+from fedjet.deploy.files import write_secret
+from fedjet.deploy.identities import new_user_seed
 from fedjet.errors import BrokerError
 from fedjet.keystore import coordinator_boxes
 from fedjet.keystore import generate as generate_keys
@@ -152,13 +154,27 @@ def test_observer_reads_status_over_tls_with_its_nkey_through_the_hub_domain(hub
     assert not status.notes
 
 
-def test_connect_job_without_the_ca_is_refused_by_the_server(hub):
+def test_connect_job_without_the_ca_fails_fast_as_a_broker_error(hub):
     async def scenario():
-        await connect_job(hub.urls_for("eval"), "status", None, hub.jetstream_domain, timeout=2)
+        await connect_job(hub.urls_for("eval"), "status", None, hub.jetstream_domain, timeout=2, reconnects=1)
 
-    os.environ.pop("SSL_CERT_FILE", None)
-    with pytest.raises(BrokerError, match="cannot connect"):
+    started = time.monotonic()
+    with pytest.raises(BrokerError, match="refused: SSLCertVerificationError"):
         asyncio.run(scenario())
+    assert time.monotonic() - started < 15
+
+
+def test_connect_job_with_an_unknown_nkey_is_refused_by_the_server_at_once(hub, tmp_path):
+    seed = write_secret(tmp_path / "stranger" / "user.nk", new_user_seed() + b"\n")
+    stranger = ClientAuth(nkey=str(seed), tls_ca=str(hub.ca))
+
+    async def scenario():
+        await connect_job(hub.urls_for("eval"), "status", stranger, hub.jetstream_domain, timeout=2)
+
+    started = time.monotonic()
+    with pytest.raises(BrokerError, match=r"refused: .*Authorization Violation"):
+        asyncio.run(scenario())
+    assert time.monotonic() - started < 15  # not the minute of reconnects a network error gets
 
 
 def test_server_list_takes_one_url_a_comma_list_or_a_sequence():

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 from fedjet.broker.subjects import JobSubjects, check_token
 
-
 LOCAL_API = "$JS.API"  # the JetStream API of the server a client is connected to
 
 

@@ -4,10 +4,17 @@
 topology also need their NKEY, the CA, their inbox prefix and, behind a leaf node, the hub's
 JetStream domain. This wrapper keeps the same bounded reconnects and error handling and adds
 those, so every command (status, worker, coordinator, replay, export) connects the same way.
+
+A refusal that retrying cannot fix (the server's certificate does not verify against the CA,
+the server rejects our certificate or NKEY) ends the first connection at once: nats-py would
+otherwise retry it, and after a failed TLS handshake its first connect can hang for good.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ssl
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +29,13 @@ from fedjet.log import get_logger
 log = get_logger("fedjet.broker")
 
 RECONNECT_WAIT_S = 0.5
-MAX_RECONNECTS = 120  # about a minute of trying before the client gives up
+MAX_RECONNECTS = 120  # about a minute of trying before the client gives up (0 would mean forever)
+REFUSALS = (ssl.SSLError, nats.errors.AuthorizationError)  # retrying will not change the answer
+
+
+def is_refusal(e: BaseException) -> bool:
+    """A TLS failure or the server's ``-ERR 'Authorization Violation'`` (a plain nats error in nats-py)."""
+    return isinstance(e, REFUSALS) or "authorization violation" in str(e).lower()
 
 
 def server_list(url_or_urls: str | Sequence[str]) -> list[str]:
@@ -35,32 +48,70 @@ def server_list(url_or_urls: str | Sequence[str]) -> list[str]:
 
 
 async def connect_client(
-    url_or_urls: str | Sequence[str], name: str, auth: ClientAuth | None = None, *, timeout: float = 10.0
+    url_or_urls: str | Sequence[str],
+    name: str,
+    auth: ClientAuth | None = None,
+    *,
+    timeout: float = 10.0,
+    reconnects: int = MAX_RECONNECTS,
 ) -> Client:
-    """A connection with bounded reconnects, authenticated and TLS-checked as ``auth`` says."""
+    """A connection with bounded reconnects, authenticated and TLS-checked as ``auth`` says.
+
+    nats-py spends the same ``reconnects`` budget on the first connection: a one-shot command
+    (``fedjet status``) passes a small one so an unreachable server fails in seconds.
+    """
     urls = server_list(url_or_urls)
+    if reconnects < 1:
+        raise ConfigError(f"reconnects must be >= 1 (nats-py reads 0 as 'forever'), got {reconnects}")
+    refused: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
 
     async def on_error(e: Exception) -> None:
         log.warning("nats_error", client=name, error=f"{type(e).__name__}: {e}")
+        if is_refusal(e) and not refused.done():
+            refused.set_result(e)
 
     async def on_disconnect() -> None:
         log.debug("nats_disconnected", client=name)
 
     extra: dict[str, Any] = auth.connect_kwargs() if auth is not None else {}
-    try:
-        return await nats.connect(
+    connecting = asyncio.ensure_future(
+        nats.connect(
             servers=urls,
             name=name,
             connect_timeout=timeout,
             reconnect_time_wait=RECONNECT_WAIT_S,
-            max_reconnect_attempts=MAX_RECONNECTS,
+            max_reconnect_attempts=reconnects,
             error_cb=on_error,
             disconnected_cb=on_disconnect,
             allow_reconnect=True,
             **extra,
         )
-    except (OSError, TimeoutError, nats.errors.Error) as e:
-        raise BrokerError(f"cannot connect to NATS at {', '.join(urls)}: {type(e).__name__}: {e}") from e
+    )
+    return await _first_connection(connecting, refused, urls)
+
+
+async def _first_connection(
+    connecting: asyncio.Future[Client], refused: asyncio.Future[BaseException], urls: list[str]
+) -> Client:
+    """The connection, or a :class:`BrokerError` as soon as the server refuses us for good."""
+    where = ", ".join(urls)
+    either: set[asyncio.Future[Any]] = {connecting, refused}
+    try:
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        connecting.cancel()
+        raise
+    if connecting.done():
+        refused.cancel()
+        try:
+            return connecting.result()
+        except (OSError, TimeoutError, nats.errors.Error) as e:
+            raise BrokerError(f"cannot connect to NATS at {where}: {type(e).__name__}: {e}") from e
+    connecting.cancel()
+    with contextlib.suppress(asyncio.CancelledError, OSError, TimeoutError, nats.errors.Error):
+        await connecting
+    reason = refused.result()
+    raise BrokerError(f"cannot connect to NATS at {where}: refused: {type(reason).__name__}: {reason}") from reason
 
 
 async def connect_job(
@@ -70,11 +121,12 @@ async def connect_job(
     domain: str | None = None,
     *,
     timeout: float = 10.0,
+    reconnects: int = MAX_RECONNECTS,
 ) -> tuple[Client, Any]:
     """``(nc, js)``: the connection and its JetStream context in ``domain`` (None: the local one).
 
     Behind a leaf node ``domain`` must be the hub's (``topology.jetstream_domain``): a leaf
     serves no JetStream of its own and forwards only the domain-qualified API.
     """
-    nc = await connect_client(url_or_urls, name, auth, timeout=timeout)
+    nc = await connect_client(url_or_urls, name, auth, timeout=timeout, reconnects=reconnects)
     return nc, nc.jetstream(domain=domain)

@@ -37,6 +37,7 @@ from fedjet.keystore import load_identity, load_public
 from fedjet.observe.connect import connect_job
 from fedjet.observe.status_view import print_status
 
+STATUS_RECONNECTS = 3  # a one-shot read fails fast on a wrong URL or CA
 DEFAULT_DEPTH = 16  # versions walked back to find each cloud's last applied update
 NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, OSError)
 
@@ -333,7 +334,7 @@ async def status_command(
     assert url is not None
     try:
         boxes = status_boxes(keys_dir, identity)
-        nc, js = await connect_job(url, "fedjet-status", auth, domain)
+        nc, js = await connect_job(url, "fedjet-status", auth, domain, timeout=5.0, reconnects=STATUS_RECONNECTS)
         try:
             status = await job_status(js, JobSubjects(job or await only_job(js)), boxes)
         finally:
