@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from fedjet.broker.blobs import H_BLOB, H_PART, H_SIZE, MSG_ID
 from fedjet.broker.server import EmbeddedNatsServer
 from fedjet.codecs.crypto import COORDINATOR, Boxes, Identity
 
@@ -57,6 +58,15 @@ def make_parties(clouds: tuple[str, ...], observers: tuple[str, ...] = ()) -> tu
     coord = Boxes(ids[COORDINATOR], {c: ids[c].public for c in (*clouds, *observers)})
     members = {c: Boxes(ids[c], {COORDINATOR: ids[COORDINATOR].public}) for c in (*clouds, *observers)}
     return coord, members
+
+
+async def publish_part(js, subject: str, payload: bytes, blob_id: str, index: int, count: int, msg_id: str = ""):
+    """One chunk of a blob, cut as ``publish_blob`` cuts it (``msg_id``: a copy that JetStream
+    will not deduplicate): what a hostile publisher can put on any subject."""
+    step = -(-len(payload) // count)
+    headers = {MSG_ID: msg_id or f"{blob_id}:{index}", H_BLOB: blob_id, H_PART: f"{index}/{count}",
+               H_SIZE: str(len(payload))}  # fmt: skip
+    return await js.publish(subject, payload[index * step : (index + 1) * step], headers=headers)
 
 
 def run_fedjet(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

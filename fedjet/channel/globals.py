@@ -21,7 +21,7 @@ import nats.js.errors
 import torch
 from nats.js import api
 
-from fedjet.broker.blobs import H_BLOB, BlobAssembler, header_bytes, publish_blob
+from fedjet.broker.blobs import H_BLOB, H_SIZE, BlobAssembler, header_bytes, publish_blob
 from fedjet.broker.jetstream import read_range
 from fedjet.broker.subjects import JobSubjects
 from fedjet.codecs.crypto import COORDINATOR, Boxes, digest, open_global, open_secret, open_version_key, seal_global
@@ -36,7 +36,7 @@ from fedjet.codecs.messages import (
 )
 from fedjet.codecs.record import VersionRecord
 from fedjet.codecs.tensors import weights_hash
-from fedjet.errors import AuthenticationError, BrokerError, FedjetError, ValidationError
+from fedjet.errors import AuthenticationError, BlobError, BrokerError, FedjetError, ValidationError
 from fedjet.log import get_logger
 
 log = get_logger("fedjet.channel")
@@ -277,9 +277,13 @@ class GlobalFollower:
                 size = len(msg.data) + header_bytes(msg.headers)
                 self.bytes_down += size
                 self.wire_bytes[head.version] = self.wire_bytes.get(head.version, 0) + size
-                if head.blob_id and (msg.headers or {}).get(H_BLOB) != head.blob_id:
+                headers = msg.headers or {}
+                if (head.blob_id and headers.get(H_BLOB) != head.blob_id) or headers.get(H_SIZE) != str(head.size):
                     continue  # a foreign chunk inside the version's range: not ours, skip it
-                blob = assembler.add(msg.subject, msg.headers, msg.data, msg.metadata.sequence.stream) or blob
+                try:
+                    blob = assembler.add(msg.subject, msg.headers, msg.data, msg.metadata.sequence.stream) or blob
+                except BlobError as e:  # a forged chunk under our blob id: the signed digest decides
+                    log.warning("global_chunk_skipped", version=head.version, detail=str(e)[:200])
         if blob is None or len(blob.data) != head.size:
             raise ValidationError(f"global {head.version}: weights incomplete at {head.first_seq}..{head.last_seq}")
         if digest(blob.data) != head.sha256:

@@ -1,0 +1,173 @@
+"""Junk on the global subjects: a restarted coordinator and ``fedjet replay`` walk past heads
+that do not verify, and followers skip foreign or forged chunks inside a version's range."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import msgpack
+import torch
+
+from fedjet.broker.blobs import publish_blob
+from fedjet.broker.jetstream import close_quietly, connect, ensure_job_streams
+from fedjet.broker.subjects import JobSubjects
+from fedjet.channel.globals import GlobalFollower
+from fedjet.codecs import crypto
+from fedjet.codecs.crypto import COORDINATOR, Identity
+from fedjet.codecs.frame import Limits
+from fedjet.codecs.messages import (
+    GlobalHead,
+    GlobalHeader,
+    GlobalVersion,
+    Update,
+    UpdateHeader,
+    encode_global,
+    encode_update,
+)
+from fedjet.codecs.pipeline import CodecSpec
+from fedjet.codecs.record import VersionRecord
+from fedjet.codecs.tensors import weights_hash
+from fedjet.config.job import JobConfig, StopConfig, TrainConfig
+from fedjet.coordinator.service import Coordinator, CoordinatorConfig
+from fedjet.keystore import coordinator_boxes, generate, member_boxes
+from fedjet.spec import JobSpec
+from tests.conftest import make_parties, publish_part, run_fedjet
+
+CLOUDS = ("aws", "gcp")
+WEIGHTS = {"w": torch.ones(50, 20), "b": torch.zeros(20)}
+
+
+def coordinator(nats_url: str, coord, job: str, rounds: int) -> Coordinator:
+    config = JobConfig(job=job, clouds=CLOUDS, observers=(), codec="topk:0.5+int8",
+                       train=TrainConfig(local_steps=1), stop=StopConfig(rounds=rounds))  # fmt: skip
+    spec = JobSpec(config=config, model_config={})
+    return Coordinator(CoordinatorConfig(nats_url=nats_url, spec=spec, boxes=coord, idle_timeout_s=30))
+
+
+async def send_round(js, nc, members, job: str, round_: int) -> None:
+    for cloud in CLOUDS:
+        header = UpdateHeader(
+            job=job, cloud=cloud, worker="0", seq=round_, base_version=round_ - 1, samples=8, loss=2.0
+        )
+        tensors = {n: torch.full(t.shape, 0.01 * round_) for n, t in WEIGHTS.items()}
+        frame = encode_update(Update(header, tensors), CodecSpec.parse("topk:0.5+int8"))
+        envelope = crypto.seal_update(frame, members[cloud])
+        subject = JobSubjects(job).update(cloud)
+        await publish_blob(js, subject, envelope, blob_id=f"{cloud}/{round_}", max_payload=nc.max_payload)
+
+
+async def publish_junk_heads(js, job: str) -> None:
+    """What anyone who may publish on the head subject can send: bytes, an unsigned head, a head
+    signed by someone else's key."""
+    subject = JobSubjects(job).global_head
+    header = GlobalHeader(job=job, version=99, hash="0" * 64)
+    forged = GlobalHead(header=header, first_seq=1, last_seq=1, size=1, sha256="0" * 64)
+    await js.publish(subject, b"junk")
+    await js.publish(subject, msgpack.packb({"hv": 1, "job": job, "version": 99}))
+    await js.publish(subject, forged.sign(Identity.generate(COORDINATOR)))
+
+
+async def wait_version(service: Coordinator, version: int) -> None:
+    while service.aggregator is None or service.aggregator.version < version:
+        await asyncio.sleep(0.05)
+
+
+def test_a_restarted_coordinator_walks_back_past_junk_heads(nats_url):
+    coord, members = make_parties(CLOUDS)
+
+    async def scenario():
+        nc = await connect(nats_url, "clouds")
+        js = nc.jetstream()
+        try:
+            first = coordinator(nats_url, coord, "junkhead", 2)
+            task = asyncio.create_task(first.run(dict(WEIGHTS)))
+            await asyncio.wait_for(first.serving.wait(), 30)
+            await send_round(js, nc, members, "junkhead", 1)
+            await asyncio.wait_for(wait_version(first, 1), 60)
+            first.stop()
+            await asyncio.wait_for(task, 60)
+            await publish_junk_heads(js, "junkhead")
+            second = coordinator(nats_url, coord, "junkhead", 2)
+            task = asyncio.create_task(second.run(dict(WEIGHTS)))
+            await asyncio.wait_for(second.serving.wait(), 30)
+            resumed = second.aggregator.version
+            await send_round(js, nc, members, "junkhead", 2)
+            await asyncio.wait_for(task, 60)
+        finally:
+            await close_quietly(nc)
+        return first, second, resumed
+
+    _, second, resumed = asyncio.run(scenario())
+    assert resumed == 1 and second.aggregator.version == 2 and second.last_head.final
+
+
+def test_replay_verify_walks_past_junk_heads(tmp_path, nats_url):
+    keys = tmp_path / "keys"
+    generate(keys, CLOUDS)
+    coord = coordinator_boxes(keys, CLOUDS)
+    members = {c: member_boxes(keys, c) for c in CLOUDS}
+
+    async def scenario():
+        nc = await connect(nats_url, "clouds")
+        js = nc.jetstream()
+        try:
+            service = coordinator(nats_url, coord, "junkreplay", 2)
+            task = asyncio.create_task(service.run(dict(WEIGHTS)))
+            await asyncio.wait_for(service.serving.wait(), 30)
+            await publish_junk_heads(js, "junkreplay")
+            for round_ in (1, 2):
+                await send_round(js, nc, members, "junkreplay", round_)
+                await asyncio.wait_for(wait_version(service, round_), 60)
+                await publish_junk_heads(js, "junkreplay")
+            await asyncio.wait_for(task, 60)
+        finally:
+            await close_quietly(nc)
+
+    asyncio.run(scenario())
+    result = run_fedjet("replay", "--nats", nats_url, "--job", "junkreplay", "--keys", str(keys), "--verify",
+                        "--no-progress", timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {
+        "versions": 2,
+        "mismatches": 0,
+        "first_mismatch": None,
+    }
+
+
+def test_a_follower_reads_a_version_whose_range_holds_foreign_and_forged_chunks(nats_url):
+    coord, members = make_parties(CLOUDS)
+    subjects = JobSubjects("junkchunk")
+    payload, header = encode_global(
+        GlobalVersion(GlobalHeader(job="junkchunk", version=0, hash=weights_hash(WEIGHTS)), WEIGHTS)
+    )
+    sealed = crypto.seal_global(payload, VersionRecord(strategy="fedavg").to_bytes(), coord, [*CLOUDS, COORDINATOR])
+    blob = "junkchunk/g/0/abc"
+    data = sealed.ciphertext
+    assert len(data) > 2048 * 2  # three real chunks
+
+    async def scenario():
+        nc = await connect(nats_url, "clouds")
+        js = nc.jetstream()
+        try:
+            await ensure_job_streams(js, subjects)
+            subject = subjects.global_data
+            first = await publish_part(js, subject, data, blob, 0, 3)
+            await publish_part(js, subject, b"x" * len(data), "someone-else", 0, 3)  # a foreign blob id
+            await publish_part(js, subject, b"x" * len(data), blob, 0, 3, msg_id="forged-0")  # part 0 again
+            await publish_part(js, subject, data + b"x" * 4096, blob, 1, 3, msg_id="forged-1")  # another size
+            await js.publish(subject, b"short", headers={"Fedjet-Blob": blob, "Fedjet-Part": "1/3",
+                                                         "Fedjet-Size": str(len(data))})  # fmt: skip
+            await publish_part(js, subject, data, blob, 1, 3)
+            last = await publish_part(js, subject, data, blob, 2, 3)
+            head = GlobalHead(
+                header=header, first_seq=first.seq, last_seq=last.seq, size=len(data),
+                sha256=crypto.digest(data), blob_id=blob, keys=sealed.keys, meta=sealed.meta,
+            )  # fmt: skip
+            follower = GlobalFollower(js, subjects, members["aws"], Limits.for_model(1020, 2))
+            return await follower.fetch(head)
+        finally:
+            await close_quietly(nc)
+
+    version = asyncio.run(scenario())
+    assert all(torch.equal(version.tensors[n], WEIGHTS[n]) for n in WEIGHTS)
