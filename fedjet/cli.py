@@ -154,6 +154,17 @@ def _add_bench(commands: Any) -> None:
     codec.add_argument("--json", action="store_true", help="print one JSON object")
     codec.set_defaults(func=cmd_bench_codec)
 
+    gpu = bench_commands.add_parser("gpu", help="fedjet's tokens/s on one GPU against a bare loop of the same model")
+    gpu.add_argument("--model", default="base", help="preset or checkpoint (default: base, 85M parameters)")
+    gpu.add_argument("--rounds", type=int, default=4)
+    gpu.add_argument("--local-steps", type=int, default=20)
+    gpu.add_argument("--batch-size", type=int, default=16)
+    gpu.add_argument("--seq-len", type=int, default=256)
+    gpu.add_argument("--precision", choices=PRECISIONS, default=None)
+    gpu.add_argument("--codec", default="topk:0.01+int8")
+    gpu.add_argument("--data", default=None)
+    gpu.set_defaults(func=cmd_bench_gpu)
+
     exp = bench_commands.add_parser("experiment", help="the paper's protocol: strategy x partition x codec")
     exp.add_argument("--out", required=True, help="directory for results.json, results.md and plots")
     exp.add_argument("--quick", action="store_true", help="5 strategies, fixed partition, top-k codec, 4 rounds")
@@ -217,6 +228,19 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
 
     result = codec.run(args.params, args.density, args.codec, args.repeats)
     print(json.dumps(codec.as_dict(result)) if args.json else codec.describe(result))
+    return 0
+
+
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    import json
+
+    from fedjet.bench.gpu import GpuBenchConfig, run
+
+    config = GpuBenchConfig(
+        model=args.model, rounds=args.rounds, local_steps=args.local_steps, batch_size=args.batch_size,
+        seq_len=args.seq_len, precision=args.precision, codec=args.codec, data=args.data,
+    )  # fmt: skip
+    print(json.dumps(run(config), default=str))
     return 0
 
 

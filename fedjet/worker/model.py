@@ -24,6 +24,8 @@ PRESETS: dict[str, dict[str, int]] = {
     "small": {"n_embd": 256, "n_layer": 6, "n_head": 8, "n_positions": 256},
     # ~12 M parameters; its dense update is larger than 8 MB (tests chunking).
     "medium": {"n_embd": 384, "n_layer": 6, "n_head": 6, "n_positions": 256},
+    # ~85 M parameters (GPT-2 small's body): the GPU check of `fedjet bench gpu`.
+    "base": {"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024},
 }
 
 
