@@ -26,7 +26,7 @@ from fedjet.broker.jetstream import close_quietly, ensure_job_streams
 from fedjet.broker.server import find_nats_server
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalPublisher
-from fedjet.channel.kv import publish_spec, put_stats
+from fedjet.channel.kv import publish_spec, put_stats, read_spec
 from fedjet.codecs.crypto import COORDINATOR
 from fedjet.codecs.record import ContributionRecord, Progress, VersionRecord
 from fedjet.codecs.tensors import weights_hash
@@ -138,7 +138,10 @@ def test_observer_reads_status_over_tls_with_its_nkey_through_the_hub_domain(hub
         await coordinator_writes_two_versions(hub, keys)
         nc, js = await connect_job(hub.urls_for("eval"), "status", hub.client_auth("eval"), hub.jetstream_domain)
         try:
-            return await job_status(js, SUBJECTS, status_boxes(keys, "eval"))
+            boxes = status_boxes(keys, "eval")
+            spec = await read_spec(js, SUBJECTS, boxes.public_of(COORDINATOR))  # put through the domain API
+            assert spec is not None and spec.clouds == CLOUDS
+            return await job_status(js, SUBJECTS, boxes)
         finally:
             await close_quietly(nc)
 
