@@ -302,7 +302,7 @@ async def only_job(js: Any) -> str:
     jobs = sorted(n[len(prefix) : -len(suffix)] for n in names if n.startswith(prefix) and n.endswith(suffix))
     if len(jobs) != 1:
         raise ConfigError(f"say which --job; this JetStream holds {jobs or 'none'}")
-    return jobs[0]
+    return str(jobs[0])
 
 
 async def status_command(
