@@ -63,8 +63,9 @@ def _write(path: Path, body: dict[str, object], mode: int) -> Path:
 def load_identity(directory: str | Path, name: str) -> Identity:
     path = Path(directory) / f"{name}.key"
     body = _read(path)
-    if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("key_file_readable_by_others", path=str(path))
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"secret key {path} has mode {mode:o}: others may read it; chmod 600 it first")
     try:
         return Identity(
             name,

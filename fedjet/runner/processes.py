@@ -1,5 +1,6 @@
 """Child processes of ``fedjet up``: started in their own session, stopped with SIGTERM then
-SIGKILL after a grace period, so Ctrl-C never leaves a process behind."""
+SIGKILL after a grace period, so Ctrl-C never leaves a process behind, and sent SIGTERM by the
+kernel when ``fedjet up`` itself dies (SIGKILL, the OOM killer), so nothing is orphaned."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from fedjet.broker.server import die_with_parent
+from fedjet.broker.urls import NATS_USERINFO_ENV, split_userinfo
 
 
 @dataclass
@@ -31,17 +35,32 @@ class Child:
 
 
 def spawn(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> Child:
-    """Run ``python -m fedjet <args>`` with output to ``log_dir/<name>.log``."""
+    """Run ``python -m fedjet <args>`` with output to ``log_dir/<name>.log``. NATS credentials
+    in ``args`` move to the child's environment (a command line is visible to every user of
+    the machine); the child gets SIGTERM if this process dies, however it dies."""
     log_path = log_dir / f"{name}.log"
+    args, secret_env = without_credentials(args)
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "fedjet", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **(env or {}), **secret_env},
+            preexec_fn=die_with_parent(),  # children never outlive `fedjet up`
         )
     return Child(name, proc, log_path)
+
+
+def without_credentials(args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``args`` with credentials taken out of every URL, and the environment that carries them."""
+    out, env = [], {}
+    for arg in args:
+        bare, userinfo = split_userinfo(arg)
+        if userinfo:
+            env[NATS_USERINFO_ENV] = userinfo
+        out.append(bare)
+    return out, env
 
 
 def stop_all(children: list[Child], grace_s: float = 10.0) -> None:
