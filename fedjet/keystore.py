@@ -13,6 +13,7 @@ import os
 import stat
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from nacl.public import PrivateKey, PublicKey
 from nacl.signing import SigningKey, VerifyKey
@@ -20,9 +21,6 @@ from nacl.signing import SigningKey, VerifyKey
 from fedjet.broker.subjects import check_token
 from fedjet.codecs.crypto import COORDINATOR, Boxes, Identity, PublicIdentity
 from fedjet.errors import ConfigError
-from fedjet.log import get_logger
-
-log = get_logger("fedjet.keys")
 
 
 def generate(out: str | Path, members: Iterable[str]) -> list[Path]:
@@ -95,7 +93,7 @@ def member_boxes(directory: str | Path, name: str) -> Boxes:
     return Boxes(load_identity(directory, name), {COORDINATOR: load_public(directory, COORDINATOR)})
 
 
-def _read(path: Path) -> dict:
+def _read(path: Path) -> dict[str, Any]:
     try:
         body = json.loads(path.read_text())
     except FileNotFoundError as e:
