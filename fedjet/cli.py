@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedjet", description=__doc__)
     parser.add_argument("--log-level", default=None, help="debug, info, warning (default info)")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_up, _add_services, _add_replay, _add_model_io, _add_bench, _add_keys):
+    for add in (_add_up, _add_services, _add_replay, _add_model_io, _add_watch, _add_bench, _add_keys, _add_deploy):
         add(commands)
     return parser
 
@@ -65,6 +67,9 @@ def _add_up(commands: Any) -> None:
     up.add_argument("--save", default=None, metavar="DIR", help="export the final version as a checkpoint to DIR")
     up.add_argument("--precision", choices=PRECISIONS, default=None, help="bf16 (CUDA default) or fp32")
     up.add_argument("--report", default=None, help="write the JSON report here")
+    up.add_argument(
+        "--metrics-port", type=int, default=None, help="coordinator's Prometheus port; workers, observer after it"
+    )
     up.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per evaluation")
     up.add_argument("--eval-every", type=int, default=1, help="evaluate every N-th version")
     up.add_argument("--slowdown", default="", help="e.g. azure=3: that cloud computes 3x slower")
@@ -82,6 +87,9 @@ def _add_services(commands: Any) -> None:
     coord.add_argument("--nats", required=True, help="NATS URL")
     coord.add_argument("--keys", required=True, help="directory with coordinator.key and members' .pub")
     coord.add_argument("--idle-timeout", type=float, default=600.0)
+    coord.add_argument("--replicas", type=int, default=None, help="stream copies (default: 3 on a cluster, else 1)")
+    coord.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    add_identity_flags(coord)
     coord.set_defaults(func=cmd_coordinator)
 
     worker = commands.add_parser("worker", help="run one cloud's worker daemon")
@@ -95,6 +103,8 @@ def _add_services(commands: Any) -> None:
     worker.add_argument("--deal", action="store_true", help="take this cloud's share of one corpus at --data (demo)")
     worker.add_argument("--model", default=None, help="this cloud's copy of the checkpoint (and its tokenizer)")
     worker.add_argument("--precision", choices=PRECISIONS, default=None, help="bf16 (CUDA default) or fp32")
+    worker.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    add_identity_flags(worker)
     worker.add_argument("--slowdown", type=float, default=1.0, help="simulate slower compute")
     worker.add_argument("--device", default=None)
     worker.set_defaults(func=cmd_worker)
@@ -118,6 +128,7 @@ def _add_replay(commands: Any) -> None:
     replay.add_argument("--device", default=None)
     replay.add_argument("--no-progress", action="store_true")
     add_config_flags(replay, only=AGGREGATION_FLAGS, with_file=False)
+    add_identity_flags(replay)
     replay.set_defaults(func=cmd_replay)
 
 
@@ -132,6 +143,7 @@ def _add_model_io(commands: Any) -> None:
     export.add_argument("--out", required=True, help="the checkpoint directory to write")
     export.add_argument("--model", default=None, help="the checkpoint the job started from (tokenizer, LoRA base)")
     export.add_argument("--merge", action="store_true", help="LoRA: also write the merged full model")
+    add_identity_flags(export)
     export.set_defaults(func=cmd_export)
 
     generate = commands.add_parser("generate", help="print a sample from a checkpoint")
@@ -141,6 +153,48 @@ def _add_model_io(commands: Any) -> None:
     generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(func=cmd_generate)
+
+
+def _add_watch(commands: Any) -> None:
+    status = commands.add_parser("status", help="one table of a live or recorded job (--json for scripts)")
+    source = status.add_mutually_exclusive_group(required=True)
+    source.add_argument("--nats", help="NATS URL(s), comma-separated")
+    source.add_argument("--store", help="a JetStream store kept by fedjet up --store DIR")
+    status.add_argument("--job", default=None, help="default: the only one recorded")
+    status.add_argument("--keys", default=None, help="a key directory (coordinator's or a member's) to open records")
+    status.add_argument("--identity", default=None, help="whose key in --keys to use (default: the coordinator's)")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    add_identity_flags(status)
+    status.set_defaults(func=cmd_status)
+
+
+def _add_deploy(commands: Any) -> None:
+    from fedjet.deploy.command import add_arguments
+
+    deploy = commands.add_parser("deploy", help="generate deployments")
+    targets = deploy.add_subparsers(dest="deploy_command", required=True)
+    nats = targets.add_parser("nats", help="a TLS hub cluster, a leaf node per cloud, NKEY identities, permissions")
+    add_arguments(nats)
+    nats.set_defaults(func=cmd_deploy_nats)
+
+
+def add_identity_flags(parser: argparse.ArgumentParser) -> None:
+    """Who connects and how: the same flags on every command that talks to NATS."""
+    g = parser.add_argument_group("identity (a generated topology: fedjet deploy nats)")
+    g.add_argument("--nkey", default=None, metavar="FILE", help="this identity's NKEY seed (mode 0600)")
+    g.add_argument("--creds", default=None, metavar="FILE", help="a NATS credentials file instead of --nkey")
+    g.add_argument("--tls-ca", default=None, metavar="FILE", help="verify the server against this CA")
+    g.add_argument("--tls-cert", default=None, metavar="FILE", help="client certificate (servers that ask)")
+    g.add_argument("--tls-key", default=None, metavar="FILE", help="its key (mode 0600)")
+    g.add_argument("--js-domain", default=None, help="the hub's JetStream domain (behind a leaf node)")
+
+
+def identity_from(args: argparse.Namespace) -> Any:
+    """A ``ClientAuth`` when any identity flag was given (checked now: files, modes), else None."""
+    from fedjet.broker.auth import ClientAuth
+
+    fields = {k: getattr(args, k) for k in ("nkey", "creds", "tls_ca", "tls_cert", "tls_key")}
+    return ClientAuth(**fields) if any(fields.values()) else None
 
 
 def _add_bench(commands: Any) -> None:
@@ -210,6 +264,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         eval_tokens=args.eval_tokens,
         device=args.device,
         progress=not args.no_progress,
+        auth=identity_from(args),
+        js_domain=args.js_domain,
     )
     if config.verify:
         result = verify_recording(config).to_dict()
@@ -279,12 +335,36 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from fedjet.observe.status import status_command
+
+    auth = identity_from(args)
+    return asyncio.run(
+        status_command(
+            args.nats,
+            args.job,
+            args.keys,
+            args.store,
+            args.json,
+            auth=auth,
+            domain=args.js_domain,
+            identity=args.identity,
+        )
+    )
+
+
+def cmd_deploy_nats(args: argparse.Namespace) -> int:
+    from fedjet.deploy.command import deploy_command
+
+    return deploy_command(args)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from fedjet.runner.export import ExportConfig, run_export
 
     config = ExportConfig(
         out=args.out, store=args.store, nats_url=args.nats, job=args.job, keys=args.keys,
-        version=args.version, model=args.model, merge=args.merge,
+        version=args.version, model=args.model, merge=args.merge, auth=identity_from(args), js_domain=args.js_domain,
     )  # fmt: skip
     exported = run_export(config)
     print(f"exported {exported.job} version {exported.version} to {exported.out} (weights {exported.weights_sha256})")
@@ -321,6 +401,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         eval_data=args.eval_data,
         save=args.save,
         precision=args.precision,
+        metrics_port=args.metrics_port,
         links=parse_assignments(args.link, kind="--link"),
         timeout_s=args.timeout,
         device=args.device,
@@ -336,27 +417,52 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from fedjet.keystore import coordinator_boxes
     from fedjet.lifecycle import run_until_signalled
     from fedjet.models.job_model import initial_job_model, spec_for
+    from fedjet.observe.metrics import CoordinatorMetrics
 
     job = config_from_args(args)
+    auth = identity_from(args)
     jm = initial_job_model(job)
     spec, weights = spec_for(job, jm), jm.exchanged()
+    metrics = CoordinatorMetrics() if args.metrics_port is not None else None
     coordinator = Coordinator(
         CoordinatorConfig(
             nats_url=args.nats,
             spec=spec,
             boxes=coordinator_boxes(args.keys, [*spec.clouds, *spec.observers]),
             idle_timeout_s=args.idle_timeout,
+            auth=auth,
+            js_domain=args.js_domain,
+            replicas=args.replicas,
+            metrics=metrics,
         )
     )
-    asyncio.run(run_until_signalled(lambda: coordinator.run(weights), coordinator.stop))
+    with _metrics_served(metrics, args.metrics_port):
+        asyncio.run(run_until_signalled(lambda: coordinator.run(weights), coordinator.stop))
     return 0
+
+
+@contextlib.contextmanager
+def _metrics_served(metrics: Any, port: int | None) -> Iterator[None]:
+    """Serve ``metrics`` on ``port`` for the life of the command (nothing when no port)."""
+    if metrics is None or port is None:
+        yield
+        return
+    from fedjet.observe.metrics import serve_metrics
+
+    server = serve_metrics(metrics.registry, port)
+    try:
+        yield
+    finally:
+        server.close()
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from fedjet.lifecycle import serve
+    from fedjet.observe.metrics import WorkerMetrics
     from fedjet.worker.daemon import Worker, WorkerConfig
 
     job = args.job or _job_from_file(args.config)
+    metrics = WorkerMetrics(args.cloud) if args.metrics_port is not None else None
     worker = Worker(
         WorkerConfig(
             nats_url=args.nats,
@@ -370,9 +476,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
             slowdown=args.slowdown,
             device=args.device,
             precision=args.precision,
+            auth=identity_from(args),
+            js_domain=args.js_domain,
+            metrics=metrics,
         )
     )
-    asyncio.run(serve(worker))
+    with _metrics_served(metrics, args.metrics_port):
+        asyncio.run(serve(worker))
     return 0
 
 

@@ -51,9 +51,11 @@ async def connect(url: str, name: str, *, timeout: float = 10.0) -> Client:
         raise BrokerError(redact_url(f"cannot connect to NATS at {url}: {type(e).__name__}: {e}")) from e
 
 
-async def ensure_job_streams(js: Any, subjects: JobSubjects) -> None:
-    """Create (or update) the job's streams and KV bucket; safe to call from every process."""
+async def ensure_job_streams(js: Any, subjects: JobSubjects, *, replicas: int = 1) -> None:
+    """Create (or update) the job's streams and KV bucket with ``replicas`` copies each (3 on a
+    cluster: losing a node loses nothing); safe to call from every process."""
     common = {
+        "num_replicas": replicas,
         "storage": api.StorageType.FILE,
         "retention": api.RetentionPolicy.LIMITS,
         "discard": api.DiscardPolicy.OLD,
@@ -66,7 +68,9 @@ async def ensure_job_streams(js: Any, subjects: JobSubjects) -> None:
         api.StreamConfig(name=subjects.global_stream, subjects=[subjects.global_head, subjects.global_data], **common),
     )
     with contextlib.suppress(nats.js.errors.BadRequestError):  # exists already
-        await js.create_key_value(bucket=subjects.kv_bucket, history=1, storage=api.StorageType.FILE)
+        await js.create_key_value(
+            bucket=subjects.kv_bucket, history=1, storage=api.StorageType.FILE, replicas=replicas
+        )
 
 
 async def _add_or_update(js: Any, config: api.StreamConfig) -> None:

@@ -55,11 +55,18 @@ async def await_spec(
         await asyncio.sleep(0.2)
 
 
-async def put_stats(js: Any, subjects: JobSubjects, cloud: str, stats: dict[str, Any]) -> None:
-    """Best effort: a failure is logged, the worker goes on."""
+async def put_stats(
+    js: Any, subjects: JobSubjects, cloud: str, stats: dict[str, Any], *, domain: str | None = None
+) -> None:
+    """Best effort: a failure is logged, the worker goes on. Behind a leaf node (``domain``)
+    the put goes through the hub's domain-qualified KV subject, the only one a leaf forwards."""
+    body = json.dumps(stats).encode()
     try:
+        if domain:
+            await js.publish(f"$JS.{domain}.API.$KV.{subjects.kv_bucket}.{subjects.stats_key(cloud)}", body)
+            return
         kv = await js.key_value(subjects.kv_bucket)
-        await kv.put(subjects.stats_key(cloud), json.dumps(stats).encode())
+        await kv.put(subjects.stats_key(cloud), body)
     except (nats.errors.Error, nats.js.errors.Error) as e:
         log.warning("stats_not_reported", cloud=cloud, error=str(e))
 

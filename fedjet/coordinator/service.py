@@ -16,7 +16,8 @@ from typing import Any
 
 import structlog
 
-from fedjet.broker.jetstream import close_quietly, connect, ensure_job_streams
+from fedjet.broker.auth import ClientAuth
+from fedjet.broker.jetstream import close_quietly, ensure_job_streams
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower, GlobalPublisher
 from fedjet.channel.kv import publish_spec, read_spec
@@ -36,6 +37,8 @@ from fedjet.coordinator.validate import plausible_rate
 from fedjet.data.partition import split_steps
 from fedjet.errors import ConfigError, FedjetError, NonFiniteError, StaleUpdateError
 from fedjet.log import get_logger
+from fedjet.observe.connect import NatsTarget, default_replicas, open_target
+from fedjet.observe.metrics import CoordinatorMetrics
 from fedjet.spec import JobSpec
 
 log = get_logger("fedjet.coordinator")
@@ -46,6 +49,10 @@ class CoordinatorConfig:
     """How to reach the broker and with which keys; everything about the job is in ``spec``."""
 
     nats_url: str
+    auth: ClientAuth | None = None  # NKEY/creds and TLS of the coordinator's identity
+    js_domain: str | None = None
+    replicas: int | None = None  # copies of each stream and the KV bucket; None: 3 on a cluster, else 1
+    metrics: CoordinatorMetrics | None = None
     spec: JobSpec
     boxes: Boxes
     limits: Limits | None = None  # None: derived from the initial weights (Limits.for_model)
@@ -78,6 +85,7 @@ class Coordinator:
             size=strategy.batch_size(len(spec.clouds)),
         )
         self._guard = ReplayGuard()
+        self.metrics = config.metrics or CoordinatorMetrics()  # a private registry unless served
         self.limits = config.limits or Limits()
         self._admission = Admission(spec, config.boxes, self.limits)
         self._state = LocalState(config.state_dir, spec.job) if config.state_dir else None
@@ -111,10 +119,11 @@ class Coordinator:
         if self.config.limits is None:  # frames no larger than this model's can be
             self.limits = Limits.for_model(sum(t.numel() for t in initial.values()), len(initial))
             self._admission = Admission(spec, self.config.boxes, self.limits)
-        nc = await connect(self.config.nats_url, f"fedjet-coordinator-{spec.job}")
+        target = NatsTarget(url=self.config.nats_url, auth=self.config.auth, domain=self.config.js_domain)
+        nc, js = await open_target(target, f"fedjet-coordinator-{spec.job}")
         try:
             with structlog.contextvars.bound_contextvars(job=spec.job):
-                js = nc.jetstream()
+                self._replicas = self.config.replicas or default_replicas(nc)
                 members = [COORDINATOR, *spec.clouds, *spec.observers]
                 self.publisher = GlobalPublisher(
                     js, self.subjects, self.config.boxes, members,
@@ -139,7 +148,7 @@ class Coordinator:
     async def _prepare(self, js: object) -> Checkpoint | None:
         """Streams and spec; the last checkpoint when this job ran before (a restart)."""
         spec = self.config.spec
-        await ensure_job_streams(js, self.subjects)
+        await ensure_job_streams(js, self.subjects, replicas=self._replicas)
         follower = GlobalFollower(js, self.subjects, self.config.boxes, self.limits)
         depth = Aggregator(spec.strategy, {}).strategy.history_depth
         checkpoint = await last_checkpoint(follower, depth)
@@ -253,6 +262,7 @@ class Coordinator:
         """A rejected message becomes data: counted, logged, acked (it will never be valid)."""
         assert arrival.error is not None and self.inbox is not None
         self.ledger.reject(arrival.error.reason, arrival.cloud, arrival.seq, str(arrival.error))
+        self.metrics.rejected(arrival.error.reason)
         await self.inbox.ack(arrival.msgs)
 
     def _note_throughput(self, received: Received) -> None:
@@ -286,6 +296,8 @@ class Coordinator:
         for r in received:
             h = r.update.header
             log.info("update_applied", cloud=h.cloud, seq=h.seq, stream_seq=r.stream_seq, version=agg.version)
+            self.metrics.applied(h.cloud, r.applied.staleness)
+            self.metrics.bytes("in", h.cloud, r.wire_bytes)
         partition = self.config.spec.config.partition
         if partition.scheme == "dynamic" and agg.version % partition.rebalance_every == 0:
             self._rebalance()
@@ -310,7 +322,9 @@ class Coordinator:
         record = self.ledger.record(agg.strategy.name, received, waiting=waiting, assignment=self._assignment)
         record = replace(record, retired=tuple(sorted(self._batcher.retired)))
         with structlog.contextvars.bound_contextvars(version=agg.version):
-            await publisher.publish(agg.version, agg.hash, agg.weights, record, final=self._done())
+            head = await publisher.publish(agg.version, agg.hash, agg.weights, record, final=self._done())
+        self.metrics.version(agg.version)
+        self.metrics.bytes("out", "all", head.size)
         retire_msgs, self._retire_msgs = self._retire_msgs, []
         await inbox.ack(retire_msgs)
         self._published_at[agg.version] = time.monotonic()

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import nats
@@ -130,3 +131,41 @@ async def connect_job(
     """
     nc = await connect_client(url_or_urls, name, auth, timeout=timeout, reconnects=reconnects)
     return nc, nc.jetstream(domain=domain)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NatsTarget:
+    """Where and as whom a command connects: URL(s), credentials and TLS, JetStream domain.
+
+    Every service takes one, so the same flags (``--nats``, ``--nkey``/``--creds``,
+    ``--tls-ca``, ``--js-domain``) mean the same everywhere.
+    """
+
+    url: str
+    auth: ClientAuth | None = None
+    domain: str | None = None
+
+    def __post_init__(self) -> None:
+        server_list(self.url)
+
+    def for_url(self, url: str) -> NatsTarget:
+        """The same identity through another address (e.g. a shaping proxy)."""
+        return NatsTarget(url=url, auth=self.auth, domain=self.domain)
+
+
+async def open_target(target: NatsTarget, name: str) -> tuple[Client, Any]:
+    """``(nc, js)`` for ``target``. A plain single URL goes through the broker's own connect
+    (which also reads credentials handed down in the environment)."""
+    if target.auth is None and "," not in target.url:
+        from fedjet.broker.jetstream import connect
+
+        nc = await connect(target.url, name)
+    else:
+        nc = await connect_client(target.url, name, target.auth)
+    return nc, nc.jetstream(domain=target.domain) if target.domain else nc.jetstream()
+
+
+def default_replicas(nc: Client) -> int:
+    """3 copies on a cluster of three or more servers, else 1 (a single server holds one)."""
+    known = {s.netloc for s in nc.servers}
+    return 3 if len(known) >= 3 else 1

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedjet.broker.auth import ClientAuth
 from fedjet.broker.jetstream import read_range
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower
@@ -38,6 +39,8 @@ class ExportConfig:
     version: int | None = None  # default: the newest
     model: str | None = None  # the checkpoint the job started from (tokenizer files, LoRA base)
     merge: bool = False  # LoRA: write the merged full model (the adapter goes to OUT/adapter)
+    auth: ClientAuth | None = None
+    js_domain: str | None = None
 
     def __post_init__(self) -> None:
         if (self.store is None) == (self.nats_url is None):
@@ -59,7 +62,9 @@ def run_export(config: ExportConfig) -> Exported:
 
 
 async def _export(config: ExportConfig) -> Exported:
-    async with recorded_jetstream(config.store, config.nats_url, "fedjet-export") as js:
+    async with recorded_jetstream(
+        config.store, config.nats_url, "fedjet-export", auth=config.auth, domain=config.js_domain
+    ) as js:
         subjects = JobSubjects(config.job or await only_job(js))
         return await export_version(js, subjects, keys_dir_for(config.keys, config.store), config)
 

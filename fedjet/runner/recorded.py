@@ -9,13 +9,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fedjet.broker.jetstream import close_quietly, connect
+from fedjet.broker.auth import ClientAuth
+from fedjet.broker.jetstream import close_quietly
 from fedjet.broker.server import EmbeddedNatsServer
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.kv import read_spec
 from fedjet.codecs.crypto import COORDINATOR, Boxes
 from fedjet.errors import ConfigError
 from fedjet.keystore import load_identity, load_public
+from fedjet.observe.connect import NatsTarget, open_target
 from fedjet.spec import JobSpec
 
 
@@ -28,7 +30,9 @@ def keys_dir_for(keys: str | None, store: str | None) -> str:
 
 
 @contextlib.asynccontextmanager
-async def recorded_jetstream(store: str | None, nats_url: str | None, name: str) -> AsyncIterator[Any]:
+async def recorded_jetstream(
+    store: str | None, nats_url: str | None, name: str, *, auth: ClientAuth | None = None, domain: str | None = None
+) -> AsyncIterator[Any]:
     if (store is None) == (nats_url is None):
         raise ConfigError("give exactly one of --store DIR or --nats URL")
     server = None
@@ -40,9 +44,9 @@ async def recorded_jetstream(store: str | None, nats_url: str | None, name: str)
         url = server.start()
     assert url is not None
     try:
-        nc = await connect(url, name)
+        nc, js = await open_target(NatsTarget(url=url, auth=auth, domain=domain), name)
         try:
-            yield nc.jetstream()
+            yield js
         finally:
             await close_quietly(nc)
     finally:

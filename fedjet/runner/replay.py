@@ -15,6 +15,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from fedjet.broker.auth import ClientAuth
 from fedjet.broker.blobs import Blob, BlobAssembler
 from fedjet.broker.jetstream import read_range
 from fedjet.broker.subjects import JobSubjects
@@ -55,6 +56,8 @@ class ReplayConfig:
     eval_tokens: int = 16384
     device: str | None = None
     progress: bool = True
+    auth: ClientAuth | None = None
+    js_domain: str | None = None
 
     def __post_init__(self) -> None:
         if (self.store is None) == (self.nats_url is None):
@@ -91,7 +94,9 @@ def replay_counterfactual(config: ReplayConfig) -> Report:
 
 
 async def _with_session(config: ReplayConfig, work: Any) -> Any:
-    async with recorded_jetstream(config.store, config.nats_url, "fedjet-replay") as js:
+    async with recorded_jetstream(
+        config.store, config.nats_url, "fedjet-replay", auth=config.auth, domain=config.js_domain
+    ) as js:
         job = config.job or await only_job(js)
         session = _Session(js, JobSubjects(job), config)
         await session.open()

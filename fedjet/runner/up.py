@@ -13,6 +13,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from fedjet.data.wikitext import load_corpus, resolve_data_dir
 from fedjet.errors import ConfigError, FedjetError, Terminated
 from fedjet.keystore import generate, member_boxes
 from fedjet.log import get_logger
+from fedjet.observe.live import LiveView
+from fedjet.observe.metrics import ObserverMetrics, serve_metrics
 from fedjet.report import Report, summarize
 from fedjet.runner.collect import Collector, print_round
 from fedjet.runner.evaluate import Evaluator
@@ -59,6 +62,7 @@ class UpConfig:
     precision: str | None = None
     keys: str | None = None
     quiet: bool = False
+    metrics_port: int | None = None  # coordinator on it, workers and the observer on the ports after it
     data_per_cloud: dict[str, str] = field(default_factory=dict)  # the production shape on one machine
     eval_data: str | None = None
     save: str | None = None
@@ -199,9 +203,11 @@ def _spawn_all(
     job_file = workdir / "job.toml"  # the coordinator reads the one validated config tree
     job_file.write_text(to_toml(opts))
     coordinator_args = ["coordinator", "--nats", url, "--keys", keys, "--config", str(job_file)]
-    children.append(spawn("coordinator", coordinator_args, workdir))
-    for cloud in opts.clouds:
+    port = config.metrics_port  # the coordinator's; worker i serves on port + 1 + i
+    children.append(spawn("coordinator", coordinator_args + _metrics_flag(port, 0), workdir))
+    for i, cloud in enumerate(opts.clouds):
         args = ["worker", "--nats", worker_urls[cloud], "--job", opts.job, "--cloud", cloud, "--keys", keys, *device]
+        args += _metrics_flag(port, 1 + i)
         if config.data_per_cloud:
             args += ["--data", config.data_per_cloud[cloud]]
         else:
@@ -213,6 +219,39 @@ def _spawn_all(
         if cloud in config.slowdown:
             args += ["--slowdown", str(config.slowdown[cloud])]
         children.append(spawn(f"worker-{cloud}", args, workdir))
+
+
+def _metrics_flag(port: int | None, offset: int) -> list[str]:
+    return [] if port is None else ["--metrics-port", str(port + offset)]
+
+
+def _round_sink(config: UpConfig, records: Callable[[], Any]) -> tuple[Callable[[Any], None] | None, Any, Any]:
+    """What to do with each evaluated version: a live view on a terminal, plain lines off one,
+    observer metrics with ``--metrics-port``. Returns (on_round, live view, metrics server)."""
+    opts = config.job
+    live = (
+        None
+        if config.quiet
+        else LiveView.for_terminal(
+            job=opts.job, clouds=opts.clouds, target_versions=opts.stop.rounds, target_updates=opts.stop.max_updates
+        )
+    )
+    metrics, server = None, None
+    if config.metrics_port is not None:
+        metrics = ObserverMetrics()
+        server = serve_metrics(metrics.registry, config.metrics_port + 1 + len(opts.clouds))
+
+    def on_round(record: Any) -> None:
+        if live is not None:
+            live.update(record, records())
+        elif not config.quiet:
+            print_round(record)
+        if metrics is not None:
+            metrics.version(record.version)
+            if record.eval_loss is not None:
+                metrics.eval_loss(record.eval_loss)
+
+    return on_round, live, server
 
 
 async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child], keys: str) -> Report:
@@ -237,14 +276,17 @@ async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child
         follower = GlobalFollower(js, subjects, boxes, Limits(), every=True)
         follower.hold_local(0, {n: t.clone() for n, t in evaluator.job_model.exchanged().items()})
         await follower.start()
+        on_round, live, server = _round_sink(config, lambda: collector.last_record)
         collector = Collector(
-            follower,
-            evaluator,
-            clouds=len(opts.clouds),
-            eval_every=config.eval_every,
-            on_round=None if config.quiet else print_round,
+            follower, evaluator, clouds=len(opts.clouds), eval_every=config.eval_every, on_round=on_round
         )
-        await _race(collector.run(), children, config.timeout_s)
+        try:
+            await _race(collector.run(), children, config.timeout_s)
+        finally:
+            if live is not None:
+                live.close()
+            if server is not None:
+                server.close()
         await follower.stop()
         clouds = await _cloud_stats(js, subjects, opts.clouds, children)
     finally:

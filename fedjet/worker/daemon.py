@@ -13,7 +13,8 @@ from typing import Any
 
 import structlog
 
-from fedjet.broker.jetstream import close_quietly, connect
+from fedjet.broker.auth import ClientAuth
+from fedjet.broker.jetstream import close_quietly
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower
 from fedjet.channel.kv import await_spec, put_stats
@@ -28,6 +29,8 @@ from fedjet.errors import ConfigError
 from fedjet.keystore import member_boxes
 from fedjet.log import get_logger
 from fedjet.models.job_model import job_model_for
+from fedjet.observe.connect import NatsTarget, open_target
+from fedjet.observe.metrics import WorkerMetrics
 from fedjet.spec import JobSpec
 from fedjet.worker.delta import DeltaTracker
 from fedjet.worker.local_data import dealt_share, own_data
@@ -41,6 +44,9 @@ log = get_logger("fedjet.worker")
 @dataclass(frozen=True, kw_only=True)
 class WorkerConfig:
     nats_url: str
+    auth: ClientAuth | None = None  # this cloud's NKEY/creds and TLS
+    js_domain: str | None = None  # the hub's JetStream domain, behind a leaf node
+    metrics: WorkerMetrics | None = None
     job: str
     cloud: str
     keys: str
@@ -95,6 +101,7 @@ class Worker:
         self.subjects = JobSubjects(config.job)
         self.boxes = member_boxes(config.keys, config.cloud)
         self.stats = WorkerStats(config.cloud)
+        self.metrics = config.metrics or WorkerMetrics(config.cloud)  # a private registry unless served
         self._seq = time.time_ns() // 1000  # increases across restarts: the anti-replay counter
         self._stop = asyncio.Event()
         self._nc: Any = None
@@ -110,10 +117,10 @@ class Worker:
     async def run(self) -> WorkerStats:
         started = time.perf_counter()
         cfg = self.config
-        self._nc = await connect(cfg.nats_url, f"fedjet-worker-{cfg.job}-{cfg.cloud}")
+        target = NatsTarget(url=cfg.nats_url, auth=cfg.auth, domain=cfg.js_domain)
+        self._nc, self._js = await open_target(target, f"fedjet-worker-{cfg.job}-{cfg.cloud}")
         try:
             with structlog.contextvars.bound_contextvars(job=cfg.job, cloud=cfg.cloud):
-                self._js = self._nc.jetstream()
                 self.spec = await await_spec(
                     self._js, self.subjects, self.boxes.public_of(COORDINATOR), cfg.spec_timeout_s
                 )
@@ -185,6 +192,7 @@ class Worker:
                 if head.version == 0:
                     self.stats.initial_weights = "local" if version.tensors is local_v0 else "downloaded"
                 self.trainer.load(version.tensors)
+                self.metrics.version(head.version)
                 self.tracker.rebase(version.tensors)
                 base = head
                 steps = self.follower.record(head).assignment.get(self.config.cloud, steps)
@@ -233,6 +241,9 @@ class Worker:
         published = await self.sender.send(frame, self._seq)
         self.stats.updates_sent += 1
         self.stats.bytes_up += published.wire_bytes
+        self.metrics.sent(published.wire_bytes)
+        if self.private is not None:
+            self.metrics.dp_epsilon(self.private.ledger.epsilon_spent())
         self.stats.tokens += result.tokens
         self.stats.compute_s += result.compute_s
         log.info(
@@ -268,7 +279,9 @@ class Worker:
     async def _report_stats(self) -> None:
         """Per-cloud figures for the report, in the job's KV bucket (best effort)."""
         if self.follower is not None:
+            self.metrics.received(self.follower.bytes_down - self.stats.bytes_down)
             self.stats.bytes_down = self.follower.bytes_down
+        self.metrics.throughput(self.stats.tokens_per_s, self.stats.to_dict()["idle_frac"])
         if self._nc is None or self._nc.is_closed:
             return
-        await put_stats(self._js, self.subjects, self.config.cloud, self.stats.to_dict())
+        await put_stats(self._js, self.subjects, self.config.cloud, self.stats.to_dict(), domain=self.config.js_domain)
