@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
 
-from tests.conftest import REPO, processes_matching, run_fedjet
+from tests.conftest import REPO, processes_tagged, run_fedjet, tagged, wait_until_gone
 
 pytestmark = pytest.mark.e2e
 
@@ -18,10 +20,12 @@ SMALL = ["--local-steps", "6", "--batch-size", "8", "--seq-len", "64", "--eval-t
 
 
 def up(tmp_path_factory, data_dir, *flags: str) -> tuple[str, dict, str]:
-    """Run ``fedjet up`` with a fresh job name; returns (job, report, stdout)."""
+    """Run ``fedjet up`` with a fresh job name; returns (job, report, stdout). The job name
+    also tags the processes it starts (see ``processes_tagged``)."""
     job = f"e2e-{uuid.uuid4().hex[:8]}"
     report_path = tmp_path_factory.mktemp("up") / "report.json"
-    result = run_fedjet("up", "--job", job, "--data", str(data_dir), "--report", str(report_path), *SMALL, *flags)
+    args = ("up", "--job", job, "--data", str(data_dir), "--report", str(report_path), *SMALL, *flags)
+    result = run_fedjet(*args, env=tagged(job))
     assert result.returncode == 0, result.stdout + result.stderr
     return job, json.loads(report_path.read_text()), result.stdout
 
@@ -55,8 +59,7 @@ def test_three_clouds_two_rounds_lower_eval_loss_and_leave_nothing_running(dense
     assert report["config"]["rounds"] == 2 and report["config"]["clouds"] == ["aws", "gcp", "azure"]
     for line in ("round   1", "round   2", "eval_loss", "ppl", "acc"):
         assert line in stdout
-    assert processes_matching(job) == []
-    assert processes_matching("fedjet-nats-") == []  # the embedded server's config lives there
+    assert wait_until_gone(processes_tagged(job), timeout=10) == []  # its nats-server, coordinator, workers
 
 
 def test_topk_int8_lowers_loss_with_over_50x_fewer_bytes_up_than_dense(dense_run, topk_run):
@@ -78,23 +81,53 @@ def test_bad_flags_fail_fast_with_a_clear_message(data_dir):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_and_sigterm_stop_everything(data_dir, sig, code):
     job = f"sig-{uuid.uuid4().hex[:8]}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedjet", "up", "--job", job, "--rounds", "50", "--data", str(data_dir), *SMALL],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_up(job, data_dir)
     try:
-        for line in proc.stdout:
-            if line.startswith("round   1"):
-                break
-        assert processes_matching(job), "the run should be going"
+        wait_for_round(proc, 1)
+        assert len(processes_tagged(job)) >= 5, "the run should be going: up, nats-server, coordinator, workers"
         proc.send_signal(sig)
         assert proc.wait(timeout=60) == code
         assert "shut down" in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert processes_matching(job) == []
-    assert processes_matching("fedjet-nats-") == []
+    assert wait_until_gone(processes_tagged(job), timeout=10) == []
+
+
+def test_sigkilled_up_takes_its_nats_server_coordinator_and_workers_with_it(data_dir):
+    """SIGKILL (or the OOM killer) gives `fedjet up` no chance to clean up: the kernel must."""
+    job = f"kill-{uuid.uuid4().hex[:8]}"
+    proc = start_up(job, data_dir)
+    children: list[int] = []
+    try:
+        wait_for_round(proc, 1)
+        children = [pid for pid in processes_tagged(job) if pid != proc.pid]
+        assert len(children) >= 4, "nats-server, coordinator and three workers should be running"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert wait_until_gone(children, timeout=30) == [], "children of a SIGKILLed fedjet up were orphaned"
+    finally:
+        for pid in wait_until_gone(children, timeout=0):  # only what this test started
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def start_up(job: str, data_dir) -> subprocess.Popen:
+    args = ["up", "--job", job, "--rounds", "50", "--data", str(data_dir), *SMALL]
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedjet", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **tagged(job)},
+    )
+
+
+def wait_for_round(proc: subprocess.Popen, round_: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        if line.startswith(f"round {round_:3d}") or time.monotonic() > deadline:
+            return
+    raise AssertionError(f"fedjet up ended before round {round_}: {proc.stderr.read()[-2000:]}")
