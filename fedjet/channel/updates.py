@@ -35,6 +35,7 @@ from fedjet.log import get_logger
 
 log = get_logger("fedjet.channel")
 PENDING_BLOBS_PER_SUBJECT = 2  # x the largest blob: one subject's reassembly budget
+MIN_CHUNK_BYTES = 1 << 16  # chunks of the largest blobs are at least this (servers take 1 MiB by default)
 
 
 class UpdateSender:
@@ -83,10 +84,12 @@ class UpdateInbox:
         self._js = js
         self.subjects = subjects
         self.clouds = None if clouds is None else frozenset(clouds)
+        self.max_chunks = max(MAX_CHUNKS_PER_SUBJECT, PENDING_BLOBS_PER_SUBJECT * -(-max_blob_bytes // MIN_CHUNK_BYTES))
         self._assembler = BlobAssembler(
             max_blob_bytes=max_blob_bytes,
             max_pending_bytes=PENDING_BLOBS_PER_SUBJECT * max_blob_bytes,
             max_blobs_per_subject=2 * MAX_WORKERS_PER_CLOUD,
+            max_chunks_per_subject=self.max_chunks,
             ttl_s=ttl_s,
         )
         self._held: dict[tuple[str, str], list[Any]] = {}  # (subject, blob id) -> chunks to ack later
@@ -98,7 +101,7 @@ class UpdateInbox:
         """Above what partial blobs (bounded per subject) and a batch of complete ones can
         hold, so JetStream never stops delivering while the inbox waits."""
         subjects = len(self.clouds) if self.clouds is not None else 8
-        return max(100_000, 4 * subjects * MAX_CHUNKS_PER_SUBJECT)
+        return max(100_000, 4 * subjects * self.max_chunks)
 
     async def open(self, resume_from: int) -> None:
         """A fresh durable from where the record says work is undecided: messages a killed
