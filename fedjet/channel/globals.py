@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import nats.errors
@@ -21,21 +21,25 @@ import nats.js.errors
 import torch
 from nats.js import api
 
-from fedjet.broker.blobs import H_BLOB, H_SIZE, BlobAssembler, header_bytes, publish_blob
+from fedjet.broker.blobs import H_BLOB, H_SIZE, HEADER_ROOM, Blob, BlobAssembler, header_bytes, publish_blob
 from fedjet.broker.jetstream import read_range
 from fedjet.broker.subjects import JobSubjects
+from fedjet.channel.retry import retrying
 from fedjet.codecs.crypto import COORDINATOR, Boxes, digest, open_global, open_secret, open_version_key, seal_global
+from fedjet.codecs.downlink import decode_view, next_view_frame
 from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import (
     GlobalHead,
     GlobalHeader,
     GlobalVersion,
+    ViewRef,
     decode_global,
     encode_global,
     peek_global_header,
 )
 from fedjet.codecs.record import VersionRecord
 from fedjet.codecs.tensors import weights_hash
+from fedjet.config.codec import CodecSpec
 from fedjet.errors import AuthenticationError, BlobError, BrokerError, FedjetError, ValidationError
 from fedjet.log import get_logger
 
@@ -54,7 +58,15 @@ class GlobalPublisher:
     snapshot every ``snapshot_every``), then the signed head that makes them count."""
 
     def __init__(
-        self, js: Any, subjects: JobSubjects, boxes: Boxes, members: list[str], *, max_payload: int, snapshot_every: int
+        self,
+        js: Any,
+        subjects: JobSubjects,
+        boxes: Boxes,
+        members: list[str],
+        *,
+        max_payload: int,
+        snapshot_every: int,
+        downlink: CodecSpec | None = None,
     ) -> None:
         self._js = js
         self.subjects = subjects
@@ -65,6 +77,8 @@ class GlobalPublisher:
         self.last_head: GlobalHead | None = None
         self._last_head_seq = 0
         self._published: Weights | None = None
+        self.downlink = downlink  # a +down codec: workers get a lossy view (fedjet.codecs.downlink)
+        self._view: tuple[int, Weights] | None = None  # the broadcast view workers hold, and its version
 
     def resume(self, latest: LatestHead, weights: Weights) -> None:
         """Continue the chain of a version published before a restart."""
@@ -84,6 +98,7 @@ class GlobalPublisher:
         blob = await publish_blob(
             self._js, self.subjects.global_data, sealed.ciphertext, blob_id=blob_id, max_payload=self.max_payload
         )
+        view = await self._publish_view(version, hash_, weights) if self.downlink is not None else None
         head = GlobalHead(
             header=header,
             first_seq=blob.first_seq,
@@ -94,10 +109,39 @@ class GlobalPublisher:
             keys=sealed.keys,
             meta=sealed.meta,
             prev_head_seq=self._last_head_seq,
+            view=view,
         )
         await self._publish_head(head)
         log.info("version_published", version=version, hash=hash_[:12], bytes=blob.wire_bytes, final=final)
         return head
+
+    async def _publish_view(self, version: int, hash_: str, weights: Weights) -> ViewRef:
+        """The workers' copy: ``C(W - B)`` on the view of the last version. The first version
+        after a start (or a restart, which does not know what workers hold) is its own view."""
+        assert self.downlink is not None
+        if self._view is None:
+            self._view = (version, weights)
+            return ViewRef(hash=hash_)
+        base, view = self._view
+        header = GlobalHeader(job=self.subjects.job, version=version, hash=hash_, delta_from=base)
+        frame, new_view, view_hash = await asyncio.to_thread(next_view_frame, weights, view, self.downlink, header)
+        sealed = await asyncio.to_thread(seal_global, frame, b"", self.boxes, self.members)
+        blob_id = f"{self.subjects.job}/v/{version}/{secrets.token_hex(6)}"
+        blob = await publish_blob(
+            self._js, self.subjects.global_data, sealed.ciphertext, blob_id=blob_id, max_payload=self.max_payload
+        )
+        self._view = (version, new_view)
+        log.info("view_published", version=version, base=base, bytes=blob.wire_bytes)
+        return ViewRef(
+            hash=view_hash,
+            base=base,
+            first_seq=blob.first_seq,
+            last_seq=blob.last_seq,
+            size=len(sealed.ciphertext),
+            sha256=digest(sealed.ciphertext),
+            blob_id=blob_id,
+            keys=sealed.keys,
+        )
 
     async def publish_final_marker(self) -> None:
         """Stopped early: re-announce the current version as final so workers exit."""
@@ -128,7 +172,9 @@ class GlobalFollower:
     Heads that fail to verify are counted (``rejected``) and ignored; older heads are ignored.
     """
 
-    def __init__(self, js: Any, subjects: JobSubjects, boxes: Boxes, limits: Limits, *, every: bool = False) -> None:
+    def __init__(
+        self, js: Any, subjects: JobSubjects, boxes: Boxes, limits: Limits, *, every: bool = False, views: bool = False
+    ) -> None:
         self._js = js
         self.boxes = boxes
         self.subjects = subjects
@@ -144,6 +190,8 @@ class GlobalFollower:
         self._sub: Any = None
         self._held: tuple[int, Weights] | None = None  # the last version fetched
         self._local: dict[int, Weights] = {}  # versions this party built itself (version 0)
+        self.views = views  # a worker: fetch the broadcast view where a version has one
+        self._held_view: tuple[int, Weights] | None = None  # the last view fetched
 
     async def start(self) -> None:
         policy = api.DeliverPolicy.ALL if self.every else api.DeliverPolicy.LAST
@@ -203,7 +251,10 @@ class GlobalFollower:
         """The newest head that verifies, or None for a job with no versions yet. Junk that
         someone without the coordinator's key put on the head subject is skipped."""
         try:
-            raw = await self._js.get_last_msg(self.subjects.global_stream, self.subjects.global_head)
+            raw = await retrying(
+                lambda: self._js.get_last_msg(self.subjects.global_stream, self.subjects.global_head),
+                "reading the newest global head",
+            )
         except nats.js.errors.NotFoundError:
             return None
         try:
@@ -220,7 +271,10 @@ class GlobalFollower:
         """One step back along the head chain (None at version 0)."""
         if head.prev_head_seq <= 0:
             return None
-        msg = await self._js.get_msg(self.subjects.global_stream, head.prev_head_seq, direct=True)
+        msg = await retrying(
+            lambda: self._js.get_msg(self.subjects.global_stream, head.prev_head_seq, direct=True),
+            f"reading the head before version {head.version}",
+        )
         previous = self.parse_head(msg.data)
         if previous.version >= head.version:
             raise AuthenticationError(f"global {head.version}: head chain points forward to {previous.version}")
@@ -236,8 +290,14 @@ class GlobalFollower:
 
         A delta version is applied on top of its base: the version fetched last when that is
         the base, else the base fetched first (walking back along the head chain to the last
-        full snapshot). The result is checked against the signed hash either way.
+        full snapshot). The result is checked against the signed hash either way. A follower
+        with ``views`` gets a version's broadcast view instead, where it has one.
         """
+        if self.views and head.view is not None:
+            return await self._fetch_view(head)
+        return await self._fetch_version(head)
+
+    async def _fetch_version(self, head: GlobalHead) -> GlobalVersion:
         local = self._local.get(head.version)
         if local is not None and weights_hash(local) == head.hash:
             self._held = (head.version, local)
@@ -261,14 +321,60 @@ class GlobalFollower:
             raise ValidationError(f"global {head.version}: no way back to its base {base_version}")
         if previous.version != base_version:
             raise AuthenticationError(f"global {head.version}: head chain points at {previous.version}")
-        return (await self.fetch(previous)).tensors
+        return (await self._fetch_version(previous)).tensors
+
+    async def _fetch_view(self, head: GlobalHead) -> GlobalVersion:
+        """The view of ``head``: its change applied to the view of its base, walking back along
+        the heads to a view this party holds or one that is a version's own weights."""
+        chain = [head]
+        weights = self._known_view(head)
+        while weights is None and _view(chain[-1]).base >= 0:
+            previous = await self.previous(chain[-1])
+            if previous is None or previous.view is None or previous.version != _view(chain[-1]).base:
+                raise AuthenticationError(f"global {head.version}: no way back to the view it changes")
+            chain.append(previous)
+            weights = self._known_view(previous)
+        if weights is None:  # the view of the oldest one is that version's own weights
+            weights = self._checked_view(chain[-1], (await self._fetch_version(chain[-1])).tensors)
+        for step in reversed(chain[:-1]):
+            ref = _view(step)
+            blob = replace(step, first_seq=ref.first_seq, last_seq=ref.last_seq, size=ref.size,
+                           sha256=ref.sha256, blob_id=ref.blob_id, keys=ref.keys)  # fmt: skip
+            plaintext = await self._read_plaintext(blob)
+            weights = self._checked_view(
+                step, (await asyncio.to_thread(decode_view, plaintext, self.limits, weights)).tensors
+            )
+        self._held_view = (head.version, weights)
+        return GlobalVersion(replace(head.header, hash=_view(head).hash), weights)
+
+    def _known_view(self, head: GlobalHead) -> Weights | None:
+        if self._held_view is not None and self._held_view[0] == head.version:
+            return self._held_view[1]
+        local = self._local.get(head.version)
+        return local if local is not None and weights_hash(local) == _view(head).hash else None
+
+    @staticmethod
+    def _checked_view(head: GlobalHead, weights: Weights) -> Weights:
+        if weights_hash(weights) != _view(head).hash:
+            raise AuthenticationError(f"global {head.version}: the view does not match the signed view hash")
+        return weights
 
     async def _read_plaintext(self, head: GlobalHead) -> bytes:
         if not 0 <= head.size <= self.limits.max_frame_bytes:
             raise ValidationError(f"global {head.version}: size {head.size} out of range")
+        blob = await retrying(lambda: self._collect(head), f"reading global {head.version}")
+        if blob is None or len(blob.data) != head.size:
+            raise ValidationError(f"global {head.version}: weights incomplete at {head.first_seq}..{head.last_seq}")
+        if digest(blob.data) != head.sha256:
+            raise AuthenticationError(f"global {head.version}: weights do not match the signed digest")
+        return await asyncio.to_thread(open_global, blob.data, self._sealed_key(head), self.boxes)
+
+    async def _collect(self, head: GlobalHead) -> Blob | None:
+        """The version's chunks in its sequence range, reassembled (foreign chunks skipped)."""
         # The signed size bounds what unsigned chunk headers may make us allocate.
-        assembler = BlobAssembler(max_blob_bytes=head.size, max_pending_bytes=head.size)
-        blob = None
+        chunks = max(1, -(-head.size // HEADER_ROOM))  # as many as a publisher could have cut
+        assembler = BlobAssembler(max_blob_bytes=head.size, max_pending_bytes=head.size, max_chunks_per_subject=chunks)
+        blob: Blob | None = None
         messages = read_range(
             self._js, self.subjects.global_stream, self.subjects.global_data, head.first_seq, head.last_seq
         )
@@ -284,11 +390,7 @@ class GlobalFollower:
                     blob = assembler.add(msg.subject, msg.headers, msg.data, msg.metadata.sequence.stream) or blob
                 except BlobError as e:  # a forged chunk under our blob id: the signed digest decides
                     log.warning("global_chunk_skipped", version=head.version, detail=str(e)[:200])
-        if blob is None or len(blob.data) != head.size:
-            raise ValidationError(f"global {head.version}: weights incomplete at {head.first_seq}..{head.last_seq}")
-        if digest(blob.data) != head.sha256:
-            raise AuthenticationError(f"global {head.version}: weights do not match the signed digest")
-        return await asyncio.to_thread(open_global, blob.data, self._sealed_key(head), self.boxes)
+        return blob
 
     def _sealed_key(self, head: GlobalHead) -> bytes:
         sealed_key = head.keys.get(self.boxes.me.name)
@@ -299,3 +401,8 @@ class GlobalFollower:
     def record(self, head: GlobalHead) -> VersionRecord:
         """The coordinator's record of this version (who contributed, losses, bytes, progress)."""
         return VersionRecord.from_bytes(open_secret(head.meta, open_version_key(self._sealed_key(head), self.boxes)))
+
+
+def _view(head: GlobalHead) -> ViewRef:
+    assert head.view is not None
+    return head.view

@@ -12,6 +12,7 @@ import nats.errors
 import nats.js.errors
 
 from fedjet.broker.subjects import JobSubjects
+from fedjet.channel.retry import retrying
 from fedjet.codecs.crypto import Identity, PublicIdentity
 from fedjet.errors import BrokerError
 from fedjet.log import get_logger
@@ -27,9 +28,13 @@ async def publish_spec(js: Any, subjects: JobSubjects, spec: JobSpec, coordinato
 
 async def read_spec(js: Any, subjects: JobSubjects, coordinator: PublicIdentity) -> JobSpec | None:
     """The recorded spec, or None when the job has none yet."""
-    try:
+
+    async def read() -> bytes:
         kv = await js.key_value(subjects.kv_bucket)
-        return verify_spec((await kv.get(subjects.spec_key)).value, coordinator)
+        return bytes((await kv.get(subjects.spec_key)).value)
+
+    try:
+        return verify_spec(await retrying(read, "reading the job spec"), coordinator)
     except nats.js.errors.NotFoundError:  # bucket or key not there yet
         return None
 

@@ -66,13 +66,15 @@ def permissions_for(role: Role, job: str, *, inbox: str, domain: str, cloud: str
 
 
 def _stream_read(stream: str, api: str) -> list[str]:
-    """Ordered consumers and direct / stored message gets on one stream: reading, never changing it."""
+    """Ordered and pull consumers without acks, direct / stored message gets on one stream:
+    reading, never changing it (a version's chunks are read by a throwaway pull consumer)."""
     return [
         f"{api}.STREAM.INFO.{stream}",
         f"{api}.CONSUMER.CREATE.{stream}",
         f"{api}.CONSUMER.CREATE.{stream}.>",
         f"{api}.CONSUMER.INFO.{stream}.*",
         f"{api}.CONSUMER.DELETE.{stream}.*",
+        f"{api}.CONSUMER.MSG.NEXT.{stream}.*",
         f"$JS.FC.{stream}.>",  # flow-control replies of ordered consumers
         f"{api}.DIRECT.GET.{stream}",
         f"{api}.DIRECT.GET.{stream}.>",

@@ -125,7 +125,7 @@ class _Session:
         self.versions = [v for v in recording.versions if self.first < v.version <= last]
         self.start = await self._weights(self.first)
         self.updates = _UpdateReader(self.js, self.subjects, self.limits)
-        self.admission = Admission(recording.spec, self.boxes, self.limits)
+        self.admission = Admission(recording.spec, self.boxes, self.limits, legacy_envelopes=True)
 
     async def close(self) -> None:
         await self.updates.close()

@@ -1,0 +1,46 @@
+"""Retrying what a healthy cluster answers only sometimes.
+
+Through a node that does not lead a stream, or while a leaf node or a route comes back,
+JetStream API requests can time out, find no responders, or get 503 for a moment. Reads
+(spec, heads, version chunks) retry those with backoff instead of crashing a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import nats.errors
+import nats.js.errors
+
+from fedjet.errors import BrokerError
+from fedjet.log import get_logger
+
+T = TypeVar("T")
+log = get_logger("fedjet.channel")
+TRANSIENT = (
+    TimeoutError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+)
+ATTEMPTS = 8
+FIRST_WAIT_S = 0.2
+
+
+async def retrying(action: Callable[[], Awaitable[T]], what: str, *, attempts: int = ATTEMPTS) -> T:
+    """``await action()``, again after 0.2, 0.4, 0.8 ... s while the broker answers transiently."""
+    wait = FIRST_WAIT_S
+    for attempt in range(1, attempts + 1):
+        try:
+            return await action()
+        except (*TRANSIENT, BrokerError) as e:
+            if isinstance(e, BrokerError) and not isinstance(e.__cause__, TRANSIENT):
+                raise  # a broker error that waiting will not change
+            if attempt == attempts:
+                raise BrokerError(f"{what}: no answer after {attempts} tries: {type(e).__name__}: {e}") from e
+            log.warning("broker_retry", what=what, attempt=attempt, error=type(e).__name__)
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 5.0)
+    raise AssertionError("unreachable")

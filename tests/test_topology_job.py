@@ -1,0 +1,94 @@
+"""A real job on the generated topology: a 3-node TLS hub with R3 JetStream, a leaf node per
+cloud, NKEY identities. The coordinator connects to the hub, each worker to its own cloud's leaf;
+one hub node is killed mid-run; the job completes and replays with 0 mismatches."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedjet.keystore import generate as generate_keys
+from tests.conftest import REPO, run_fedjet
+from tests.test_deploy_topology import CLOUDS, JOB, _config, _wait_leaves, running
+
+pytestmark = pytest.mark.e2e
+
+
+def identity(topology, name: str) -> list[str]:
+    return [
+        "--nkey", str(topology.identities[name].nkey), "--tls-ca", str(topology.ca),
+        "--js-domain", topology.jetstream_domain,
+    ]  # fmt: skip
+
+
+def start(*args: str, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as fh:
+        return subprocess.Popen([sys.executable, "-m", "fedjet", *args], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+
+
+def test_a_job_across_hub_and_leaves_survives_a_hub_node_and_replays(tmp_path, data_dir):
+    import asyncio
+
+    keys = tmp_path / "keys"
+    generate_keys(keys, [*CLOUDS, "eval"])
+    with running(_config(tmp_path, CLOUDS), tmp_path) as cluster:
+        topology = cluster.topology
+        asyncio.run(_wait_leaves(topology))
+        hub = ",".join(topology.hub)
+        train = ["--local-steps", "4", "--batch-size", "4", "--seq-len", "64"]
+        coordinator = start(
+            "coordinator", "--nats", hub, *identity(topology, "coordinator"), "--keys", str(keys), "--job", JOB,
+            "--clouds", ",".join(CLOUDS), "--rounds", "4", *train, log=tmp_path / "coordinator.log",
+        )  # fmt: skip
+        workers = [
+            start(
+                "worker",
+                "--nats",
+                topology.leaf[cloud],
+                *identity(topology, cloud),
+                "--keys",
+                str(keys),
+                "--job",
+                JOB,
+                "--cloud",
+                cloud,
+                "--deal",
+                "--data",
+                str(data_dir),
+                log=tmp_path / f"{cloud}.log",
+            )
+            for cloud in CLOUDS
+        ]
+        status = ["status", "--nats", hub, *identity(topology, "coordinator"), "--keys", str(keys), "--job", JOB]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # kill a hub node once version 1 is out
+            shown = run_fedjet(*status, "--json", timeout=60)
+            if shown.returncode == 0 and (json.loads(shown.stdout).get("head") or {}).get("version", 0) >= 1:
+                break
+            assert coordinator.poll() is None, (tmp_path / "coordinator.log").read_text()[-3000:]
+            time.sleep(1)
+        hub_nodes = [s.name for s in topology.servers if s.role == "hub"]
+        cluster.stop(hub_nodes[-1], signal.SIGKILL)
+        for name, proc in [("coordinator", coordinator), *zip(CLOUDS, workers, strict=True)]:
+            try:
+                proc.wait(timeout=240)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+            assert proc.returncode == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+
+        verify = run_fedjet(
+            "replay", "--nats", hub, *identity(topology, "coordinator"), "--keys", str(keys), "--job", JOB,
+            "--verify", "--no-progress", timeout=120,
+        )  # fmt: skip
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        summary = json.loads(verify.stdout.strip().splitlines()[-1])
+        assert summary == {"versions": 4, "mismatches": 0, "first_mismatch": None}
+        final = json.loads(run_fedjet(*status, "--json", timeout=60).stdout)
+        assert final["head"]["version"] == 4 and final["head"]["final"]
