@@ -20,6 +20,7 @@ PRECISIONS = ("bf16", "fp32")
 AGGREGATION_FLAGS = {
     "--strategy", "--temperature", "--alpha-async", "--staleness", "--staleness-a", "--staleness-b",
     "--max-staleness", "--buffer-size", "--server-opt", "--server-lr", "--server-momentum", "--central-dp",
+    "--clip-update",
 }  # fmt: skip
 
 
@@ -88,6 +89,9 @@ def _add_services(commands: Any) -> None:
     coord.add_argument("--keys", required=True, help="directory with coordinator.key and members' .pub")
     coord.add_argument("--idle-timeout", type=float, default=600.0)
     coord.add_argument("--replicas", type=int, default=None, help="stream copies (default: 3 on a cluster, else 1)")
+    coord.add_argument(
+        "--state", default=None, metavar="DIR", help="keep the newest published version here: refuse rollbacks"
+    )
     coord.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     add_identity_flags(coord)
     coord.set_defaults(func=cmd_coordinator)
@@ -434,6 +438,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             js_domain=args.js_domain,
             replicas=args.replicas,
             metrics=metrics,
+            state_dir=args.state,
         )
     )
     with _metrics_served(metrics, args.metrics_port):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import nats.errors
 from nats.aio.client import Client
 
 from fedjet.broker.auth import ClientAuth
+from fedjet.broker.urls import NATS_USERINFO_ENV, redact_url, with_userinfo
 from fedjet.errors import BrokerError, ConfigError
 from fedjet.log import get_logger
 
@@ -61,13 +63,14 @@ async def connect_client(
     nats-py spends the same ``reconnects`` budget on the first connection: a one-shot command
     (``fedjet status``) passes a small one so an unreachable server fails in seconds.
     """
-    urls = server_list(url_or_urls)
+    userinfo = os.environ.get(NATS_USERINFO_ENV)  # credentials handed down, never on a command line
+    urls = [with_userinfo(u, userinfo) for u in server_list(url_or_urls)]
     if reconnects < 1:
         raise ConfigError(f"reconnects must be >= 1 (nats-py reads 0 as 'forever'), got {reconnects}")
     refused: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
 
     async def on_error(e: Exception) -> None:
-        log.warning("nats_error", client=name, error=f"{type(e).__name__}: {e}")
+        log.warning("nats_error", client=name, error=redact_url(f"{type(e).__name__}: {e}"))
         if is_refusal(e) and not refused.done():
             refused.set_result(e)
 
@@ -95,7 +98,7 @@ async def _first_connection(
     connecting: asyncio.Future[Client], refused: asyncio.Future[BaseException], urls: list[str]
 ) -> Client:
     """The connection, or a :class:`BrokerError` as soon as the server refuses us for good."""
-    where = ", ".join(urls)
+    where = ", ".join(redact_url(u) for u in urls)
     either: set[asyncio.Future[Any]] = {connecting, refused}
     try:
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)

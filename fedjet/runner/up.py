@@ -273,8 +273,10 @@ async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child
                 device=config.device,
             )
         )
-        follower = GlobalFollower(js, subjects, boxes, Limits(), every=True)
-        follower.hold_local(0, {n: t.clone() for n, t in evaluator.job_model.exchanged().items()})
+        own = {n: t.clone() for n, t in evaluator.job_model.exchanged().items()}
+        limits = Limits.for_model(sum(t.numel() for t in own.values()), len(own))
+        follower = GlobalFollower(js, subjects, boxes, limits, every=True)
+        follower.hold_local(0, own)
         await follower.start()
         on_round, live, server = _round_sink(config, lambda: collector.last_record)
         collector = Collector(

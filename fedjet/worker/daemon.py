@@ -129,7 +129,9 @@ class Worker:
                 self.sender = UpdateSender(
                     self._js, self.subjects, self.boxes, cfg.cloud, cfg.worker_id, max_payload=self._nc.max_payload
                 )
-                self.follower = GlobalFollower(self._js, self.subjects, self.boxes, cfg.limits)
+                own = self.trainer.weights()  # frame limits sized from the model, not 1 GiB
+                limits = Limits.for_model(sum(t.numel() for t in own.values()), len(own))
+                self.follower = GlobalFollower(self._js, self.subjects, self.boxes, limits, views=True)
                 await self.follower.start()
                 await self._loop()
         finally:
@@ -193,7 +195,7 @@ class Worker:
                     self.stats.initial_weights = "local" if version.tensors is local_v0 else "downloaded"
                 self.trainer.load(version.tensors)
                 self.metrics.version(head.version)
-                self.tracker.rebase(version.tensors)
+                self.tracker.rebase(version.tensors, head.version)
                 base = head
                 steps = self.follower.record(head).assignment.get(self.config.cloud, steps)
             self.stats.idle_s += time.perf_counter() - wait_from
