@@ -10,13 +10,22 @@ from hypothesis import strategies as st
 
 from fedjet.codecs.feedback import compress_with_feedback
 from fedjet.codecs.frame import Limits
-from fedjet.codecs.indices import decode_indices, decode_varints, encode_indices, encode_varints
+from fedjet.codecs.indices import (
+    decode_elias_fano,
+    decode_indices,
+    decode_varints,
+    elias_fano_sizes,
+    encode_elias_fano,
+    encode_indices,
+    encode_varints,
+)
 from fedjet.codecs.messages import Update, UpdateHeader, decode_update, encode_update
 from fedjet.codecs.pipeline import CodecSpec, compress, decode_tensors
 from fedjet.codecs.quant import dequantize, quantize
 from fedjet.codecs.sparse import SparseTensor
 from fedjet.codecs.topk import kept_count, topk_indices
 from fedjet.errors import ConfigError, DecodeError
+from fedjet.worker.delta import DeltaTracker
 
 HEADER = UpdateHeader(job="j", cloud="aws", worker="0", seq=1, base_version=0, samples=1, loss=1.0)
 
@@ -33,13 +42,27 @@ def dense(t) -> torch.Tensor:
         ("topk:0.05:global+int4:64", "topk:0.05:global+int4:64"),
         ("fp16", "fp16"),
         ("int8:256", "int8"),
+        ("int2", "int2"),
+        ("int1:1024", "int1:1024"),
+        ("topk:0.01:warmup=0.25/3+int8", "topk:0.01:warmup=0.25/3+int8"),
+        ("topk:0.05:warmup=0.5/2:global+int4", "topk:0.05:global:warmup=0.5/2+int4"),
+        ("int1+down", "int1+down=int1"),
+        ("topk:0.01+int8+down=topk:0.05+int8", "topk:0.01+int8+down=topk:0.05+int8"),
+        ("dense+down=int2", "dense+down=int2"),
     ],
 )
 def test_codec_specs_parse_to_a_canonical_form(text, canonical):
     assert CodecSpec.parse(text).text == canonical
 
 
-@pytest.mark.parametrize("text", ["", "topk", "topk:2", "topk:0.1:sideways", "int9", "int8:0", "zip"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "", "topk", "topk:2", "topk:0.1:sideways", "int9", "int8:0", "zip", "int3", "int1:0",
+        "topk:0.1:warmup=0.01/3", "topk:0.1:warmup=0.5/0", "topk:0.1:warmup=0.5", "topk:0.1:global:tensor:x",
+        "+down", "int8+downlink", "int8+down=", "int8+down=zip", "int8+down=int8+down",
+    ],
+)  # fmt: skip
 def test_bad_codec_specs_are_config_errors(text):
     with pytest.raises(ConfigError):
         CodecSpec.parse(text)
@@ -104,6 +127,7 @@ def test_varints_round_trip_large_values_and_reject_bad_streams():
 
 shapes = st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple)
 codecs = st.sampled_from(["dense", "fp16", "int8", "topk:0.1", "topk:0.01+int8", "topk:0.3:global+int4:16", "topk:1"])
+low_bit_codecs = st.sampled_from(["int2", "int1:64", "topk:0.2+int1", "topk:0.3:global+int2:16", "int1+down"])
 
 
 @given(
@@ -170,3 +194,110 @@ def test_bench_codec_prints_one_json_object_with_same_run_ratios():
         assert out[key] > 0
     assert out["dense_bytes"] == 1_200_000 and out["ratio"] == out["dense_bytes"] / out["wire_bytes"] >= 100
     assert out["encode_vs_memcpy"] == out["encode_mb_s"] / out["memcpy_mb_s"]
+
+
+@given(
+    shape_list=st.lists(shapes, min_size=1, max_size=4),
+    codec=low_bit_codecs,
+    seed=st.integers(0, 99),
+)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_low_bit_codecs_round_trip_what_the_sender_says_it_sent(shape_list, codec, seed):
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {f"t{i}": torch.randn(s, generator=gen) for i, s in enumerate(shape_list)}
+    compressed = compress(tensors, CodecSpec.parse(codec))
+    decoded = decode_tensors(compressed.entries, Limits())
+    for name in tensors:
+        assert torch.equal(dense(decoded[name]).float(), dense(compressed.sent[name]).float())
+
+
+def test_warmup_decays_geometrically_from_its_start_to_the_target_and_stays():
+    spec = CodecSpec.parse("topk:0.01:warmup=0.25/3+int8")
+    densities = [spec.density_at(v) for v in range(6)]
+    assert densities[0] == 0.25 and densities[3:] == [0.01, 0.01, 0.01]
+    assert densities[1] == pytest.approx(0.25 * 0.04 ** (1 / 3)) and densities[0] > densities[1] > densities[2] > 0.01
+    assert spec.at(1).density == densities[1] and spec.at(1).text == spec.text and spec.at(1).warmup is None
+    assert CodecSpec.parse("topk:0.01+int8").at(0).density == 0.01
+
+
+def test_delta_tracker_compresses_at_the_density_of_its_base_version():
+    tracker = DeltaTracker(CodecSpec.parse("topk:0.01:warmup=0.5/2"))
+    start = {"w": torch.zeros(10_000)}
+    moved = {"w": torch.randn(10_000, generator=torch.Generator().manual_seed(0))}
+    kept = []
+    for version in (0, 1, 2, 7):
+        tracker.rebase(start, version)
+        kept.append(tracker.compress_delta(moved).entries[0]["k"])
+    assert kept == [5000, 708, 100, 100]
+
+
+def test_topk_that_keeps_everything_sends_a_dense_entry_without_indices():
+    out = compress({"w": torch.randn(300)}, CodecSpec.parse("topk:1+int8"))
+    assert out.entries[0]["e"] == "dense" and "i" not in out.entries[0]
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 256])
+def test_sign_quantization_keeps_each_chunks_l1_mass(chunk):
+    x = np.random.default_rng(chunk).standard_normal(1001).astype(np.float32)
+    packed, scales = quantize(x, "int1", chunk)
+    back = dequantize(packed, scales, x.size, "int1", chunk)
+    assert len(packed) == 126 and np.array_equal(np.sign(back), np.where(x < 0, -1, 1))
+    for start in range(0, x.size, chunk):
+        part = slice(start, start + chunk)
+        assert np.abs(back[part]).sum() == pytest.approx(np.abs(x[part]).sum(), rel=1e-5)
+
+
+def test_ternary_quantization_keeps_large_values_at_their_mean_magnitude():
+    x = np.array([0.0, 0.1, -0.1, 3.0, -5.0, 4.0, 0.05, -0.2], dtype=np.float32)
+    packed, scales = quantize(x, "int2", 8)
+    back = dequantize(packed, scales, x.size, "int2", 8)
+    assert len(packed) == 2 and np.allclose(back, [0, 0, 0, 4, -4, 4, 0, 0])
+    with pytest.raises(DecodeError):  # code 0b10 is not a ternary level
+        dequantize(bytes([0b10, 0]), scales, x.size, "int2", 8)
+    with pytest.raises(DecodeError):
+        dequantize(packed + b"\0", scales, x.size, "int2", 8)
+
+
+@pytest.mark.parametrize("codec", ["int1", "int2", "topk:0.05:warmup=0.5/3+int1"])
+def test_error_feedback_conserves_the_sum_with_low_bit_codecs(codec):
+    spec = CodecSpec.parse(codec)
+    gen = torch.Generator().manual_seed(1)
+    truth, sent_total, residual = torch.zeros(5000), torch.zeros(5000), None
+    for step in range(20):
+        update = torch.randn(5000, generator=gen)
+        truth += update
+        compressed, residual = compress_with_feedback({"w": update}, residual, spec.at(step), seed=step)
+        sent_total += dense(compressed.sent["w"])
+    assert torch.allclose(sent_total + residual["w"], truth, atol=1e-3)
+
+
+@pytest.mark.parametrize("numel, count", [(1_000_000, 10_000), (1_000_000, 100_000), (1000, 1), (64, 63), (7, 7)])
+def test_elias_fano_round_trips_and_beats_varints_at_moderate_density(numel, count):
+    indices = np.sort(np.random.default_rng(count).choice(numel, count, replace=False)).astype(np.int64)
+    payload = encode_elias_fano(indices, numel)
+    assert len(payload) == sum(elias_fano_sizes(count, numel))
+    assert np.array_equal(decode_elias_fano(payload, count, numel), indices)
+    kind, best = encode_indices(indices, numel)
+    assert np.array_equal(decode_indices(kind, best, count, numel), indices)
+    if numel == 1_000_000:
+        varint = encode_varints(np.diff(indices, prepend=0).astype(np.uint64))
+        assert kind == "ef" and len(best) < 0.9 * len(varint)
+
+
+def test_elias_fano_refuses_hostile_payloads():
+    indices = np.array([3, 9, 40, 41, 99], dtype=np.int64)
+    payload = encode_elias_fano(indices, 100)
+    with pytest.raises(DecodeError):
+        decode_elias_fano(payload + b"\0", 5, 100)  # wrong size for the manifest
+    with pytest.raises(DecodeError):
+        decode_elias_fano(payload, 4, 100)  # another count changes the layout
+    upper = bytearray(payload)
+    upper[0] |= 0xFF  # more high bits set than indices
+    with pytest.raises(DecodeError):
+        decode_elias_fano(bytes(upper), 5, 100)
+    with pytest.raises(DecodeError):  # the same index twice
+        decode_elias_fano(encode_elias_fano(np.array([5, 5, 7, 8, 9], dtype=np.int64), 100), 5, 100)
+    with pytest.raises(DecodeError):  # beyond the tensor (a high part that overflows numel)
+        decode_elias_fano(encode_elias_fano(np.array([1, 2, 3, 4, 103], dtype=np.int64), 104), 5, 100)
+    with pytest.raises(DecodeError):
+        decode_indices("rice", payload, 5, 100)

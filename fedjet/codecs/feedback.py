@@ -16,7 +16,7 @@ Weights = dict[str, torch.Tensor]
 
 
 def is_lossless(spec: CodecSpec) -> bool:
-    return spec.density is None and spec.quant == "raw"
+    return spec.lossless
 
 
 def compress_with_feedback(

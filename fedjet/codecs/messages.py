@@ -266,6 +266,38 @@ def decode_global(data: bytes, limits: Limits, base: dict[str, torch.Tensor] | N
 
 
 @dataclass(frozen=True, kw_only=True)
+class ViewRef:
+    """Where the workers' copy of a version sits under a lossy downlink (``+down``): the hash of
+    the broadcast view, the version whose view it is a change on (-1: the view *is* this
+    version's weights, nothing more to read), and that change's blob and sealed keys."""
+
+    hash: str
+    base: int = -1
+    first_seq: int = 0
+    last_seq: int = 0
+    size: int = 0
+    sha256: str = ""
+    blob_id: str = ""
+    keys: dict[str, bytes] = field(default_factory=dict)
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> ViewRef:
+        keys = read(raw, "keys", dict, default={})
+        if not all(isinstance(k, str) and isinstance(v, bytes) for k, v in keys.items()):
+            raise SchemaError("view keys must map member names to bytes")
+        return cls(
+            hash=read(raw, "hash", str),
+            base=read(raw, "base", int, default=-1),
+            first_seq=read(raw, "first_seq", int, default=0),
+            last_seq=read(raw, "last_seq", int, default=0),
+            size=read(raw, "size", int, default=0),
+            sha256=read(raw, "sha256", str, default=""),
+            blob_id=read(raw, "blob_id", str, default=""),
+            keys=keys,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class GlobalHead:
     """The small signed message announcing a global version: its header (identity and hash),
     where its encrypted weights sit, their digest, and the version key sealed to each member.
@@ -280,6 +312,7 @@ class GlobalHead:
     keys: dict[str, bytes] = field(default_factory=dict)
     meta: bytes = b""  # the VersionRecord, encrypted with the version key
     prev_head_seq: int = 0  # stream sequence of the previous version's head (walk back to a snapshot)
+    view: ViewRef | None = None  # the workers' lossy copy (a job with a +down codec)
 
     @property
     def job(self) -> str:
@@ -306,7 +339,7 @@ class GlobalHead:
         return replace(self, header=replace(self.header, final=True))
 
     def sign(self, coordinator: Identity) -> bytes:
-        fields = {k: v for k, v in asdict(self).items() if k != "header"}
+        fields = {k: v for k, v in asdict(self).items() if k != "header" and not (k == "view" and v is None)}
         body = msgpack.packb({"hv": 1, **asdict(self.header), **fields}, use_bin_type=True)
         return crypto.sign(body, coordinator)
 
@@ -334,4 +367,5 @@ class GlobalHead:
             keys=keys,
             meta=read(raw, "meta", bytes, default=b""),
             prev_head_seq=read(raw, "prev_head_seq", int, default=0),
+            view=ViewRef.from_wire(read(raw, "view", dict)) if raw.get("view") is not None else None,
         )

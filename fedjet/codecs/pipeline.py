@@ -1,9 +1,10 @@
 """Tensor dicts <-> frame entries under a :class:`CodecSpec` (``dense``, ``topk:0.01+int8`` ...).
 
-Stages, in order: top-k sparsification (per tensor or global), quantization (fp16, int8 or
-int4 with a scale per chunk), compact indices (varint deltas or bitmap, whichever is
-smaller). :func:`compress` also returns what the receiver will reconstruct, so the caller can
-keep the error-feedback residual exactly.
+Stages, in order: top-k sparsification (per tensor or global, at the density a warm-up
+gives the version), quantization (fp16, or int8/int4/int2/int1 with a scale per chunk),
+compact indices (varint deltas, bitmap or Elias-Fano, whichever is smallest).
+:func:`compress` also returns what the receiver will reconstruct, so the caller can keep the
+error-feedback residual exactly.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def _encode_one(
     name: str, tensor: torch.Tensor, flat: np.ndarray, indices: np.ndarray | None, spec: CodecSpec
 ) -> tuple[dict[str, Any], TensorLike]:
     shape = tuple(tensor.shape)
+    if indices is not None and indices.size == flat.size:
+        indices = None  # every value kept (a warm-up at density 1, a tiny tensor): no indices to send
     values = flat if indices is None else flat[indices]
     entry: dict[str, Any] = {"n": name, "s": list(shape), "d": dtype_name(tensor), "k": int(values.size)}
     if spec.quant == "raw":

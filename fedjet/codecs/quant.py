@@ -1,7 +1,13 @@
-"""Symmetric quantization with one float32 scale per chunk of values.
+"""Quantization with one float32 scale per chunk of values.
 
-int8 keeps levels -127..127, int4 keeps -7..7 (two per byte). Rounding to the nearest level
-means every decoded value lies within half a quantization step (``scale / 2``) of its input.
+int8 keeps levels -127..127 and int4 -7..7 (two per byte), with the chunk's largest magnitude
+as the top level: every decoded value lies within half a step (``scale / 2``) of its input.
+Below four bits a max-scaled grid rounds most values to zero, so the two smallest levels
+pick the scale that minimises the squared error instead (error feedback keeps the rest):
+
+* int2 (ternary, four per byte): values above ``0.7 * mean|x|`` become ``±s`` with ``s`` their
+  mean magnitude, the others 0 (ternary weight networks' rule);
+* int1 (sign, eight per byte): ``sign(x) * mean|x|``, which keeps each chunk's L1 mass.
 """
 
 from __future__ import annotations
@@ -13,21 +19,51 @@ import numpy as np
 from fedjet.config.codec import DEFAULT_CHUNK
 from fedjet.errors import DecodeError
 
-LEVELS = {"int8": 127, "int4": 7}
+LEVELS = {"int8": 127, "int4": 7, "int2": 1, "int1": 1}
+BITS = {"int8": 8, "int4": 4, "int2": 2, "int1": 1}
+TERNARY_THRESHOLD = 0.7  # x mean|x|: the approximately optimal cut for Gaussian-like values
 
 
 def quantize(values: np.ndarray, bits: str, chunk: int = DEFAULT_CHUNK) -> tuple[bytes, bytes]:
     """(packed levels, float32 scales) for a flat float32 array."""
-    levels = LEVELS[bits]
     n = values.size
     chunks = math.ceil(n / chunk) if n else 0
     padded = np.zeros(chunks * chunk, dtype=np.float32)
     padded[:n] = values
     blocks = padded.reshape(chunks, chunk)
-    scales = (np.abs(blocks).max(axis=1) / levels).astype(np.float32)
-    safe = np.where(scales > 0, scales, 1.0).astype(np.float32)
-    q = np.rint(blocks / safe[:, None]).clip(-levels, levels).astype(np.int8).reshape(-1)[:n]
-    return _pack(q, bits), scales.tobytes()
+    if bits == "int1":
+        q, scales = _sign(blocks, n, chunk)
+    elif bits == "int2":
+        q, scales = _ternary(blocks)
+    else:
+        levels = LEVELS[bits]
+        scales = (np.abs(blocks).max(axis=1) / levels).astype(np.float32)
+        safe = np.where(scales > 0, scales, 1.0).astype(np.float32)
+        q = np.rint(blocks / safe[:, None]).clip(-levels, levels).astype(np.int8)
+    return _pack(q.reshape(-1)[:n], bits), scales.astype(np.float32).tobytes()
+
+
+def _sign(blocks: np.ndarray, n: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Levels ±1 and each chunk's mean magnitude over its real (unpadded) values."""
+    counts = np.full(blocks.shape[0], chunk, dtype=np.float32)
+    if blocks.shape[0] and n % chunk:
+        counts[-1] = n % chunk
+    scales = np.abs(blocks).sum(axis=1) / counts
+    return np.where(blocks < 0, -1, 1).astype(np.int8), scales
+
+
+def _ternary(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Levels -1/0/1: keep values above 0.7 x the chunk's mean magnitude, scaled by their mean."""
+    magnitude = np.abs(blocks)
+    cut = TERNARY_THRESHOLD * magnitude.mean(axis=1, keepdims=True)  # padding only lowers the cut
+    kept = (magnitude > cut) & (magnitude > 0)
+    count = kept.sum(axis=1)
+    scales = np.where(count > 0, (magnitude * kept).sum(axis=1) / np.maximum(count, 1), 0.0)
+    return (np.sign(blocks) * kept).astype(np.int8), scales
+
+
+def packed_size(n: int, bits: str) -> int:
+    return math.ceil(n * BITS[bits] / 8)
 
 
 def dequantize(packed: bytes, scales_raw: bytes, n: int, bits: str, chunk: int) -> np.ndarray:
@@ -35,8 +71,7 @@ def dequantize(packed: bytes, scales_raw: bytes, n: int, bits: str, chunk: int) 
     chunks = math.ceil(n / chunk) if n else 0
     if len(scales_raw) != 4 * chunks:
         raise DecodeError(f"{len(scales_raw)} scale bytes for {chunks} chunks")
-    expected = n if bits == "int8" else (n + 1) // 2
-    if len(packed) != expected:
+    if len(packed) != packed_size(n, bits):
         raise DecodeError(f"{len(packed)} {bits} bytes for {n} values")
     scales = np.frombuffer(scales_raw, dtype="<f4")
     if not np.isfinite(scales).all() or (scales < 0).any():
@@ -51,18 +86,29 @@ def dequantize(packed: bytes, scales_raw: bytes, n: int, bits: str, chunk: int) 
 def _pack(q: np.ndarray, bits: str) -> bytes:
     if bits == "int8":
         return q.tobytes()
-    nibbles = (q.astype(np.int16) & 0x0F).astype(np.uint8)
-    if nibbles.size % 2:
-        nibbles = np.append(nibbles, np.uint8(0))
-    return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
+    if bits == "int1":
+        return np.packbits(q < 0, bitorder="little").tobytes()
+    width = BITS[bits]
+    per_byte = 8 // width
+    codes = (q.astype(np.int16) & ((1 << width) - 1)).astype(np.uint8)
+    codes = np.append(codes, np.zeros(-codes.size % per_byte, dtype=np.uint8)).reshape(-1, per_byte)
+    shifts = (np.arange(per_byte) * width).astype(np.uint8)
+    packed: np.ndarray = np.bitwise_or.reduce(codes << shifts, axis=1).astype(np.uint8)
+    return packed.tobytes()
 
 
 def _unpack(packed: bytes, n: int, bits: str) -> np.ndarray:
-    raw = np.frombuffer(packed, dtype=np.uint8 if bits == "int4" else np.int8)
     if bits == "int8":
-        return raw
-    low, high = raw & 0x0F, raw >> 4
-    nibbles = np.empty(raw.size * 2, dtype=np.int8)
-    nibbles[0::2], nibbles[1::2] = low, high
-    nibbles = nibbles[:n]
-    return np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.int8)
+        return np.frombuffer(packed, dtype=np.int8)
+    raw = np.frombuffer(packed, dtype=np.uint8)
+    if bits == "int1":
+        negative = np.unpackbits(raw, count=n, bitorder="little")
+        signs: np.ndarray = (1 - 2 * negative.astype(np.int8)).astype(np.int8)
+        return signs
+    width = BITS[bits]
+    per_byte, mask = 8 // width, (1 << width) - 1
+    shifts = (np.arange(per_byte) * width).astype(np.uint8)
+    codes = ((raw[:, None] >> shifts) & mask).reshape(-1)[:n].astype(np.int8)
+    half = 1 << (width - 1)
+    levels: np.ndarray = np.where(codes >= half, codes - (1 << width), codes).astype(np.int8)
+    return levels

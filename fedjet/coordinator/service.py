@@ -25,6 +25,7 @@ from fedjet.channel.updates import Arrival, UpdateInbox, stream_seqs
 from fedjet.codecs.crypto import COORDINATOR, ENVELOPE_OVERHEAD, Boxes, ReplayGuard
 from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import RETIRE, GlobalHead, Update
+from fedjet.config.codec import CodecSpec
 from fedjet.coordinator.admission import Admission
 from fedjet.coordinator.aggregate import Weights
 from fedjet.coordinator.checkpoint import Checkpoint, last_checkpoint
@@ -128,6 +129,7 @@ class Coordinator:
                 self.publisher = GlobalPublisher(
                     js, self.subjects, self.config.boxes, members,
                     max_payload=nc.max_payload, snapshot_every=self.config.snapshot_every,
+                    downlink=CodecSpec.parse(spec.config.codec).down,
                 )  # fmt: skip
                 max_blob = self.limits.max_frame_bytes + ENVELOPE_OVERHEAD
                 self.inbox = UpdateInbox(js, self.subjects, max_blob_bytes=max_blob, clouds=spec.clouds)

@@ -7,6 +7,9 @@ and must not count the same local progress twice). Gradients are fresh each time
 With reference "base", a worker that keeps training on the same base re-sends its cumulative
 delta; the residual it compresses against is the one carried *into* that base, so no unsent
 value is counted twice. On rebase the latest residual is carried forward.
+
+A codec with a density warm-up compresses at the density of the base version's number: a
+pure function of what the update says it was made from.
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ class DeltaTracker:
         self._carry: Weights | None = None  # residual carried into the current base
         self._residual: Weights | None = None  # residual after the latest send
         self._sends = 0
+        self._version = 0  # the base version: sets the warm-up density
 
-    def rebase(self, weights: Weights) -> None:
-        """A new global was loaded: deltas are measured from it now."""
+    def rebase(self, weights: Weights, version: int = 0) -> None:
+        """A new global (``version``) was loaded: deltas are measured from it now."""
         self._ref = {n: t.detach().clone() for n, t in weights.items()}
+        self._version = version
         if self.reference == "base":
             self._carry = self._residual
 
@@ -46,14 +51,15 @@ class DeltaTracker:
             carry = None if self._carry is None else {n: t.clone() for n, t in self._carry.items()}
         else:
             carry = self._residual
-        compressed, self._residual = compress_with_feedback(delta, carry, self.codec, seed=self._next_seed())
+        codec = self.codec.at(self._version)
+        compressed, self._residual = compress_with_feedback(delta, carry, codec, seed=self._next_seed())
         if self.reference == "last_send":
             self._ref = {n: t.detach().clone() for n, t in current.items()}
         return compressed
 
     def compress_gradient(self, gradient: Weights) -> Compressed:
         compressed, self._residual = compress_with_feedback(
-            gradient, self._residual, self.codec, seed=self._next_seed()
+            gradient, self._residual, self.codec.at(self._version), seed=self._next_seed()
         )
         return compressed
 

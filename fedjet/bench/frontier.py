@@ -1,0 +1,197 @@
+"""``fedjet bench frontier``: final eval loss against whole-run bytes, one codec per row.
+
+Every row is a real ``fedjet up`` run of the same workload (model, seed, data, clouds, local
+steps, strategy) for the same number of applied updates; only ``--codec`` changes. Bytes are
+what the workers counted: every update they sent and every head and weight byte they read
+(version 0 included when a worker had to download it). Dense float32 is always run, first, as
+the reference that the ratios are taken against. Writes ``results.json`` (each run's full
+report), ``frontier.md`` (the table) and ``frontier.png`` (the plot).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fedjet.config.codec import CodecSpec
+from fedjet.config.flags import job_config
+from fedjet.config.job import JobConfig, StrategyConfig
+from fedjet.coordinator.strategies import strategy_for
+from fedjet.errors import ConfigError
+from fedjet.runner.up import UpConfig, run_up
+
+REFERENCE = "dense"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FrontierConfig:
+    """One workload, several codecs; ``loss_pct`` / ``reduction`` mark the rows that are within
+    ``loss_pct`` % of dense's final eval loss with at least ``reduction`` x fewer bytes."""
+
+    out: Path
+    codecs: tuple[str, ...]
+    rounds: int = 5
+    local_steps: int = 20
+    seq_len: int = 128
+    batch_size: int = 8
+    model: str = "tiny"
+    seed: int = 0
+    data: str | None = None
+    eval_tokens: int = 16384
+    strategy: str = "fedavg"
+    server_opt: str = "sgd"
+    loss_pct: float = 2.0
+    reduction: float = 10.0
+
+    def __post_init__(self) -> None:
+        for codec in self.codecs:
+            CodecSpec.parse(codec)  # a typo fails before the first run
+        if self.rounds < 1 or not self.codecs:
+            raise ConfigError("bench frontier needs --rounds >= 1 and at least one codec")
+        StrategyConfig(name=self.strategy)
+
+    @property
+    def rows(self) -> tuple[str, ...]:
+        """Dense first (the reference), then each codec once, in the order given."""
+        texts = [CodecSpec.parse(c).text for c in self.codecs]
+        return tuple(dict.fromkeys([REFERENCE, *texts]))
+
+
+def job_for(config: FrontierConfig, codec: str, index: int) -> JobConfig:
+    """The same job for every row but its codec; asynchronous rules stop at the same updates."""
+    updates = config.rounds * 3
+    synchronous = strategy_for(StrategyConfig(name=config.strategy)).synchronous
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", codec).strip("-")[:36]
+    return job_config(
+        overrides={
+            "job": f"frontier-{index}-{slug}-{int(time.time())}",
+            "model": config.model,
+            "seed": config.seed,
+            "codec": codec,
+            "strategy": {"name": config.strategy, "server": {"name": config.server_opt}},
+            "train": {"local_steps": config.local_steps, "seq_len": config.seq_len, "batch_size": config.batch_size},
+            "stop": {"rounds": config.rounds if synchronous else None, "max_updates": updates},
+        }
+    )
+
+
+def run(config: FrontierConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every row, write the table, the plot and the JSON; returns the results."""
+    config.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    runs = []
+    for index, codec in enumerate(config.rows):
+        log(f"== {codec}")
+        up = UpConfig(job=job_for(config, codec, index), data=config.data, eval_tokens=config.eval_tokens, quiet=True)
+        runs.append({"codec": codec, "report": run_up(up).to_dict()})
+    protocol = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+    protocol["machine"] = f"{platform.machine()}, {platform.python_implementation()} {platform.python_version()}"
+    result = {"protocol": protocol, "elapsed_s": time.perf_counter() - started, "rows": rows_of(runs, config)}
+    (config.out / "results.json").write_text(json.dumps({**result, "runs": runs}, indent=2) + "\n")
+    (config.out / "frontier.md").write_text(describe(result) + "\n")
+    result["plot"] = str(plot(result, config.out / "frontier.png"))
+    return result
+
+
+def rows_of(runs: list[dict[str, Any]], config: FrontierConfig) -> list[dict[str, Any]]:
+    """One summary row per run, with its ratios to the dense reference."""
+    rows = [_row(r["codec"], r["report"]) for r in runs]
+    reference = next(r for r in rows if r["codec"] == REFERENCE)
+    for row in rows:
+        row["loss_vs_dense_pct"] = 100.0 * (row["final_eval_loss"] / reference["final_eval_loss"] - 1.0)
+        row["reduction"] = reference["bytes"] / row["bytes"] if row["bytes"] else float("inf")
+        row["meets"] = row["loss_vs_dense_pct"] <= config.loss_pct and row["reduction"] >= config.reduction
+    return rows
+
+
+def _row(codec: str, report: dict[str, Any]) -> dict[str, Any]:
+    s = report["summary"]
+    clouds = report.get("clouds") or {}
+    versions = int(s["versions"])
+    idle = [float(c.get("idle_frac", 0.0)) for c in clouds.values()]
+    return {
+        "codec": codec,
+        "initial_eval_loss": s["initial_eval_loss"],
+        "final_eval_loss": s["final_eval_loss"],
+        "bytes_up": int(s["bytes_up"]),
+        "bytes_down": int(s["bytes_down"]),
+        "bytes": int(s["bytes_up"]) + int(s["bytes_down"]),
+        # Workers read versions 1 .. versions-1 (version 0 they build, the final one they do not
+        # train on): what a version cost all workers to read, against what made it.
+        "down_per_version_vs_up": (s["bytes_down"] / max(versions - 1, 1)) / (s["bytes_up"] / max(versions, 1))
+        if s["bytes_up"]
+        else 0.0,
+        "wall_s": s["wall_s"],
+        "idle_frac": sum(idle) / len(idle) if idle else 0.0,
+        "curve": [(r["version"], r["eval_loss"]) for r in report["rounds"] if r["eval_loss"] is not None],
+    }
+
+
+def describe(result: dict[str, Any]) -> str:
+    """The markdown table (and the workload it measured)."""
+    p = result["protocol"]
+    lines = [
+        f"3 clouds, model `{p['model']}`, seed {p['seed']}, strategy {p['strategy']} (server {p['server_opt']}), "
+        f"{p['rounds']} rounds, {p['local_steps']} local steps of {p['batch_size']}x{p['seq_len']} tokens. "
+        f"Bytes: up + down as the workers counted them. ✓: within {p['loss_pct']:g} % of dense with "
+        f">= {p['reduction']:g}x fewer bytes. Machine: {p['machine']}.",
+        "",
+        "| codec | final eval loss | vs dense | bytes up | bytes down | whole run | × fewer | down/up per version "
+        "| wall (s) | idle | ✓ |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| `{r['codec']}` | {r['final_eval_loss']:.4f} | {r['loss_vs_dense_pct']:+.2f} % | "
+            f"{_mb(r['bytes_up'])} | {_mb(r['bytes_down'])} | {_mb(r['bytes'])} | {r['reduction']:.1f}× | "
+            f"{r['down_per_version_vs_up']:.2f} | {r['wall_s']:.1f} | {100 * r['idle_frac']:.0f} % | "
+            f"{'✓' if r['meets'] else ''} |"
+        )
+    return "\n".join(lines)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.3f} MB"
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """Final eval loss against whole-run MB (log scale), and each row's loss per version."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p, rows = result["protocol"], result["rows"]
+    reference = next(r for r in rows if r["codec"] == REFERENCE)
+    fig, (front, curves) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for row in rows:
+        marker = "s" if row["codec"] == REFERENCE else ("*" if row["meets"] else "o")
+        front.scatter(row["bytes"] / 1e6, row["final_eval_loss"], marker=marker, s=70)
+        front.annotate(row["codec"], (row["bytes"] / 1e6, row["final_eval_loss"]), fontsize=7,
+                       xytext=(4, 3), textcoords="offset points")  # fmt: skip
+        versions, losses = zip(*row["curve"], strict=True) if row["curve"] else ((), ())
+        curves.plot(versions, losses, marker="o", markersize=3, label=row["codec"])
+    target = reference["final_eval_loss"] * (1 + p["loss_pct"] / 100)
+    front.axhline(target, linestyle="--", color="grey", linewidth=1, label=f"dense +{p['loss_pct']:g} %")
+    front.axvline(reference["bytes"] / 1e6 / p["reduction"], linestyle=":", color="grey", linewidth=1,
+                  label=f"{p['reduction']:g}x fewer bytes than dense")  # fmt: skip
+    front.set_xscale("log")
+    front.set_xlabel("whole-run MB (up + down, as the workers counted them)")
+    front.set_ylabel("final eval loss")
+    front.legend(fontsize=8)
+    curves.set_xlabel("global version")
+    curves.set_ylabel("eval loss")
+    curves.legend(fontsize=7)
+    for ax in (front, curves):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"fedjet bench frontier: {p['rounds']} rounds, {p['strategy']}, model {p['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

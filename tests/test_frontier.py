@@ -1,0 +1,36 @@
+"""``fedjet bench frontier`` on a small workload: real runs, the table, the plot, the ratios."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedjet.bench.frontier import FrontierConfig, describe, run
+from fedjet.errors import ConfigError
+
+pytestmark = pytest.mark.e2e
+
+
+def test_frontier_runs_dense_first_and_writes_the_table_and_the_plot(tmp_path, data_dir):
+    config = FrontierConfig(
+        out=tmp_path / "frontier", codecs=("int1+down",), rounds=1, local_steps=3, seq_len=64, data=str(data_dir),
+        eval_tokens=2048,
+    )  # fmt: skip
+    result = run(config, log=lambda _: None)
+    rows = {r["codec"]: r for r in result["rows"]}
+    assert list(rows) == ["dense", "int1+down=int1"]
+    assert rows["dense"]["loss_vs_dense_pct"] == 0.0 and rows["dense"]["reduction"] == 1.0
+    small = rows["int1+down=int1"]
+    assert small["bytes"] > 0 and small["reduction"] > 10  # 1-bit values against float32, both ways
+    assert small["final_eval_loss"] < small["initial_eval_loss"]
+    table = (tmp_path / "frontier" / "frontier.md").read_text()
+    assert table.strip() == describe(result) and "`int1+down=int1`" in table
+    assert (tmp_path / "frontier" / "frontier.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "frontier" / "results.json").read_text())
+    assert [r["codec"] for r in saved["runs"]] == ["dense", "int1+down=int1"]
+
+
+def test_a_bad_codec_is_refused_before_any_run(tmp_path):
+    with pytest.raises(ConfigError):
+        FrontierConfig(out=tmp_path, codecs=("dense", "topk:2"))
