@@ -10,6 +10,7 @@ from fedjet.data.batches import BatchSampler, encode_articles, eval_windows
 from fedjet.data.tokenizer import ByteTokenizer
 from fedjet.data.wikitext import load_directory
 from fedjet.errors import ConfigError, ValidationError
+from fedjet.models.job_model import JobModel
 from fedjet.worker.model import (
     config_dict,
     initial_model,
@@ -62,7 +63,7 @@ def test_local_training_lowers_loss_on_wikitext(data_dir):
     model = initial_model("tiny", vocab_size=257, eos_id=256, seed=0)
     windows = eval_windows(encode_articles(corpus.eval[:3], tok), 64, 2048)
     before = evaluate(model, windows, torch.device("cpu"))
-    trainer = LocalTrainer(model, BatchSampler(tokens, 64, 4, seed=0), settings, torch.device("cpu"))
+    trainer = LocalTrainer(JobModel(model, tok), BatchSampler(tokens, 64, 4, seed=0), settings, torch.device("cpu"))
     result = trainer.train(settings.local_steps)
     after = evaluate(trainer.model, windows, torch.device("cpu"))
     assert result.sequences == 60 and result.tokens == 60 * 64
