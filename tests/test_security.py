@@ -218,7 +218,7 @@ def _header_edits(frame: bytes, rng: random.Random):
         ("k", -3),
         ("d", "float64"),
         ("e", "zstd"),
-        ("q", "int2"),
+        ("q", "int3"),
         ("qc", 0),
         ("qc", 1 << 40),
         ("ix", "rle"),
