@@ -12,7 +12,7 @@ from typing import Any
 
 from fedjet.config.flags import add_config_flags, config_from_args, job_config, overrides_from, parse_names, read_toml
 from fedjet.config.job import JobConfig
-from fedjet.errors import ConfigError, FedjetError, Terminated
+from fedjet.errors import ConfigError, FedjetError, JobFinished, Terminated
 from fedjet.log import configure_logging
 
 parse_clouds = parse_names
@@ -108,6 +108,9 @@ def _add_services(commands: Any) -> None:
     worker.add_argument("--model", default=None, help="this cloud's copy of the checkpoint (and its tokenizer)")
     worker.add_argument("--precision", choices=PRECISIONS, default=None, help="bf16 (CUDA default) or fp32")
     worker.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    worker.add_argument(
+        "--wait-spec", type=float, default=120.0, metavar="S", help="wait this long for the job spec to appear"
+    )
     add_identity_flags(worker)
     worker.add_argument("--slowdown", type=float, default=1.0, help="simulate slower compute")
     worker.add_argument("--device", default=None)
@@ -484,6 +487,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             auth=identity_from(args),
             js_domain=args.js_domain,
             metrics=metrics,
+            spec_timeout_s=args.wait_spec,
         )
     )
     with _metrics_served(metrics, args.metrics_port):
@@ -512,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated as e:
         print(str(e), file=sys.stderr)
         return 143
+    except JobFinished as e:  # a restart after the final version: done, not an error
+        print(f"fedjet: {e}", file=sys.stderr)
+        return 0
     except FedjetError as e:
         print(f"fedjet: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1

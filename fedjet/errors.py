@@ -79,3 +79,7 @@ class NonFiniteError(AggregationError):
 
 class PrivacyError(ValidationError):
     """An update of a DP job lacks its privacy claim, or claims parameters other than the job's."""
+
+
+class JobFinished(FedjetError):
+    """The job already has its final version: there is nothing left to do (a clean exit)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from fedjet.channel.globals import GlobalFollower, LatestHead
 from fedjet.codecs.record import VersionRecord
 from fedjet.coordinator.aggregate import Weights
-from fedjet.errors import ConfigError
+from fedjet.errors import JobFinished
 
 
 @dataclass
@@ -32,7 +32,7 @@ async def last_checkpoint(follower: GlobalFollower, keep: int) -> Checkpoint | N
         return None
     head = latest.head
     if head.final:
-        raise ConfigError(f"job {head.job!r} has finished (version {head.version} is final); start a new --job")
+        raise JobFinished(f"job {head.job!r} has finished (version {head.version} is final); nothing to do")
     version = await follower.fetch(head)
     history = {head.version: version.tensors}
     cursor = await follower.previous(head)

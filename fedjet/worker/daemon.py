@@ -180,9 +180,12 @@ class Worker:
         # download when its hash is the signed one
         local_v0 = {n: t.clone() for n, t in self.trainer.weights().items()}
         self.follower.hold_local(0, local_v0)
+        sends_on_base = 0
         while not self._stop.is_set():
             wait_from = time.perf_counter()
-            if base is None or self.spec.synchronous:
+            if base is None or self.spec.synchronous or sends_on_base >= self.spec.strategy.max_staleness:
+                # sync rounds wait for each version; an async worker that sent max_staleness
+                # updates on one base pauses, since more would arrive too stale to be applied
                 head = await self.follower.newer_than(-1 if base is None else base.version)
             else:
                 latest = self.follower.latest
@@ -196,7 +199,7 @@ class Worker:
                 self.trainer.load(version.tensors)
                 self.metrics.version(head.version)
                 self.tracker.rebase(version.tensors, head.version)
-                base = head
+                base, sends_on_base = head, 0
                 steps = self.follower.record(head).assignment.get(self.config.cloud, steps)
             self.stats.idle_s += time.perf_counter() - wait_from
             assert base is not None
@@ -204,6 +207,7 @@ class Worker:
                 await self._retire(base.version)
                 break
             await self._train_and_send(base.version, steps)
+            sends_on_base += 1
 
     async def _train_and_send(self, base_version: int, steps: int) -> None:
         with structlog.contextvars.bound_contextvars(version=base_version):
