@@ -110,6 +110,9 @@ def test_killed_coordinator_resumes_exactly_once(tmp_path, nats_server):
                 await publish(js, nc, cloud, 3)
             await wait_for(js, 3, second)
             assert second.wait(timeout=60) == 0
+            third = coordinator(nats_server.url, keys)  # the job is over: a clean exit, with a message
+            _, err = third.communicate(timeout=120)
+            assert third.returncode == 0 and b"has finished" in err
         finally:
             await close_quietly(nc)
 
