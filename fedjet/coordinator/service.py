@@ -11,59 +11,37 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import structlog
 
-from fedjet.broker.auth import ClientAuth
 from fedjet.broker.jetstream import close_quietly, ensure_job_streams
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower, GlobalPublisher
 from fedjet.channel.kv import publish_spec, read_spec
 from fedjet.channel.updates import Arrival, UpdateInbox, stream_seqs
-from fedjet.codecs.crypto import COORDINATOR, ENVELOPE_OVERHEAD, Boxes, ReplayGuard
+from fedjet.codecs.crypto import COORDINATOR, ENVELOPE_OVERHEAD, ReplayGuard
 from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import RETIRE, GlobalHead, Update
 from fedjet.config.codec import CodecSpec
 from fedjet.coordinator.admission import Admission
 from fedjet.coordinator.aggregate import Weights
 from fedjet.coordinator.checkpoint import Checkpoint, last_checkpoint
+from fedjet.coordinator.config import CoordinatorConfig
 from fedjet.coordinator.local_state import LocalState, Published, check_not_behind
+from fedjet.coordinator.pacing import Pacer
 from fedjet.coordinator.privacy_check import check_claim
 from fedjet.coordinator.record import Ledger, Received
 from fedjet.coordinator.rounds import Batcher
 from fedjet.coordinator.strategies import Aggregator
-from fedjet.coordinator.validate import plausible_rate
-from fedjet.data.partition import split_steps
 from fedjet.errors import ConfigError, FedjetError, NonFiniteError, StaleUpdateError
 from fedjet.log import get_logger
 from fedjet.observe.connect import NatsTarget, default_replicas, open_target
 from fedjet.observe.metrics import CoordinatorMetrics
-from fedjet.spec import JobSpec
 
 log = get_logger("fedjet.coordinator")
-
-
-@dataclass(frozen=True, kw_only=True)
-class CoordinatorConfig:
-    """How to reach the broker and with which keys; everything about the job is in ``spec``."""
-
-    nats_url: str
-    auth: ClientAuth | None = None  # NKEY/creds and TLS of the coordinator's identity
-    js_domain: str | None = None
-    replicas: int | None = None  # copies of each stream and the KV bucket; None: 3 on a cluster, else 1
-    metrics: CoordinatorMetrics | None = None
-    spec: JobSpec
-    boxes: Boxes
-    limits: Limits | None = None  # None: derived from the initial weights (Limits.for_model)
-    idle_timeout_s: float = 600.0
-    snapshot_every: int = 8  # full weights every N versions; lossless deltas in between
-    state_dir: str | None = None  # local record of the newest version published (refuses rollbacks)
-
-    def __post_init__(self) -> None:
-        if self.snapshot_every < 1 or not self.idle_timeout_s > 0:
-            raise ConfigError("snapshot_every must be >= 1 and --idle-timeout > 0")
+__all__ = ["Coordinator", "CoordinatorConfig"]
 
 
 class Coordinator:
@@ -86,18 +64,15 @@ class Coordinator:
             size=strategy.batch_size(len(spec.clouds)),
         )
         self._guard = ReplayGuard()
+        self.pacer = Pacer(spec)  # dynamic partitioning: speeds and step assignments
         self.metrics = config.metrics or CoordinatorMetrics()  # a private registry unless served
         self.limits = config.limits or Limits()
         self._admission = Admission(spec, config.boxes, self.limits)
         self._state = LocalState(config.state_dir, spec.job) if config.state_dir else None
-        self._published_at: dict[int, float] = {}  # version -> monotonic time (claims are checked against it)
-        self._last_arrival: dict[str, float] = {}
         self._resume_from = 1  # the first stream seq not yet decided
         self._dp = spec.config.dp_config
         self._dp_steps: dict[str, int] = {}  # steps each cloud/worker claimed (this process's view)
         self._retire_msgs: list[Any] = []  # acked once a record says who retired
-        self._throughput: dict[str, float] = {}
-        self._assignment = dict.fromkeys(spec.clouds, spec.config.train.local_steps)
         self.inbox: UpdateInbox | None = None
         self.publisher: GlobalPublisher | None = None
         self.serving = asyncio.Event()  # set once version 0 (or the resumed version) is out
@@ -174,7 +149,7 @@ class Coordinator:
         self.aggregator.preload(checkpoint.history)
         self.ledger = Ledger.resume(record.progress)
         self._guard = ReplayGuard(dict(record.progress.guard))
-        self._assignment = {**self._assignment, **record.assignment}
+        self.pacer.assignment.update(record.assignment)
         assert self.publisher is not None and self.inbox is not None
         self.publisher.resume(checkpoint.latest, checkpoint.weights)
         self.inbox.applied_through = record.progress.applied_through
@@ -240,7 +215,10 @@ class Coordinator:
                 arrival.error = e
                 await self._reject(arrival)
                 return
-            self._note_throughput(received)
+            h = received.update.header
+            rate = self.pacer.observe(h.cloud, h.base_version, h.tokens, h.compute_s, time.monotonic())
+            if rate is not None:
+                self.metrics.throughput(h.cloud, rate)
             log.info("update_received", staleness=admitted.applied.staleness, base=admitted.update.header.base_version)
         if displaced is not None:
             error = StaleUpdateError(f"{arrival.cloud}'s carried stale update replaced by its fresh one")
@@ -267,18 +245,6 @@ class Coordinator:
         self.metrics.rejected(arrival.error.reason)
         await self.inbox.ack(arrival.msgs)
 
-    def _note_throughput(self, received: Received) -> None:
-        """Tokens/s for dynamic partitioning: tokens at most what was assigned, time at least
-        a fraction of what the coordinator itself saw pass (both are the worker's claims)."""
-        h, train, now = received.update.header, self.config.spec.config.train, time.monotonic()
-        assigned = self._assignment.get(h.cloud, train.local_steps) * train.batch_size * train.seq_len
-        since = max(self._published_at.get(h.base_version, 0.0), self._last_arrival.get(h.cloud, 0.0))
-        self._last_arrival[h.cloud] = now
-        rate = plausible_rate(min(h.tokens, assigned), h.compute_s, now - since if since else 0.0)
-        if rate is not None:
-            old = self._throughput.get(h.cloud)
-            self._throughput[h.cloud] = rate if old is None else 0.5 * old + 0.5 * rate
-
     async def _fold_ready(self) -> None:
         while self._batcher.ready(time.monotonic()) and not self._done():
             await self._fold([r for _, r in self._batcher.take()])
@@ -300,28 +266,18 @@ class Coordinator:
             log.info("update_applied", cloud=h.cloud, seq=h.seq, stream_seq=r.stream_seq, version=agg.version)
             self.metrics.applied(h.cloud, r.applied.staleness)
             self.metrics.bytes("in", h.cloud, r.wire_bytes)
-        partition = self.config.spec.config.partition
-        if partition.scheme == "dynamic" and agg.version % partition.rebalance_every == 0:
-            self._rebalance()
+        self.pacer.after_version(agg.version)
         await self._publish(received)
         for r in received:
             await inbox.ack(r.msgs)
         self._batcher.start_round(time.monotonic())
-
-    def _rebalance(self) -> None:
-        spec = self.config.spec
-        if len(self._throughput) < len(spec.clouds):
-            return
-        total = spec.config.train.local_steps * len(spec.clouds)
-        self._assignment = split_steps(self._throughput, total)
-        log.info("rebalanced", assignment=self._assignment)
 
     async def _publish(self, received: list[Received]) -> None:
         agg, inbox, publisher = self.aggregator, self.inbox, self.publisher
         assert agg is not None and inbox is not None and publisher is not None
         waiting = [s for r in self._batcher.pending_items() for s in stream_seqs(r.msgs)] + inbox.pending_seqs
         waiting += stream_seqs(self._retire_msgs)
-        record = self.ledger.record(agg.strategy.name, received, waiting=waiting, assignment=self._assignment)
+        record = self.ledger.record(agg.strategy.name, received, waiting=waiting, assignment=self.pacer.assignment)
         record = replace(record, retired=tuple(sorted(self._batcher.retired)))
         with structlog.contextvars.bound_contextvars(version=agg.version):
             head = await publisher.publish(agg.version, agg.hash, agg.weights, record, final=self._done())
@@ -329,7 +285,6 @@ class Coordinator:
         self.metrics.bytes("out", "all", head.size)
         retire_msgs, self._retire_msgs = self._retire_msgs, []
         await inbox.ack(retire_msgs)
-        self._published_at[agg.version] = time.monotonic()
-        self._published_at.pop(agg.version - agg.strategy.config.max_staleness - 2, None)
+        self.pacer.published(agg.version, time.monotonic())
         if self._state is not None:
             self._state.write(Published(job=self.config.spec.job, version=agg.version, hash=agg.hash))
