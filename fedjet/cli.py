@@ -215,6 +215,21 @@ def _add_bench(commands: Any) -> None:
     codec.add_argument("--json", action="store_true", help="print one JSON object")
     codec.set_defaults(func=cmd_bench_codec)
 
+    frontier = bench_commands.add_parser("frontier", help="final eval loss against whole-run bytes, per codec")
+    frontier.add_argument("--out", required=True, help="directory for results.json, results.md and the plot")
+    frontier.add_argument("--codecs", type=parse_clouds, default=("dense", "topk:0.01+int8"), help="comma-separated")
+    frontier.add_argument("--rounds", type=int, default=5)
+    frontier.add_argument("--local-steps", type=int, default=20)
+    frontier.add_argument("--seq-len", type=int, default=128)
+    frontier.add_argument("--batch-size", type=int, default=8)
+    frontier.add_argument("--model", default="tiny")
+    frontier.add_argument("--seed", type=int, default=0)
+    frontier.add_argument("--data", default=None)
+    frontier.add_argument("--eval-tokens", type=int, default=16384)
+    frontier.add_argument("--strategy", default="fedavg")
+    frontier.add_argument("--server-opt", default="sgd")
+    frontier.set_defaults(func=cmd_bench_frontier)
+
     gpu = bench_commands.add_parser("gpu", help="fedjet's tokens/s on one GPU against a bare loop of the same model")
     gpu.add_argument("--model", default="base", help="preset or checkpoint (default: base, 85M parameters)")
     gpu.add_argument("--rounds", type=int, default=4)
@@ -291,6 +306,18 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
 
     result = codec.run(args.params, args.density, args.codec, args.repeats)
     print(json.dumps(codec.as_dict(result)) if args.json else codec.describe(result))
+    return 0
+
+
+def cmd_bench_frontier(args: argparse.Namespace) -> int:
+    from fedjet.bench.frontier import FrontierConfig, describe, run
+
+    config = FrontierConfig(
+        out=Path(args.out), codecs=tuple(args.codecs), rounds=args.rounds, local_steps=args.local_steps,
+        seq_len=args.seq_len, batch_size=args.batch_size, model=args.model, seed=args.seed, data=args.data,
+        eval_tokens=args.eval_tokens, strategy=args.strategy, server_opt=args.server_opt,
+    )  # fmt: skip
+    print(describe(run(config)))
     return 0
 
 
