@@ -71,6 +71,8 @@ def test_a_dp_job_learns_and_stops_when_the_budget_is_spent(tmp_path, data_dir):
             epsilon_for(noise or privacy["noise_multiplier"], rate or privacy["sample_rate"], 16, 1e-5)
         )
     assert all(c["retired"] for c in report["clouds"].values())
+    for cloud, stats in report["clouds"].items():  # what fedjet status and the metrics show
+        assert stats["dp_epsilon"] == pytest.approx(privacy["epsilon"][cloud])
     rounds = report["rounds"]
     assert rounds[-1]["eval_loss"] < rounds[0]["eval_loss"]
     exported = json.loads((saved / "fedjet.json").read_text())  # the model records its ε/δ

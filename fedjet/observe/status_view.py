@@ -19,7 +19,7 @@ DASH = "-"
 def render_status(status: JobStatus) -> Table:
     """A row per cloud under a title that says the version and a caption with the counters."""
     table = Table(title=_title(status), caption=_caption(status), caption_justify="left")
-    for column in ("cloud", "last update", "staleness", "behind", "sent", "tokens/s", "idle", "up", "down"):
+    for column in ("cloud", "last update", "staleness", "behind", "sent", "tokens/s", "idle", "up", "down", "ε"):
         table.add_column(column, justify="left" if column == "cloud" else "right")
     for cloud in status.clouds:
         stats = cloud.stats
@@ -33,6 +33,7 @@ def render_status(status: JobStatus) -> Table:
             _num(stats.get("idle_frac"), "{:.0%}"),
             mb(stats.get("bytes_up")),
             mb(stats.get("bytes_down")),
+            _num(stats.get("dp_epsilon"), "{:.3g}"),  # a DP job's privacy spent so far
         )
     return table
 

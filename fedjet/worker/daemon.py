@@ -83,6 +83,7 @@ class WorkerStats:
     heldout_loss: float | None = None
     initial_weights: str = ""  # "local" when version 0 came from this cloud's own copy
     retired: bool = False  # out of privacy budget
+    dp_epsilon: float | None = None  # a DP job's ε spent so far
 
     @property
     def tokens_per_s(self) -> float:
@@ -249,7 +250,8 @@ class Worker:
         self.stats.bytes_up += published.wire_bytes
         self.metrics.sent(published.wire_bytes)
         if self.private is not None:
-            self.metrics.dp_epsilon(self.private.ledger.epsilon_spent())
+            self.stats.dp_epsilon = self.private.ledger.epsilon_spent()
+            self.metrics.dp_epsilon(self.stats.dp_epsilon)
         self.stats.tokens += result.tokens
         self.stats.compute_s += result.compute_s
         log.info(
