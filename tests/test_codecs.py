@@ -19,6 +19,7 @@ from fedjet.codecs.indices import (
     encode_indices,
     encode_varints,
 )
+from fedjet.codecs.lowrank import effective_rank
 from fedjet.codecs.messages import Update, UpdateHeader, decode_update, encode_update
 from fedjet.codecs.pipeline import CodecSpec, compress, decode_tensors
 from fedjet.codecs.quant import dequantize, quantize
@@ -49,6 +50,8 @@ def dense(t) -> torch.Tensor:
         ("int1+down", "int1+down=int1"),
         ("topk:0.01+int8+down=topk:0.05+int8", "topk:0.01+int8+down=topk:0.05+int8"),
         ("dense+down=int2", "dense+down=int2"),
+        ("lowrank:4+int8", "lowrank:4+int8"),
+        ("lowrank:2+down=lowrank:1+int4:64", "lowrank:2+down=lowrank:1+int4:64"),
     ],
 )
 def test_codec_specs_parse_to_a_canonical_form(text, canonical):
@@ -61,6 +64,7 @@ def test_codec_specs_parse_to_a_canonical_form(text, canonical):
         "", "topk", "topk:2", "topk:0.1:sideways", "int9", "int8:0", "zip", "int3", "int1:0",
         "topk:0.1:warmup=0.01/3", "topk:0.1:warmup=0.5/0", "topk:0.1:warmup=0.5", "topk:0.1:global:tensor:x",
         "+down", "int8+downlink", "int8+down=", "int8+down=zip", "int8+down=int8+down",
+        "lowrank", "lowrank:0", "lowrank:2:1", "topk:0.1+lowrank:4",
     ],
 )  # fmt: skip
 def test_bad_codec_specs_are_config_errors(text):
@@ -127,7 +131,9 @@ def test_varints_round_trip_large_values_and_reject_bad_streams():
 
 shapes = st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple)
 codecs = st.sampled_from(["dense", "fp16", "int8", "topk:0.1", "topk:0.01+int8", "topk:0.3:global+int4:16", "topk:1"])
-low_bit_codecs = st.sampled_from(["int2", "int1:64", "topk:0.2+int1", "topk:0.3:global+int2:16", "int1+down"])
+low_bit_codecs = st.sampled_from(
+    ["int2", "int1:64", "topk:0.2+int1", "topk:0.3:global+int2:16", "int1+down", "lowrank:2+int8", "lowrank:3"]
+)
 
 
 @given(
@@ -252,8 +258,9 @@ def test_ternary_quantization_keeps_large_values_at_their_mean_magnitude():
     packed, scales = quantize(x, "int2", 8)
     back = dequantize(packed, scales, x.size, "int2", 8)
     assert len(packed) == 2 and np.allclose(back, [0, 0, 0, 4, -4, 4, 0, 0])
-    with pytest.raises(DecodeError):  # code 0b10 is not a ternary level
-        dequantize(bytes([0b10, 0]), scales, x.size, "int2", 8)
+    assert dequantize(bytes([2 + 2 * 81, 0]), scales, x.size, "int2", 8)[[0, 4]].tolist() == [4, 4]  # base 3
+    with pytest.raises(DecodeError):  # 3^5 and above hold no five ternary levels
+        dequantize(bytes([243, 0]), scales, x.size, "int2", 8)
     with pytest.raises(DecodeError):
         dequantize(packed + b"\0", scales, x.size, "int2", 8)
 
@@ -301,3 +308,24 @@ def test_elias_fano_refuses_hostile_payloads():
         decode_elias_fano(encode_elias_fano(np.array([1, 2, 3, 4, 103], dtype=np.int64), 104), 5, 100)
     with pytest.raises(DecodeError):
         decode_indices("rice", payload, 5, 100)
+
+
+def test_lowrank_recovers_a_low_rank_matrix_and_leaves_vectors_to_the_quantizer():
+    gen = torch.Generator().manual_seed(0)
+    matrix = torch.randn(120, 3, generator=gen) @ torch.randn(3, 200, generator=gen)
+    tensors = {"m": matrix, "bias": torch.randn(200, generator=gen), "small": torch.randn(4, 4, generator=gen)}
+    out = compress(tensors, CodecSpec.parse("lowrank:3+int8"), seed=5)
+    entries = {e["n"]: e for e in out.entries}
+    assert entries["m"]["e"] == "lowrank" and entries["m"]["k"] == 3 * (120 + 200)
+    assert entries["bias"]["e"] == entries["small"]["e"] == "dense"  # factors would not be 2x smaller
+    assert float((out.sent["m"] - matrix).norm() / matrix.norm()) < 0.02
+    raw = compress({"m": matrix}, CodecSpec.parse("lowrank:3"), seed=5).sent["m"]
+    assert torch.allclose(raw, matrix, atol=1e-3)
+    assert (effective_rank((200,), 4), effective_rank((4, 4), 4), effective_rank((64, 64, 2), 4)) == (0, 0, 4)
+
+
+def test_lowrank_decoding_refuses_a_rank_that_does_not_fit_the_shape():
+    entry = compress({"m": torch.randn(40, 50)}, CodecSpec.parse("lowrank:2+int8")).entries[0]
+    for bad in ({"r": 3}, {"r": 0}, {"k": 181}, {"d": "float16"}, {"r": 41, "k": 41 * 90}):
+        with pytest.raises(DecodeError):
+            decode_tensors([entry | bad], Limits())

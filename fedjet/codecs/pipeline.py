@@ -1,8 +1,9 @@
 """Tensor dicts <-> frame entries under a :class:`CodecSpec` (``dense``, ``topk:0.01+int8`` ...).
 
 Stages, in order: top-k sparsification (per tensor or global, at the density a warm-up
-gives the version), quantization (fp16, or int8/int4/int2/int1 with a scale per chunk),
-compact indices (varint deltas, bitmap or Elias-Fano, whichever is smallest).
+gives the version) or low-rank factors of each matrix (:mod:`fedjet.codecs.lowrank`),
+quantization (fp16, or int8/int4/int2/int1 with a scale per chunk), compact indices (varint
+deltas, bitmap or Elias-Fano, whichever is smallest).
 :func:`compress` also returns what the receiver will reconstruct, so the caller can keep the
 error-feedback residual exactly.
 """
@@ -18,6 +19,7 @@ import torch
 
 from fedjet.codecs.frame import Limits, field
 from fedjet.codecs.indices import decode_indices, encode_indices
+from fedjet.codecs.lowrank import effective_rank, factorize, matrix_shape, rebuild
 from fedjet.codecs.quant import LEVELS, dequantize, quantize
 from fedjet.codecs.sparse import SparseTensor, TensorLike
 from fedjet.codecs.tensors import DTYPES, as_numpy, check_name, check_shape, dtype_name
@@ -47,7 +49,12 @@ def compress(tensors: dict[str, torch.Tensor], spec: CodecSpec, seed: int = 0) -
         kept = {n: topk_indices(a, kept_count(a.size, spec.density), seed) for n, a in arrays.items()}
     entries, sent = [], {}
     for name in names:
-        entry, reconstructed = _encode_one(name, tensors[name], arrays[name], kept[name], spec)
+        rank = 0 if spec.rank is None else effective_rank(tuple(tensors[name].shape), spec.rank)
+        reconstructed: TensorLike
+        if rank:
+            entry, reconstructed = _encode_lowrank(name, tensors[name], arrays[name], rank, spec, seed)
+        else:
+            entry, reconstructed = _encode_one(name, tensors[name], arrays[name], kept[name], spec)
         entries.append(entry)
         sent[name] = reconstructed
     return Compressed(entries, sent)
@@ -61,17 +68,8 @@ def _encode_one(
         indices = None  # every value kept (a warm-up at density 1, a tiny tensor): no indices to send
     values = flat if indices is None else flat[indices]
     entry: dict[str, Any] = {"n": name, "s": list(shape), "d": dtype_name(tensor), "k": int(values.size)}
-    if spec.quant == "raw":
-        entry |= {"q": "raw", "v": values.tobytes()}
-        decoded = values
-    elif spec.quant == "f16":
-        half = values.astype("<f2")
-        entry |= {"q": "f16", "v": half.tobytes()}
-        decoded = half.astype(np.float32)
-    else:
-        packed, scales = quantize(values.astype(np.float32, copy=False), spec.quant, spec.chunk)
-        entry |= {"q": spec.quant, "v": packed, "sc": scales, "qc": spec.chunk}
-        decoded = dequantize(packed, scales, values.size, spec.quant, spec.chunk)
+    fields, decoded = _encode_values(values, spec)
+    entry |= fields
     if indices is None:
         entry["e"] = "dense"
         out = torch.from_numpy(np.ascontiguousarray(decoded)).reshape(shape)
@@ -80,6 +78,33 @@ def _encode_one(
     entry |= {"e": "sparse", "ix": kind, "i": payload}
     sparse = SparseTensor(shape, torch.from_numpy(indices), torch.from_numpy(decoded.astype(np.float32, copy=False)))
     return entry, sparse
+
+
+def _encode_values(values: np.ndarray, spec: CodecSpec) -> tuple[dict[str, Any], np.ndarray]:
+    """The quantization stage: wire fields for ``values`` and what they decode to."""
+    if spec.quant == "raw":
+        return {"q": "raw", "v": values.tobytes()}, values
+    if spec.quant == "f16":
+        half = values.astype("<f2")
+        return {"q": "f16", "v": half.tobytes()}, half.astype(np.float32)
+    packed, scales = quantize(values.astype(np.float32, copy=False), spec.quant, spec.chunk)
+    fields = {"q": spec.quant, "v": packed, "sc": scales, "qc": spec.chunk}
+    return fields, dequantize(packed, scales, values.size, spec.quant, spec.chunk)
+
+
+def _encode_lowrank(
+    name: str, tensor: torch.Tensor, flat: np.ndarray, rank: int, spec: CodecSpec, seed: int
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Rank-``rank`` factors of one matrix, each quantized on its own scale (P's entries are
+    O(1/sqrt(m)), Q's carry the singular values); sent as float32 whatever the tensor."""
+    shape = tuple(tensor.shape)
+    m, _ = matrix_shape(shape)
+    factors = factorize(flat.astype(np.float32, copy=False).reshape(matrix_shape(shape)), rank, seed)
+    p_fields, p = _encode_values(factors[: rank * m], spec)
+    q_fields, q = _encode_values(factors[rank * m :], spec)
+    entry = {"n": name, "s": list(shape), "d": "float32", "k": int(factors.size), "e": "lowrank", "r": rank}
+    entry |= {"P": p_fields, "Q": q_fields}
+    return entry, torch.from_numpy(rebuild(np.concatenate([p, q]), shape, rank)).reshape(shape)
 
 
 def _global_topk(arrays: dict[str, np.ndarray], density: float, seed: int) -> dict[str, np.ndarray]:
@@ -134,6 +159,8 @@ def decode_tensors(entries: list[dict[str, Any]], limits: Limits) -> dict[str, T
 def _decode_one(name: str, entry: dict[str, Any], shape: tuple[int, ...], numel: int, dtype: str) -> TensorLike:
     encoding = field(entry, "e", str)
     count = field(entry, "k", int)
+    if encoding == "lowrank":
+        return _decode_lowrank(name, entry, shape, count, dtype)
     if encoding not in ("dense", "sparse"):
         raise SchemaError(f"{name}: unknown encoding {encoding!r:.20}")
     if not 0 <= count <= numel or (encoding == "dense" and count != numel):
@@ -143,6 +170,17 @@ def _decode_one(name: str, entry: dict[str, Any], shape: tuple[int, ...], numel:
         return torch.from_numpy(values).reshape(shape)
     indices = decode_indices(field(entry, "ix", str), field(entry, "i", bytes), count, numel)
     return SparseTensor(shape, torch.from_numpy(indices), torch.from_numpy(values.astype(np.float32, copy=False)))
+
+
+def _decode_lowrank(name: str, entry: dict[str, Any], shape: tuple[int, ...], count: int, dtype: str) -> torch.Tensor:
+    rank = field(entry, "r", int)
+    m, n = matrix_shape(shape)
+    if dtype != "float32" or not 1 <= rank <= min(m, n) or count != rank * (m + n):
+        raise DecodeError(f"{name}: {count} low-rank values of rank {rank} do not fit {shape}")
+    p = _decode_values(name, field(entry, "P", dict), rank * m, dtype)
+    q = _decode_values(name, field(entry, "Q", dict), rank * n, dtype)
+    factors = np.concatenate([p, q]).astype(np.float32, copy=False)
+    return torch.from_numpy(rebuild(factors, shape, rank)).reshape(shape)
 
 
 def _decode_values(name: str, entry: dict[str, Any], count: int, dtype: str) -> np.ndarray:

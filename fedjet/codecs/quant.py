@@ -5,8 +5,9 @@ as the top level: every decoded value lies within half a step (``scale / 2``) of
 Below four bits a max-scaled grid rounds most values to zero, so the two smallest levels
 pick the scale that minimises the squared error instead (error feedback keeps the rest):
 
-* int2 (ternary, four per byte): values above ``0.7 * mean|x|`` become ``±s`` with ``s`` their
-  mean magnitude, the others 0 (ternary weight networks' rule);
+* int2 (ternary): values above ``0.7 * mean|x|`` become ``±s`` with ``s`` their mean
+  magnitude, the others 0 (ternary weight networks' rule); five levels share a byte in base 3
+  (3^5 = 243), 1.6 bits each instead of 2;
 * int1 (sign, eight per byte): ``sign(x) * mean|x|``, which keeps each chunk's L1 mass.
 """
 
@@ -20,7 +21,9 @@ from fedjet.config.codec import DEFAULT_CHUNK
 from fedjet.errors import DecodeError
 
 LEVELS = {"int8": 127, "int4": 7, "int2": 1, "int1": 1}
-BITS = {"int8": 8, "int4": 4, "int2": 2, "int1": 1}
+BITS = {"int8": 8, "int4": 4, "int1": 1}
+TRITS = 5  # ternary levels per byte
+POWERS_OF_3 = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
 TERNARY_THRESHOLD = 0.7  # x mean|x|: the approximately optimal cut for Gaussian-like values
 
 
@@ -63,7 +66,7 @@ def _ternary(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def packed_size(n: int, bits: str) -> int:
-    return math.ceil(n * BITS[bits] / 8)
+    return math.ceil(n / TRITS) if bits == "int2" else math.ceil(n * BITS[bits] / 8)
 
 
 def dequantize(packed: bytes, scales_raw: bytes, n: int, bits: str, chunk: int) -> np.ndarray:
@@ -88,6 +91,10 @@ def _pack(q: np.ndarray, bits: str) -> bytes:
         return q.tobytes()
     if bits == "int1":
         return np.packbits(q < 0, bitorder="little").tobytes()
+    if bits == "int2":
+        trits = np.append((q + 1).astype(np.uint8), np.ones(-q.size % TRITS, dtype=np.uint8))
+        codes: np.ndarray = (trits.reshape(-1, TRITS) * POWERS_OF_3).sum(axis=1, dtype=np.uint8)
+        return codes.tobytes()
     width = BITS[bits]
     per_byte = 8 // width
     codes = (q.astype(np.int16) & ((1 << width) - 1)).astype(np.uint8)
@@ -105,10 +112,16 @@ def _unpack(packed: bytes, n: int, bits: str) -> np.ndarray:
         negative = np.unpackbits(raw, count=n, bitorder="little")
         signs: np.ndarray = (1 - 2 * negative.astype(np.int8)).astype(np.int8)
         return signs
+    if bits == "int2":
+        if (raw >= 3**TRITS).any():
+            raise DecodeError("int2 level out of range")
+        trits = (raw[:, None] // POWERS_OF_3) % 3
+        levels: np.ndarray = trits.reshape(-1)[:n].astype(np.int8) - 1
+        return levels
     width = BITS[bits]
     per_byte, mask = 8 // width, (1 << width) - 1
     shifts = (np.arange(per_byte) * width).astype(np.uint8)
     codes = ((raw[:, None] >> shifts) & mask).reshape(-1)[:n].astype(np.int8)
     half = 1 << (width - 1)
-    levels: np.ndarray = np.where(codes >= half, codes - (1 << width), codes).astype(np.int8)
-    return levels
+    signed: np.ndarray = np.where(codes >= half, codes - (1 << width), codes).astype(np.int8)
+    return signed

@@ -4,7 +4,8 @@ It lives with the config, below the codecs, so a bad ``--codec`` is refused befo
 process starts; :mod:`fedjet.codecs.pipeline` carries it out.
 
 Grammar: ``UP[+down[=DOWN]]``. ``UP`` and ``DOWN`` are ``dense`` or
-``[topk:D[:global][:warmup=D0/R]][+int8[:C]|+int4[:C]|+int2[:C]|+int1[:C]|+fp16]``.
+``[topk:D[:global][:warmup=D0/R]|lowrank:R][+int8[:C]|+int4[:C]|+int2[:C]|+int1[:C]|+fp16]``.
+``lowrank:R`` sends each matrix as rank-R factors (:mod:`fedjet.codecs.lowrank`).
 ``warmup=D0/R`` starts top-k at density ``D0`` and decays it geometrically to ``D`` over the
 first ``R`` versions (Deep Gradient Compression's warm-up: early updates do not survive 1 %).
 ``+down`` makes the coordinator publish each global version to the workers compressed the same
@@ -20,6 +21,7 @@ from fedjet.errors import ConfigError
 QUANT_LEVELS = ("int8", "int4", "int2", "int1")
 DEFAULT_CHUNK = 256
 MAX_QUANT_CHUNK = 1 << 20
+MAX_RANK = 4096
 DOWN = "down"
 
 
@@ -42,6 +44,7 @@ class CodecSpec:
     quant: str = "raw"
     chunk: int = DEFAULT_CHUNK
     warmup: Warmup | None = None
+    rank: int | None = None
     down: CodecSpec | None = None
 
     @classmethod
@@ -62,7 +65,7 @@ class CodecSpec:
 
     @classmethod
     def _parse_one(cls, text: str, whole: str) -> CodecSpec:
-        density, scope, warmup, quant, chunk = None, "tensor", None, "raw", DEFAULT_CHUNK
+        density, scope, warmup, quant, chunk, rank = None, "tensor", None, "raw", DEFAULT_CHUNK, None
         stages = [s.strip() for s in text.strip().split("+") if s.strip()]
         if not stages:
             raise ConfigError(f"empty codec in --codec {whole!r}")
@@ -73,14 +76,21 @@ class CodecSpec:
             if name == "topk" and 1 <= len(args) <= 3:
                 density = _density(args[0])
                 scope, warmup = _topk_options(args[1:], density)
+            elif name == "lowrank" and len(args) == 1:
+                rank = _rank(args[0])
             elif name in QUANT_LEVELS and len(args) <= 1:
                 quant, chunk = name, _chunk(args[0]) if args else DEFAULT_CHUNK
             elif name == "fp16" and not args:
                 quant = "f16"
             else:
                 raise ConfigError(f"unknown codec stage {stage!r} in --codec {whole!r}")
-        canonical = _canonical(density, scope, warmup, quant, chunk)
-        return cls(text=canonical, density=density, scope=scope, quant=quant, chunk=chunk, warmup=warmup)
+        if rank is not None and density is not None:
+            raise ConfigError(f"--codec {whole!r}: topk and lowrank are two ways to shrink an update; pick one")
+        canonical = ("" if rank is None else f"lowrank:{rank}+") + _canonical(density, scope, warmup, quant, chunk)
+        canonical = canonical.removesuffix("+dense")
+        return cls(
+            text=canonical, density=density, scope=scope, quant=quant, chunk=chunk, warmup=warmup, rank=rank
+        )
 
     def density_at(self, version: int) -> float | None:
         """Top-k density for an update made from (or a view of) ``version``: a pure function of
@@ -98,7 +108,7 @@ class CodecSpec:
 
     @property
     def lossless(self) -> bool:
-        return self.density is None and self.quant == "raw"
+        return self.density is None and self.rank is None and self.quant == "raw"
 
 
 def _density(text: str) -> float:
@@ -131,6 +141,12 @@ def _warmup(text: str, density: float) -> Warmup:
     if value < density:
         raise ConfigError(f"topk warmup starts at {value}, below the target density {density}")
     return Warmup(start=value, versions=int(versions))
+
+
+def _rank(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_RANK:
+        raise ConfigError(f"lowrank rank must be an integer in 1..{MAX_RANK}, got {text!r}")
+    return int(text)
 
 
 def _chunk(text: str) -> int:
