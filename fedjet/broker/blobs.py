@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,9 @@ import nats.errors
 import nats.js.errors
 
 from fedjet.errors import BlobError, BrokerError
+from fedjet.log import get_logger
+
+log = get_logger("fedjet.broker")
 
 H_BLOB = "Fedjet-Blob"
 H_PART = "Fedjet-Part"
@@ -26,6 +30,7 @@ H_SIZE = "Fedjet-Size"
 MSG_ID = "Nats-Msg-Id"
 HEADER_ROOM = 2048  # bytes kept free in each message for headers
 MAX_CHUNKS_PER_SUBJECT = 4096  # chunks one subject may hold in partial blobs (4 GiB at 1 MiB each)
+PUBLISH_ATTEMPTS = 8  # backoff 0.2, 0.4 ... 5 s between them: a restarted server has about 20 s to come back
 
 
 def chunk_size_for(max_payload: int) -> int:
@@ -53,6 +58,15 @@ class PublishedBlob:
     duplicate: bool
 
 
+def _transient(e: BaseException) -> bool:
+    """What a restarting server or a recovering stream answers for a while: try again."""
+    if isinstance(e, TimeoutError | nats.errors.TimeoutError | nats.errors.NoRespondersError):
+        return True
+    if isinstance(e, nats.js.errors.NoStreamResponseError | nats.errors.OutboundBufferLimitError):
+        return True
+    return isinstance(e, nats.js.errors.APIError) and e.code in (429, 503)
+
+
 async def publish_blob(
     js: Any,
     subject: str,
@@ -62,8 +76,36 @@ async def publish_blob(
     max_payload: int,
     extra_headers: dict[str, str] | None = None,
     timeout: float = 60.0,
+    attempts: int = PUBLISH_ATTEMPTS,
 ) -> PublishedBlob:
-    """Publish ``payload`` as chunks and wait for every JetStream ack."""
+    """Publish ``payload`` as chunks and wait for every JetStream ack. Transient failures (a
+    server restarting, a stream recovering, 429/503, acks lost with a dropped connection)
+    re-send the whole blob after a backoff, for up to ``attempts`` tries started within
+    ``2 * timeout`` seconds: the chunks' dedup ids make JetStream store each chunk once, and
+    acks of re-sent chunks carry the sequence of the copy stored first."""
+    wait, started = 0.2, time.monotonic()
+    for attempt in range(1, attempts + 1):
+        try:
+            return await _publish_chunks(js, subject, payload, blob_id, max_payload, extra_headers, timeout)
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as e:
+            late = time.monotonic() + wait - started > 2 * timeout
+            if not _transient(e) or attempt == attempts or late:
+                raise BrokerError(f"publishing {blob_id} to {subject} failed: {type(e).__name__}: {e}") from e
+            log.warning("publish_retry", blob=blob_id[:64], attempt=attempt, error=type(e).__name__)
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 5.0)
+    raise AssertionError("unreachable")
+
+
+async def _publish_chunks(
+    js: Any,
+    subject: str,
+    payload: bytes,
+    blob_id: str,
+    max_payload: int,
+    extra_headers: dict[str, str] | None,
+    timeout: float,
+) -> PublishedBlob:
     count = max(1, math.ceil(len(payload) / chunk_size_for(max_payload)))
     step = math.ceil(len(payload) / count)  # even chunks, so a reader derives offsets from i/n
     view = memoryview(payload)
@@ -82,10 +124,10 @@ async def publish_blob(
             wire += len(chunk) + header_bytes(headers)
             futures.append(await js.publish_async(subject, chunk, headers=headers, wait_stall=timeout))
         acks = await asyncio.wait_for(asyncio.gather(*futures), timeout)
-    except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as e:
+    except BaseException:
         for fut in futures:
             fut.cancel()
-        raise BrokerError(f"publishing {blob_id} to {subject} failed: {type(e).__name__}: {e}") from e
+        raise
     return PublishedBlob(
         first_seq=acks[0].seq,
         last_seq=acks[-1].seq,

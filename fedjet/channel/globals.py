@@ -45,6 +45,7 @@ from fedjet.log import get_logger
 
 log = get_logger("fedjet.channel")
 Weights = dict[str, torch.Tensor]
+HEARTBEAT_S = 2.0  # nats-py's default of 5 s left workers 10-20 s behind after a server restart
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,7 @@ class GlobalFollower:
             ordered_consumer=True,
             deliver_policy=policy,
             stream=self.subjects.global_stream,
+            idle_heartbeat=HEARTBEAT_S,  # two missed: the consumer is re-made (a restarted server lost it)
         )
 
     async def stop(self) -> None:

@@ -9,6 +9,7 @@ update. After a restart, everything at or before ``applied_through`` was decided
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 from collections.abc import Collection
@@ -29,6 +30,7 @@ from fedjet.broker.blobs import (
     publish_blob,
 )
 from fedjet.broker.subjects import JobSubjects
+from fedjet.channel.retry import TRANSIENT
 from fedjet.codecs.crypto import MAX_WORKERS_PER_CLOUD, Boxes, seal_update
 from fedjet.errors import AuthenticationError, BlobError, FedjetError
 from fedjet.log import get_logger
@@ -125,6 +127,10 @@ class UpdateInbox:
         try:
             return list(await self._sub.fetch(64, timeout=timeout))
         except (TimeoutError, nats.errors.TimeoutError):
+            return []
+        except TRANSIENT as e:  # a restarted server answers 503 while JetStream recovers: ask again
+            log.warning("fetch_retry", error=type(e).__name__)
+            await asyncio.sleep(timeout)
             return []
 
     async def receive(self, msg: Any, now: float = 0.0) -> Arrival | None:
