@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -230,6 +231,12 @@ def _add_bench(commands: Any) -> None:
     frontier.add_argument("--server-opt", default="sgd")
     frontier.set_defaults(func=cmd_bench_frontier)
 
+    from fedjet.bench.chaos import build_parser as chaos_flags
+
+    chaos = bench_commands.add_parser("chaos", help="a job under SIGKILLs and nats restarts, audited for loss")
+    chaos_flags(chaos)
+    chaos.set_defaults(func=cmd_bench_chaos)
+
     gpu = bench_commands.add_parser("gpu", help="fedjet's tokens/s on one GPU against a bare loop of the same model")
     gpu.add_argument("--model", default="base", help="preset or checkpoint (default: base, 85M parameters)")
     gpu.add_argument("--rounds", type=int, default=4)
@@ -307,6 +314,15 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
     result = codec.run(args.params, args.density, args.codec, args.repeats)
     print(json.dumps(codec.as_dict(result)) if args.json else codec.describe(result))
     return 0
+
+
+def cmd_bench_chaos(args: argparse.Namespace) -> int:
+    from fedjet.bench.chaos import config_from, describe, healthy, run
+
+    result = run(config_from(args))
+    print(json.dumps(result), flush=True)
+    print(describe(result), file=sys.stderr)
+    return 0 if healthy(result) else 1
 
 
 def cmd_bench_frontier(args: argparse.Namespace) -> int:
