@@ -231,7 +231,7 @@ def _add_bench(commands: Any) -> None:
     frontier.add_argument("--server-opt", default="sgd")
     frontier.set_defaults(func=cmd_bench_frontier)
 
-    from fedjet.bench.chaos import build_parser as chaos_flags
+    from fedjet.bench.chaos_flags import build_parser as chaos_flags
 
     chaos = bench_commands.add_parser("chaos", help="a job under SIGKILLs and nats restarts, audited for loss")
     chaos_flags(chaos)
