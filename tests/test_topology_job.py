@@ -46,6 +46,7 @@ def test_a_job_across_hub_and_leaves_survives_a_hub_node_and_replays(tmp_path, d
             "coordinator", "--nats", hub, *identity(topology, "coordinator"), "--keys", str(keys), "--job", JOB,
             "--clouds", ",".join(CLOUDS), "--rounds", "4", *train, log=tmp_path / "coordinator.log",
         )  # fmt: skip
+        procs = [coordinator]
         workers = [
             start(
                 "worker",
@@ -65,24 +66,30 @@ def test_a_job_across_hub_and_leaves_survives_a_hub_node_and_replays(tmp_path, d
             )
             for cloud in CLOUDS
         ]
-        status = ["status", "--nats", hub, *identity(topology, "coordinator"), "--keys", str(keys), "--job", JOB]
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # kill a hub node once version 1 is out
-            shown = run_fedjet(*status, "--json", timeout=60)
-            if shown.returncode == 0 and (json.loads(shown.stdout).get("head") or {}).get("version", 0) >= 1:
-                break
-            assert coordinator.poll() is None, (tmp_path / "coordinator.log").read_text()[-3000:]
-            time.sleep(1)
-        hub_nodes = [s.name for s in topology.servers if s.role == "hub"]
-        cluster.stop(hub_nodes[-1], signal.SIGKILL)
-        for name, proc in [("coordinator", coordinator), *zip(CLOUDS, workers, strict=True)]:
-            try:
-                proc.wait(timeout=240)
-            finally:
+        procs += workers
+        try:
+            status = ["status", "--nats", hub, *identity(topology, "coordinator"), "--keys", str(keys), "--job", JOB]
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:  # kill a hub node once version 1 is out
+                shown = run_fedjet(*status, "--json", timeout=60)
+                if shown.returncode == 0 and (json.loads(shown.stdout).get("head") or {}).get("version", 0) >= 1:
+                    break
+                assert coordinator.poll() is None, (tmp_path / "coordinator.log").read_text()[-3000:]
+                time.sleep(1)
+            hub_nodes = [s.name for s in topology.servers if s.role == "hub"]
+            cluster.stop(hub_nodes[-1], signal.SIGKILL)
+            for name, proc in [("coordinator", coordinator), *zip(CLOUDS, workers, strict=True)]:
+                try:
+                    proc.wait(timeout=240)
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                assert proc.returncode == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+        finally:  # nothing this test started outlives it
+            for proc in procs:
                 if proc.poll() is None:
                     proc.kill()
-            assert proc.returncode == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
-
+                    proc.wait()
         verify = run_fedjet(
             "replay", "--nats", hub, *identity(topology, "coordinator"), "--keys", str(keys), "--job", JOB,
             "--verify", "--no-progress", timeout=120,
