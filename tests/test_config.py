@@ -17,9 +17,9 @@ from tests.conftest import REPO, run_fedjet
 EXAMPLE = REPO / "examples" / "job.toml"
 EXAMPLE_FLAGS = [
     "--job", "example", "--clouds", "aws,gcp,azure", "--observers", "eval", "--model", "tiny", "--seed", "0",
-    "--codec", "topk:0.01+int8", "--strategy", "fedavg", "--max-staleness", "8", "--server-opt", "sgd",
-    "--late", "drop", "--local-steps", "20", "--batch-size", "8", "--seq-len", "128", "--lr", "0.002",
-    "--partition", "fixed", "--rounds", "3",
+    "--codec", "lowrank:24+int4+down=lowrank:16+int4", "--strategy", "fedavg", "--max-staleness", "8",
+    "--server-opt", "sgd", "--late", "drop", "--local-steps", "20", "--batch-size", "8", "--seq-len", "128",
+    "--lr", "0.002", "--partition", "fixed", "--rounds", "3",
 ]  # fmt: skip
 
 

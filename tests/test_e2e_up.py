@@ -37,8 +37,9 @@ def dense_run(tmp_path_factory, data_dir):
 
 @pytest.fixture(scope="module")
 def topk_run(tmp_path_factory, data_dir):
-    """The shipped example job.toml (codec topk:0.01+int8), flags overriding its rounds."""
-    return up(tmp_path_factory, data_dir, "--config", str(REPO / "examples" / "job.toml"), "--rounds", "2")
+    """The shipped example job.toml, flags overriding its rounds and its codec (topk:0.01+int8)."""
+    example = str(REPO / "examples" / "job.toml")
+    return up(tmp_path_factory, data_dir, "--config", example, "--rounds", "2", "--codec", "topk:0.01+int8")
 
 
 def test_three_clouds_two_rounds_lower_eval_loss_and_leave_nothing_running(dense_run):

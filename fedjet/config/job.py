@@ -224,7 +224,7 @@ class JobConfig:
     observers: tuple[str, ...] = field(default=("eval",), metadata=flag("--observers", "read-only members"))
     model: str = field(default="tiny", metadata=flag("--model", "preset (tiny, small, medium) or checkpoint dir"))
     seed: int = field(default=0, metadata=flag("--seed"))
-    codec: str = field(default="topk:0.01+int8", metadata=flag("--codec", "topk:0.01+int8, dense, topk:D+int4 ..."))
+    codec: str = field(default="lowrank:24+int4+down=lowrank:16+int4", metadata=flag("--codec", "dense, int2+down ..."))
     peft: str | None = field(
         default=None, metadata=flag("--peft", "lora:r=8,alpha=16,dropout=0.05[,targets=NAME,NAME]: train adapters only")
     )
