@@ -21,7 +21,8 @@ The audit, on the coordinator's key (so it opens what the coordinator opened):
   rejected. Exact while no record hit the 64-entry list cap (``rejected_listed_complete``);
   otherwise an upper bound.
 * ``undecided_at_end``: sent updates at or after ``resume_from``, neither applied nor rejected:
-  sent while the final version was being made, never read. At most about one per cloud.
+  never read because the job ended first (sent while the final version was made; with
+  ``async``, also the backlog that workers built up while the coordinator was down).
 """
 
 from __future__ import annotations
