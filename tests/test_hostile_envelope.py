@@ -29,7 +29,7 @@ from tests.conftest import make_parties
 
 CLOUDS = ("aws", "gcp")
 WEIGHTS = {"w": torch.ones(50, 20), "b": torch.zeros(20)}
-SPEC = JobSpec(config=JobConfig(job="env", clouds=CLOUDS, observers=("eval",)), model_config={})
+SPEC = JobSpec(config=JobConfig(job="env", clouds=CLOUDS, observers=("eval",), codec="topk:0.01+int8"), model_config={})
 LIMITS = Limits.for_model(1020, 2)
 
 

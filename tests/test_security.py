@@ -57,7 +57,7 @@ def parties():
 
 
 WEIGHTS = {"w": torch.zeros(40, 10), "b": torch.zeros(10)}
-SPEC = JobSpec(config=JobConfig(job="j", clouds=CLOUDS), model_config={})
+SPEC = JobSpec(config=JobConfig(job="j", clouds=CLOUDS, codec="topk:0.1+int8"), model_config={})
 
 
 def update_frame(cloud="aws", seq=1, codec="topk:0.1+int8", tensors=None) -> bytes:
