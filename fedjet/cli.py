@@ -94,6 +94,7 @@ def _add_services(commands: Any) -> None:
         "--state", default=None, metavar="DIR", help="keep the newest published version here: refuse rollbacks"
     )
     coord.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    add_reconnect_flag(coord)
     add_identity_flags(coord)
     coord.set_defaults(func=cmd_coordinator)
 
@@ -112,6 +113,7 @@ def _add_services(commands: Any) -> None:
     worker.add_argument(
         "--wait-spec", type=float, default=120.0, metavar="S", help="wait this long for the job spec to appear"
     )
+    add_reconnect_flag(worker)
     add_identity_flags(worker)
     worker.add_argument("--slowdown", type=float, default=1.0, help="simulate slower compute")
     worker.add_argument("--device", default=None)
@@ -120,9 +122,7 @@ def _add_services(commands: Any) -> None:
 
 def _add_replay(commands: Any) -> None:
     replay = commands.add_parser("replay", help="verify or re-aggregate a recorded job from JetStream")
-    source = replay.add_mutually_exclusive_group(required=True)
-    source.add_argument("--store", help="a JetStream store kept by fedjet up --store DIR")
-    source.add_argument("--nats", help="a running NATS server")
+    add_recorded_source(replay)
     replay.add_argument("--job", default=None, help="job to replay (default: the only one recorded)")
     replay.add_argument("--keys", default=None, help="coordinator keys (default: STORE/keys)")
     replay.add_argument("--verify", action="store_true", help="re-apply and compare every version's hash")
@@ -142,9 +142,7 @@ def _add_replay(commands: Any) -> None:
 
 def _add_model_io(commands: Any) -> None:
     export = commands.add_parser("export", help="write a recorded global version as a standard checkpoint")
-    source = export.add_mutually_exclusive_group(required=True)
-    source.add_argument("--store", help="a JetStream store kept by fedjet up --store DIR")
-    source.add_argument("--nats", help="a running NATS server")
+    add_recorded_source(export)
     export.add_argument("--job", default=None, help="default: the only one recorded")
     export.add_argument("--version", type=int, default=None, help="default: the newest")
     export.add_argument("--keys", default=None, help="coordinator keys (default: STORE/keys)")
@@ -165,9 +163,7 @@ def _add_model_io(commands: Any) -> None:
 
 def _add_watch(commands: Any) -> None:
     status = commands.add_parser("status", help="one table of a live or recorded job (--json for scripts)")
-    source = status.add_mutually_exclusive_group(required=True)
-    source.add_argument("--nats", help="NATS URL(s), comma-separated")
-    source.add_argument("--store", help="a JetStream store kept by fedjet up --store DIR")
+    add_recorded_source(status)
     status.add_argument("--job", default=None, help="default: the only one recorded")
     status.add_argument("--keys", default=None, help="a key directory (coordinator's or a member's) to open records")
     status.add_argument("--identity", default=None, help="whose key in --keys to use (default: the coordinator's)")
@@ -184,6 +180,30 @@ def _add_deploy(commands: Any) -> None:
     nats = targets.add_parser("nats", help="a TLS hub cluster, a leaf node per cloud, NKEY identities, permissions")
     add_arguments(nats)
     nats.set_defaults(func=cmd_deploy_nats)
+
+
+def add_recorded_source(parser: argparse.ArgumentParser) -> None:
+    """Where a recorded job is read: a kept store or a running server (exactly one)."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--store", help="a JetStream store kept by fedjet up --store DIR")
+    source.add_argument("--nats", help="a running NATS server (URLs comma-separated)")
+
+
+def _reconnect_window(text: str) -> float:
+    from fedjet.broker.connect import check_reconnect_window
+
+    try:
+        return check_reconnect_window(float(text))
+    except (ValueError, ConfigError) as e:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r:.20}") from e
+
+
+def add_reconnect_flag(parser: argparse.ArgumentParser) -> None:
+    """How long a service keeps reconnecting through a broker outage before it gives up."""
+    parser.add_argument(
+        "--reconnect-window", type=_reconnect_window, default=600.0, metavar="S",
+        help="keep reconnecting to NATS this long through an outage (default 600)",
+    )  # fmt: skip
 
 
 def add_identity_flags(parser: argparse.ArgumentParser) -> None:
@@ -482,6 +502,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             idle_timeout_s=args.idle_timeout,
             auth=auth,
             js_domain=args.js_domain,
+            reconnect_window_s=args.reconnect_window,
             replicas=args.replicas,
             metrics=metrics,
             state_dir=args.state,
@@ -529,6 +550,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             precision=args.precision,
             auth=identity_from(args),
             js_domain=args.js_domain,
+            reconnect_window_s=args.reconnect_window,
             metrics=metrics,
             spec_timeout_s=args.wait_spec,
         )

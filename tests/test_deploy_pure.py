@@ -14,12 +14,12 @@ import pytest
 
 from fedjet.broker.auth import ClientAuth, inbox_prefix, public_key_of_seed
 from fedjet.broker.server import find_nats_server
-from fedjet.broker.subjects import JobSubjects
+from fedjet.broker.subjects import JobSubjects, kv_put_subject
 from fedjet.deploy import TopologyConfig, generate, load_topology
 from fedjet.deploy.configs import Raw, User, render, user_block
 from fedjet.deploy.files import write_secret
 from fedjet.deploy.identities import new_user_seed
-from fedjet.deploy.permissions import Permissions, Role, kv_put_subject, permissions_for
+from fedjet.deploy.permissions import Permissions, Role, permissions_for
 from fedjet.errors import ConfigError
 
 JOB = "j"

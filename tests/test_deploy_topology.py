@@ -29,11 +29,10 @@ from nats.js import api
 
 from fedjet.broker.auth import ClientAuth
 from fedjet.broker.server import find_nats_server
-from fedjet.broker.subjects import JobSubjects
+from fedjet.broker.subjects import JobSubjects, kv_put_subject
 from fedjet.deploy import Topology, TopologyConfig, generate
 from fedjet.deploy.files import write_secret
 from fedjet.deploy.identities import new_user_seed
-from fedjet.deploy.permissions import kv_put_subject
 
 JOB = "j"
 CLOUDS = ("aws", "gcp", "azure")

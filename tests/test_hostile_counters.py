@@ -16,6 +16,7 @@ from fedjet.codecs import crypto
 from fedjet.codecs.crypto import MAX_WORKERS_PER_CLOUD, ReplayGuard
 from fedjet.codecs.messages import MAX_HEAD_BYTES, Update, UpdateHeader, encode_update
 from fedjet.codecs.pipeline import CodecSpec
+from fedjet.codecs.record import Progress
 from fedjet.config.job import JobConfig, RoundConfig, StopConfig, TrainConfig
 from fedjet.coordinator.admission import Admission
 from fedjet.coordinator.aggregate import Contribution
@@ -32,8 +33,9 @@ WEIGHTS = {"w": torch.ones(50, 20), "b": torch.zeros(20)}
 CODEC = "topk:0.5+int8"
 
 
-def spec(job: str, rounds: int = 3) -> JobSpec:
-    config = JobConfig(job=job, clouds=CLOUDS, observers=(), codec=CODEC, round=RoundConfig(late="carry"),
+def spec(job: str, rounds: int = 3, round_policy: RoundConfig | None = None) -> JobSpec:
+    policy = round_policy or RoundConfig(late="carry")
+    config = JobConfig(job=job, clouds=CLOUDS, observers=(), codec=CODEC, round=policy,
                        train=TrainConfig(local_steps=1), stop=StopConfig(rounds=rounds))  # fmt: skip
     return JobSpec(config=config, model_config={})
 
@@ -103,6 +105,60 @@ def test_a_rejected_update_replayed_after_a_restart_is_refused(nats_url):
     assert first.ledger.rejected == {"StaleUpdateError": 1}
     assert second.ledger.rejected == {"StaleUpdateError": 1, "ReplayError": 1}  # counts carry over
     assert second.aggregator.version == 3 and second.ledger.applied == 6
+
+
+def test_a_late_update_rejected_after_the_last_applied_one_is_counted_once_across_a_restart(nats_url):
+    """Round 2 closes at its deadline with aws alone; gcp's round-1 update arrives after aws's
+    round-2 one and is dropped as late. Version 2's record counts it, yet it lies past
+    ``applied_through``: the restarted coordinator must skip it, not judge (and count) it again."""
+    coord, members = make_parties(CLOUDS)
+    subjects = JobSubjects("late")
+    policy = RoundConfig(late="drop", quorum=1, deadline_s=0.5)
+
+    async def scenario():
+        nc = await connect(nats_url, "clouds")
+        js = nc.jetstream()
+
+        async def send(cloud: str, seq: int, base: int) -> None:
+            data = envelope(members, "late", cloud, seq, base)
+            await publish_blob(js, subjects.update(cloud), data, blob_id=f"{cloud}/{seq}", max_payload=nc.max_payload)
+
+        async def until(service: Coordinator, version: int) -> None:
+            while service.aggregator is None or service.aggregator.version < version:
+                await asyncio.sleep(0.05)
+
+        try:
+            first = Coordinator(CoordinatorConfig(nats_url=nats_url, spec=spec("late", 3, policy), boxes=coord))
+            task = asyncio.create_task(first.run(dict(WEIGHTS)))
+            await asyncio.wait_for(first.serving.wait(), 30)
+            await send("aws", 1, 0)
+            await asyncio.wait_for(until(first, 1), 30)
+            await send("aws", 2, 1)
+            await send("gcp", 1, 0)  # late: round 1 is over
+            await asyncio.wait_for(until(first, 2), 30)
+            first.stop()
+            await asyncio.wait_for(task, 30)
+            second = Coordinator(CoordinatorConfig(nats_url=nats_url, spec=spec("late", 3, policy), boxes=coord))
+            task = asyncio.create_task(second.run(dict(WEIGHTS)))
+            await asyncio.wait_for(second.serving.wait(), 30)
+            await send("aws", 3, 2)
+            await send("gcp", 2, 2)
+            await asyncio.wait_for(task, 60)
+        finally:
+            await close_quietly(nc)
+        return first, second
+
+    first, second = asyncio.run(scenario())
+    assert first.ledger.rejected == {"StaleUpdateError": 1}
+    assert second.ledger.rejected == {"StaleUpdateError": 1}  # not judged (and counted) a second time
+    assert second.aggregator.version == 3 and second.ledger.applied == 4
+
+
+def test_progress_marks_everything_seen_but_waiting_as_decided():
+    progress = Progress(applied_through=10, seen_through=20, waiting=(12, 15))
+    assert progress.decided(3) and progress.decided(10) and progress.decided(11) and progress.decided(20)
+    assert not progress.decided(12) and not progress.decided(15) and not progress.decided(21)
+    assert not Progress(applied_through=10).decided(11)  # records of older coordinators: as before
 
 
 def test_worker_ids_per_cloud_are_bounded_and_the_record_stays_far_below_the_head_limit():

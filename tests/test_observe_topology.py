@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from fedjet.broker.auth import ClientAuth
+from fedjet.broker.connect import connect_job, server_list
 from fedjet.broker.jetstream import close_quietly, ensure_job_streams
 from fedjet.broker.server import find_nats_server
 from fedjet.broker.subjects import JobSubjects
@@ -37,7 +38,6 @@ from fedjet.deploy.identities import new_user_seed
 from fedjet.errors import BrokerError
 from fedjet.keystore import coordinator_boxes
 from fedjet.keystore import generate as generate_keys
-from fedjet.observe.connect import connect_job, server_list
 from fedjet.observe.status import job_status, status_boxes
 from fedjet.spec import JobSpec
 

@@ -1,9 +1,9 @@
 """Connecting to a job's NATS as one identity: credentials, TLS, and the JetStream domain.
 
-``fedjet.broker.jetstream.connect`` takes a URL and a name only; clients of a generated
-topology also need their NKEY, the CA, their inbox prefix and, behind a leaf node, the hub's
-JetStream domain. This wrapper keeps the same bounded reconnects and error handling and adds
-those, so every command (status, worker, coordinator, replay, export) connects the same way.
+The one way every command (coordinator, worker, replay, export, status, up's observer)
+connects: bounded reconnects, credentials handed down in the environment, redacted errors, and
+for clients of a generated topology their NKEY, the CA, their inbox prefix and, behind a leaf
+node, the hub's JetStream domain.
 
 A refusal that retrying cannot fix (the server's certificate does not verify against the CA,
 the server rejects our certificate or NKEY) ends the first connection at once: nats-py would
@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import nats
@@ -32,7 +33,8 @@ from fedjet.log import get_logger
 log = get_logger("fedjet.broker")
 
 RECONNECT_WAIT_S = 0.5
-MAX_RECONNECTS = 120  # about a minute of trying before the client gives up (0 would mean forever)
+RECONNECT_WINDOW_S = 600.0  # services ride out ten minutes of broker outage before giving up
+MAX_RECONNECTS = 120  # one-shot commands: about a minute of trying (0 would mean forever)
 REFUSALS = (ssl.SSLError, nats.errors.AuthorizationError)  # retrying will not change the answer
 
 
@@ -80,7 +82,7 @@ async def connect_client(
     extra: dict[str, Any] = auth.connect_kwargs() if auth is not None else {}
     connecting = asyncio.ensure_future(
         nats.connect(
-            servers=urls,
+            urls,
             name=name,
             connect_timeout=timeout,
             reconnect_time_wait=RECONNECT_WAIT_S,
@@ -110,12 +112,14 @@ async def _first_connection(
         try:
             return connecting.result()
         except (OSError, TimeoutError, nats.errors.Error) as e:
-            raise BrokerError(f"cannot connect to NATS at {where}: {type(e).__name__}: {e}") from e
+            raise BrokerError(redact_url(f"cannot connect to NATS at {where}: {type(e).__name__}: {e}")) from e
     connecting.cancel()
     with contextlib.suppress(asyncio.CancelledError, OSError, TimeoutError, nats.errors.Error):
         await connecting
     reason = refused.result()
-    raise BrokerError(f"cannot connect to NATS at {where}: refused: {type(reason).__name__}: {reason}") from reason
+    raise BrokerError(
+        redact_url(f"cannot connect to NATS at {where}: refused: {type(reason).__name__}: {reason}")
+    ) from reason
 
 
 async def connect_job(
@@ -147,24 +151,36 @@ class NatsTarget:
     url: str
     auth: ClientAuth | None = None
     domain: str | None = None
+    reconnect_window_s: float = RECONNECT_WINDOW_S
 
     def __post_init__(self) -> None:
         server_list(self.url)
+        check_reconnect_window(self.reconnect_window_s)
+
+    @property
+    def reconnects(self) -> int:
+        """Attempts that fill the window (each waits ``RECONNECT_WAIT_S`` after a failure)."""
+        return max(1, math.ceil(self.reconnect_window_s / RECONNECT_WAIT_S))
 
     def for_url(self, url: str) -> NatsTarget:
         """The same identity through another address (e.g. a shaping proxy)."""
-        return NatsTarget(url=url, auth=self.auth, domain=self.domain)
+        return replace(self, url=url)
 
 
-async def open_target(target: NatsTarget, name: str) -> tuple[Client, Any]:
-    """``(nc, js)`` for ``target``. A plain single URL goes through the broker's own connect
-    (which also reads credentials handed down in the environment)."""
-    if target.auth is None and "," not in target.url:
-        from fedjet.broker.jetstream import connect
+def check_reconnect_window(seconds: float) -> float:
+    """A window in seconds: finite and positive (nats-py has no 'forever' we would want)."""
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"the reconnect window must be a positive number of seconds, got {seconds!r:.20}")
+    return seconds
 
-        nc = await connect(target.url, name)
-    else:
-        nc = await connect_client(target.url, name, target.auth)
+
+async def open_target(
+    target: NatsTarget, name: str, *, timeout: float = 10.0, reconnects: int | None = None
+) -> tuple[Client, Any]:
+    """``(nc, js)`` for ``target``: a service reconnects for the target's window, a one-shot
+    command passes few ``reconnects`` to fail fast."""
+    reconnects = target.reconnects if reconnects is None else reconnects
+    nc = await connect_client(target.url, name, target.auth, timeout=timeout, reconnects=reconnects)
     return nc, nc.jetstream(domain=target.domain) if target.domain else nc.jetstream()
 
 

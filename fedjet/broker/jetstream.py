@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,8 +14,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
 
+from fedjet.broker.connect import connect_client
 from fedjet.broker.subjects import JobSubjects
-from fedjet.broker.urls import NATS_USERINFO_ENV, redact_url, with_userinfo
+from fedjet.broker.urls import redact_url
 from fedjet.errors import BrokerError
 from fedjet.log import get_logger
 
@@ -25,30 +25,8 @@ __all__ = ["close_quietly", "connect", "ensure_job_streams", "read_range", "reda
 
 
 async def connect(url: str, name: str, *, timeout: float = 10.0) -> Client:
-    """Connect with bounded reconnects; connection trouble is logged, not raised into callbacks.
-    Credentials handed down in the environment (never on a command line) fill in a URL that
-    has none; no message carries them."""
-    url = with_userinfo(url, os.environ.get(NATS_USERINFO_ENV))
-
-    async def on_error(e: Exception) -> None:
-        log.warning("nats_error", client=name, error=redact_url(f"{type(e).__name__}: {e}"))
-
-    async def on_disconnect() -> None:
-        log.debug("nats_disconnected", client=name)
-
-    try:
-        return await nats.connect(
-            url,
-            name=name,
-            connect_timeout=timeout,
-            reconnect_time_wait=0.5,
-            max_reconnect_attempts=120,
-            error_cb=on_error,
-            disconnected_cb=on_disconnect,
-            allow_reconnect=True,
-        )
-    except (OSError, TimeoutError, nats.errors.Error) as e:
-        raise BrokerError(redact_url(f"cannot connect to NATS at {url}: {type(e).__name__}: {e}")) from e
+    """A plain connection (no identity): see :func:`fedjet.broker.connect.connect_client`."""
+    return await connect_client(url, name, timeout=timeout)
 
 
 async def ensure_job_streams(js: Any, subjects: JobSubjects, *, replicas: int = 1) -> None:
@@ -68,9 +46,7 @@ async def ensure_job_streams(js: Any, subjects: JobSubjects, *, replicas: int = 
         api.StreamConfig(name=subjects.global_stream, subjects=[subjects.global_head, subjects.global_data], **common),
     )
     with contextlib.suppress(nats.js.errors.BadRequestError):  # exists already
-        await js.create_key_value(
-            bucket=subjects.kv_bucket, history=1, storage=api.StorageType.FILE, replicas=replicas
-        )
+        await js.create_key_value(bucket=subjects.kv_bucket, history=1, storage=api.StorageType.FILE, replicas=replicas)
 
 
 async def _add_or_update(js: Any, config: api.StreamConfig) -> None:

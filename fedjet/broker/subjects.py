@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from fedjet.config.names import check_token
 
-__all__ = ["JobSubjects", "check_token"]
+__all__ = ["JobSubjects", "check_token", "js_api", "kv_put_subject"]
 
 
 @dataclass(frozen=True)
@@ -61,3 +61,13 @@ class JobSubjects:
     @staticmethod
     def cloud_of(subject: str) -> str:
         return subject.rsplit(".", 1)[-1]
+
+
+def js_api(domain: str) -> str:
+    """The JetStream API prefix of ``domain`` (``nats.jetstream(domain=...)`` uses the same)."""
+    return f"$JS.{check_token('JetStream domain', domain)}.API"
+
+
+def kv_put_subject(bucket: str, key: str, domain: str) -> str:
+    """Where a client behind a leaf node publishes a KV value (the hub maps it onto ``$KV.``)."""
+    return f"{js_api(domain)}.$KV.{bucket}.{key}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -21,11 +22,29 @@ import nats.js.errors
 import torch
 from nats.js import api
 
-from fedjet.broker.blobs import H_BLOB, H_SIZE, HEADER_ROOM, Blob, BlobAssembler, header_bytes, publish_blob
+from fedjet.broker.blobs import (
+    H_BLOB,
+    H_SIZE,
+    HEADER_ROOM,
+    Blob,
+    BlobAssembler,
+    PublishedBlob,
+    header_bytes,
+    publish_blob,
+)
 from fedjet.broker.jetstream import read_range
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.retry import retrying
-from fedjet.codecs.crypto import COORDINATOR, Boxes, digest, open_global, open_secret, open_version_key, seal_global
+from fedjet.codecs.crypto import (
+    COORDINATOR,
+    Boxes,
+    SealedGlobal,
+    digest,
+    open_global,
+    open_secret,
+    open_version_key,
+    seal_global,
+)
 from fedjet.codecs.downlink import decode_view, next_view_frame
 from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import (
@@ -94,11 +113,7 @@ class GlobalPublisher:
             encode_global, GlobalVersion(header, weights), base, version - 1 if base is not None else -1
         )
         self._published = weights
-        sealed = await asyncio.to_thread(seal_global, payload, record.to_bytes(), self.boxes, self.members)
-        blob_id = f"{self.subjects.job}/g/{version}/{secrets.token_hex(6)}"  # fresh after a restart too
-        blob = await publish_blob(
-            self._js, self.subjects.global_data, sealed.ciphertext, blob_id=blob_id, max_payload=self.max_payload
-        )
+        sealed, blob_id, blob = await self._seal_and_publish(payload, record.to_bytes(), f"g/{version}")
         view = await self._publish_view(version, hash_, weights) if self.downlink is not None else None
         head = GlobalHead(
             header=header,
@@ -126,11 +141,7 @@ class GlobalPublisher:
         base, view = self._view
         header = GlobalHeader(job=self.subjects.job, version=version, hash=hash_, delta_from=base)
         frame, new_view, view_hash = await asyncio.to_thread(next_view_frame, weights, view, self.downlink, header)
-        sealed = await asyncio.to_thread(seal_global, frame, b"", self.boxes, self.members)
-        blob_id = f"{self.subjects.job}/v/{version}/{secrets.token_hex(6)}"
-        blob = await publish_blob(
-            self._js, self.subjects.global_data, sealed.ciphertext, blob_id=blob_id, max_payload=self.max_payload
-        )
+        sealed, blob_id, blob = await self._seal_and_publish(frame, b"", f"v/{version}")
         self._view = (version, new_view)
         log.info("view_published", version=version, base=base, bytes=blob.wire_bytes)
         return ViewRef(
@@ -143,6 +154,16 @@ class GlobalPublisher:
             blob_id=blob_id,
             keys=sealed.keys,
         )
+
+    async def _seal_and_publish(self, frame: bytes, meta: bytes, name: str) -> tuple[SealedGlobal, str, PublishedBlob]:
+        """Encrypt ``frame`` (and ``meta``) to every member and publish it as chunks under a
+        blob id that is fresh after a restart too."""
+        sealed = await asyncio.to_thread(seal_global, frame, meta, self.boxes, self.members)
+        blob_id = f"{self.subjects.job}/{name}/{secrets.token_hex(6)}"
+        blob = await publish_blob(
+            self._js, self.subjects.global_data, sealed.ciphertext, blob_id=blob_id, max_payload=self.max_payload
+        )
+        return sealed, blob_id, blob
 
     async def publish_final_marker(self) -> None:
         """Stopped early: re-announce the current version as final so workers exit."""
@@ -264,10 +285,16 @@ class GlobalFollower:
         except FedjetError as e:
             log.warning("global_head_rejected", reason=e.reason, stream_seq=raw.seq)
         latest = None
+        async for signed in self.recorded_heads():
+            latest = signed
+        return latest
+
+    async def recorded_heads(self) -> AsyncIterator[LatestHead]:
+        """Every head on the stream that verifies, in stream order (a final marker repeats its
+        version); anything not signed by this job's coordinator is skipped."""
         async for msg in read_range(self._js, self.subjects.global_stream, self.subjects.global_head):
             with contextlib.suppress(FedjetError):
-                latest = LatestHead(self.parse_head(msg.data), msg.metadata.sequence.stream)
-        return latest
+                yield LatestHead(self.parse_head(msg.data), msg.metadata.sequence.stream)
 
     async def previous(self, head: GlobalHead) -> GlobalHead | None:
         """One step back along the head chain (None at version 0)."""

@@ -11,7 +11,7 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 
-from fedjet.broker.subjects import JobSubjects
+from fedjet.broker.subjects import JobSubjects, kv_put_subject
 from fedjet.channel.retry import retrying
 from fedjet.codecs.crypto import Identity, PublicIdentity
 from fedjet.errors import BrokerError
@@ -68,7 +68,7 @@ async def put_stats(
     body = json.dumps(stats).encode()
     try:
         if domain:
-            await js.publish(f"$JS.{domain}.API.$KV.{subjects.kv_bucket}.{subjects.stats_key(cloud)}", body)
+            await js.publish(kv_put_subject(subjects.kv_bucket, subjects.stats_key(cloud), domain), body)
             return
         kv = await js.key_value(subjects.kv_bucket)
         await kv.put(subjects.stats_key(cloud), body)

@@ -32,6 +32,7 @@ from fedjet.broker.blobs import (
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.retry import TRANSIENT
 from fedjet.codecs.crypto import MAX_WORKERS_PER_CLOUD, Boxes, seal_update
+from fedjet.codecs.record import Progress
 from fedjet.errors import AuthenticationError, BlobError, FedjetError
 from fedjet.log import get_logger
 
@@ -97,6 +98,8 @@ class UpdateInbox:
         self._held: dict[tuple[str, str], list[Any]] = {}  # (subject, blob id) -> chunks to ack later
         self._sub: Any = None
         self.applied_through = 0  # decided before a restart: ack, never admit again
+        self.resumed: Progress | None = None  # the record's progress after a restart
+        self.seen_through = 0  # the last stream seq taken in
 
     @property
     def max_ack_pending(self) -> int:
@@ -139,6 +142,10 @@ class UpdateInbox:
         seq = msg.metadata.sequence.stream
         arrival = Arrival(JobSubjects.cloud_of(msg.subject), seq, [msg])
         key = (msg.subject, (msg.headers or {}).get(H_BLOB, ""))
+        self.seen_through = max(self.seen_through, seq)
+        if self.resumed is not None and self.resumed.decided(seq) and seq > self.applied_through:
+            await self.ack([msg])  # applied or rejected (and counted) after the last applied one
+            return None
         decided = seq <= self.applied_through
         if decided and part_index(msg.headers) != 0 and not self._assembler.is_pending(key):
             await self.ack([msg])  # the tail of a blob that was decided before the restart

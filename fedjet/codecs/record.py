@@ -57,6 +57,18 @@ class Progress:
     resume_from: int = 1  # first stream seq still needed (unapplied or partial blobs)
     guard: dict[str, int] = field(default_factory=dict)  # last seq per cloud/worker
     rejected: dict[str, int] = field(default_factory=dict)
+    # Exactly once past applied_through: every stream seq up to seen_through is decided
+    # (applied or rejected, and counted) unless listed in waiting; spent is the highest
+    # authenticated seq per cloud/worker up to seen_through, rejected ones included.
+    seen_through: int = 0
+    waiting: tuple[int, ...] = ()
+    spent: dict[str, int] = field(default_factory=dict)
+
+    def decided(self, stream_seq: int) -> bool:
+        """Whether a restart must skip ``stream_seq``: it was applied or rejected before."""
+        if stream_seq <= self.applied_through:
+            return True
+        return stream_seq <= self.seen_through and stream_seq not in self.waiting
 
 
 @dataclass(frozen=True, kw_only=True)

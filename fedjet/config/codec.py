@@ -88,9 +88,7 @@ class CodecSpec:
             raise ConfigError(f"--codec {whole!r}: topk and lowrank are two ways to shrink an update; pick one")
         canonical = ("" if rank is None else f"lowrank:{rank}+") + _canonical(density, scope, warmup, quant, chunk)
         canonical = canonical.removesuffix("+dense")
-        return cls(
-            text=canonical, density=density, scope=scope, quant=quant, chunk=chunk, warmup=warmup, rank=rank
-        )
+        return cls(text=canonical, density=density, scope=scope, quant=quant, chunk=chunk, warmup=warmup, rank=rank)
 
     def density_at(self, version: int) -> float | None:
         """Top-k density for an update made from (or a view of) ``version``: a pure function of

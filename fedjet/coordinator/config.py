@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedjet.broker.auth import ClientAuth
+from fedjet.broker.connect import RECONNECT_WINDOW_S, NatsTarget, check_reconnect_window
 from fedjet.codecs.crypto import Boxes
 from fedjet.codecs.frame import Limits
 from fedjet.errors import ConfigError
@@ -20,6 +21,7 @@ class CoordinatorConfig:
     nats_url: str
     auth: ClientAuth | None = None  # NKEY/creds and TLS of the coordinator's identity
     js_domain: str | None = None
+    reconnect_window_s: float = RECONNECT_WINDOW_S  # how long a broker outage is ridden out
     replicas: int | None = None  # copies of each stream and the KV bucket; None: 3 on a cluster, else 1
     metrics: CoordinatorMetrics | None = None
     spec: JobSpec
@@ -32,3 +34,10 @@ class CoordinatorConfig:
     def __post_init__(self) -> None:
         if self.snapshot_every < 1 or not self.idle_timeout_s > 0:
             raise ConfigError("snapshot_every must be >= 1 and --idle-timeout > 0")
+        check_reconnect_window(self.reconnect_window_s)
+
+    @property
+    def target(self) -> NatsTarget:
+        return NatsTarget(
+            url=self.nats_url, auth=self.auth, domain=self.js_domain, reconnect_window_s=self.reconnect_window_s
+        )

@@ -84,19 +84,37 @@ class Ledger:
         for _, key, seq in settled:
             self.guard[key] = max(seq, self.guard.get(key, 0))
 
+    def spent_max(self) -> dict[str, int]:
+        """The highest authenticated seq per cloud/worker, settled or not."""
+        out = dict(self.guard)
+        for _, key, seq in self.spent:
+            out[key] = max(seq, out.get(key, 0))
+        return out
+
     def record(
-        self, strategy: str, received: list[Received], *, waiting: list[int], assignment: dict[str, int]
+        self,
+        strategy: str,
+        received: list[Received],
+        *,
+        waiting: list[int],
+        assignment: dict[str, int],
+        seen_through: int = 0,
     ) -> VersionRecord:
         """The record of a version made from ``received`` (in the order they were folded);
-        ``waiting`` are stream seqs still undecided (where a restart must read from)."""
+        ``waiting`` are stream seqs still undecided (where a restart must read from), and every
+        other seq up to ``seen_through`` (the last one the coordinator took in) is decided."""
         samples = sum(r.update.header.samples for r in received)
         loss = sum(r.update.header.loss * r.update.header.samples for r in received)
+        seen_through = max(seen_through, self.applied_through)
         progress = Progress(
             applied_total=self.applied,
             applied_through=self.applied_through,
             resume_from=min([*waiting, self.applied_through + 1]),
             guard=dict(self.guard),
             rejected=dict(self.rejected),
+            seen_through=seen_through,
+            waiting=tuple(sorted({s for s in waiting if self.applied_through < s <= seen_through})),
+            spent=self.spent_max(),
         )
         record = VersionRecord(
             strategy=strategy,

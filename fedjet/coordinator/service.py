@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from fedjet.broker.connect import default_replicas, open_target
 from fedjet.broker.jetstream import close_quietly, ensure_job_streams
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower, GlobalPublisher
@@ -34,10 +35,9 @@ from fedjet.coordinator.pacing import Pacer
 from fedjet.coordinator.privacy_check import check_claim
 from fedjet.coordinator.record import Ledger, Received
 from fedjet.coordinator.rounds import Batcher
-from fedjet.coordinator.strategies import Aggregator
+from fedjet.coordinator.strategies import Aggregator, strategy_for
 from fedjet.errors import ConfigError, FedjetError, NonFiniteError, StaleUpdateError
 from fedjet.log import get_logger
-from fedjet.observe.connect import NatsTarget, default_replicas, open_target
 from fedjet.observe.metrics import CoordinatorMetrics
 
 log = get_logger("fedjet.coordinator")
@@ -56,7 +56,7 @@ class Coordinator:
         self.aggregator: Aggregator | None = None
         self._stopping = asyncio.Event()
         self._finish = False
-        strategy = Aggregator(spec.strategy, {}).strategy
+        strategy = strategy_for(spec.strategy)
         self._batcher: Batcher[Received] = Batcher(
             synchronous=strategy.synchronous,
             clouds=spec.clouds,
@@ -70,6 +70,7 @@ class Coordinator:
         self._admission = Admission(spec, config.boxes, self.limits)
         self._state = LocalState(config.state_dir, spec.job) if config.state_dir else None
         self._resume_from = 1  # the first stream seq not yet decided
+        self._spent_floor: tuple[int, dict[str, int]] | None = None  # (seen_through, spent) after a restart
         self._dp = spec.config.dp_config
         self._dp_steps: dict[str, int] = {}  # steps each cloud/worker claimed (this process's view)
         self._retire_msgs: list[Any] = []  # acked once a record says who retired
@@ -95,8 +96,7 @@ class Coordinator:
         if self.config.limits is None:  # frames no larger than this model's can be
             self.limits = Limits.for_model(sum(t.numel() for t in initial.values()), len(initial))
             self._admission = Admission(spec, self.config.boxes, self.limits)
-        target = NatsTarget(url=self.config.nats_url, auth=self.config.auth, domain=self.config.js_domain)
-        nc, js = await open_target(target, f"fedjet-coordinator-{spec.job}")
+        nc, js = await open_target(self.config.target, f"fedjet-coordinator-{spec.job}")
         try:
             with structlog.contextvars.bound_contextvars(job=spec.job):
                 self._replicas = self.config.replicas or default_replicas(nc)
@@ -127,7 +127,7 @@ class Coordinator:
         spec = self.config.spec
         await ensure_job_streams(js, self.subjects, replicas=self._replicas)
         follower = GlobalFollower(js, self.subjects, self.config.boxes, self.limits)
-        depth = Aggregator(spec.strategy, {}).strategy.history_depth
+        depth = strategy_for(spec.strategy).history_depth
         checkpoint = await last_checkpoint(follower, depth)
         if self._state is not None:
             head = checkpoint.latest.head if checkpoint is not None else None
@@ -153,6 +153,8 @@ class Coordinator:
         assert self.publisher is not None and self.inbox is not None
         self.publisher.resume(checkpoint.latest, checkpoint.weights)
         self.inbox.applied_through = record.progress.applied_through
+        self.inbox.resumed = record.progress
+        self._spent_floor = (record.progress.seen_through, dict(record.progress.spent))
         self._resume_from = record.progress.resume_from
         self._batcher.retired.update(record.retired)
         log.info("coordinator_resumed", version=head.version, resume_from=record.progress.resume_from)
@@ -197,6 +199,7 @@ class Coordinator:
             await self._reject(arrival)
             return
         assert self.aggregator is not None
+        self._raise_guard(arrival.seq)
         with structlog.contextvars.bound_contextvars(cloud=arrival.cloud, stream_seq=arrival.seq):
             try:
                 agg, admission = self.aggregator, self._admission
@@ -223,6 +226,16 @@ class Coordinator:
         if displaced is not None:
             error = StaleUpdateError(f"{arrival.cloud}'s carried stale update replaced by its fresh one")
             await self._reject(Arrival(arrival.cloud, displaced.stream_seq, displaced.msgs, error=error))
+
+    def _raise_guard(self, stream_seq: int) -> None:
+        """Past what the last record saw, every sequence number authenticated before the
+        restart is spent too (rejected ones included): until then the guard holds only the
+        settled ones, so that updates still waiting in a round are admitted once more."""
+        if self._spent_floor is None or stream_seq <= self._spent_floor[0]:
+            return
+        for key, seq in self._spent_floor[1].items():
+            self._guard.last[key] = max(seq, self._guard.last.get(key, 0))
+        self._spent_floor = None
 
     def _retire(self, cloud: str, arrival: Arrival) -> None:
         """A cloud sends no more: rounds stop waiting for it; its message is acked with the
@@ -277,7 +290,8 @@ class Coordinator:
         assert agg is not None and inbox is not None and publisher is not None
         waiting = [s for r in self._batcher.pending_items() for s in stream_seqs(r.msgs)] + inbox.pending_seqs
         waiting += stream_seqs(self._retire_msgs)
-        record = self.ledger.record(agg.strategy.name, received, waiting=waiting, assignment=self.pacer.assignment)
+        pace, seen = self.pacer.assignment, inbox.seen_through
+        record = self.ledger.record(agg.strategy.name, received, waiting=waiting, assignment=pace, seen_through=seen)
         record = replace(record, retired=tuple(sorted(self._batcher.retired)))
         with structlog.contextvars.bound_contextvars(version=agg.version):
             head = await publisher.publish(agg.version, agg.hash, agg.weights, record, final=self._done())

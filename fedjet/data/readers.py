@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedjet.data.wikitext import SPLIT_FILES, split_articles
+from fedjet.data.wikitext import SPLIT_FILES, read_split
 from fedjet.errors import ConfigError, DataError
 from fedjet.log import get_logger
 
@@ -172,14 +172,7 @@ def _read_wikitext_dir(root: Path) -> Documents:
 
 
 def _wikitext_docs(file: Path) -> list[str]:
-    try:
-        with file.open(encoding="utf-8") as fh:
-            articles = split_articles(fh)
-    except OSError as e:
-        raise DataError(f"cannot read {file}: {e}") from e
-    except UnicodeDecodeError as e:
-        raise DataError(f"{file} is not UTF-8 text: {e}") from e
-    return [a.text for a in articles if a.text.strip()]
+    return [a.text for a in read_split(file) if a.text.strip()]
 
 
 def _read_saved_dataset(root: Path) -> Documents:

@@ -22,19 +22,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from fedjet.broker.subjects import JobSubjects, check_token
+from fedjet.broker.subjects import JobSubjects, check_token, js_api
 
 LOCAL_API = "$JS.API"  # the JetStream API of the server a client is connected to
-
-
-def js_api(domain: str) -> str:
-    """The JetStream API prefix of ``domain`` (``nats.jetstream(domain=...)`` uses the same)."""
-    return f"$JS.{check_token('JetStream domain', domain)}.API"
-
-
-def kv_put_subject(bucket: str, key: str, domain: str) -> str:
-    """Where a client behind a leaf node publishes a KV value (the hub maps it onto ``$KV.``)."""
-    return f"{js_api(domain)}.$KV.{bucket}.{key}"
 
 
 class Role(enum.Enum):

@@ -8,8 +8,6 @@ added under the job's seed, and only the adapters are exchanged; otherwise every
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from fedjet.worker.model import (
     parameter_tensors,
     preset_config,
     quiet_transformers,
+    seeded,
 )
 
 Weights = dict[str, torch.Tensor]
@@ -84,7 +83,7 @@ def initial_job_model(job: JobConfig) -> JobModel:
     quiet_transformers()
     validate_model_source(job)
     if job.model in PRESETS:
-        with _seeded(job.seed):
+        with seeded(job.seed):
             model: PreTrainedModel = model_from_config(preset_config(job.model, 257, 256).to_dict())
         tokenizer: Tokenizer = ByteTokenizer()
     else:
@@ -124,7 +123,7 @@ def job_model_for(spec: JobSpec, model_path: str | None = None) -> JobModel:
         if spec.tokenizer_sha256:
             check_tokenizer(model_path, spec.tokenizer_sha256)
     elif job.model in PRESETS:
-        with _seeded(job.seed):
+        with seeded(job.seed):
             model = model_from_config(spec.model_config)
         tokenizer = ByteTokenizer()
     else:
@@ -156,16 +155,9 @@ def _check_architecture(spec: JobSpec, model: PreTrainedModel, path: str) -> Non
         raise ConfigError(f"--model {path}: its architecture (config.json) is not the job's")
 
 
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def preset_base_weights(spec: JobSpec) -> Weights:
     """The frozen base of a LoRA job on a preset, rebuilt from the seed (no checkpoint needed)."""
     if spec.config.model not in PRESETS:
         raise ConfigError(f"job {spec.job} fine-tunes a checkpoint: give --model PATH (its base)")
-    with _seeded(spec.config.seed):
+    with seeded(spec.config.seed):
         return parameter_tensors(model_from_config(spec.model_config))

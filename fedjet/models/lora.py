@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from fedjet.errors import ConfigError, ValidationError
+from fedjet.worker.model import seeded
 
 PEFT_KEYS = ("r", "alpha", "dropout", "targets")
 # Used when peft's own table is unavailable; the same choices as peft makes (query and value projections).
@@ -129,8 +130,7 @@ def apply_lora(model: PreTrainedModel, spec: LoraSpec, *, seed: int) -> PeftMode
         bias="none",
         task_type="CAUSAL_LM",
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         try:
             return get_peft_model(model, config)
         except ValueError as e:

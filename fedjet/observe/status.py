@@ -13,7 +13,6 @@ the keys at hand:
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -24,8 +23,6 @@ import nats.errors
 import nats.js.errors
 
 from fedjet.broker.auth import ClientAuth
-from fedjet.broker.jetstream import close_quietly
-from fedjet.broker.server import EmbeddedNatsServer
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower, LatestHead
 from fedjet.channel.kv import read_spec
@@ -34,8 +31,8 @@ from fedjet.codecs.frame import Limits
 from fedjet.codecs.record import VersionRecord
 from fedjet.errors import BrokerError, ConfigError, FedjetError
 from fedjet.keystore import load_identity, load_public
-from fedjet.observe.connect import connect_job
 from fedjet.observe.status_view import print_status
+from fedjet.runner.recorded import only_job, recorded_jetstream
 
 STATUS_RECONNECTS = 3  # a one-shot read fails fast on a wrong URL or CA
 DEFAULT_DEPTH = 16  # versions walked back to find each cloud's last applied update
@@ -292,19 +289,6 @@ def status_boxes(keys_dir: str | Path | None, identity: str | None = None) -> Bo
     return Boxes(me, peers)
 
 
-async def only_job(js: Any) -> str:
-    """The one job recorded in this JetStream (listing streams needs more rights than reading one)."""
-    try:
-        names = [info.config.name for info in await js.streams_info()]
-    except NATS_ERRORS as e:
-        raise ConfigError(f"cannot list the jobs here ({type(e).__name__}): say which with --job") from e
-    prefix, suffix = "FEDJET_", "_GLOBALS"
-    jobs = sorted(n[len(prefix) : -len(suffix)] for n in names if n.startswith(prefix) and n.endswith(suffix))
-    if len(jobs) != 1:
-        raise ConfigError(f"say which --job; this JetStream holds {jobs or 'none'}")
-    return str(jobs[0])
-
-
 async def status_command(
     url: str | list[str] | None,
     job: str | None,
@@ -321,26 +305,13 @@ async def status_command(
     ``--store`` starts the embedded server over a store that ``fedjet up --store`` kept (never
     over the store of a server still running) and reads keys from ``DIR/keys`` by default.
     """
-    if (url is None) == (store_dir is None):
-        raise ConfigError("give exactly one of --nats URL or --store DIR")
-    server = None
-    if store_dir is not None:
-        if not (Path(store_dir) / "jetstream").is_dir():
-            raise ConfigError(f"{store_dir} holds no JetStream store (fedjet up --store DIR writes one)")
-        if keys_dir is None and (Path(store_dir) / "keys").is_dir():
-            keys_dir = str(Path(store_dir) / "keys")
-        server = EmbeddedNatsServer(store_dir)
-        url = await asyncio.to_thread(server.start)
-    assert url is not None
-    try:
-        boxes = status_boxes(keys_dir, identity)
-        nc, js = await connect_job(url, "fedjet-status", auth, domain, timeout=5.0, reconnects=STATUS_RECONNECTS)
-        try:
-            status = await job_status(js, JobSubjects(job or await only_job(js)), boxes)
-        finally:
-            await close_quietly(nc)
-    finally:
-        if server is not None:
-            await asyncio.to_thread(server.stop)
+    if store_dir is not None and keys_dir is None and (Path(store_dir) / "keys").is_dir():
+        keys_dir = str(Path(store_dir) / "keys")
+    boxes = status_boxes(keys_dir, identity)
+    nats_url = ",".join(url) if isinstance(url, list) else url
+    async with recorded_jetstream(
+        store_dir, nats_url, "fedjet-status", auth=auth, domain=domain, timeout=5.0, reconnects=STATUS_RECONNECTS
+    ) as js:
+        status = await job_status(js, JobSubjects(job or await only_job(js)), boxes)
     print_status(status, json=json)
     return 0

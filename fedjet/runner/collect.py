@@ -61,6 +61,15 @@ class Collector:
             if head.final:
                 return self.rounds
 
+    def _workers_read(self, head: GlobalHead) -> int:
+        """What the clouds read of this version (an estimate: the observer's own count times the
+        clouds): the view's change under a lossy downlink, else the version as it crossed."""
+        if head.final:
+            return 0
+        if head.view is not None and head.view.size:
+            return head.view.size * self.clouds
+        return self.follower.wire_bytes.get(head.version, 0) * self.clouds
+
     async def _record(self, head: GlobalHead, version: GlobalVersion) -> RoundRecord:
         record = self.follower.record(head)
         self.last_record = record
@@ -87,7 +96,7 @@ class Collector:
             eval_ppl=result.ppl if result else None,
             eval_acc=result.acc if result else None,
             bytes_up=record.bytes_up,
-            bytes_down=self.follower.wire_bytes.get(head.version, 0) * self.clouds if not head.final else 0,
+            bytes_down=self._workers_read(head),
             wall_s=wall,
             round_s=round_s,
             hash=head.hash,

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from fedjet.broker.auth import ClientAuth
-from fedjet.broker.jetstream import read_range
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower
 from fedjet.codecs.frame import Limits
@@ -72,7 +71,7 @@ async def _export(config: ExportConfig) -> Exported:
 async def export_version(js: Any, subjects: JobSubjects, keys_dir: str, config: ExportConfig) -> Exported:
     spec, boxes = await coordinator_view(js, subjects, keys_dir)
     follower = GlobalFollower(js, subjects, boxes, Limits())
-    heads = await _heads(js, subjects, follower)
+    heads = await _heads(follower)
     head = _pick(heads, subjects, config.version)
     version = await follower.fetch(head)
     record = follower.record(head)
@@ -93,15 +92,9 @@ async def export_version(js: Any, subjects: JobSubjects, keys_dir: str, config: 
     return Exported(config.out, spec.job, head.version, written)
 
 
-async def _heads(js: Any, subjects: JobSubjects, follower: GlobalFollower) -> dict[int, GlobalHead]:
-    heads: dict[int, GlobalHead] = {}
-    async for msg in read_range(js, subjects.global_stream, subjects.global_head):
-        try:
-            head = follower.parse_head(msg.data)
-        except FedjetError:
-            continue  # not signed by this job's coordinator
-        heads[head.version] = head  # a final marker re-announces the last version
-    return heads
+async def _heads(follower: GlobalFollower) -> dict[int, GlobalHead]:
+    """Each version's newest head (a final marker re-announces the last version)."""
+    return {signed.head.version: signed.head async for signed in follower.recorded_heads()}
 
 
 def _pick(heads: dict[int, GlobalHead], subjects: JobSubjects, version: int | None) -> GlobalHead:

@@ -9,7 +9,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import nats.errors
+import nats.js.errors
+
 from fedjet.broker.auth import ClientAuth
+from fedjet.broker.connect import MAX_RECONNECTS, NatsTarget, open_target
 from fedjet.broker.jetstream import close_quietly
 from fedjet.broker.server import EmbeddedNatsServer
 from fedjet.broker.subjects import JobSubjects
@@ -17,7 +21,6 @@ from fedjet.channel.kv import read_spec
 from fedjet.codecs.crypto import COORDINATOR, Boxes
 from fedjet.errors import ConfigError
 from fedjet.keystore import load_identity, load_public
-from fedjet.observe.connect import NatsTarget, open_target
 from fedjet.spec import JobSpec
 
 
@@ -31,8 +34,16 @@ def keys_dir_for(keys: str | None, store: str | None) -> str:
 
 @contextlib.asynccontextmanager
 async def recorded_jetstream(
-    store: str | None, nats_url: str | None, name: str, *, auth: ClientAuth | None = None, domain: str | None = None
+    store: str | None,
+    nats_url: str | None,
+    name: str,
+    *,
+    auth: ClientAuth | None = None,
+    domain: str | None = None,
+    **connect: Any,
 ) -> AsyncIterator[Any]:
+    """JetStream of a kept store (served by an embedded nats-server meanwhile) or of a running
+    server; ``connect`` goes to :func:`open_target` (``timeout``, ``reconnects``)."""
     if (store is None) == (nats_url is None):
         raise ConfigError("give exactly one of --store DIR or --nats URL")
     server = None
@@ -43,8 +54,9 @@ async def recorded_jetstream(
         server = EmbeddedNatsServer(store)
         url = server.start()
     assert url is not None
+    connect.setdefault("reconnects", MAX_RECONNECTS)  # a one-shot read: fail in about a minute
     try:
-        nc, js = await open_target(NatsTarget(url=url, auth=auth, domain=domain), name)
+        nc, js = await open_target(NatsTarget(url=url, auth=auth, domain=domain), name, **connect)
         try:
             yield js
         finally:
@@ -55,7 +67,11 @@ async def recorded_jetstream(
 
 
 async def only_job(js: Any) -> str:
-    names = [info.config.name for info in await js.streams_info()]
+    """The one job recorded in this JetStream (listing streams needs more rights than reading one)."""
+    try:
+        names = [info.config.name for info in await js.streams_info()]
+    except (nats.errors.Error, nats.js.errors.Error, OSError) as e:
+        raise ConfigError(f"cannot list the jobs here ({type(e).__name__}): say which with --job") from e
     prefix, suffix = "FEDJET_", "_GLOBALS"
     jobs = sorted(n[len(prefix) : -len(suffix)] for n in names if n.startswith(prefix) and n.endswith(suffix))
     if len(jobs) != 1:

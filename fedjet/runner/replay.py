@@ -134,12 +134,8 @@ class _Session:
         spec, self.boxes = await coordinator_view(self.js, self.subjects, self.config.keys_dir)
         self.follower = GlobalFollower(self.js, self.subjects, self.boxes, self.limits)
         heads: dict[int, GlobalHead] = {}
-        async for msg in read_range(self.js, self.subjects.global_stream, self.subjects.global_head):
-            try:
-                head = self.follower.parse_head(msg.data)
-            except FedjetError:
-                continue  # not signed by this job's coordinator: not part of the record
-            heads.setdefault(head.version, head)  # a final marker repeats the last version
+        async for signed in self.follower.recorded_heads():
+            heads.setdefault(signed.head.version, signed.head)  # a final marker repeats the last version
         if not heads:
             raise ConfigError(f"job {self.subjects.job!r} has no recorded global versions")
         versions = [

@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 
 from fedjet.broker.auth import ClientAuth
+from fedjet.broker.connect import RECONNECT_WINDOW_S, NatsTarget, check_reconnect_window, open_target
 from fedjet.broker.jetstream import close_quietly
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower
@@ -29,7 +30,6 @@ from fedjet.errors import ConfigError
 from fedjet.keystore import member_boxes
 from fedjet.log import get_logger
 from fedjet.models.job_model import job_model_for
-from fedjet.observe.connect import NatsTarget, open_target
 from fedjet.observe.metrics import WorkerMetrics
 from fedjet.spec import JobSpec
 from fedjet.worker.delta import DeltaTracker
@@ -46,6 +46,7 @@ class WorkerConfig:
     nats_url: str
     auth: ClientAuth | None = None  # this cloud's NKEY/creds and TLS
     js_domain: str | None = None  # the hub's JetStream domain, behind a leaf node
+    reconnect_window_s: float = RECONNECT_WINDOW_S  # how long a broker outage is ridden out
     metrics: WorkerMetrics | None = None
     job: str
     cloud: str
@@ -66,6 +67,7 @@ class WorkerConfig:
         check_token("worker", self.worker_id)
         if self.slowdown < 1.0:
             raise ConfigError(f"slowdown must be >= 1, got {self.slowdown}")
+        check_reconnect_window(self.reconnect_window_s)
 
 
 @dataclass
@@ -118,7 +120,9 @@ class Worker:
     async def run(self) -> WorkerStats:
         started = time.perf_counter()
         cfg = self.config
-        target = NatsTarget(url=cfg.nats_url, auth=cfg.auth, domain=cfg.js_domain)
+        target = NatsTarget(
+            url=cfg.nats_url, auth=cfg.auth, domain=cfg.js_domain, reconnect_window_s=cfg.reconnect_window_s
+        )
         self._nc, self._js = await open_target(target, f"fedjet-worker-{cfg.job}-{cfg.cloud}")
         try:
             with structlog.contextvars.bound_contextvars(job=cfg.job, cloud=cfg.cloud):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ def preset_config(name: str, vocab_size: int, eos_id: int) -> GPT2Config:
 def initial_model(name_or_path: str, *, vocab_size: int, eos_id: int, seed: int) -> PreTrainedModel:
     """The model every run starts from: a seeded preset or a local pretrained checkpoint."""
     if name_or_path in PRESETS:
-        with _seeded(seed):
+        with seeded(seed):
             model = GPT2LMHeadModel(preset_config(name_or_path, vocab_size, eos_id))
     else:
         path = Path(name_or_path)
@@ -104,13 +105,12 @@ def load_parameters(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) ->
 
 
 @contextlib.contextmanager
-def _seeded(seed: int):
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+def seeded(seed: int) -> Iterator[None]:
+    """Draw from torch's CPU generator under ``seed``, leaving the caller's stream untouched:
+    every party builds the same initial weights from the job's seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         yield
-    finally:
-        torch.random.set_rng_state(state)
 
 
 def quiet_transformers() -> None:
