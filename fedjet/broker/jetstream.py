@@ -29,9 +29,10 @@ async def connect(url: str, name: str, *, timeout: float = 10.0) -> Client:
     return await connect_client(url, name, timeout=timeout)
 
 
-async def ensure_job_streams(js: Any, subjects: JobSubjects, *, replicas: int = 1) -> None:
+async def ensure_job_streams(js: Any, subjects: JobSubjects, *, replicas: int = 1, secure_agg: bool = False) -> None:
     """Create (or update) the job's streams and KV bucket with ``replicas`` copies each (3 on a
-    cluster: losing a node loses nothing); safe to call from every process."""
+    cluster: losing a node loses nothing); safe to call from every process. A secure-aggregation
+    job also gets the stream of its protocol messages and round transcripts."""
     common = {
         "num_replicas": replicas,
         "storage": api.StorageType.FILE,
@@ -45,6 +46,9 @@ async def ensure_job_streams(js: Any, subjects: JobSubjects, *, replicas: int = 
         js,
         api.StreamConfig(name=subjects.global_stream, subjects=[subjects.global_head, subjects.global_data], **common),
     )
+    if secure_agg:
+        secagg = [f"fedjet.{subjects.job}.sa.>"]
+        await _add_or_update(js, api.StreamConfig(name=subjects.secagg_stream, subjects=secagg, **common))
     with contextlib.suppress(nats.js.errors.BadRequestError):  # exists already
         await js.create_key_value(bucket=subjects.kv_bucket, history=1, storage=api.StorageType.FILE, replicas=replicas)
 

@@ -33,6 +33,27 @@ class JobSubjects:
         """The (chunked, encrypted) weights of each global version."""
         return f"fedjet.{self.job}.global.data"
 
+    def secagg_up(self, cloud: str) -> str:
+        """A member's secure-aggregation messages to the coordinator."""
+        return f"fedjet.{self.job}.sa.up.{check_token('cloud', cloud)}"
+
+    @property
+    def secagg_ups(self) -> str:
+        return f"fedjet.{self.job}.sa.up.*"
+
+    def secagg_down(self, cloud: str) -> str:
+        """The coordinator's secure-aggregation messages to one member."""
+        return f"fedjet.{self.job}.sa.down.{check_token('cloud', cloud)}"
+
+    @property
+    def secagg_transcript(self) -> str:
+        """Each completed secure round as the coordinator received it: replay recomputes the sum."""
+        return f"fedjet.{self.job}.sa.transcript"
+
+    @property
+    def secagg_stream(self) -> str:
+        return f"FEDJET_{self.job}_SECAGG"
+
     @property
     def update_stream(self) -> str:
         return f"FEDJET_{self.job}_UPDATES"

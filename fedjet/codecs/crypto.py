@@ -39,6 +39,7 @@ ENVELOPE_OVERHEAD = len(ENVELOPE_MAGIC) + 2 + MAX_SENDER_BYTES + SecretBox.NONCE
 COORDINATOR = "coordinator"
 MAX_WORKERS_PER_CLOUD = 16  # keeps the anti-replay counters, and so every version record, small
 _UPDATE_PERSON = b"fedjet-update-v2"  # BLAKE2b personalisation: the update key's domain
+_SECAGG_PERSON = b"fedjet-secagg-v1"  # the secure-aggregation messages' domain
 _SENDER = re.compile(rb"[A-Za-z0-9_-]{1,64}")
 
 
@@ -90,11 +91,19 @@ class Boxes:
     def updates_with(self, peer: str) -> SecretBox:
         """The key for updates between this party and ``peer``: derived from the agreement,
         so it never equals the raw ``Box`` that wraps version keys."""
-        box = self._update_keys.get(peer)
+        return self._derived(peer, _UPDATE_PERSON)
+
+    def secagg_with(self, peer: str) -> SecretBox:
+        """The key for secure-aggregation messages with ``peer``: a domain of its own, so a
+        protocol message never opens as an update or the other way round."""
+        return self._derived(peer, _SECAGG_PERSON)
+
+    def _derived(self, peer: str, person: bytes) -> SecretBox:
+        box = self._update_keys.get(f"{person.decode()}/{peer}")
         if box is None:
             shared = self.to(peer).shared_key()
-            key = nacl.hash.blake2b(shared, digest_size=32, person=_UPDATE_PERSON, encoder=nacl.encoding.RawEncoder)
-            box = self._update_keys[peer] = SecretBox(key)
+            key = nacl.hash.blake2b(shared, digest_size=32, person=person, encoder=nacl.encoding.RawEncoder)
+            box = self._update_keys[f"{person.decode()}/{peer}"] = SecretBox(key)
         return box
 
 
@@ -108,6 +117,38 @@ def seal_update(frame: bytes, boxes: Boxes) -> bytes:
         raise SchemaError(f"sender name {boxes.me.name!r:.40} must match [A-Za-z0-9_-]{{1,64}}")
     ciphertext = boxes.updates_with(COORDINATOR).encrypt(frame)
     return b"".join((ENVELOPE_MAGIC, bytes((ENVELOPE_VERSION, len(sender))), sender, bytes(ciphertext)))
+
+
+SECAGG_MAGIC = b"FJS"
+SECAGG_VERSION = 1
+
+
+def seal_secagg(payload: bytes, boxes: Boxes, to: str) -> bytes:
+    """A secure-aggregation step from ``boxes.me`` to ``to`` (either side), behind a fixed header."""
+    sender = boxes.me.name.encode()
+    if not _SENDER.fullmatch(sender):
+        raise SchemaError(f"sender name {boxes.me.name!r:.40} must match [A-Za-z0-9_-]{{1,64}}")
+    ciphertext = boxes.secagg_with(to).encrypt(payload)
+    return b"".join((SECAGG_MAGIC, bytes((SECAGG_VERSION, len(sender))), sender, bytes(ciphertext)))
+
+
+def open_secagg(envelope: bytes, boxes: Boxes, max_bytes: int, *, senders: Collection[str]) -> tuple[str, bytes]:
+    """(sender, step bytes): only the fixed header is read before decryption, and a sender
+    outside ``senders`` is refused before any key is used."""
+    if len(envelope) > max_bytes:
+        raise LimitError(f"secure-aggregation message of {len(envelope)} bytes > limit {max_bytes}")
+    if envelope[:3] != SECAGG_MAGIC or len(envelope) < 5 or envelope[3] != SECAGG_VERSION:
+        raise DecodeError("not a fedjet secure-aggregation envelope")
+    end = 5 + envelope[4]
+    if envelope[4] > MAX_SENDER_BYTES or len(envelope) < end + SecretBox.NONCE_SIZE + SecretBox.MACBYTES:
+        raise DecodeError("secure-aggregation envelope is too short")
+    sender = _sender_name(envelope[5:end])
+    if sender not in senders:
+        raise AuthenticationError(f"secure-aggregation message from {sender!r}, which is not in this round")
+    try:
+        return sender, boxes.secagg_with(sender).decrypt(envelope[end:])
+    except nacl.exceptions.CryptoError as e:
+        raise AuthenticationError(f"secure-aggregation message claiming to be from {sender!r} does not decrypt") from e
 
 
 def envelope_sender(envelope: bytes) -> tuple[str, int, int]:

@@ -72,6 +72,20 @@ class Progress:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SecureRecord:
+    """A version made by secure aggregation: who was in the sum, and where its transcript is."""
+
+    round_id: int
+    numel: int  # the agreed coordinates that were masked
+    survivors: tuple[str, ...]
+    dropped: tuple[str, ...] = ()
+    weights: dict[str, float] = field(default_factory=dict)  # the survivors' agreed weights
+    transcript_first: int = 0  # stream seqs of the sealed transcript in the SECAGG stream
+    transcript_last: int = 0
+    aborted: int = 0  # attempts on the same base that ended below the threshold
+
+
+@dataclass(frozen=True, kw_only=True)
 class VersionRecord:
     strategy: str
     contributions: tuple[ContributionRecord, ...] = ()
@@ -83,6 +97,7 @@ class VersionRecord:
     assignment: dict[str, int] = field(default_factory=dict)
     progress: Progress = field(default_factory=Progress)
     retired: tuple[str, ...] = ()  # clouds that said they send no more (privacy budget spent)
+    secure: SecureRecord | None = None  # secure aggregation: contributions list headers only
     record_version: int = RECORD_VERSION
 
     def to_bytes(self) -> bytes:

@@ -34,6 +34,7 @@ class FlagField:
     parse: Callable[[str], Any]
     help: str
     choices: tuple[str, ...] | None
+    const: str | None = None  # the value of the bare flag (``--secure-agg`` alone means "on")
 
     @property
     def dest(self) -> str:
@@ -48,7 +49,8 @@ def flag_fields(cls: type = JobConfig, prefix: Path_ = ()) -> Iterator[FlagField
             yield from flag_fields(hint, (*prefix, f.name))  # type: ignore[arg-type]
         elif "flag" in f.metadata:
             meta = f.metadata
-            yield FlagField((*prefix, f.name), meta["flag"], _parser(hint), meta.get("help", ""), meta.get("choices"))
+            help_, choices, const = meta.get("help", ""), meta.get("choices"), meta.get("const")
+            yield FlagField((*prefix, f.name), meta["flag"], _parser(hint), help_, choices, const)
 
 
 def _parser(hint: Any) -> Callable[[str], Any]:
@@ -74,7 +76,10 @@ def add_config_flags(parser: argparse.ArgumentParser, *, only: set[str] | None =
     for ff in flag_fields():
         if only is not None and ff.flag not in only:
             continue
-        group.add_argument(ff.flag, dest=ff.dest, type=ff.parse, default=None, choices=ff.choices, help=ff.help)
+        bare: dict[str, Any] = {} if ff.const is None else {"nargs": "?", "const": ff.const}
+        group.add_argument(
+            ff.flag, dest=ff.dest, type=ff.parse, default=None, choices=ff.choices, help=ff.help, **bare
+        )  # fmt: skip
 
 
 def overrides_from(ns: argparse.Namespace) -> dict[str, Any]:

@@ -18,6 +18,8 @@ from fedjet.config.codec import CodecSpec
 from fedjet.config.names import check_token
 from fedjet.errors import ConfigError
 from fedjet.privacy.config import CentralDPConfig, DPConfig, parse_central_dp, parse_dp
+from fedjet.secagg.config import SecureAggConfig, parse_secure_agg
+from fedjet.secagg.config import check_job as check_secure_agg
 
 STRATEGIES = ("fedavg", "dynamic", "gradient", "async", "fedbuff")
 STALENESS = ("constant", "polynomial", "hinge")
@@ -231,6 +233,10 @@ class JobConfig:
     dp: str | None = field(
         default=None, metadata=flag("--dp", "record-level DP-SGD: epsilon=E,delta=D,clip=C (or noise=S,...)")
     )
+    secure_agg: str | None = field(
+        default=None,
+        metadata=flag("--secure-agg", "mask updates: the coordinator sees only their sum [threshold=T,..]", const="on"),
+    )
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     round: RoundConfig = field(default_factory=RoundConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -251,6 +257,14 @@ class JobConfig:
             raise ConfigError(f"--quorum must be in 1..{len(self.clouds)}, got {self.round.quorum}")
         CodecSpec.parse(self.codec)
         self._check_privacy()
+        if self.secure_agg is not None:
+            check_secure_agg(
+                parse_secure_agg(self.secure_agg),
+                strategy=self.strategy.name,
+                clouds=len(self.clouds),
+                central_dp=self.strategy.central_dp is not None,
+                deadline=self.round.quorum is not None or self.round.deadline_s is not None,
+            )
         if self.peft is not None and not self.peft.startswith("lora"):
             raise ConfigError(f"--peft {self.peft!r}: only lora[:key=value,...] is supported")
 
@@ -262,6 +276,10 @@ class JobConfig:
                     f"--dp with --strategy {self.strategy.name}: dynamic weights by training losses and gradient "
                     "sends raw gradients, neither covered by DP-SGD; use fedavg, async or fedbuff"
                 )
+
+    @property
+    def secure_agg_config(self) -> SecureAggConfig | None:
+        return parse_secure_agg(self.secure_agg) if self.secure_agg is not None else None
 
     @property
     def dp_config(self) -> DPConfig | None:

@@ -19,6 +19,7 @@ from fedjet.broker.jetstream import close_quietly
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower
 from fedjet.channel.kv import await_spec, put_stats
+from fedjet.channel.secagg import SecAggLink, secagg_max_bytes
 from fedjet.channel.updates import UpdateSender
 from fedjet.codecs.crypto import COORDINATOR
 from fedjet.codecs.frame import Limits
@@ -27,7 +28,7 @@ from fedjet.config.codec import CodecSpec
 from fedjet.config.names import check_token
 from fedjet.data.batches import BatchSampler
 from fedjet.errors import ConfigError
-from fedjet.keystore import member_boxes
+from fedjet.keystore import load_public, member_boxes
 from fedjet.log import get_logger
 from fedjet.models.job_model import job_model_for
 from fedjet.observe.metrics import WorkerMetrics
@@ -36,6 +37,7 @@ from fedjet.worker.delta import DeltaTracker
 from fedjet.worker.local_data import dealt_share, own_data
 from fedjet.worker.model import pick_device
 from fedjet.worker.private import PrivateTraining
+from fedjet.worker.secure import SecureMember
 from fedjet.worker.train import LocalTrainer, evaluate
 
 log = get_logger("fedjet.worker")
@@ -111,6 +113,8 @@ class Worker:
         self._js: Any = None
         self.follower: GlobalFollower | None = None
         self.trainer: LocalTrainer | None = None
+        self.secure: SecureMember | None = None
+        self._base: tuple[GlobalHead, dict[str, Any]] | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -138,14 +142,35 @@ class Worker:
                 limits = Limits.for_model(sum(t.numel() for t in own.values()), len(own))
                 self.follower = GlobalFollower(self._js, self.subjects, self.boxes, limits, views=True)
                 await self.follower.start()
+                await self._start_secure(own)
                 await self._loop()
         finally:
             self.stats.wall_s = time.perf_counter() - started
             if self.follower is not None:
                 await self.follower.stop()
+            if self.secure is not None:
+                await self.secure.link.stop()
             await self._report_stats()
             await close_quietly(self._nc)
         return self.stats
+
+    async def _start_secure(self, own: dict[str, Any]) -> None:
+        """A secure-aggregation job: listen for the coordinator's rounds from now on."""
+        config = self.spec.config.secure_agg_config
+        if config is None:
+            return
+        numel = sum(t.numel() for t in own.values())
+        link = SecAggLink(
+            self._js, self.subjects, self.boxes, peers=(COORDINATOR,),
+            max_bytes=secagg_max_bytes(len(self.spec.clouds), config.numel_masked(numel)),
+            max_payload=self._nc.max_payload,
+        )  # fmt: skip
+        verify_keys = {c: load_public(self.config.keys, c).verify for c in self.spec.clouds}
+        await link.start()
+        self.secure = SecureMember(
+            link, job=self.spec.job, cloud=self.config.cloud, clouds=self.spec.clouds, config=config,
+            signing_key=self.boxes.me.sign, verify_keys=verify_keys,
+        )  # fmt: skip
 
     def _prepare(self, spec: JobSpec) -> tuple[LocalTrainer, DeltaTracker, CodecSpec]:
         cfg, job = self.config, spec.config
@@ -202,6 +227,8 @@ class Worker:
                 if head.version == 0:
                     self.stats.initial_weights = "local" if version.tensors is local_v0 else "downloaded"
                 self.trainer.load(version.tensors)
+                if self.secure is not None:  # masked updates are measured from the base, dense
+                    self._base = (head, {n: t.detach().clone() for n, t in version.tensors.items()})
                 self.metrics.version(head.version)
                 self.tracker.rebase(version.tensors, head.version)
                 base, sends_on_base = head, 0
@@ -220,13 +247,12 @@ class Worker:
 
     async def _train_and_send_from(self, base_version: int, steps: int) -> None:
         spec, trainer = self.spec, self.trainer
+        gradient: dict[str, Any] | None = None
         if spec.update_kind == "gradient":
             gradient, result = await asyncio.to_thread(trainer.gradient, steps)
-            compressed = await asyncio.to_thread(self.tracker.compress_gradient, gradient)
         else:
             train = trainer.train if self.private is None else self.private.train
             result = await asyncio.to_thread(train, steps)
-            compressed = await asyncio.to_thread(self.tracker.compress_delta, trainer.weights())
         # Under DP no loss leaves the worker: both are functions of the private records.
         heldout = await asyncio.to_thread(self._heldout_loss) if self.private is None else None
         self._seq = max(self._seq + 1, time.time_ns() // 1000)
@@ -239,7 +265,7 @@ class Worker:
             samples=self.data.samples(spec.config.train.seq_len),
             loss=result.mean_loss,
             kind=spec.update_kind,
-            codec=self.codec.text,
+            codec="secure-agg" if self.secure is not None else self.codec.text,
             tokens=result.tokens,
             compute_s=result.compute_s,
             wall_s=result.wall_s,
@@ -248,11 +274,15 @@ class Worker:
             heldout_loss=heldout,
             dp=None if self.private is None else self.private.claim(),
         )
-        frame = frame_update(header, compressed.entries)
-        published = await self.sender.send(frame, self._seq)
+        if self.secure is not None:
+            sent = await self._send_masked(header, gradient)
+        else:
+            sent = await self._send_compressed(header, gradient)
+        if sent is None:
+            return
         self.stats.updates_sent += 1
-        self.stats.bytes_up += published.wire_bytes
-        self.metrics.sent(published.wire_bytes)
+        self.stats.bytes_up += sent
+        self.metrics.sent(sent)
         if self.private is not None:
             self.stats.dp_epsilon = self.private.ledger.epsilon_spent()
             self.metrics.dp_epsilon(self.stats.dp_epsilon)
@@ -264,9 +294,35 @@ class Worker:
             steps=steps,
             loss=round(result.mean_loss, 4),
             heldout_loss=None if heldout is None else round(heldout, 4),
-            bytes=published.wire_bytes,
+            bytes=sent,
         )
         await self._report_stats()
+
+    async def _send_compressed(self, header: UpdateHeader, gradient: dict[str, Any] | None) -> int:
+        if gradient is not None:
+            compressed = await asyncio.to_thread(self.tracker.compress_gradient, gradient)
+        else:
+            compressed = await asyncio.to_thread(self.tracker.compress_delta, self.trainer.weights())
+        published = await self.sender.send(frame_update(header, compressed.entries), header.seq)
+        return published.wire_bytes
+
+    async def _send_masked(self, header: UpdateHeader, gradient: dict[str, Any] | None) -> int | None:
+        """Secure aggregation: the update leaves only masked; None when its round was missed."""
+        assert self.secure is not None and self._base is not None and self.follower is not None
+        head, base = self._base
+        if gradient is None:
+            current = self.trainer.weights()
+            gradient = {n: current[n].detach().float() - base[n].float() for n in base}
+        link, before = self.secure.link, self.secure.link.bytes_sent
+
+        def newer() -> bool:
+            latest = self.follower.latest if self.follower is not None else None
+            return self._stop.is_set() or (latest is not None and latest.version > head.version)
+
+        if not await self.secure.contribute(gradient, header, head.hash, newer):
+            log.warning("secagg_round_missed", base=head.version)
+            return None
+        return link.bytes_sent - before
 
     async def _retire(self, base_version: int) -> None:
         """Out of privacy budget: tell the coordinator this cloud sends no more updates."""

@@ -1,0 +1,182 @@
+"""Secure aggregation through a real nats-server: the coordinator service runs the rounds,
+three members (the worker's own ``SecureMember``) mask their updates.
+
+What is checked: the new global equals plain FedAvg of the same updates (fixed-point
+tolerance); what the coordinator received from a member does not correlate with its update;
+a member that drops after sharing keys is unmasked away and the round completes from the
+other two; below the threshold the attempt aborts (counted) and the next one succeeds;
+forged and replayed messages are counted and change nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+
+from fedjet.broker.blobs import publish_blob
+from fedjet.broker.jetstream import close_quietly, connect
+from fedjet.broker.subjects import JobSubjects
+from fedjet.channel.secagg import SecAggLink, secagg_max_bytes
+from fedjet.codecs.crypto import COORDINATOR, open_secagg
+from fedjet.codecs.flat import flatten
+from fedjet.codecs.messages import UpdateHeader
+from fedjet.config.job import JobConfig, StopConfig, TrainConfig
+from fedjet.coordinator.service import Coordinator, CoordinatorConfig
+from fedjet.secagg import Transcript
+from fedjet.secagg.steps import UP, Step
+from fedjet.spec import JobSpec
+from fedjet.worker.secure import SecureMember
+from tests.conftest import make_parties
+
+CLOUDS = ("aws", "azure", "gcp")
+WEIGHTS = {"w": torch.ones(40, 25), "b": torch.zeros(25)}
+SAMPLES = {"aws": 30, "azure": 10, "gcp": 20}
+
+
+def spec(job: str, secure: str = "threshold=2,timeout=2") -> JobSpec:
+    config = JobConfig(job=job, clouds=CLOUDS, observers=(), secure_agg=secure,
+                       train=TrainConfig(local_steps=1), stop=StopConfig(rounds=1))  # fmt: skip
+    return JobSpec(config=config, model_config={})
+
+
+def updates(seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return {c: {n: 0.01 * torch.randn(t.shape, generator=gen) for n, t in WEIGHTS.items()} for c in CLOUDS}
+
+
+class Dropping:
+    """A link that loses every step after ``kind``, in the first ``rounds`` rounds it joins."""
+
+    def __init__(self, link: SecAggLink, kind: str, rounds: int = 1) -> None:
+        self._link, self._kind, self._rounds, self._seen = link, kind, rounds, []
+
+    def __getattr__(self, name):
+        return getattr(self._link, name)
+
+    async def send(self, to: str, step: Step) -> int:
+        if step.round_id not in self._seen:
+            self._seen.append(step.round_id)
+        late = UP.index(step.kind) > UP.index(self._kind)
+        if late and self._seen.index(step.round_id) < self._rounds:
+            return 0
+        return await self._link.send(to, step)
+
+
+async def run_job(nats_url, job: str, *, droppers: dict[str, tuple[str, int]] | None = None, junk=None):
+    coord, members = make_parties(CLOUDS)
+    job_spec = spec(job)
+    config = job_spec.config.secure_agg_config
+    nc = await connect(nats_url, "members")
+    js = nc.jetstream()
+    coordinator = Coordinator(CoordinatorConfig(nats_url=nats_url, spec=job_spec, boxes=coord, idle_timeout_s=60))
+    task = asyncio.create_task(coordinator.run({n: t.clone() for n, t in WEIGHTS.items()}))
+    links = []
+
+    def newer() -> bool:
+        return coordinator.aggregator is not None and coordinator.aggregator.version > 0
+
+    try:
+        await asyncio.wait_for(coordinator.serving.wait(), 30)
+        head = coordinator.last_head
+        work = []
+        for cloud in CLOUDS:
+            link = SecAggLink(js, JobSubjects(job), members[cloud], peers=(COORDINATOR,),
+                              max_bytes=secagg_max_bytes(3, 1025), max_payload=nc.max_payload)  # fmt: skip
+            await link.start()
+            links.append(link)
+            kind, rounds = (droppers or {}).get(cloud, (None, 0))
+            member = SecureMember(Dropping(link, kind, rounds) if kind else link, job=job, cloud=cloud,
+                                  clouds=CLOUDS, config=config, signing_key=members[cloud].me.sign,
+                                  verify_keys={c: members[c].me.sign.verify_key for c in CLOUDS})  # fmt: skip
+            header = UpdateHeader(job=job, cloud=cloud, worker="0", seq=1, base_version=0,
+                                  samples=SAMPLES[cloud], loss=2.0 + CLOUDS.index(cloud))  # fmt: skip
+            work.append(member.contribute(updates()[cloud], header, head.hash, newer))
+        if junk is not None:
+            await junk(js, nc, members)
+        done = await asyncio.wait_for(asyncio.gather(*work), 60)
+        await asyncio.wait_for(task, 60)
+        transcript = await read_transcript(js, job, coord, coordinator)
+    finally:
+        for link in links:
+            await link.stop()
+        await close_quietly(nc)
+        if not task.done():
+            coordinator.stop()
+            await asyncio.wait_for(task, 30)
+    return coordinator, dict(zip(CLOUDS, done, strict=True)), transcript
+
+
+async def read_transcript(js, job, coord, coordinator) -> Transcript:
+    subjects = JobSubjects(job)
+    msg = await js.get_last_msg(subjects.secagg_stream, subjects.secagg_transcript)  # one chunk: a small model
+    _, data = open_secagg(msg.data, coord, 1 << 24, senders={COORDINATOR})
+    return Transcript.from_wire(msgpack.unpackb(data, raw=False))
+
+
+def fedavg(survivors: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    u, total = updates(), sum(SAMPLES[c] for c in survivors)
+    return {n: t + sum(SAMPLES[c] / total * u[c][n] for c in survivors) for n, t in WEIGHTS.items()}
+
+
+def assert_close_to_fedavg(coordinator, survivors):
+    expected = fedavg(survivors)
+    for name, tensor in coordinator.aggregator.weights.items():
+        assert torch.allclose(tensor, expected[name], atol=1e-5), name
+
+
+def test_three_clouds_all_report_the_global_is_their_fedavg_and_no_masked_input_reveals_its_update(nats_url):
+    coordinator, done, transcript = asyncio.run(run_job(nats_url, "sa3"))
+    assert done == {c: True for c in CLOUDS}
+    assert coordinator.aggregator.version == 1
+    assert_close_to_fedavg(coordinator, CLOUDS)
+    record = coordinator.ledger
+    assert record.applied == 3 and not record.rejected
+    for masked in transcript.masked:  # what the coordinator held of each cloud
+        y = np.frombuffer(masked.y, dtype="<u4").astype(np.float64)
+        x = flatten(updates()[masked.member]).astype(np.float64)
+        assert abs(np.corrcoef(x, y)[0, 1]) < 0.1
+        assert abs(y.mean() / 2**32 - 0.5) < 0.05  # spread over the whole ring
+
+
+def test_a_cloud_that_drops_after_sharing_keys_is_unmasked_away(nats_url):
+    coordinator, done, transcript = asyncio.run(run_job(nats_url, "sadrop", droppers={"gcp": ("shares", 99)}))
+    assert done["aws"] and done["azure"] and not done["gcp"]
+    assert coordinator.aggregator.version == 1
+    assert transcript.request.dropped == ("gcp",)
+    assert_close_to_fedavg(coordinator, ("aws", "azure"))
+
+
+def test_below_the_threshold_the_round_aborts_cleanly_and_the_next_attempt_completes(nats_url):
+    droppers = {"azure": ("shares", 1), "gcp": ("shares", 1)}  # only in their first round
+    coordinator, done, _ = asyncio.run(run_job(nats_url, "saabort", droppers=droppers))
+    assert done == {c: True for c in CLOUDS}
+    assert coordinator.ledger.rejected.get("SecAggAbort") == 1
+    assert coordinator.aggregator.version == 1
+    assert_close_to_fedavg(coordinator, CLOUDS)
+
+
+def test_forged_and_replayed_steps_are_counted_and_change_nothing(nats_url):
+    async def junk(js, nc, members):
+        subjects = JobSubjects("sajunk")
+        await publish_blob(js, subjects.secagg_up("aws"), b"FJS\x01\x03aws" + b"\x00" * 80, blob_id="forged",
+                           max_payload=nc.max_payload)  # fmt: skip
+        await publish_blob(js, subjects.secagg_up("aws"), b"not even an envelope", blob_id="junk",
+                           max_payload=nc.max_payload)  # fmt: skip
+
+    coordinator, done, _ = asyncio.run(run_job(nats_url, "sajunk", junk=junk))
+    assert done == {c: True for c in CLOUDS}
+    assert_close_to_fedavg(coordinator, CLOUDS)
+    rejected = coordinator.ledger.rejected
+    assert rejected.get("AuthenticationError", 0) + rejected.get("DecodeError", 0) == 2
+
+
+@pytest.mark.parametrize("bad", ["threshold=1", "threshold=4", "density=0", "bogus=1", "timeout=-1"])
+def test_bad_secure_agg_settings_are_refused_up_front(bad):
+    from fedjet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="secure-agg"):
+        spec("bad", bad)
