@@ -14,10 +14,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
 
+from fedjet.broker.blobs import BlobAssembler
 from fedjet.broker.connect import connect_client
 from fedjet.broker.subjects import JobSubjects
 from fedjet.broker.urls import redact_url
-from fedjet.errors import BrokerError
+from fedjet.errors import BlobError, BrokerError
 from fedjet.log import get_logger
 
 log = get_logger("fedjet.broker")
@@ -117,3 +118,13 @@ async def close_quietly(nc: Client, timeout: float = 5.0) -> None:
     if not nc.is_closed:
         with contextlib.suppress(nats.errors.Error, OSError):
             await nc.close()
+
+
+async def read_blob(js: Any, stream: str, subject: str, first_seq: int, last_seq: int, *, max_bytes: int) -> bytes:
+    """The one chunked blob stored at ``first_seq..last_seq`` of ``subject``, reassembled."""
+    assembler = BlobAssembler(max_blob_bytes=max_bytes, max_pending_bytes=max_bytes)
+    async for msg in read_range(js, stream, subject, first_seq, last_seq):
+        blob = assembler.add(msg.subject, msg.headers, msg.data, msg.metadata.sequence.stream)
+        if blob is not None:
+            return blob.data
+    raise BlobError(f"no complete blob at {subject} seqs {first_seq}..{last_seq}")

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +51,15 @@ class SecAggLink:
     """One party's end: the coordinator talks to every member, a member to the coordinator."""
 
     def __init__(
-        self, js: Any, subjects: JobSubjects, boxes: Boxes, *, peers: Collection[str], max_bytes: int, max_payload: int
+        self,
+        js: Any,
+        subjects: JobSubjects,
+        boxes: Boxes,
+        *,
+        peers: Collection[str],
+        max_bytes: int,
+        max_payload: int,
+        on_reject: Callable[[str, str], None] | None = None,
     ) -> None:
         self._js = js
         self.subjects = subjects
@@ -69,6 +77,7 @@ class SecAggLink:
         )
         self._queue: asyncio.Queue[Arrived] = asyncio.Queue(QUEUE_LIMIT)
         self._sub: Any = None
+        self._on_reject = on_reject
 
     async def start(self) -> None:
         """The coordinator listens from now on (it opens every round after this); a member
@@ -143,3 +152,5 @@ class SecAggLink:
     def _reject(self, reason: str, detail: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         log.warning("secagg_message_rejected", reason=reason, detail=detail[:300])
+        if self._on_reject is not None:
+            self._on_reject(reason, detail)

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedjet.codecs.record import ContributionRecord
+from fedjet.codecs.record import ContributionRecord, SecureRecord
 from fedjet.config.job import StrategyConfig
 from fedjet.coordinator.aggregate import Contribution, Weights
 from fedjet.coordinator.rounds import Batcher
@@ -27,6 +27,7 @@ class RecordedVersion:
     version: int
     hash: str
     contributions: tuple[ContributionRecord, ...]
+    secure: SecureRecord | None = None  # made from one unmasked sum, recomputed from its transcript
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,9 @@ class Verifier:
             return None, f"versions are not consecutive: replay is at {agg.version}"
         try:
             batch = []
+            if record.secure is not None:  # the survivors' sum, as the coordinator applied it
+                agg.apply([Applied(c, 0) for c in contributions])
+                return agg.hash, None if agg.hash == record.hash else "weights hash differs"
             for recorded, contribution in zip(record.contributions, contributions, strict=True):
                 staleness = agg.staleness_of(contribution.base_version)
                 if staleness != recorded.staleness:

@@ -27,7 +27,6 @@ from fedjet.channel.kv import publish_spec, read_spec
 from fedjet.channel.secagg import SecAggLink, secagg_max_bytes
 from fedjet.channel.updates import Arrival, UpdateInbox, stream_seqs
 from fedjet.codecs.crypto import COORDINATOR, ENVELOPE_OVERHEAD, ReplayGuard, seal_secagg
-from fedjet.codecs.flat import unflatten
 from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import RETIRE, GlobalHead, Update, UpdateHeader
 from fedjet.codecs.record import SecureRecord
@@ -42,13 +41,14 @@ from fedjet.coordinator.privacy_check import check_claim
 from fedjet.coordinator.record import Ledger, Received
 from fedjet.coordinator.rounds import Batcher
 from fedjet.coordinator.secure_round import RoundIdle, SecureOutcome, SecureRound
+from fedjet.coordinator.secure_sum import secure_contribution
 from fedjet.coordinator.strategies import Aggregator, Applied, strategy_for
 from fedjet.coordinator.validate import check_claims
 from fedjet.errors import ConfigError, FedjetError, NonFiniteError, StaleUpdateError, Terminated, ValidationError
 from fedjet.log import get_logger
 from fedjet.observe.metrics import CoordinatorMetrics
-from fedjet.secagg import SecAggError, scatter
-from fedjet.secagg.steps import ATTEMPTS, agreed_indices
+from fedjet.secagg import SecAggError
+from fedjet.secagg.steps import ATTEMPTS
 
 log = get_logger("fedjet.coordinator")
 __all__ = ["Coordinator", "CoordinatorConfig"]
@@ -215,6 +215,7 @@ class Coordinator:
         link = SecAggLink(
             js, self.subjects, self.config.boxes, peers=spec.clouds,
             max_bytes=secagg_max_bytes(len(spec.clouds), k), max_payload=nc.max_payload,
+            on_reject=lambda reason, detail: self._reject_step(reason, "?", detail),
         )  # fmt: skip
         await link.start()
         verify_keys = {c: self.config.boxes.public_of(c).verify for c in spec.clouds}
@@ -240,12 +241,10 @@ class Coordinator:
                     await secure_round.abort_members(str(e))
                     aborted += 1
                     continue
-                if await self._fold_secure(js, nc, outcome, k, numel, aborted):
+                if await self._fold_secure(js, nc, outcome, k, aborted):
                     aborted = 0
         finally:
             await link.stop()
-            for reason, count in link.rejected.items():
-                self.ledger.rejected[reason] = self.ledger.rejected.get(reason, 0) + count
         if self._finish and not self._done():
             await self.publisher.publish_final_marker()
 
@@ -261,18 +260,16 @@ class Coordinator:
         self.ledger.reject(reason, cloud, 0, detail)
         self.metrics.rejected(reason)
 
-    async def _fold_secure(self, js: Any, nc: Any, outcome: SecureOutcome, k: int, numel: int, aborted: int) -> bool:
+    async def _fold_secure(self, js: Any, nc: Any, outcome: SecureOutcome, k: int, aborted: int) -> bool:
         """Apply the unmasked average as one contribution; record who was in it and where the
         transcript is (published first, so every recorded version can be re-checked)."""
         agg = self.aggregator
         assert agg is not None
-        spec = self.config.spec
-        indices = agreed_indices(spec.job, agg.hash, numel, k)
-        average = unflatten(scatter(outcome.average, indices, numel), agg.weights)
         headers = list(outcome.headers.values())
-        samples = sum(h.samples for h in headers)
-        loss = sum(h.loss * h.samples for h in headers) / max(samples, 1)
-        total = Contribution("secure-sum", agg.version, samples, loss, average)
+        total = secure_contribution(
+            outcome.average, job=self.config.spec.job, base_version=agg.version, base_hash=agg.hash,
+            numel_masked=k, template=agg.weights, members=[(h.samples, h.loss) for h in headers],
+        )  # fmt: skip
         base_version = agg.version
         if await asyncio.to_thread(agg.apply_finite, [Applied(total, 0)]):
             self._reject_step("NonFiniteError", "round", "the secure sum would make the global non-finite")

@@ -13,13 +13,16 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack  # type: ignore[import-untyped]
 from tqdm import tqdm
 
 from fedjet.broker.auth import ClientAuth
 from fedjet.broker.blobs import Blob, BlobAssembler
-from fedjet.broker.jetstream import read_range
+from fedjet.broker.jetstream import read_blob, read_range
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower
+from fedjet.channel.secagg import secagg_max_bytes
+from fedjet.codecs.crypto import COORDINATOR, open_secagg
 from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import GlobalHead
 from fedjet.codecs.record import ContributionRecord
@@ -28,9 +31,11 @@ from fedjet.config.job import StrategyConfig
 from fedjet.coordinator.admission import Admission
 from fedjet.coordinator.aggregate import Contribution, Weights
 from fedjet.coordinator.replay import Counterfactual, RecordedVersion, Verifier, VerifyResult, counterfactual_batches
+from fedjet.coordinator.secure_sum import members_of, recorded_average, secure_contribution
 from fedjet.errors import BlobError, ConfigError, FedjetError, ValidationError
 from fedjet.report import Report, RoundRecord, round_line, summarize
 from fedjet.runner.recorded import coordinator_view, keys_dir_for, only_job, recorded_jetstream
+from fedjet.secagg import Transcript
 from fedjet.spec import JobSpec
 
 COUNTERFACTUAL_NOTE = (
@@ -138,9 +143,8 @@ class _Session:
             heads.setdefault(signed.head.version, signed.head)  # a final marker repeats the last version
         if not heads:
             raise ConfigError(f"job {self.subjects.job!r} has no recorded global versions")
-        versions = [
-            RecordedVersion(v, heads[v].hash, self.follower.record(heads[v]).contributions) for v in sorted(heads)
-        ]
+        records = {v: self.follower.record(heads[v]) for v in sorted(heads)}
+        versions = [RecordedVersion(v, heads[v].hash, r.contributions, r.secure) for v, r in records.items()]
         return Recording(spec, heads, versions)
 
     async def _weights(self, version: int) -> Weights:
@@ -166,6 +170,32 @@ class _Session:
             out.append(admitted.contribution)
         return out
 
+    async def _secure_contribution(self, record: RecordedVersion) -> Contribution:
+        """A secure version: the sum recomputed from the transcript the coordinator recorded."""
+        secure, spec = record.secure, self.recording.spec
+        config = spec.config.secure_agg_config
+        assert secure is not None
+        if config is None:
+            raise ValidationError(f"version {record.version} records a secure round, but the job has no --secure-agg")
+        base = self.recording.heads.get(record.version - 1)
+        if base is None:
+            raise ValidationError(f"the base of version {record.version} is not recorded")
+        limit = (len(spec.clouds) + 1) * secagg_max_bytes(len(spec.clouds), secure.numel)
+        envelope = await read_blob(
+            self.js, self.subjects.secagg_stream, self.subjects.secagg_transcript,
+            secure.transcript_first, secure.transcript_last, max_bytes=limit,
+        )  # fmt: skip
+        _, packed = open_secagg(envelope, self.boxes, limit, senders={COORDINATOR})
+        try:
+            transcript = Transcript.from_wire(msgpack.unpackb(packed, raw=False))
+        except (msgpack.UnpackException, ValueError, TypeError) as e:
+            raise ValidationError(f"transcript of version {record.version}: {type(e).__name__}") from e
+        average = await asyncio.to_thread(recorded_average, transcript, secure, config)
+        return secure_contribution(
+            average, job=spec.job, base_version=base.version, base_hash=base.hash, numel_masked=secure.numel,
+            template=self.start, members=members_of(record.contributions),
+        )  # fmt: skip
+
     async def _provide_bases(self, aggregator: Any, recorded: Any) -> None:
         for base in {c.base for c in recorded}:
             if aggregator.strategy.needs_stale_bases and not aggregator.holds(base):
@@ -179,7 +209,10 @@ class _Session:
         try:
             for record in self.versions:
                 try:
-                    contributions = await self._contributions(record.contributions, self.start)
+                    if record.secure is not None:
+                        contributions = [await self._secure_contribution(record)]
+                    else:
+                        contributions = await self._contributions(record.contributions, self.start)
                     await self._provide_bases(verifier.aggregator, record.contributions)
                     mismatch = await asyncio.to_thread(verifier.check, record, contributions)
                 except FedjetError as e:
@@ -197,6 +230,11 @@ class _Session:
         strategy = self.config.strategy
         assert strategy is not None
         spec = self.recording.spec
+        if spec.config.secure_agg is not None:
+            raise ConfigError(
+                "a --secure-agg run cannot be re-aggregated under another strategy: the coordinator only ever held "
+                "each round's sum (fedjet replay --verify still recomputes every sum from its transcript)"
+            )
         evaluator = await asyncio.to_thread(
             lambda: Evaluator.build(
                 spec,
