@@ -237,7 +237,7 @@ def _add_bench(commands: Any) -> None:
     codec.set_defaults(func=cmd_bench_codec)
 
     frontier = bench_commands.add_parser("frontier", help="final eval loss against whole-run bytes, per codec")
-    frontier.add_argument("--out", required=True, help="directory for results.json, results.md and the plot")
+    frontier.add_argument("--out", required=True, help="directory for results.json, frontier.md, frontier.png")
     frontier.add_argument("--codecs", type=parse_clouds, default=("dense", "topk:0.01+int8"), help="comma-separated")
     frontier.add_argument("--rounds", type=int, default=5)
     frontier.add_argument("--local-steps", type=int, default=20)
@@ -250,6 +250,16 @@ def _add_bench(commands: Any) -> None:
     frontier.add_argument("--strategy", default="fedavg")
     frontier.add_argument("--server-opt", default="sgd")
     frontier.set_defaults(func=cmd_bench_frontier)
+
+    sa = bench_commands.add_parser("secagg", help="what --secure-agg costs in bytes, time and loss, per round")
+    sa.add_argument("--out", required=True, help="directory for secagg.json and secagg.md")
+    sa.add_argument("--densities", type=_floats, default=(1.0, 0.1), help="secure rows' densities, comma-separated")
+    sa.add_argument("--rounds", type=int, default=3)
+    sa.add_argument("--local-steps", type=int, default=10)
+    sa.add_argument("--data", default=None)
+    sa.add_argument("--members", type=_ints, default=(3, 10, 30), help="protocol-only rows: members per round")
+    sa.add_argument("--params", type=int, default=1_000_000, help="protocol-only rows: coordinates per member")
+    sa.set_defaults(func=cmd_bench_secagg)
 
     from fedjet.bench.chaos_flags import build_parser as chaos_flags
 
@@ -343,6 +353,31 @@ def cmd_bench_chaos(args: argparse.Namespace) -> int:
     print(json.dumps(result), flush=True)
     print(describe(result), file=sys.stderr)
     return 0 if healthy(result) else 1
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r:.40}") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r:.40}") from None
+
+
+def cmd_bench_secagg(args: argparse.Namespace) -> int:
+    from fedjet.bench.secagg import SecAggBenchConfig, describe, run
+
+    config = SecAggBenchConfig(
+        out=Path(args.out), densities=args.densities, rounds=args.rounds, local_steps=args.local_steps,
+        data=args.data, members=args.members, params=args.params,
+    )  # fmt: skip
+    print(describe(run(config)))
+    return 0
 
 
 def cmd_bench_frontier(args: argparse.Namespace) -> int:

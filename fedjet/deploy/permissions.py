@@ -10,8 +10,9 @@ only JetStream API a client behind a leaf node can reach (a leaf denies the plai
 and ``$KV.>`` towards the hub), and the hub serves it to its own clients too. A KV put is
 therefore published to ``$JS.<domain>.API.$KV.<bucket>.<key>``.
 
-- a **cloud** publishes only its own update subject, its own ``stats.<cloud>`` KV key, and the
-  JetStream requests that reading global versions and the job spec need;
+- a **cloud** publishes only its own update subject (and its own secure-aggregation subject),
+  its own ``stats.<cloud>`` KV key, and the JetStream requests that reading global versions,
+  the job spec and the secure-aggregation stream need;
 - an **observer** reads global versions, the KV bucket (spec, stats) and stream info;
 - the **coordinator** does anything under the job's subjects, the JetStream API and the bucket;
 - a cloud's **leaf node** is held on the hub to what that cloud's workers may do.
@@ -93,9 +94,11 @@ def _spec_read(subjects: JobSubjects, api: str) -> list[str]:
 def _cloud(subjects: JobSubjects, cloud: str, inbox: str, api: str) -> Permissions:
     publish = [
         subjects.update(cloud),
+        subjects.secagg_up(cloud),  # secure aggregation: its own protocol steps, sealed
         f"{api}.$KV.{subjects.kv_bucket}.stats.{cloud}",
         f"{api}.INFO",
         *_stream_read(subjects.global_stream, api),
+        *_stream_read(subjects.secagg_stream, api),
         *_spec_read(subjects, api),
     ]
     return Permissions(publish=tuple(publish), subscribe=(f"{inbox}.>",))
@@ -119,7 +122,7 @@ def _local_api(subject: str, api: str) -> str:
 
 
 def _coordinator(subjects: JobSubjects, inbox: str, api: str) -> Permissions:
-    streams = (subjects.update_stream, subjects.global_stream, _kv_stream(subjects))
+    streams = (subjects.update_stream, subjects.global_stream, subjects.secagg_stream, _kv_stream(subjects))
     publish = [
         f"fedjet.{subjects.job}.>",
         "$JS.API.>",
