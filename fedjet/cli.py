@@ -251,6 +251,11 @@ def _add_bench(commands: Any) -> None:
     frontier.add_argument("--server-opt", default="sgd")
     frontier.set_defaults(func=cmd_bench_frontier)
 
+    transport = bench_commands.add_parser("transport", help="one big update through JetStream vs raw publishes")
+    transport.add_argument("--mb", type=int, default=400, help="update size in MB (default 400)")
+    transport.add_argument("--json", action="store_true", help="print one JSON object")
+    transport.set_defaults(func=cmd_bench_transport)
+
     sa = bench_commands.add_parser("secagg", help="what --secure-agg costs in bytes, time and loss, per round")
     sa.add_argument("--out", required=True, help="directory for secagg.json and secagg.md")
     sa.add_argument("--densities", type=_floats, default=(1.0, 0.1), help="secure rows' densities, comma-separated")
@@ -367,6 +372,24 @@ def _ints(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r:.40}") from None
+
+
+def cmd_bench_transport(args: argparse.Namespace) -> int:
+    from fedjet.bench.transport import run
+
+    if args.mb < 1:
+        raise ConfigError("--mb must be >= 1")
+    result = run(args.mb)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{result['mb']:.0f} MB sealed, chunked, reassembled, opened at {result['mb_s']:.0f} MB/s; raw nats-py "
+            f"publishes {result['raw_mb_s']:.0f} MB/s ({result['ratio_to_raw']:.2f}x); coordinator peak RSS "
+            f"{result['peak_rss_mb']:.0f} MB, {result['rss_vs_update']:.2f}x the update above its "
+            f"{result['baseline_rss_mb']:.0f} MB baseline; intact: {result['intact']}"
+        )
+    return 0 if result["intact"] else 1
 
 
 def cmd_bench_secagg(args: argparse.Namespace) -> int:
