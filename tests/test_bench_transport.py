@@ -9,10 +9,10 @@ from tests.conftest import run_fedjet
 
 
 def test_bench_transport_prints_same_run_ratios_and_the_update_arrives_intact():
-    result = run_fedjet("bench", "transport", "--mb", "8", "--json", timeout=300)
+    result = run_fedjet("bench", "transport", "--mb", "2", "--json", timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["intact"] is True and out["mb"] == 8.0
+    assert out["intact"] is True and out["mb"] == 2.0
     assert out["mb_s"] > 0 and out["raw_mb_s"] > 0
     assert abs(out["ratio_to_raw"] - out["mb_s"] / out["raw_mb_s"]) < 1e-9
     assert out["peak_rss_mb"] >= out["baseline_rss_mb"] > 0

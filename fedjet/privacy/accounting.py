@@ -14,9 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import dp_accounting  # type: ignore[import-untyped]
-from dp_accounting import pld, rdp
-
 from fedjet.errors import ConfigError
 from fedjet.privacy.config import ACCOUNTANTS
 
@@ -24,8 +21,17 @@ _SIGMA_FLOOR = 1e-3  # below this the RDP orders blow up; no useful calibration 
 _SIGMA_CEILING = 1e4  # a target this strict is a configuration mistake, not a search problem
 
 
+def _library() -> Any:
+    """``dp_accounting``, imported on first use: it pulls in scipy, which every process of a job
+    without DP would otherwise pay for at start."""
+    import dp_accounting  # type: ignore[import-untyped]
+
+    return dp_accounting
+
+
 def dp_event(noise_multiplier: float, sample_rate: float, steps: int) -> Any:
     """The event one cloud's training amounts to: ``steps`` Poisson-subsampled Gaussians."""
+    dp_accounting = _library()
     step = dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
     return dp_accounting.SelfComposedDpEvent(step, steps)
 
@@ -33,8 +39,12 @@ def dp_event(noise_multiplier: float, sample_rate: float, steps: int) -> Any:
 def make_accountant(accountant: str) -> Any:
     """A fresh accountant with the library's defaults (so a reader's fresh one agrees with ours)."""
     if accountant == "rdp":
+        from dp_accounting import rdp
+
         return rdp.RdpAccountant()
     if accountant == "pld":
+        from dp_accounting import pld
+
         return pld.PLDAccountant()
     raise ConfigError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
 
@@ -76,6 +86,7 @@ def calibrate_noise(
     low, high = _bracket(target_epsilon, sample_rate, steps, delta, accountant)
     if low == high:
         return high
+    dp_accounting = _library()
     sigma = dp_accounting.calibrate_dp_mechanism(
         lambda: make_accountant(accountant),
         lambda s: dp_event(s, sample_rate, steps),
