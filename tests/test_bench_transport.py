@@ -21,3 +21,17 @@ def test_bench_transport_prints_same_run_ratios_and_the_update_arrives_intact():
 def test_bench_transport_refuses_a_size_below_one_mb():
     result = run_fedjet("bench", "transport", "--mb", "0", timeout=60)
     assert result.returncode != 0 and "--mb" in result.stderr
+
+
+def test_one_fetch_never_asks_for_more_bytes_than_the_client_keeps_pending():
+    """A batch of 64 messages of 8 MiB (512 MiB) overflowed nats-py's 256 MiB pending limit: the
+    client dropped them as a slow consumer and JetStream held them for its hour-long ack wait."""
+    from nats.js.client import DEFAULT_JS_SUB_PENDING_BYTES_LIMIT
+
+    from fedjet.broker.subjects import JobSubjects
+    from fedjet.channel.updates import UpdateInbox
+
+    for max_payload in (1 << 20, 8 << 20, 64 << 20):
+        inbox = UpdateInbox(None, JobSubjects("j"), max_blob_bytes=1 << 30, max_payload=max_payload)
+        assert inbox.fetch_batch >= 1
+        assert inbox.fetch_batch * max_payload <= DEFAULT_JS_SUB_PENDING_BYTES_LIMIT // 2

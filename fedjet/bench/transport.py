@@ -43,17 +43,18 @@ def payload_of(mb: int) -> bytes:
     return np.random.default_rng(0).bytes(mb * 1_000_000)
 
 
-async def raw_publish(url: str, size: int, max_payload: int) -> float:
-    """Seconds for nats-py to publish ``size`` bytes as JetStream messages and get every ack."""
+async def raw_publish(url: str, data: bytes, max_payload: int) -> float:
+    """Seconds for nats-py to publish ``data`` as JetStream messages and get every ack."""
     nc = await connect_client(url, "raw")
     js = nc.jetstream()
     try:
         await js.add_stream(name="RAW", subjects=["raw.>"])
-        chunk = bytes(chunk_size_for(max_payload))
-        count = -(-size // len(chunk))
+        step = chunk_size_for(max_payload)
+        view = memoryview(data)
         started = time.perf_counter()
         pending: list[Any] = []
-        for i in range(count):
+        for i in range(-(-len(data) // step)):
+            chunk = bytes(view[i * step : (i + 1) * step])
             pending.append(await js.publish_async("raw.data", chunk, headers={"Nats-Msg-Id": f"raw-{i}"}))
             if len(pending) >= WINDOW:
                 await asyncio.gather(*pending)
@@ -83,7 +84,9 @@ async def read(url: str, keys: str, size: int) -> dict[str, Any]:
     js = nc.jetstream()
     subjects = JobSubjects(JOB)
     boxes = coordinator_boxes(keys, ["aws"])
-    inbox = UpdateInbox(js, subjects, max_blob_bytes=size + ENVELOPE_OVERHEAD, clouds=["aws"])
+    inbox = UpdateInbox(
+        js, subjects, max_blob_bytes=size + ENVELOPE_OVERHEAD, clouds=["aws"], max_payload=nc.max_payload
+    )
     try:
         await inbox.open(1)
         baseline = _peak_rss_mb()  # the interpreter and its imports, before any byte arrives
@@ -105,6 +108,14 @@ async def read(url: str, keys: str, size: int) -> dict[str, Any]:
 
 
 def _peak_rss_mb() -> float:
+    """This process's resident high-water mark. ``VmHWM`` starts afresh at exec, unlike
+    ``ru_maxrss``, which a child inherits from the parent that started it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
@@ -116,7 +127,7 @@ def run(mb: int = 400) -> dict[str, Any]:
         server = EmbeddedNatsServer(Path(work) / "js", max_payload=8 << 20)
         url = server.start()
         try:
-            raw_s = asyncio.run(raw_publish(url, len(data), server.max_payload))
+            raw_s = asyncio.run(raw_publish(url, data, server.max_payload))
             asyncio.run(_streams(url))
             reader = subprocess.Popen(
                 [sys.executable, "-m", "fedjet.bench.transport", "--read", url, keys, str(len(data))],

@@ -38,6 +38,8 @@ from fedjet.log import get_logger
 
 log = get_logger("fedjet.channel")
 PENDING_BLOBS_PER_SUBJECT = 2  # x the largest blob: one subject's reassembly budget
+FETCH_BATCH = 64
+FETCH_BYTES = 64 << 20  # a quarter of nats-py's default pending-bytes limit per subscription
 MIN_CHUNK_BYTES = 1 << 16  # chunks of the largest blobs are at least this (servers take 1 MiB by default)
 
 
@@ -83,8 +85,13 @@ class UpdateInbox:
         max_blob_bytes: int,
         clouds: Collection[str] | None = None,
         ttl_s: float = 600.0,
+        max_payload: int = 1 << 20,
     ) -> None:
         self._js = js
+        # One fetch may bring this many messages of up to max_payload bytes each; beyond the
+        # subscription's pending-bytes limit nats-py drops them as a slow consumer, and JetStream
+        # then waits ack_wait (an hour) before it delivers them again.
+        self.fetch_batch = max(1, min(FETCH_BATCH, FETCH_BYTES // max(max_payload, 1)))
         self.subjects = subjects
         self.clouds = None if clouds is None else frozenset(clouds)
         self.max_chunks = max(MAX_CHUNKS_PER_SUBJECT, PENDING_BLOBS_PER_SUBJECT * -(-max_blob_bytes // MIN_CHUNK_BYTES))
@@ -128,7 +135,7 @@ class UpdateInbox:
 
     async def fetch(self, timeout: float) -> list[Any]:
         try:
-            return list(await self._sub.fetch(64, timeout=timeout))
+            return list(await self._sub.fetch(self.fetch_batch, timeout=timeout))
         except (TimeoutError, nats.errors.TimeoutError):
             return []
         except TRANSIENT as e:  # a restarted server answers 503 while JetStream recovers: ask again

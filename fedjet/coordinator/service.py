@@ -117,7 +117,9 @@ class Coordinator:
                     downlink=CodecSpec.parse(spec.config.codec).down,
                 )  # fmt: skip
                 max_blob = self.limits.max_frame_bytes + ENVELOPE_OVERHEAD
-                self.inbox = UpdateInbox(js, self.subjects, max_blob_bytes=max_blob, clouds=spec.clouds)
+                self.inbox = UpdateInbox(
+                    js, self.subjects, max_blob_bytes=max_blob, clouds=spec.clouds, max_payload=nc.max_payload
+                )
                 checkpoint = await self._prepare(js)
                 if checkpoint is None:
                     self.aggregator = Aggregator(spec.strategy, initial, noise_seed=spec.config.seed)
