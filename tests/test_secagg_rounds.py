@@ -150,6 +150,14 @@ def test_a_cloud_that_drops_after_sharing_keys_is_unmasked_away(nats_url):
     assert_close_to_fedavg(coordinator, ("aws", "azure"))
 
 
+def test_a_cloud_killed_after_it_masked_stays_in_the_sum_the_other_two_unmask(nats_url):
+    coordinator, done, transcript = asyncio.run(run_job(nats_url, "samasked", droppers={"gcp": ("masked", 99)}))
+    assert done["aws"] and done["azure"]
+    assert coordinator.aggregator.version == 1
+    assert transcript.request.survivors == CLOUDS and len(transcript.reveals) == 2
+    assert_close_to_fedavg(coordinator, CLOUDS)
+
+
 def test_below_the_threshold_the_round_aborts_cleanly_and_the_next_attempt_completes(nats_url):
     droppers = {"azure": ("shares", 1), "gcp": ("shares", 1)}  # only in their first round
     coordinator, done, _ = asyncio.run(run_job(nats_url, "saabort", droppers=droppers))
