@@ -63,45 +63,54 @@ def test_the_record_spends_every_authenticated_sequence_once_everything_before_i
     assert progress.resume_from == 8 and progress.applied_through == 7
 
 
-def test_a_rejected_update_replayed_after_a_restart_is_refused(nats_url):
+def restarted(nats_url, job: str, before: list, after: list, policy: RoundConfig | None = None):
+    """Run a coordinator through ``before``, stop it, start it again and run ``after``; each
+    step is ``(cloud, seq, base)`` to publish that update (the same bytes if sent twice) or
+    ``("until", version)`` to wait for a version. Returns both coordinators."""
     coord, members = make_parties(CLOUDS)
-    subjects = JobSubjects("spent")
-    kept: dict[str, bytes] = {}
-
-    async def send(js, nc, cloud: str, seq: int, base: int, blob: str = "") -> None:
-        data = kept.setdefault(f"{cloud}{seq}", envelope(members, "spent", cloud, seq, base))
-        await publish_blob(
-            js, subjects.update(cloud), data, blob_id=blob or f"{cloud}/{seq}", max_payload=nc.max_payload
-        )
-
-    async def until(service: Coordinator, version: int) -> None:
-        while service.aggregator is None or service.aggregator.version < version:
-            await asyncio.sleep(0.05)
+    subjects, kept = JobSubjects(job), {}
 
     async def scenario():
         nc = await connect(nats_url, "clouds")
         js = nc.jetstream()
+
+        async def play(service: Coordinator, steps: list) -> None:
+            for n, step in enumerate(steps):
+                if step[0] == "until":
+                    while service.aggregator is None or service.aggregator.version < step[1]:
+                        await asyncio.sleep(0.05)
+                    continue
+                cloud, seq, base = step
+                data = kept.setdefault((cloud, seq), envelope(members, job, cloud, seq, base))
+                await publish_blob(js, subjects.update(cloud), data, blob_id=f"{cloud}/{seq}/{n}/{id(steps)}",
+                                   max_payload=nc.max_payload)  # fmt: skip
+
+        async def start() -> tuple[Coordinator, asyncio.Task]:
+            service = Coordinator(CoordinatorConfig(nats_url=nats_url, spec=spec(job, 3, policy), boxes=coord))
+            task = asyncio.create_task(service.run(dict(WEIGHTS)))
+            await asyncio.wait_for(service.serving.wait(), 30)
+            return service, task
+
         try:
-            first = Coordinator(CoordinatorConfig(nats_url=nats_url, spec=spec("spent"), boxes=coord))
-            task = asyncio.create_task(first.run(dict(WEIGHTS)))
-            await asyncio.wait_for(first.serving.wait(), 30)
-            for cloud, seq, base in (("aws", 10, 0), ("gcp", 3, 0), ("aws", 12, 1), ("aws", 13, 1), ("gcp", 4, 1)):
-                await send(js, nc, cloud, seq, base)  # aws 13 is refused: aws already reported in round 2
-            await asyncio.wait_for(until(first, 2), 60)
+            first, task = await start()
+            await asyncio.wait_for(play(first, before), 60)
             first.stop()
             await asyncio.wait_for(task, 30)
-            second = Coordinator(CoordinatorConfig(nats_url=nats_url, spec=spec("spent"), boxes=coord))
-            task = asyncio.create_task(second.run(dict(WEIGHTS)))
-            await asyncio.wait_for(second.serving.wait(), 30)
-            await send(js, nc, "aws", 13, 1, blob="replayed")  # the broker re-publishes it: a carried late update?
-            await send(js, nc, "gcp", 5, 2)
-            await send(js, nc, "aws", 14, 2)
+            second, task = await start()
+            await play(second, after)
             await asyncio.wait_for(task, 60)
         finally:
             await close_quietly(nc)
         return first, second
 
-    first, second = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_a_rejected_update_replayed_after_a_restart_is_refused(nats_url):
+    # aws 13 is refused: aws already reported in round 2; after the restart the broker
+    # re-publishes the very same bytes (a carried late update?)
+    before = [("aws", 10, 0), ("gcp", 3, 0), ("aws", 12, 1), ("aws", 13, 1), ("gcp", 4, 1), ("until", 2)]
+    first, second = restarted(nats_url, "spent", before, [("aws", 13, 1), ("gcp", 5, 2), ("aws", 14, 2)])
     assert first.ledger.rejected == {"StaleUpdateError": 1}
     assert second.ledger.rejected == {"StaleUpdateError": 1, "ReplayError": 1}  # counts carry over
     assert second.aggregator.version == 3 and second.ledger.applied == 6
@@ -111,44 +120,9 @@ def test_a_late_update_rejected_after_the_last_applied_one_is_counted_once_acros
     """Round 2 closes at its deadline with aws alone; gcp's round-1 update arrives after aws's
     round-2 one and is dropped as late. Version 2's record counts it, yet it lies past
     ``applied_through``: the restarted coordinator must skip it, not judge (and count) it again."""
-    coord, members = make_parties(CLOUDS)
-    subjects = JobSubjects("late")
     policy = RoundConfig(late="drop", quorum=1, deadline_s=0.5)
-
-    async def scenario():
-        nc = await connect(nats_url, "clouds")
-        js = nc.jetstream()
-
-        async def send(cloud: str, seq: int, base: int) -> None:
-            data = envelope(members, "late", cloud, seq, base)
-            await publish_blob(js, subjects.update(cloud), data, blob_id=f"{cloud}/{seq}", max_payload=nc.max_payload)
-
-        async def until(service: Coordinator, version: int) -> None:
-            while service.aggregator is None or service.aggregator.version < version:
-                await asyncio.sleep(0.05)
-
-        try:
-            first = Coordinator(CoordinatorConfig(nats_url=nats_url, spec=spec("late", 3, policy), boxes=coord))
-            task = asyncio.create_task(first.run(dict(WEIGHTS)))
-            await asyncio.wait_for(first.serving.wait(), 30)
-            await send("aws", 1, 0)
-            await asyncio.wait_for(until(first, 1), 30)
-            await send("aws", 2, 1)
-            await send("gcp", 1, 0)  # late: round 1 is over
-            await asyncio.wait_for(until(first, 2), 30)
-            first.stop()
-            await asyncio.wait_for(task, 30)
-            second = Coordinator(CoordinatorConfig(nats_url=nats_url, spec=spec("late", 3, policy), boxes=coord))
-            task = asyncio.create_task(second.run(dict(WEIGHTS)))
-            await asyncio.wait_for(second.serving.wait(), 30)
-            await send("aws", 3, 2)
-            await send("gcp", 2, 2)
-            await asyncio.wait_for(task, 60)
-        finally:
-            await close_quietly(nc)
-        return first, second
-
-    first, second = asyncio.run(scenario())
+    before = [("aws", 1, 0), ("until", 1), ("aws", 2, 1), ("gcp", 1, 0), ("until", 2)]  # gcp 1 is late
+    first, second = restarted(nats_url, "late", before, [("aws", 3, 2), ("gcp", 2, 2)], policy)
     assert first.ledger.rejected == {"StaleUpdateError": 1}
     assert second.ledger.rejected == {"StaleUpdateError": 1}  # not judged (and counted) a second time
     assert second.aggregator.version == 3 and second.ledger.applied == 4
