@@ -10,29 +10,25 @@ the service. Admission, batching, aggregation and the record are pure pieces sha
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from dataclasses import replace
 from typing import Any
 
-import msgpack  # type: ignore[import-untyped]
 import structlog
 
-from fedjet.broker.blobs import publish_blob
 from fedjet.broker.connect import default_replicas, open_target
 from fedjet.broker.jetstream import close_quietly, ensure_job_streams
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower, GlobalPublisher
 from fedjet.channel.kv import publish_spec, read_spec
-from fedjet.channel.secagg import SecAggLink, secagg_max_bytes
 from fedjet.channel.updates import Arrival, UpdateInbox, stream_seqs
-from fedjet.codecs.crypto import COORDINATOR, ENVELOPE_OVERHEAD, ReplayGuard, seal_secagg
+from fedjet.codecs.crypto import COORDINATOR, ENVELOPE_OVERHEAD, ReplayGuard
 from fedjet.codecs.frame import Limits
-from fedjet.codecs.messages import RETIRE, GlobalHead, Update, UpdateHeader
+from fedjet.codecs.messages import RETIRE, GlobalHead, Update
 from fedjet.codecs.record import SecureRecord
 from fedjet.config.codec import CodecSpec
 from fedjet.coordinator.admission import Admission
-from fedjet.coordinator.aggregate import Contribution, Weights
+from fedjet.coordinator.aggregate import Weights
 from fedjet.coordinator.checkpoint import Checkpoint, last_checkpoint
 from fedjet.coordinator.config import CoordinatorConfig
 from fedjet.coordinator.local_state import LocalState, Published, check_not_behind
@@ -40,15 +36,11 @@ from fedjet.coordinator.pacing import Pacer
 from fedjet.coordinator.privacy_check import check_claim
 from fedjet.coordinator.record import Ledger, Received
 from fedjet.coordinator.rounds import Batcher
-from fedjet.coordinator.secure_round import RoundIdle, SecureOutcome, SecureRound
-from fedjet.coordinator.secure_sum import secure_contribution
-from fedjet.coordinator.strategies import Aggregator, Applied, strategy_for
-from fedjet.coordinator.validate import check_claims
-from fedjet.errors import ConfigError, FedjetError, NonFiniteError, StaleUpdateError, Terminated, ValidationError
+from fedjet.coordinator.secure_service import SecureRounds
+from fedjet.coordinator.strategies import Aggregator, strategy_for
+from fedjet.errors import ConfigError, FedjetError, NonFiniteError, StaleUpdateError
 from fedjet.log import get_logger
 from fedjet.observe.metrics import CoordinatorMetrics
-from fedjet.secagg import SecAggError
-from fedjet.secagg.steps import ATTEMPTS
 
 log = get_logger("fedjet.coordinator")
 __all__ = ["Coordinator", "CoordinatorConfig"]
@@ -128,7 +120,9 @@ class Coordinator:
                     self._restore(checkpoint)
                 self.serving.set()
                 if spec.config.secure_agg is not None:
-                    await self._consume_secure(nc, js)
+                    await SecureRounds(self, nc, js).run()
+                    if self._finish and not self._done():
+                        await self.publisher.publish_final_marker()
                 else:
                     await self._consume()
         finally:
@@ -205,99 +199,6 @@ class Coordinator:
                 break
         if self._finish and not self._done() and self.publisher is not None:
             await self.publisher.publish_final_marker()
-
-    async def _consume_secure(self, nc: Any, js: Any) -> None:
-        """Secure aggregation: rounds of masked updates instead of the update stream."""
-        assert self.aggregator is not None and self.publisher is not None
-        spec = self.config.spec
-        config = spec.config.secure_agg_config
-        assert config is not None
-        numel = sum(t.numel() for t in self.aggregator.weights.values())
-        k = config.numel_masked(numel)
-        link = SecAggLink(
-            js, self.subjects, self.config.boxes, peers=spec.clouds,
-            max_bytes=secagg_max_bytes(len(spec.clouds), k), max_payload=nc.max_payload,
-            on_reject=lambda reason, detail: self._reject_step(reason, "?", detail),
-        )  # fmt: skip
-        await link.start()
-        verify_keys = {c: self.config.boxes.public_of(c).verify for c in spec.clouds}
-        attempt, aborted = secrets.randbelow(ATTEMPTS // 2), 0
-        try:
-            while not self._stopping.is_set() and not self._done():
-                secure_round = SecureRound(
-                    link, job=spec.job, clouds=spec.clouds, config=config, base_version=self.aggregator.version,
-                    attempt=attempt % ATTEMPTS, numel=k, verify_keys=verify_keys, check_header=self._check_header,
-                    on_reject=self._reject_step, stopping=self._stopping.is_set,
-                    idle_timeout_s=self.config.idle_timeout_s,
-                )  # fmt: skip
-                attempt += 1
-                try:
-                    outcome = await secure_round.run()
-                except Terminated:
-                    break
-                except RoundIdle:
-                    log.error("coordinator_idle_timeout", seconds=self.config.idle_timeout_s)
-                    break
-                except SecAggError as e:
-                    self._reject_step(e.reason, "round", str(e))
-                    await secure_round.abort_members(str(e))
-                    aborted += 1
-                    continue
-                if await self._fold_secure(js, nc, outcome, k, aborted):
-                    aborted = 0
-        finally:
-            await link.stop()
-        if self._finish and not self._done():
-            await self.publisher.publish_final_marker()
-
-    def _check_header(self, header: UpdateHeader, cloud: str) -> None:
-        """A secure round's update header: the same claims checks as a plain update's."""
-        spec = self.config.spec
-        if header.kind != spec.update_kind:
-            raise ValidationError(f"strategy {spec.strategy.name} takes {spec.update_kind} updates, got {header.kind}")
-        check_claims(header, spec)
-        self._check_privacy(Update(header, {}))
-
-    def _reject_step(self, reason: str, cloud: str, detail: str) -> None:
-        self.ledger.reject(reason, cloud, 0, detail)
-        self.metrics.rejected(reason)
-
-    async def _fold_secure(self, js: Any, nc: Any, outcome: SecureOutcome, k: int, aborted: int) -> bool:
-        """Apply the unmasked average as one contribution; record who was in it and where the
-        transcript is (published first, so every recorded version can be re-checked)."""
-        agg = self.aggregator
-        assert agg is not None
-        headers = list(outcome.headers.values())
-        total = secure_contribution(
-            outcome.average, job=self.config.spec.job, base_version=agg.version, base_hash=agg.hash,
-            numel_masked=k, template=agg.weights, members=[(h.samples, h.loss) for h in headers],
-        )  # fmt: skip
-        base_version = agg.version
-        if await asyncio.to_thread(agg.apply_finite, [Applied(total, 0)]):
-            self._reject_step("NonFiniteError", "round", "the secure sum would make the global non-finite")
-            return False
-        transcript = seal_secagg(
-            msgpack.packb(outcome.transcript.to_wire(), use_bin_type=True), self.config.boxes, COORDINATOR
-        )
-        blob = await publish_blob(
-            js, self.subjects.secagg_transcript, transcript, blob_id=f"transcript-{outcome.round_id}",
-            max_payload=nc.max_payload,
-        )  # fmt: skip
-        received = [
-            Received(Update(h, {}), Applied(Contribution(h.cloud, base_version, h.samples, h.loss, {}), 0), 0,
-                     outcome.member_bytes.get(h.cloud, 0), [])
-            for h in headers
-        ]  # fmt: skip
-        self.ledger.applied_batch(received)
-        for r in received:
-            self.metrics.applied(r.update.header.cloud, 0)
-            self.metrics.bytes("in", r.update.header.cloud, r.wire_bytes)
-        secure = SecureRecord(
-            round_id=outcome.round_id, numel=k, survivors=outcome.survivors, dropped=outcome.dropped,
-            weights=outcome.weights, transcript_first=blob.first_seq, transcript_last=blob.last_seq, aborted=aborted,
-        )  # fmt: skip
-        await self._publish(received, secure=secure)
-        return True
 
     def _done(self) -> bool:
         assert self.aggregator is not None
@@ -393,6 +294,11 @@ class Coordinator:
         for r in received:
             await inbox.ack(r.msgs)
         self._batcher.start_round(time.monotonic())
+
+    def reject_step(self, reason: str, cloud: str, detail: str) -> None:
+        """A secure-aggregation message or round that failed: counted like a rejected update."""
+        self.ledger.reject(reason, cloud, 0, detail)
+        self.metrics.rejected(reason)
 
     async def _publish(self, received: list[Received], *, secure: SecureRecord | None = None) -> None:
         agg, inbox, publisher = self.aggregator, self.inbox, self.publisher
