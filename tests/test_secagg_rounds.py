@@ -24,7 +24,7 @@ from fedjet.channel.secagg import SecAggLink, secagg_max_bytes
 from fedjet.codecs.crypto import COORDINATOR, open_secagg
 from fedjet.codecs.flat import flatten
 from fedjet.codecs.messages import UpdateHeader
-from fedjet.config.job import JobConfig, StopConfig, TrainConfig
+from fedjet.config.job import JobConfig, StopConfig, StrategyConfig, TrainConfig
 from fedjet.coordinator.service import Coordinator, CoordinatorConfig
 from fedjet.secagg import Transcript
 from fedjet.secagg.steps import UP, Step
@@ -188,3 +188,83 @@ def test_bad_secure_agg_settings_are_refused_up_front(bad):
 
     with pytest.raises(ConfigError, match="secure-agg"):
         spec("bad", bad)
+
+
+@pytest.mark.parametrize(
+    "strategy, why",
+    [("dynamic", "formula 2"), ("async", "sum of one"), (StrategyConfig(name="fedbuff", buffer_size=1), "buffer-size")],
+)
+def test_strategies_secure_aggregation_cannot_serve_are_refused_with_the_reason(strategy, why):
+    from fedjet.errors import ConfigError
+
+    strategy = strategy if isinstance(strategy, StrategyConfig) else StrategyConfig(name=strategy)
+    with pytest.raises(ConfigError, match=why):
+        JobConfig(job="bad", clouds=CLOUDS, secure_agg="on", strategy=strategy)
+
+
+def test_fedbuff_buffers_are_masked_and_a_stale_update_is_weighed_by_its_staleness(nats_url):
+    """Buffer of 2 of 3 clouds: aws and azure fill version 1's buffer; gcp, still on version 0,
+    joins version 2's buffer with aws's next update, weighed s(1) = 2^-0.5 against s(0) = 1."""
+    job = "safedbuff"
+    coord, members = make_parties(CLOUDS)
+    config = JobConfig(job=job, clouds=CLOUDS, observers=(), secure_agg="threshold=2,timeout=2",
+                       strategy=StrategyConfig(name="fedbuff", buffer_size=2),
+                       train=TrainConfig(local_steps=1), stop=StopConfig(rounds=2))  # fmt: skip
+    job_spec = JobSpec(config=config, model_config={})
+    u = updates()
+    later = updates(seed=1)["aws"]
+
+    async def scenario():
+        nc = await connect(nats_url, "members")
+        js = nc.jetstream()
+        coordinator = Coordinator(CoordinatorConfig(nats_url=nats_url, spec=job_spec, boxes=coord, idle_timeout_s=60))
+        task = asyncio.create_task(coordinator.run({n: t.clone() for n, t in WEIGHTS.items()}))
+        links = []
+
+        def version() -> int:
+            return coordinator.aggregator.version if coordinator.aggregator is not None else 0
+
+        async def member(cloud: str):
+            link = SecAggLink(js, JobSubjects(job), members[cloud], peers=(COORDINATOR,),
+                              max_bytes=secagg_max_bytes(3, 1025), max_payload=nc.max_payload)  # fmt: skip
+            await link.start()
+            links.append(link)
+            return SecureMember(link, job=job, cloud=cloud, clouds=CLOUDS, config=job_spec.config.secure_agg_config,
+                                signing_key=members[cloud].me.sign,
+                                verify_keys={c: members[c].me.sign.verify_key for c in CLOUDS})  # fmt: skip
+
+        def header(cloud: str, seq: int, base: int) -> UpdateHeader:
+            return UpdateHeader(job=job, cloud=cloud, worker="0", seq=seq, base_version=base, samples=10, loss=2.0)
+
+        try:
+            await asyncio.wait_for(coordinator.serving.wait(), 30)
+            v0_hash = coordinator.last_head.hash
+            aws, azure, gcp = await member("aws"), await member("azure"), await member("gcp")
+            first = await asyncio.wait_for(asyncio.gather(
+                aws.contribute(u["aws"], header("aws", 1, 0), v0_hash, lambda: version() > 1, later_rounds=True),
+                azure.contribute(u["azure"], header("azure", 1, 0), v0_hash, lambda: version() > 1, later_rounds=True),
+            ), 60)  # fmt: skip
+            assert first == [True, True]
+            while version() < 1:  # the members are done once they revealed; the version follows
+                await asyncio.sleep(0.05)
+            v1 = {n: t.clone() for n, t in coordinator.aggregator.weights.items()}
+            v1_hash = coordinator.last_head.hash
+            second = await asyncio.wait_for(asyncio.gather(
+                gcp.contribute(u["gcp"], header("gcp", 1, 0), v0_hash, lambda: version() > 2, later_rounds=True),
+                aws.contribute(later, header("aws", 2, 1), v1_hash, lambda: version() > 2, later_rounds=True),
+            ), 60)  # fmt: skip
+            await asyncio.wait_for(task, 60)
+        finally:
+            for link in links:
+                await link.stop()
+            await close_quietly(nc)
+            if not task.done():
+                coordinator.stop()
+        return coordinator, v1, second
+
+    coordinator, v1, second = asyncio.run(scenario())
+    assert second == [True, True] and coordinator.aggregator.version == 2
+    for name, w0 in WEIGHTS.items():
+        assert torch.allclose(v1[name], w0 + (u["aws"][name] + u["azure"][name]) / 2, atol=1e-5)
+        expected = v1[name] + (2**-0.5 * u["gcp"][name] + later[name]) / 2
+        assert torch.allclose(coordinator.aggregator.weights[name], expected, atol=1e-5), name

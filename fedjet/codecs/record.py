@@ -80,6 +80,7 @@ class SecureRecord:
     survivors: tuple[str, ...]
     dropped: tuple[str, ...] = ()
     weights: dict[str, float] = field(default_factory=dict)  # the survivors' agreed weights
+    weight_total: float = 0.0  # what the sum was divided by (0: the weights' sum)
     transcript_first: int = 0  # stream seqs of the sealed transcript in the SECAGG stream
     transcript_last: int = 0
     aborted: int = 0  # attempts on the same base that ended below the threshold

@@ -264,6 +264,7 @@ class JobConfig:
                 clouds=len(self.clouds),
                 central_dp=self.strategy.central_dp is not None,
                 deadline=self.round.quorum is not None or self.round.deadline_s is not None,
+                buffer_size=self.strategy.buffer_size,
             )
         if self.peft is not None and not self.peft.startswith("lora"):
             raise ConfigError(f"--peft {self.peft!r}: only lora[:key=value,...] is supported")

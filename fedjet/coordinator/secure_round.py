@@ -7,10 +7,11 @@ count as dropped. Fewer than the threshold ends the round with ``SecAggAbort``; 
 counts it and opens the next attempt on the same base. Anything a member sends that does not
 fit (another round, a forged signature, a second copy) is counted and skipped.
 
-Weights (formulas 1 and 3) are fixed before anyone masks: the advertisements carry each
-member's update header, and ``n_i / n`` over the advertisers goes back with the list of
-advertisements; each member scales its own update by it, and the sum is divided by the
-weights of those who survived.
+Weights are fixed before anyone masks: the advertisements carry each member's update header,
+and the weights go back with the list of advertisements; each member scales its own update by
+its weight, and the sum is divided by what the survivors' weights add up to. A ``Weighing``
+says how: formulas 1 and 3 weigh ``n_i / n`` over the advertisers; FedBuff weighs
+``s(tau_i) / K`` over a buffer of the first K advertisers, whose updates may be stale.
 """
 
 from __future__ import annotations
@@ -40,6 +41,38 @@ class RoundIdle(FedjetError):
     """No member advertised within the idle timeout: the job's wait ends."""
 
 
+@dataclass(frozen=True)
+class Weighing:
+    """How a round weighs its members: which bases it takes, when its advertisements close,
+    each advertiser's weight in [0, 1], and what the survivors' weights add up to."""
+
+    max_staleness: int  # 0: only updates made from this round's base (synchronous rounds)
+    close_at: int  # advertisements close once this many are in (all clouds, or the buffer)
+    weigh: Callable[[dict[str, UpdateHeader], int], dict[str, float]]
+    total: Callable[[tuple[str, ...], dict[str, float]], float]
+
+
+def by_samples(members: int) -> Weighing:
+    """Formulas 1 and 3: ``n_i / n`` over the advertisers, renormalized over the survivors; a
+    round waits for every member (or its phase timeout once the threshold is in)."""
+    return Weighing(
+        max_staleness=0,
+        close_at=members,
+        weigh=lambda headers, base: fedavg_weights({m: max(h.samples, 1) for m, h in headers.items()}),
+        total=lambda survivors, weights: sum(weights[m] for m in survivors),
+    )
+
+
+def by_staleness(staleness: Callable[[int], float], max_staleness: int, buffer: int) -> Weighing:
+    """FedBuff: ``s(tau_i) / K``; the sum over survivors is the mean of ``s(tau_i) * delta_i``."""
+    return Weighing(
+        max_staleness=max_staleness,
+        close_at=buffer,
+        weigh=lambda headers, base: {m: staleness(base - h.base_version) / len(headers) for m, h in headers.items()},
+        total=lambda survivors, weights: len(survivors) / len(weights),
+    )
+
+
 @dataclass
 class SecureOutcome:
     """A completed round: the weighted average over survivors, and what replay needs."""
@@ -49,6 +82,7 @@ class SecureOutcome:
     survivors: tuple[str, ...]
     dropped: tuple[str, ...]
     weights: dict[str, float]
+    weight_total: float
     headers: dict[str, UpdateHeader]
     transcript: Transcript
     member_bytes: dict[str, int] = field(default_factory=dict)
@@ -66,6 +100,8 @@ class SecureRound:
         clouds: tuple[str, ...],
         config: SecureAggConfig,
         base_version: int,
+        base_hash: str,
+        weighing: Weighing,
         attempt: int,
         numel: int,
         verify_keys: dict[str, VerifyKey],
@@ -77,6 +113,8 @@ class SecureRound:
         self.link = link
         self.config = config
         self.base_version = base_version
+        self.base_hash = base_hash
+        self.weighing = weighing
         self.round = RoundConfig(
             job=job,
             round_id=round_id(base_version, attempt),
@@ -100,14 +138,16 @@ class SecureRound:
 
     async def run(self) -> SecureOutcome:
         rc = self.round
-        opened = self._step("open", members=list(rc.members), threshold=rc.threshold, numel=rc.numel)
+        opened = self._step(
+            "open", members=list(rc.members), threshold=rc.threshold, numel=rc.numel, base_hash=self.base_hash
+        )
         for member in rc.members:
             await self.link.send(member, opened)
         log.info("secagg_round_open", round=rc.round_id, base=self.base_version, threshold=rc.threshold)
         await self._collect("advertise", set(rc.members), self._advert, wait_for_first=True)
         adverts = self.server.close_adverts()
         advertisers = tuple(a.member for a in adverts.adverts)
-        weights = fedavg_weights({m: max(self.headers[m].samples, 1) for m in advertisers})
+        weights = self.weighing.weigh({m: self.headers[m] for m in advertisers}, self.base_version)
         for member in advertisers:
             await self.link.send(member, self._step("adverts", adverts.to_wire(), weights=weights))
         await self._collect(
@@ -124,7 +164,7 @@ class SecureRound:
             "reveal", set(request.survivors), lambda a: self.server.receive_reveal(Reveal.from_wire(a.step.body))
         )
         total = self.server.finish()
-        weight_total = sum(weights[m] for m in request.survivors)
+        weight_total = self.weighing.total(request.survivors, weights)
         average = self.config.fixed_point.decode(total, weight_total=weight_total)
         log.info(
             "secagg_round_done", round=rc.round_id, survivors=len(request.survivors), dropped=list(request.dropped)
@@ -135,6 +175,7 @@ class SecureRound:
             survivors=request.survivors,
             dropped=request.dropped,
             weights={m: weights[m] for m in request.survivors},
+            weight_total=weight_total,
             headers={m: self.headers[m] for m in request.survivors},
             transcript=self.server.transcript,
             member_bytes=dict(self.member_bytes),
@@ -157,7 +198,8 @@ class SecureRound:
             header = UpdateHeader.from_wire(raw)
         except (KeyError, TypeError, ValueError) as e:
             raise SchemaError(f"update header: {type(e).__name__}: {e}") from e
-        if header.cloud != arrived.sender or header.base_version != self.base_version:
+        tau = self.base_version - header.base_version
+        if header.cloud != arrived.sender or not 0 <= tau <= self.weighing.max_staleness:
             raise ValidationError(f"{arrived.sender}'s header names {header.cloud} on base {header.base_version}")
         self._check_header(header, arrived.sender)
         self.server.receive_advert(Advertise.from_wire(arrived.step.body))
@@ -188,6 +230,9 @@ class SecureRound:
             arrived = await self.link.receive(POLL_S if deadline is None else min(POLL_S, deadline - now))
             if arrived is None:
                 continue
+            if arrived.step.round_id == self.round.round_id and arrived.step.kind == "advertise" != kind:
+                log.info("secagg_advert_after_close", member=arrived.sender)  # it joins the next round
+                continue
             if arrived.step.round_id != self.round.round_id or arrived.step.kind != kind:
                 self._on_reject(
                     "StaleRoundError", arrived.sender, f"{arrived.step.kind} of round {arrived.step.round_id}"
@@ -203,5 +248,7 @@ class SecureRound:
                 continue
             got.add(arrived.sender)
             self.member_bytes[arrived.sender] = self.member_bytes.get(arrived.sender, 0) + arrived.wire_bytes
+            if wait_for_first and len(got) >= self.weighing.close_at:
+                break  # the buffer is full
             if deadline is None and len(got) >= self.round.threshold:
                 deadline = time.monotonic() + self.config.timeout_s

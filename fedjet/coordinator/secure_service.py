@@ -21,7 +21,7 @@ from fedjet.codecs.messages import Update, UpdateHeader
 from fedjet.codecs.record import SecureRecord
 from fedjet.coordinator.aggregate import Contribution
 from fedjet.coordinator.record import Received
-from fedjet.coordinator.secure_round import RoundIdle, SecureOutcome, SecureRound
+from fedjet.coordinator.secure_round import RoundIdle, SecureOutcome, SecureRound, by_samples, by_staleness
 from fedjet.coordinator.secure_sum import secure_contribution
 from fedjet.coordinator.strategies import Applied
 from fedjet.coordinator.validate import check_claims
@@ -52,6 +52,11 @@ class SecureRounds:
             on_reject=lambda reason, detail: coordinator.reject_step(reason, "?", detail),
         )  # fmt: skip
         self.verify_keys = {c: coordinator.config.boxes.public_of(c).verify for c in spec.clouds}
+        strategy = spec.strategy
+        if strategy.name == "fedbuff":
+            self.weighing = by_staleness(strategy.staleness, strategy.max_staleness, strategy.buffer_size)
+        else:
+            self.weighing = by_samples(len(spec.clouds))
 
     async def run(self) -> None:
         c, spec = self.c, self.c.config.spec
@@ -62,7 +67,8 @@ class SecureRounds:
             while not c._stopping.is_set() and not c._done():
                 secure_round = SecureRound(
                     self.link, job=spec.job, clouds=spec.clouds, config=self.config,
-                    base_version=c.aggregator.version, attempt=attempt % ATTEMPTS, numel=self.numel,
+                    base_version=c.aggregator.version, base_hash=c.aggregator.hash, weighing=self.weighing,
+                    attempt=attempt % ATTEMPTS, numel=self.numel,
                     verify_keys=self.verify_keys, check_header=self._check_header, on_reject=c.reject_step,
                     stopping=c._stopping.is_set, idle_timeout_s=c.config.idle_timeout_s,
                 )  # fmt: skip
@@ -113,18 +119,18 @@ class SecureRounds:
             blob_id=f"transcript-{outcome.round_id}", max_payload=self.nc.max_payload,
         )  # fmt: skip
         received = [
-            Received(Update(h, {}), Applied(Contribution(h.cloud, base_version, h.samples, h.loss, {}), 0), 0,
-                     outcome.member_bytes.get(h.cloud, 0), [])
+            Received(Update(h, {}), Applied(Contribution(h.cloud, h.base_version, h.samples, h.loss, {}),
+                                            base_version - h.base_version), 0, outcome.member_bytes.get(h.cloud, 0), [])
             for h in headers
         ]  # fmt: skip
         c.ledger.applied_batch(received)
         for r in received:
-            c.metrics.applied(r.update.header.cloud, 0)
+            c.metrics.applied(r.update.header.cloud, r.applied.staleness)
             c.metrics.bytes("in", r.update.header.cloud, r.wire_bytes)
         secure = SecureRecord(
             round_id=outcome.round_id, numel=self.numel, survivors=outcome.survivors, dropped=outcome.dropped,
-            weights=outcome.weights, transcript_first=blob.first_seq, transcript_last=blob.last_seq,
-            aborted=aborted,
+            weights=outcome.weights, weight_total=outcome.weight_total, transcript_first=blob.first_seq,
+            transcript_last=blob.last_seq, aborted=aborted,
         )  # fmt: skip
         await c._publish(received, secure=secure)
         return True

@@ -51,7 +51,8 @@ def recorded_average(transcript: Transcript, secure: SecureRecord, config: Secur
     if set(secure.weights) != set(secure.survivors):
         raise ValidationError("the record's weights are not the survivors'")
     total = recompute_sum(transcript)
-    return config.fixed_point.decode(total, weight_total=sum(secure.weights.values()))
+    weight_total = secure.weight_total or sum(secure.weights.values())
+    return config.fixed_point.decode(total, weight_total=weight_total)
 
 
 def members_of(contributions: Sequence[ContributionRecord]) -> list[tuple[int, float]]:

@@ -19,7 +19,7 @@ from fedjet.secagg.fixedpoint import FixedPoint
 
 USAGE = "on, or threshold=T,scale=S,bound=B,density=D,timeout=SECONDS (any of them)"
 KEYS = ("threshold", "scale", "bound", "density", "timeout")
-STRATEGIES = ("fedavg", "gradient")  # synchronous rounds with weights fixed before masking
+STRATEGIES = ("fedavg", "gradient", "fedbuff")  # weights fixed before masking
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,17 +102,23 @@ def parse_secure_agg(text: str) -> SecureAggConfig:
     )
 
 
-def check_job(config: SecureAggConfig, *, strategy: str, clouds: int, central_dp: bool, deadline: bool) -> None:
+def check_job(
+    config: SecureAggConfig, *, strategy: str, clouds: int, central_dp: bool, deadline: bool, buffer_size: int
+) -> None:
     """Refuse what secure aggregation cannot do, before any process starts."""
     if strategy not in STRATEGIES:
         why = {
             "dynamic": "its weights (formula 2) depend on every cloud's loss, fixed only after masking",
             "async": "it folds one update at a time, so the sum of one would be that update",
-            "fedbuff": "buffers of asynchronous updates are not masked yet",
-        }.get(strategy, "it is not a synchronous round")
-        raise ConfigError(f"--secure-agg with --strategy {strategy}: {why}; use fedavg or gradient")
+        }.get(strategy, "it is not a round of several updates")
+        raise ConfigError(f"--secure-agg with --strategy {strategy}: {why}; use fedavg, gradient or fedbuff")
     if central_dp:
         raise ConfigError("--secure-agg with --central-dp: the coordinator cannot clip updates it never sees")
     if deadline:
         raise ConfigError("--secure-agg rounds close by their own phase timeout: drop --quorum/--round-deadline")
-    config.threshold_for(clouds)
+    threshold = config.threshold_for(clouds)
+    if strategy == "fedbuff" and not threshold <= buffer_size <= clouds:
+        raise ConfigError(
+            f"--secure-agg with fedbuff masks one buffer per round, one update per cloud: --buffer-size must be "
+            f"in {threshold}..{clouds} (the threshold .. the clouds), got {buffer_size}"
+        )

@@ -307,21 +307,29 @@ class Worker:
         return published.wire_bytes
 
     async def _send_masked(self, header: UpdateHeader, gradient: dict[str, Any] | None) -> int | None:
-        """Secure aggregation: the update leaves only masked; None when its round was missed."""
+        """Secure aggregation: the update leaves only masked; None when its round was missed.
+
+        Synchronous rules measure it from the base and take only a round on that base; FedBuff
+        measures it from the last send (or the last version loaded) and joins a later round
+        while its staleness is within ``--max-staleness``."""
         assert self.secure is not None and self._base is not None and self.follower is not None
-        head, base = self._base
+        head, reference = self._base
+        current = self.trainer.weights()
         if gradient is None:
-            current = self.trainer.weights()
-            gradient = {n: current[n].detach().float() - base[n].float() for n in base}
+            gradient = {n: current[n].detach().float() - reference[n].float() for n in reference}
+        buffered = not self.spec.synchronous
+        slack = self.spec.strategy.max_staleness if buffered else 0
         link, before = self.secure.link, self.secure.link.bytes_sent
 
-        def newer() -> bool:
+        def too_late() -> bool:
             latest = self.follower.latest if self.follower is not None else None
-            return self._stop.is_set() or (latest is not None and latest.version > head.version)
+            return self._stop.is_set() or (latest is not None and latest.version - head.version > slack)
 
-        if not await self.secure.contribute(gradient, header, head.hash, newer):
+        if not await self.secure.contribute(gradient, header, head.hash, too_late, later_rounds=buffered):
             log.warning("secagg_round_missed", base=head.version)
             return None
+        if buffered:  # the next delta starts where this one ended
+            self._base = (head, {n: t.detach().clone() for n, t in current.items()})
         return link.bytes_sent - before
 
     async def _retire(self, base_version: int) -> None:

@@ -65,23 +65,38 @@ class SecureMember:
         self.rounds_failed = 0
 
     async def contribute(
-        self, update: Weights, header: UpdateHeader, base_hash: str, newer: Callable[[], bool]
+        self,
+        update: Weights,
+        header: UpdateHeader,
+        base_hash: str,
+        too_late: Callable[[], bool],
+        *,
+        later_rounds: bool = False,
     ) -> bool:
-        """Run rounds on ``header.base_version`` until one completes (True) or a newer global
-        version shows this update is too late (False)."""
+        """Run rounds until one completes (True) or ``too_late()`` says this update is (False).
+
+        Synchronous rules take only rounds on ``header.base_version`` (whose hash this member
+        verified itself); FedBuff (``later_rounds``) joins any round on that base or a later one,
+        with the coordinator weighing its staleness."""
         x = flatten(update)
         if self._residual is not None and self._residual.shape == x.shape:
             x = x + self._residual
         k = self.config.numel_masked(x.size)
-        indices = agreed_indices(self.job, base_hash, x.size, k)
-        while not newer():
+        while not too_late():
             opened, self._reopened = self._reopened, None
-            if opened is None or opened.base_version != header.base_version:
-                opened = await self._next("open", header.base_version, None, newer)
+            if opened is None or not self._takes(opened, header.base_version, later_rounds):
+                opened = await self._next("open", header.base_version, None, too_late, later_rounds)
             if opened is None:
                 continue
+            round_hash = opened.extra.get("base_hash")
+            if not later_rounds and round_hash != base_hash:
+                log.warning("secagg_round_refused", round=opened.round_id, why="not the verified base hash")
+                continue
+            if not isinstance(round_hash, str):
+                continue
+            indices = agreed_indices(self.job, round_hash, x.size, k)
             try:
-                done = await self._round(opened, x[indices], header, newer)
+                done = await self._round(opened, x[indices], header, too_late)
             except FedjetError as e:
                 log.warning("secagg_round_failed", round=opened.round_id, reason=e.reason, detail=str(e)[:200])
                 done = False
@@ -93,6 +108,10 @@ class SecureMember:
                 return True
             self.rounds_failed += 1
         return False
+
+    @staticmethod
+    def _takes(step: Step, base: int, later_rounds: bool) -> bool:
+        return step.kind == "open" and (step.base_version == base or (later_rounds and step.base_version > base))
 
     async def _round(
         self, opened: Step, x: npt.NDArray[np.float32], header: UpdateHeader, newer: Callable[[], bool]
@@ -135,7 +154,9 @@ class SecureMember:
         log.info("secagg_masked_update_sent", round=rid, weight=round(weight, 4), coordinates=numel)
         return True
 
-    async def _next(self, kind: str, base: int, rid: int | None, newer: Callable[[], bool]) -> Step | None:
+    async def _next(
+        self, kind: str, base: int, rid: int | None, newer: Callable[[], bool], later_rounds: bool = False
+    ) -> Step | None:
         """The next ``kind`` step of this round (any round on ``base`` for ``open``); None on
         an abort, a phase timeout, or a newer global version."""
         waited = 0.0
@@ -148,7 +169,7 @@ class SecureMember:
             if arrived is None:
                 continue
             step = arrived.step
-            if kind == "open" and step.kind == "open" and step.base_version == base:
+            if kind == "open" and self._takes(step, base, later_rounds):
                 return step
             if rid is not None and step.round_id == rid and step.kind in (kind, "abort"):
                 return step if step.kind == kind else None
