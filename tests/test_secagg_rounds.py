@@ -268,3 +268,61 @@ def test_fedbuff_buffers_are_masked_and_a_stale_update_is_weighed_by_its_stalene
         assert torch.allclose(v1[name], w0 + (u["aws"][name] + u["azure"][name]) / 2, atol=1e-5)
         expected = v1[name] + (2**-0.5 * u["gcp"][name] + later[name]) / 2
         assert torch.allclose(coordinator.aggregator.weights[name], expected, atol=1e-5), name
+
+
+def test_members_move_to_the_round_a_restarted_coordinator_opens(nats_url):
+    """The coordinator stops with a round open; the same command restarts it, and it opens a new
+    attempt on the same version. Members that saw the old round take the new one: one version,
+    the FedAvg of all three."""
+    job = "sarestart"
+    coord, members = make_parties(CLOUDS)
+    job_spec = spec(job)
+
+    async def scenario():
+        nc = await connect(nats_url, "members")
+        js = nc.jetstream()
+        first = Coordinator(CoordinatorConfig(nats_url=nats_url, spec=job_spec, boxes=coord, idle_timeout_s=60))
+        task = asyncio.create_task(first.run({n: t.clone() for n, t in WEIGHTS.items()}))
+        links, secure = [], []
+        try:
+            await asyncio.wait_for(first.serving.wait(), 30)
+            for cloud in CLOUDS:
+                link = SecAggLink(js, JobSubjects(job), members[cloud], peers=(COORDINATOR,),
+                                  max_bytes=secagg_max_bytes(3, 1025), max_payload=nc.max_payload)  # fmt: skip
+                await link.start()
+                links.append(link)
+                secure.append(SecureMember(link, job=job, cloud=cloud, clouds=CLOUDS,
+                                           config=job_spec.config.secure_agg_config,
+                                           signing_key=members[cloud].me.sign,
+                                           verify_keys={c: members[c].me.sign.verify_key for c in CLOUDS}))  # fmt: skip
+            await asyncio.sleep(0.5)  # the first round's open has reached every member
+            first.stop()
+            await asyncio.wait_for(task, 30)
+            second = Coordinator(CoordinatorConfig(nats_url=nats_url, spec=job_spec, boxes=coord, idle_timeout_s=60))
+            task = asyncio.create_task(second.run({n: t.clone() for n, t in WEIGHTS.items()}))
+            await asyncio.wait_for(second.serving.wait(), 30)
+            head = second.last_head
+
+            def newer() -> bool:
+                return second.aggregator is not None and second.aggregator.version > 0
+
+            work = [
+                m.contribute(updates()[c], UpdateHeader(job=job, cloud=c, worker="0", seq=1, base_version=0,
+                                                        samples=SAMPLES[c], loss=2.0), head.hash, newer)
+                for m, c in zip(secure, CLOUDS, strict=True)
+            ]  # fmt: skip
+            done = await asyncio.wait_for(asyncio.gather(*work), 60)
+            await asyncio.wait_for(task, 60)
+        finally:
+            for link in links:
+                await link.stop()
+            await close_quietly(nc)
+            if not task.done():
+                task.cancel()
+        return second, done
+
+    second, done = asyncio.run(scenario())
+    assert done == [True, True, True]
+    assert second.aggregator.version == 1
+    assert second.ledger.rejected == {"StaleRoundError": 3}  # each member advertised for the old round first
+    assert_close_to_fedavg(second, CLOUDS)
