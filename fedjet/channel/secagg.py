@@ -112,6 +112,11 @@ class SecAggLink:
         self.bytes_sent += published.wire_bytes
         return published.wire_bytes
 
+    @property
+    def waiting(self) -> int:
+        """Steps that arrived and were not taken yet."""
+        return self._queue.qsize()
+
     async def receive(self, timeout: float) -> Arrived | None:
         """The next step that arrived, or None after ``timeout`` seconds."""
         try:
