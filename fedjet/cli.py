@@ -512,10 +512,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     job = config_from_args(args)  # a wrong flag fails here, before anything heavy is imported
     slowdown = parse_factors(args.slowdown, kind="--slowdown")
     data_per_cloud = parse_assignments(args.data_per_cloud, kind="--data-per-cloud")
-    from fedjet.models.job_model import validate_model_source
-    from fedjet.runner.up import UpConfig, run_up
+    from fedjet.runner.up_config import UpConfig
 
-    validate_model_source(job)
     config = UpConfig(
         job=job,
         nats_url=args.nats,
@@ -536,6 +534,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         keys=args.keys,
         quiet=args.quiet,
     )
+    from fedjet.models.job_model import validate_model_source
+    from fedjet.runner.up import run_up
+
+    validate_model_source(job)
     run_up(config)
     return 0
 

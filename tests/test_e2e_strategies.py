@@ -28,18 +28,14 @@ def up(tmp_path, data_dir, *flags: str) -> dict:
     [
         ("dynamic", ["--rounds", "2", "--temperature", "0.5"]),
         ("gradient", ["--rounds", "2"]),
-        ("fedbuff", ["--max-updates", "4", "--buffer-size", "2", "--server-opt", "nesterov", "--server-lr", "0.7"]),
     ],
-)
+)  # fedbuff with outer Nesterov runs end to end in test_e2e_secagg.py (under --secure-agg)
 def test_each_strategy_runs_over_jetstream_and_lowers_eval_loss(tmp_path, data_dir, strategy, flags):
     report = up(tmp_path, data_dir, "--strategy", strategy, *flags)
     rounds = report["rounds"]
     assert report["config"]["strategy"] == strategy
     assert report["config"]["strategy_config"]["name"] == strategy
     assert rounds[-1]["eval_loss"] < rounds[0]["eval_loss"]
-    if strategy == "fedbuff":
-        assert report["summary"]["updates_applied"] == 4
-        assert all(len(r["contributors"]) == 2 for r in rounds[1:])
 
 
 def test_async_does_not_wait_for_a_3x_slower_cloud(tmp_path, data_dir):

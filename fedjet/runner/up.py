@@ -14,7 +14,6 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,11 +27,10 @@ from fedjet.channel.kv import await_spec, read_stats
 from fedjet.codecs.crypto import COORDINATOR
 from fedjet.codecs.frame import Limits
 from fedjet.config.flags import to_toml
-from fedjet.config.job import JobConfig
 from fedjet.config.wire import to_wire
 from fedjet.coordinator.central_dp import central_report
 from fedjet.data.wikitext import load_corpus, resolve_data_dir
-from fedjet.errors import ConfigError, FedjetError, Terminated
+from fedjet.errors import FedjetError, Terminated
 from fedjet.keystore import generate, member_boxes
 from fedjet.log import get_logger
 from fedjet.observe.live import LiveView
@@ -41,57 +39,11 @@ from fedjet.report import Report, summarize
 from fedjet.runner.collect import Collector, print_round
 from fedjet.runner.evaluate import Evaluator
 from fedjet.runner.processes import Child, spawn, stop_all
-from fedjet.worker.model import PRESETS, quiet_transformers
+from fedjet.runner.up_config import UpConfig
+from fedjet.worker.model import quiet_transformers
 
 log = get_logger("fedjet.up")
-
-
-@dataclass(frozen=True, kw_only=True)
-class UpConfig:
-    job: JobConfig
-    nats_url: str | None = None
-    store: str | None = None
-    data: str | None = None
-    report: str | None = None
-    eval_tokens: int = 16384
-    eval_every: int = 1
-    slowdown: dict[str, float] = field(default_factory=dict)
-    links: dict[str, str] = field(default_factory=dict)
-    timeout_s: float = 3600.0
-    device: str | None = None
-    precision: str | None = None
-    keys: str | None = None
-    quiet: bool = False
-    metrics_port: int | None = None  # coordinator on it, workers and the observer on the ports after it
-    data_per_cloud: dict[str, str] = field(default_factory=dict)  # the production shape on one machine
-    eval_data: str | None = None
-    save: str | None = None
-
-    @property
-    def model_path(self) -> str | None:
-        """The local checkpoint every process here shares (None for a preset)."""
-        return None if self.job.model in PRESETS else self.job.model
-
-    def __post_init__(self) -> None:
-        if self.data_per_cloud and set(self.data_per_cloud) != set(self.job.clouds):
-            raise ConfigError(
-                f"--data-per-cloud must name every cloud {self.job.clouds}, got {sorted(self.data_per_cloud)}"
-            )
-        for cloud, path in self.data_per_cloud.items():
-            if not Path(path).exists():
-                raise ConfigError(f"--data-per-cloud {cloud}={path}: no such file or directory")
-        if self.save is not None and Path(self.save).exists() and any(Path(self.save).iterdir()):
-            raise ConfigError(f"--save {self.save}: exists and is not empty")
-        for cloud in (*self.slowdown, *self.links):
-            if cloud not in self.job.clouds:
-                raise ConfigError(f"--slowdown/--link name {cloud!r}, which is not in --clouds")
-        for cloud, factor in self.slowdown.items():
-            if not factor >= 1.0:
-                raise ConfigError(f"--slowdown {cloud}={factor}: the factor must be >= 1")
-        for shape in self.links.values():
-            LinkShape.parse(shape)
-        if self.eval_tokens < 1 or self.eval_every < 1 or not self.timeout_s > 0:
-            raise ConfigError("--eval-tokens and --eval-every must be >= 1 and --timeout > 0")
+__all__ = ["RunFailed", "UpConfig", "run_up"]
 
 
 class RunFailed(FedjetError):

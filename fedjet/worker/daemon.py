@@ -322,8 +322,10 @@ class Worker:
         link, before = self.secure.link, self.secure.link.bytes_sent
 
         def too_late() -> bool:
-            latest = self.follower.latest if self.follower is not None else None
-            return self._stop.is_set() or (latest is not None and latest.version - head.version > slack)
+            follower = self.follower
+            if self._stop.is_set() or follower is None or follower.final is not None:
+                return True  # stopping, or the job is over: no round will open again
+            return follower.latest is not None and follower.latest.version - head.version > slack
 
         if not await self.secure.contribute(gradient, header, head.hash, too_late, later_rounds=buffered):
             log.warning("secagg_round_missed", base=head.version)
