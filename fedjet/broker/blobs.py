@@ -30,6 +30,7 @@ H_SIZE = "Fedjet-Size"
 MSG_ID = "Nats-Msg-Id"
 HEADER_ROOM = 2048  # bytes kept free in each message for headers
 MAX_CHUNKS_PER_SUBJECT = 4096  # chunks one subject may hold in partial blobs (4 GiB at 1 MiB each)
+PUBLISH_WINDOW_BYTES = 16 << 20  # unacked bytes one blob keeps in flight (see _publish_chunks)
 PUBLISH_ATTEMPTS = 8  # backoff 0.2, 0.4 ... 5 s between them: a restarted server has about 20 s to come back
 
 
@@ -106,12 +107,20 @@ async def _publish_chunks(
     extra_headers: dict[str, str] | None,
     timeout: float,
 ) -> PublishedBlob:
+    """Chunks go out as async publishes, at most ``PUBLISH_WINDOW_BYTES`` unacked at a time:
+    JetStream answers 429 "too many requests" once a stream's ingest queue is full, which a few
+    publishers of a 340 MB update each did with every chunk in flight at once."""
     count = max(1, math.ceil(len(payload) / chunk_size_for(max_payload)))
     step = math.ceil(len(payload) / count)  # even chunks, so a reader derives offsets from i/n
+    window = max(1, PUBLISH_WINDOW_BYTES // step)
     view = memoryview(payload)
-    futures, wire = [], 0
+    futures: list[Any] = []
+    acks: list[Any] = []
+    wire = 0
     try:
         for i in range(count):
+            if len(futures) - len(acks) >= window:  # wait for the oldest chunk in flight
+                acks.append(await asyncio.wait_for(futures[len(acks)], timeout))
             headers = {
                 MSG_ID: f"{blob_id}:{i}",
                 H_BLOB: blob_id,
@@ -123,7 +132,7 @@ async def _publish_chunks(
             chunk = bytes(view[i * step : (i + 1) * step])
             wire += len(chunk) + header_bytes(headers)
             futures.append(await js.publish_async(subject, chunk, headers=headers, wait_stall=timeout))
-        acks = await asyncio.wait_for(asyncio.gather(*futures), timeout)
+        acks += await asyncio.wait_for(asyncio.gather(*futures[len(acks) :]), timeout)
     except BaseException:
         for fut in futures:
             fut.cancel()
