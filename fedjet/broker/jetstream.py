@@ -14,7 +14,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
 
-from fedjet.broker.blobs import BlobAssembler
+from fedjet.broker.blobs import H_BLOB, BlobAssembler
 from fedjet.broker.connect import connect_client
 from fedjet.broker.subjects import JobSubjects
 from fedjet.broker.urls import redact_url
@@ -120,11 +120,21 @@ async def close_quietly(nc: Client, timeout: float = 5.0) -> None:
             await nc.close()
 
 
-async def read_blob(js: Any, stream: str, subject: str, first_seq: int, last_seq: int, *, max_bytes: int) -> bytes:
-    """The one chunked blob stored at ``first_seq..last_seq`` of ``subject``, reassembled."""
+async def read_blob(
+    js: Any, stream: str, subject: str, first_seq: int, last_seq: int, *, blob_id: str, max_bytes: int
+) -> bytes:
+    """Blob ``blob_id`` stored at ``first_seq..last_seq`` of ``subject``, reassembled; chunks of
+    any other blob in that range, or malformed ones, are skipped (whoever signed the blob's
+    contents decides whether they are right)."""
     assembler = BlobAssembler(max_blob_bytes=max_bytes, max_pending_bytes=max_bytes)
     async for msg in read_range(js, stream, subject, first_seq, last_seq):
-        blob = assembler.add(msg.subject, msg.headers, msg.data, msg.metadata.sequence.stream)
+        if (msg.headers or {}).get(H_BLOB) != blob_id:
+            continue
+        try:
+            blob = assembler.add(msg.subject, msg.headers, msg.data, msg.metadata.sequence.stream)
+        except BlobError as e:
+            log.warning("chunk_skipped", blob=blob_id[:64], detail=str(e)[:200])
+            continue
         if blob is not None:
             return blob.data
-    raise BlobError(f"no complete blob at {subject} seqs {first_seq}..{last_seq}")
+    raise BlobError(f"no complete blob {blob_id[:64]} at {subject} seqs {first_seq}..{last_seq}")

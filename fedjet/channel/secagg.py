@@ -69,7 +69,6 @@ class SecAggLink:
         self.peers = frozenset(peers) if self.is_coordinator else frozenset({COORDINATOR})
         self.max_bytes = max_bytes
         self.max_payload = max_payload
-        self.rejected: dict[str, int] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
         self._assembler = BlobAssembler(
@@ -155,7 +154,6 @@ class SecAggLink:
         return Arrived(sender, step, blob.last_seq, blob.wire_bytes)
 
     def _reject(self, reason: str, detail: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
         log.warning("secagg_message_rejected", reason=reason, detail=detail[:300])
         if self._on_reject is not None:
             self._on_reject(reason, detail)

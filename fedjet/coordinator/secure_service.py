@@ -22,7 +22,7 @@ from fedjet.codecs.record import SecureRecord
 from fedjet.coordinator.aggregate import Contribution
 from fedjet.coordinator.record import Received
 from fedjet.coordinator.secure_round import RoundIdle, SecureOutcome, SecureRound, by_samples, by_staleness
-from fedjet.coordinator.secure_sum import secure_contribution
+from fedjet.coordinator.secure_sum import secure_contribution, transcript_blob_id
 from fedjet.coordinator.strategies import Applied
 from fedjet.coordinator.validate import check_claims
 from fedjet.errors import Terminated, ValidationError
@@ -116,7 +116,7 @@ class SecureRounds:
         packed = msgpack.packb(outcome.transcript.to_wire(), use_bin_type=True)
         blob = await publish_blob(
             self.js, c.subjects.secagg_transcript, seal_secagg(packed, c.config.boxes, COORDINATOR),
-            blob_id=f"transcript-{outcome.round_id}", max_payload=self.nc.max_payload,
+            blob_id=transcript_blob_id(outcome.round_id), max_payload=self.nc.max_payload,
         )  # fmt: skip
         received = [
             Received(Update(h, {}), Applied(Contribution(h.cloud, h.base_version, h.samples, h.loss, {}),

@@ -24,6 +24,11 @@ from fedjet.secagg.steps import agreed_indices
 SECURE_SUM = "secure-sum"  # the contribution's name: no one cloud's
 
 
+def transcript_blob_id(round_id: int) -> str:
+    """Where a round's sealed transcript is found in the SECAGG stream (the record names the round)."""
+    return f"transcript-{round_id}"
+
+
 def secure_contribution(
     average: npt.NDArray[np.float32],
     *,

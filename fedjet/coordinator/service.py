@@ -25,7 +25,7 @@ from fedjet.channel.updates import Arrival, UpdateInbox, stream_seqs
 from fedjet.codecs.crypto import COORDINATOR, ENVELOPE_OVERHEAD, ReplayGuard
 from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import RETIRE, GlobalHead, Update
-from fedjet.codecs.record import SecureRecord
+from fedjet.codecs.record import Progress, SecureRecord
 from fedjet.config.codec import CodecSpec
 from fedjet.coordinator.admission import Admission
 from fedjet.coordinator.aggregate import Weights
@@ -72,7 +72,7 @@ class Coordinator:
         self._admission = Admission(spec, config.boxes, self.limits)
         self._state = LocalState(config.state_dir, spec.job) if config.state_dir else None
         self._resume_from = 1  # the first stream seq not yet decided
-        self._spent_floor: tuple[int, dict[str, int]] | None = None  # (seen_through, spent) after a restart
+        self._spent_floor: Progress | None = None  # after a restart, until the re-read passes seen_through
         self._dp = spec.config.dp_config
         self._dp_steps: dict[str, int] = {}  # steps each cloud/worker claimed (this process's view)
         self._retire_msgs: list[Any] = []  # acked once a record says who retired
@@ -164,7 +164,7 @@ class Coordinator:
         self.publisher.resume(checkpoint.latest, checkpoint.weights)
         self.inbox.applied_through = record.progress.applied_through
         self.inbox.resumed = record.progress
-        self._spent_floor = (record.progress.seen_through, dict(record.progress.spent))
+        self._spent_floor = record.progress
         self._resume_from = record.progress.resume_from
         self._batcher.retired.update(record.retired)
         log.info("coordinator_resumed", version=head.version, resume_from=record.progress.resume_from)
@@ -241,9 +241,9 @@ class Coordinator:
         """Past what the last record saw, every sequence number authenticated before the
         restart is spent too (rejected ones included): until then the guard holds only the
         settled ones, so that updates still waiting in a round are admitted once more."""
-        if self._spent_floor is None or stream_seq <= self._spent_floor[0]:
+        if self._spent_floor is None or stream_seq <= self._spent_floor.seen_through:
             return
-        for key, seq in self._spent_floor[1].items():
+        for key, seq in self._spent_floor.spent.items():
             self._guard.last[key] = max(seq, self._guard.last.get(key, 0))
         self._spent_floor = None
 

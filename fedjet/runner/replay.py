@@ -31,7 +31,7 @@ from fedjet.config.job import StrategyConfig
 from fedjet.coordinator.admission import Admission
 from fedjet.coordinator.aggregate import Contribution, Weights
 from fedjet.coordinator.replay import Counterfactual, RecordedVersion, Verifier, VerifyResult, counterfactual_batches
-from fedjet.coordinator.secure_sum import members_of, recorded_average, secure_contribution
+from fedjet.coordinator.secure_sum import members_of, recorded_average, secure_contribution, transcript_blob_id
 from fedjet.errors import BlobError, ConfigError, FedjetError, ValidationError
 from fedjet.report import Report, RoundRecord, round_line, summarize
 from fedjet.runner.recorded import coordinator_view, keys_dir_for, only_job, recorded_jetstream
@@ -183,7 +183,8 @@ class _Session:
         limit = (len(spec.clouds) + 1) * secagg_max_bytes(len(spec.clouds), secure.numel)
         envelope = await read_blob(
             self.js, self.subjects.secagg_stream, self.subjects.secagg_transcript,
-            secure.transcript_first, secure.transcript_last, max_bytes=limit,
+            secure.transcript_first, secure.transcript_last, blob_id=transcript_blob_id(secure.round_id),
+            max_bytes=limit,
         )  # fmt: skip
         _, packed = open_secagg(envelope, self.boxes, limit, senders={COORDINATOR})
         try:
