@@ -119,14 +119,20 @@ def test_a_heads_wrapped_version_key_never_opens_as_an_update_nor_the_reverse():
     coord, members = make_parties(CLOUDS)
     sealed = crypto.seal_global(b"weights", b"record", coord, list(CLOUDS))
     wrapped = sealed.keys["aws"]  # Box(coordinator, aws) over the version key
-    with pytest.raises(AuthenticationError):
+    with pytest.raises(AuthenticationError):  # as a version-2 update (what replay still reads)
+        crypto.open_update(b"FJE\x02\x03aws" + wrapped, coord, 1 << 20, legacy=True)
+    with pytest.raises(SchemaError):  # and version 2 is refused live
         admit(b"FJE\x02\x03aws" + wrapped, coord)
+    salt_and_size = bytes(crypto.SALT_BYTES) + (len(wrapped) - crypto.TAG_BYTES).to_bytes(8, "big")
+    with pytest.raises(AuthenticationError):  # as a version-3 segment
+        admit(b"FJE\x03\x03aws" + salt_and_size + wrapped, coord)
     legacy = msgpack.packb({"ev": 1, "from": "aws", "ct": wrapped}, use_bin_type=True)
     with pytest.raises(SchemaError):  # the raw-Box envelope is read only when replaying old stores
         admit(legacy, coord)
     update = crypto.seal_update(frame(), members["aws"])
+    header = len(b"FJE\x03\x03aws") + crypto.SALT_BYTES + 8
     with pytest.raises(AuthenticationError):  # an update's ciphertext is no version key for aws
-        crypto.open_version_key(update[len(b"FJE\x02\x03aws") :], members["aws"])
+        crypto.open_version_key(update[header:], members["aws"])
 
 
 def test_non_members_and_the_wrong_subject_are_refused_before_any_key_is_used(monkeypatch):

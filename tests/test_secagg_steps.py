@@ -62,7 +62,9 @@ def test_envelopes_refuse_non_members_forgeries_and_the_update_domain():
     with pytest.raises((AuthenticationError, DecodeError)):
         open_secagg(b"FJS\x01" + update[4:], coord, 1 << 20, senders=CLOUDS)
     with pytest.raises((AuthenticationError, DecodeError)):
-        open_update(b"FJE\x02" + sealed[4:], coord, 1 << 20)
+        open_update(b"FJE\x03" + sealed[4:], coord, 1 << 20)
+    with pytest.raises((AuthenticationError, DecodeError)):
+        open_update(b"FJE\x02" + sealed[4:], coord, 1 << 20, legacy=True)
 
 
 def test_agreed_indices_are_shared_and_change_with_the_base():

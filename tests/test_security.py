@@ -265,7 +265,7 @@ def test_declared_terabytes_are_refused_before_allocation(parties):
     with pytest.raises(LimitError):
         accept(crypto.seal_update(pack_frame("update", header, [entry]), members["aws"]), coord)
     with pytest.raises(LimitError):
-        open_sealed_update(b"\x00" * (LIMITS.max_frame_bytes + crypto.ENVELOPE_OVERHEAD + 1), coord, "aws", LIMITS)
+        open_sealed_update(b"\x00" * (crypto.envelope_limit(LIMITS.max_frame_bytes) + 1), coord, "aws", LIMITS)
 
 
 def test_key_files_are_private_and_load_back(tmp_path):

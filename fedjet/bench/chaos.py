@@ -56,7 +56,7 @@ from fedjet.broker.jetstream import close_quietly, connect, read_range
 from fedjet.broker.server import EmbeddedNatsServer
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower
-from fedjet.codecs.crypto import COORDINATOR, ENVELOPE_OVERHEAD, PublicIdentity
+from fedjet.codecs.crypto import COORDINATOR, PublicIdentity, envelope_limit
 from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import GlobalHead
 from fedjet.codecs.record import VersionRecord
@@ -476,8 +476,8 @@ async def read_sent(js: Any, subjects: JobSubjects, admission: Admission) -> _Se
     """Every update blob in the stream, opened as the coordinator opens it (no anti-replay)."""
     limits = admission.limits
     assembler = BlobAssembler(
-        max_blob_bytes=limits.max_frame_bytes + ENVELOPE_OVERHEAD,
-        max_pending_bytes=4 * (limits.max_frame_bytes + ENVELOPE_OVERHEAD),
+        max_blob_bytes=envelope_limit(limits.max_frame_bytes),
+        max_pending_bytes=4 * envelope_limit(limits.max_frame_bytes),
         max_blobs_per_subject=1024,
     )
     out = _Sent()

@@ -3,10 +3,10 @@
 Both legs run against the same embedded nats-server in the same sitting. **Raw**: nats-py
 publishes the same number of bytes, in chunks of the same size, to a JetStream stream with
 the same bounded window of async publishes, and waits for every ack. **fedjet**: a worker's
-``UpdateSender`` seals the payload to the coordinator, chunks and publishes it; the
-coordinator's ``UpdateInbox`` in a separate process (so its memory is its own) fetches,
-reassembles within its budgets, acks, and opens the envelope. The time runs from the start of
-sealing to the opened plaintext; ``peak_rss_mb`` is that reader process's peak resident set,
+``UpdateSender`` seals the payload to the coordinator chunk by chunk as it publishes it; the
+coordinator's ``UpdateInbox`` in a separate process (so its memory is its own) fetches, opens
+the envelope segment by segment as its chunks arrive, within its budgets, and acks. The time
+runs from the start of sealing to the opened plaintext; ``peak_rss_mb`` is that reader process's peak resident set,
 and ``rss_vs_update`` what it grew by, beyond the interpreter and its imports
 (``baseline_rss_mb``), per byte of update.
 """
@@ -14,6 +14,7 @@ and ``rss_vs_update`` what it grew by, beyond the interpreter and its imports
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import resource
@@ -32,7 +33,7 @@ from fedjet.broker.jetstream import close_quietly, ensure_job_streams
 from fedjet.broker.server import EmbeddedNatsServer
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.updates import UpdateInbox, UpdateSender
-from fedjet.codecs.crypto import ENVELOPE_OVERHEAD, open_update
+from fedjet.codecs.crypto import envelope_limit
 from fedjet.keystore import coordinator_boxes, generate, member_boxes
 
 JOB = "transport"
@@ -85,7 +86,7 @@ async def read(url: str, keys: str, size: int) -> dict[str, Any]:
     subjects = JobSubjects(JOB)
     boxes = coordinator_boxes(keys, ["aws"])
     inbox = UpdateInbox(
-        js, subjects, max_blob_bytes=size + ENVELOPE_OVERHEAD, clouds=["aws"], max_payload=nc.max_payload
+        js, subjects, max_blob_bytes=envelope_limit(size), clouds=["aws"], max_payload=nc.max_payload, boxes=boxes
     )
     try:
         await inbox.open(1)
@@ -94,14 +95,19 @@ async def read(url: str, keys: str, size: int) -> dict[str, Any]:
         while True:
             for msg in await inbox.fetch(timeout=1.0):
                 arrival = await inbox.receive(msg, time.monotonic())
-                if arrival is None or arrival.blob is None:
+                if arrival is None:
                     continue
-                envelope = arrival.blob.data
-                arrival.blob = None
+                if arrival.blob is None:
+                    raise RuntimeError(f"the update was refused: {arrival.error}")
                 await inbox.ack(arrival.msgs)
-                _, plain = open_update(envelope, boxes, size + ENVELOPE_OVERHEAD)
                 done = time.time()
-                return {"done": done, "bytes": len(plain), "peak_rss_mb": _peak_rss_mb(), "baseline_mb": baseline}
+                plain, peak = arrival.blob.data, _peak_rss_mb()
+                return {
+                    "done": done,
+                    "sha256": hashlib.sha256(plain).hexdigest(),
+                    "peak_rss_mb": peak,
+                    "baseline_mb": baseline,
+                }
     finally:
         await inbox.close()
         await close_quietly(nc)
@@ -151,7 +157,7 @@ def run(mb: int = 400) -> dict[str, Any]:
         "peak_rss_mb": got["peak_rss_mb"],
         "baseline_rss_mb": got["baseline_mb"],
         "rss_vs_update": (got["peak_rss_mb"] - got["baseline_mb"]) / size_mb,
-        "intact": got["bytes"] == len(data),
+        "intact": got["sha256"] == hashlib.sha256(data).hexdigest(),
     }
 
 

@@ -13,13 +13,14 @@ import asyncio
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import nats.errors
 import nats.js.errors
 
-from fedjet.errors import BlobError, BrokerError
+from fedjet.errors import BlobError, BrokerError, FedjetError
 from fedjet.log import get_logger
 
 log = get_logger("fedjet.broker")
@@ -50,6 +51,15 @@ def header_bytes(headers: dict[str, str] | None) -> int:
     return len("NATS/1.0\r\n") + sum(len(f"{k}: {v}\r\n") for k, v in headers.items()) + 2
 
 
+class LazyPayload(Protocol):
+    """A blob whose bytes are made as they are read (an update sealed chunk by chunk);
+    reading the same range again must give the same bytes."""
+
+    def __len__(self) -> int: ...
+
+    def read(self, start: int, end: int) -> bytes | bytearray: ...
+
+
 @dataclass(frozen=True)
 class PublishedBlob:
     first_seq: int
@@ -71,7 +81,7 @@ def _transient(e: BaseException) -> bool:
 async def publish_blob(
     js: Any,
     subject: str,
-    payload: bytes,
+    payload: bytes | LazyPayload,
     *,
     blob_id: str,
     max_payload: int,
@@ -101,7 +111,7 @@ async def publish_blob(
 async def _publish_chunks(
     js: Any,
     subject: str,
-    payload: bytes,
+    payload: bytes | LazyPayload,
     blob_id: str,
     max_payload: int,
     extra_headers: dict[str, str] | None,
@@ -113,7 +123,11 @@ async def _publish_chunks(
     count = max(1, math.ceil(len(payload) / chunk_size_for(max_payload)))
     step = math.ceil(len(payload) / count)  # even chunks, so a reader derives offsets from i/n
     window = max(1, PUBLISH_WINDOW_BYTES // step)
-    view = memoryview(payload)
+    if isinstance(payload, bytes | bytearray | memoryview):
+        view = memoryview(payload)
+        read: Callable[[int, int], bytes | bytearray] = lambda start, end: bytes(view[start:end])  # noqa: E731
+    else:
+        read = payload.read
     futures: list[Any] = []
     acks: list[Any] = []
     wire = 0
@@ -129,7 +143,7 @@ async def _publish_chunks(
             }
             if i == 0 and extra_headers:
                 headers |= extra_headers
-            chunk = bytes(view[i * step : (i + 1) * step])
+            chunk = read(i * step, (i + 1) * step)  # a lazy payload is sealed here, between sends
             wire += len(chunk) + header_bytes(headers)
             futures.append(await js.publish_async(subject, chunk, headers=headers, wait_stall=timeout))
         acks += await asyncio.wait_for(asyncio.gather(*futures[len(acks) :]), timeout)
@@ -146,9 +160,23 @@ async def _publish_chunks(
     )
 
 
+class BlobSink(Protocol):
+    """Takes a blob's bytes in order as its chunks arrive (an opener decrypting as it goes),
+    so the assembler need not keep them; ``finish`` gives what the blob becomes. Both raise a
+    :class:`~fedjet.errors.FedjetError` when the bytes are bad."""
+
+    def feed(self, data: bytes) -> None: ...
+
+    def finish(self) -> bytes: ...
+
+
+SinkFactory = Callable[[str, str], BlobSink]  # (subject, blob id) -> the sink of a new blob
+
+
 @dataclass
 class Blob:
-    """A reassembled blob and where its chunks sit in the stream."""
+    """A reassembled blob and where its chunks sit in the stream. With a sink, ``data`` is
+    what the sink made of the bytes, or ``error`` says why it could not."""
 
     blob_id: str
     subject: str
@@ -156,6 +184,7 @@ class Blob:
     headers: dict[str, str]
     seqs: list[int]
     wire_bytes: int
+    error: FedjetError | None = None
 
     @property
     def last_seq(self) -> int:
@@ -170,9 +199,30 @@ class _Pending:
     size: int
     headers: dict[str, str]
     touched: float  # when its last chunk came (expiry counts from there)
-    parts: dict[int, bytes] = field(default_factory=dict)  # the chunks themselves: nothing is preallocated
+    parts: dict[int, bytes] = field(default_factory=dict)  # chunks held: nothing is preallocated
     seqs: list[int] = field(default_factory=list)
     wire_bytes: int = 0
+    sink: BlobSink | None = None
+    fed: int = 0  # chunks 0..fed-1 went to the sink (and are no longer held)
+    error: FedjetError | None = None  # what the sink raised: the rest of the blob is only counted
+
+    def has(self, index: int) -> bool:
+        return index < self.fed or index in self.parts
+
+    @property
+    def received(self) -> int:
+        return self.fed + len(self.parts)
+
+    def drain(self) -> None:
+        """Hand the sink every chunk that is next in order; after a failure, just drop them."""
+        while self.fed in self.parts:
+            data = self.parts.pop(self.fed)
+            self.fed += 1
+            if self.sink is not None:
+                try:
+                    self.sink.feed(data)
+                except FedjetError as e:
+                    self.sink, self.error = None, e
 
 
 @dataclass(frozen=True)
@@ -225,7 +275,9 @@ class BlobAssembler:
     ``max_blobs_per_subject`` partial blobs; beyond them that subject's oldest partial blob is
     evicted, never another subject's. A partial blob with no new chunk for ``ttl_s`` expires.
     Both are reported by ``evicted``. Chunks are kept as they came and joined on completion,
-    so a declared size never allocates anything. The clock is passed in.
+    so a declared size never allocates anything; with a ``sink`` factory, chunks go to the
+    blob's sink as soon as they are next in order and only out-of-order ones are kept. The
+    clock is passed in.
     """
 
     def __init__(
@@ -237,7 +289,9 @@ class BlobAssembler:
         max_chunks_per_subject: int = MAX_CHUNKS_PER_SUBJECT,
         min_chunk_bytes: int = HEADER_ROOM,
         ttl_s: float = 600.0,
+        sink: SinkFactory | None = None,
     ) -> None:
+        self.sink = sink
         self.max_blob_bytes = max_blob_bytes
         self.max_pending_bytes = max_pending_bytes
         self.max_blobs_per_subject = max_blobs_per_subject
@@ -258,7 +312,8 @@ class BlobAssembler:
         return sum(p.size for p in self._pending.values() if p.subject == subject)
 
     def pending_chunks(self, subject: str) -> int:
-        return sum(len(p.parts) for p in self._pending.values() if p.subject == subject)
+        """Chunks taken in for ``subject``'s partial blobs (each one a message held unacked)."""
+        return sum(p.received for p in self._pending.values() if p.subject == subject)
 
     def add(self, subject: str, headers: dict[str, str] | None, data: bytes, seq: int, now: float = 0.0) -> Blob | None:
         blob_id, index, count, size = parse_chunk_headers(headers, self.max_blob_bytes, self.min_chunk_bytes)
@@ -272,18 +327,27 @@ class BlobAssembler:
             pending = self._open(key, count, size, headers, now)
         elif (pending.count, pending.size) != (count, size):
             raise BlobError(f"blob {blob_id[:64]}: chunk disagrees with earlier chunks")
-        elif index in pending.parts:
+        elif pending.has(index):
             raise BlobError(f"blob {blob_id[:64]}: part {index}/{count} came twice")
         self._make_room(subject, key, chunks=1)
         pending.parts[index] = data
         pending.seqs.append(seq)
         pending.wire_bytes += len(data) + header_bytes(headers)
         pending.touched = now
-        if len(pending.parts) < count:
+        if self.sink is not None:
+            pending.drain()
+        if pending.received < count:
             return None
         del self._pending[key]
-        data = b"".join(pending.parts[i] for i in range(count))
-        return Blob(blob_id, subject, data, pending.headers, pending.seqs, pending.wire_bytes)
+        blob = Blob(blob_id, subject, b"", pending.headers, pending.seqs, pending.wire_bytes, pending.error)
+        if self.sink is None:
+            blob.data = b"".join(pending.parts[i] for i in range(count))
+        elif pending.sink is not None:
+            try:
+                blob.data = pending.sink.finish()
+            except FedjetError as e:
+                blob.error = e
+        return blob
 
     def expire(self, now: float) -> None:
         """Give up on partial blobs that received nothing for ``ttl_s``."""
@@ -299,6 +363,8 @@ class BlobAssembler:
         self._make_room(subject, key, blobs=1, size=size)
         keep = {k: v for k, v in headers.items() if k not in (H_BLOB, H_PART, H_SIZE, MSG_ID)}
         pending = _Pending(blob_id, subject, count, size, keep, now)
+        if self.sink is not None:
+            pending.sink = self.sink(subject, blob_id)
         self._pending[key] = pending
         return pending
 

@@ -2,9 +2,11 @@
 :class:`UpdateInbox`.
 
 The inbox reads a durable pull consumer strictly in stream order and reassembles chunked
-blobs. It holds each message unacked until the coordinator decides its fate: acked once the
-version that includes it is published (or once it is rejected), so a crash never loses an
-update. After a restart, everything at or before ``applied_through`` was decided already.
+blobs; given the coordinator's keys it opens each update as its chunks arrive (AES-GCM
+segments), so it never holds an update's ciphertext and plaintext at once. It holds each
+message unacked until the coordinator decides its fate: acked once the version that includes
+it is published (or once it is rejected), so a crash never loses an update. After a restart,
+everything at or before ``applied_through`` was decided already.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ from fedjet.broker.blobs import (
     MAX_CHUNKS_PER_SUBJECT,
     Blob,
     BlobAssembler,
+    BlobSink,
     PublishedBlob,
     part_index,
     publish_blob,
 )
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.retry import TRANSIENT
-from fedjet.codecs.crypto import MAX_WORKERS_PER_CLOUD, Boxes, seal_update
+from fedjet.codecs.crypto import MAX_WORKERS_PER_CLOUD, Boxes, SealedUpdate, UpdateOpener
 from fedjet.codecs.record import Progress
 from fedjet.errors import AuthenticationError, BlobError, FedjetError
 from fedjet.log import get_logger
@@ -44,7 +47,8 @@ MIN_CHUNK_BYTES = 1 << 16  # chunks of the largest blobs are at least this (serv
 
 
 class UpdateSender:
-    """Seals a framed update to the coordinator and publishes it on this cloud's subject."""
+    """Seals a framed update to the coordinator and publishes it on this cloud's subject;
+    each chunk is sealed just before it is sent, so sealing overlaps the publishing."""
 
     def __init__(self, js: Any, subjects: JobSubjects, boxes: Boxes, cloud: str, worker: str, *, max_payload: int):
         self._js = js
@@ -55,7 +59,7 @@ class UpdateSender:
         self.max_payload = max_payload
 
     async def send(self, frame: bytes, seq: int) -> PublishedBlob:
-        payload = seal_update(frame, self.boxes)
+        payload = SealedUpdate(frame, self.boxes)  # sealed chunk by chunk as it is published
         blob_id = f"{self.cloud}/{self.worker}/{seq}/{secrets.token_hex(6)}"
         return await publish_blob(self._js, self.subject, payload, blob_id=blob_id, max_payload=self.max_payload)
 
@@ -71,11 +75,26 @@ class Arrival:
     error: FedjetError | None = None
 
 
+class _Opening:
+    """A blob sink that decrypts an update envelope as it arrives; the blob becomes the frame."""
+
+    def __init__(self, opener: UpdateOpener) -> None:
+        self.opener = opener
+
+    def feed(self, data: bytes) -> None:
+        self.opener.feed(data)
+
+    def finish(self) -> bytes:
+        return self.opener.finish()[1]
+
+
 class UpdateInbox:
     """The coordinator's end. Only member clouds' subjects are reassembled (anything else is
     refused at once), each within its own budget of ``PENDING_BLOBS_PER_SUBJECT`` x the
     largest blob, so what a subject can hold unacked is bounded and no subject can crowd
-    out another. ``clouds`` None takes every subject (tests of the channel alone)."""
+    out another. ``clouds`` None takes every subject (tests of the channel alone). With
+    ``boxes``, a blob is the opened frame (only the key of the cloud whose subject carried it
+    is tried) or an error; without, the raw envelope."""
 
     def __init__(
         self,
@@ -86,8 +105,11 @@ class UpdateInbox:
         clouds: Collection[str] | None = None,
         ttl_s: float = 600.0,
         max_payload: int = 1 << 20,
+        boxes: Boxes | None = None,
     ) -> None:
         self._js = js
+        self.boxes = boxes
+        self.max_blob_bytes = max_blob_bytes
         # One fetch may bring this many messages of up to max_payload bytes each; beyond the
         # subscription's pending-bytes limit nats-py drops them as a slow consumer, and JetStream
         # then waits ack_wait (an hour) before it delivers them again.
@@ -101,12 +123,17 @@ class UpdateInbox:
             max_blobs_per_subject=2 * MAX_WORKERS_PER_CLOUD,
             max_chunks_per_subject=self.max_chunks,
             ttl_s=ttl_s,
+            sink=None if boxes is None else self._opening,
         )
         self._held: dict[tuple[str, str], list[Any]] = {}  # (subject, blob id) -> chunks to ack later
         self._sub: Any = None
         self.applied_through = 0  # decided before a restart: ack, never admit again
         self.resumed: Progress | None = None  # the record's progress after a restart
         self.seen_through = 0  # the last stream seq taken in
+
+    def _opening(self, subject: str, blob_id: str) -> BlobSink:
+        assert self.boxes is not None
+        return _Opening(UpdateOpener(self.boxes, self.max_blob_bytes, senders={JobSubjects.cloud_of(subject)}))
 
     @property
     def max_ack_pending(self) -> int:
@@ -165,10 +192,14 @@ class UpdateInbox:
         except FedjetError as e:
             arrival.error = e
             return await self._undecided(arrival, decided)
+        finally:
+            if self.boxes is not None:
+                msg.data = b""  # opened (or kept by the assembler): the held message need not keep it
         if blob is None:
             self._held.setdefault(key, []).append(msg)
             return None
-        arrival.msgs, arrival.blob, arrival.seq = [*self._held.pop(key, []), msg], blob, blob.last_seq
+        arrival.msgs, arrival.seq = [*self._held.pop(key, []), msg], blob.last_seq
+        arrival.blob, arrival.error = (None, blob.error) if blob.error is not None else (blob, None)
         return await self._undecided(arrival, blob.last_seq <= self.applied_through)
 
     def held(self, subject: str) -> int:

@@ -1,11 +1,16 @@
 """End-to-end protection that does not trust the broker (PyNaCl).
 
-* Updates: a ``SecretBox`` under a key derived (BLAKE2b, personalised "update") from the
-  X25519 agreement of the worker's and the coordinator's keys - authenticated encryption, so
-  only the coordinator can read an update and it knows which cloud's key sealed it. The raw
-  ``Box`` of the same pair only wraps version keys: one domain can never open as the other.
-* The envelope is a fixed binary header (magic, version, the sender's name) and the raw
-  ciphertext: nothing but that header is parsed before the ciphertext authenticates.
+* Updates: AES-256-GCM (OpenSSL, through ``cryptography``) under a key of its own for every
+  message, derived (BLAKE2b) from a random salt and the pair key, which is itself derived
+  (personalised "update") from the X25519 agreement of the worker's and the coordinator's
+  keys - authenticated encryption, so only the coordinator can read an update and it knows
+  which cloud's key sealed it. The raw ``Box`` of the same pair only wraps version keys: one
+  domain can never open as the other.
+* The envelope is a fixed binary header (magic, version, the sender's name, the salt, the
+  plaintext size) and the plaintext sealed in segments of ``SEGMENT_BYTES``, each
+  authenticating the header: nothing but that header is parsed before a segment
+  authenticates, and :class:`UpdateOpener` opens an envelope segment by segment as its chunks
+  arrive, so a reader never holds the ciphertext and the plaintext of a big update at once.
 * Global versions: encrypted once with a fresh ``SecretBox`` key per version; that key is
   sealed to every member with ``Box(coordinator_secret, member_public)``; the head that
   carries the sealed keys and the ciphertext digest is signed with the coordinator's
@@ -18,7 +23,9 @@ Pure: keys come in as objects, bytes go out; files live in ``fedjet.keystore``.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
+import secrets
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -26,16 +33,23 @@ import nacl.encoding
 import nacl.exceptions
 import nacl.hash
 import nacl.utils
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nacl.public import Box, PrivateKey, PublicKey
 from nacl.secret import SecretBox
 from nacl.signing import SigningKey, VerifyKey
 
 from fedjet.errors import AuthenticationError, DecodeError, LimitError, ReplayError, SchemaError, ValidationError
 
-ENVELOPE_VERSION = 2  # 1: a msgpack map sealed with the raw Box (read only with legacy=True)
+ENVELOPE_VERSION = 3  # 1: msgpack sealed with the raw Box; 2: one SecretBox (both read only with legacy=True)
 ENVELOPE_MAGIC = b"FJE"
 MAX_SENDER_BYTES = 64
-ENVELOPE_OVERHEAD = len(ENVELOPE_MAGIC) + 2 + MAX_SENDER_BYTES + SecretBox.NONCE_SIZE + SecretBox.MACBYTES
+SALT_BYTES = 16
+SEGMENT_BYTES = 1 << 20  # plaintext per AES-GCM segment: what a reader holds besides the plaintext
+TAG_BYTES = 16
+HEADER_BYTES = len(ENVELOPE_MAGIC) + 2 + MAX_SENDER_BYTES + SALT_BYTES + 8  # the largest header
+ENVELOPE_OVERHEAD = HEADER_BYTES + SecretBox.NONCE_SIZE + SecretBox.MACBYTES  # bound for versions 1-2
+_MESSAGE_PERSON = b"fedjet-update-v3"  # BLAKE2b personalisation of the per-message key
 COORDINATOR = "coordinator"
 MAX_WORKERS_PER_CLOUD = 16  # keeps the anti-replay counters, and so every version record, small
 _UPDATE_PERSON = b"fedjet-update-v2"  # BLAKE2b personalisation: the update key's domain
@@ -98,6 +112,10 @@ class Boxes:
         protocol message never opens as an update or the other way round."""
         return self._derived(peer, _SECAGG_PERSON)
 
+    def update_key_with(self, peer: str) -> bytes:
+        """The raw pair key for updates: each message's AES-GCM key is derived from it."""
+        return bytes(self.updates_with(peer))
+
     def _derived(self, peer: str, person: bytes) -> SecretBox:
         box = self._update_keys.get(f"{person.decode()}/{peer}")
         if box is None:
@@ -110,13 +128,188 @@ class Boxes:
 # --- updates: worker -> coordinator --------------------------------------------------------
 
 
+def sealed_size(plain_bytes: int, sender: str = "x" * MAX_SENDER_BYTES) -> int:
+    """Bytes of the envelope that seals ``plain_bytes`` (the longest sender by default: a bound)."""
+    return 5 + len(sender.encode()) + SALT_BYTES + 8 + plain_bytes + TAG_BYTES * _segments(plain_bytes)
+
+
+def envelope_limit(max_frame_bytes: int) -> int:
+    """The largest envelope a reader takes for frames up to ``max_frame_bytes``: any version."""
+    return max(sealed_size(max_frame_bytes), max_frame_bytes + ENVELOPE_OVERHEAD)
+
+
+def _segments(plain_bytes: int) -> int:
+    return max(1, math.ceil(plain_bytes / SEGMENT_BYTES))
+
+
+def _message_cipher(pair_key: bytes, salt: bytes) -> AESGCM:
+    key = nacl.hash.blake2b(
+        salt, key=pair_key, digest_size=32, person=_MESSAGE_PERSON, encoder=nacl.encoding.RawEncoder
+    )
+    return AESGCM(key)
+
+
+def _nonce(index: int) -> bytes:
+    return index.to_bytes(12, "big")
+
+
+class SealedUpdate:
+    """An update envelope from ``boxes.me`` (a cloud) to the coordinator whose bytes are sealed
+    when they are read: a publisher reads it chunk by chunk, so sealing overlaps sending and no
+    sealed copy of a big update is ever held. AES-GCM is deterministic for one key, nonce and
+    plaintext, so reading a range twice (a re-sent chunk) gives the same bytes."""
+
+    def __init__(self, frame: bytes | bytearray | memoryview, boxes: Boxes) -> None:
+        sender = boxes.me.name.encode()
+        if not _SENDER.fullmatch(sender):
+            raise SchemaError(f"sender name {boxes.me.name!r:.40} must match [A-Za-z0-9_-]{{1,64}}")
+        salt = secrets.token_bytes(SALT_BYTES)
+        self.frame = memoryview(frame).cast("B")
+        self.header = b"".join(
+            (ENVELOPE_MAGIC, bytes((ENVELOPE_VERSION, len(sender))), sender, salt, len(self.frame).to_bytes(8, "big"))
+        )
+        self._cipher = _message_cipher(boxes.update_key_with(COORDINATOR), salt)
+        self._size = sealed_size(len(self.frame), boxes.me.name)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def read(self, start: int, end: int) -> bytearray:
+        """Envelope bytes ``[start, end)``."""
+        start, end = max(0, start), min(end, self._size)
+        out = bytearray(max(0, end - start))
+        view, head = memoryview(out), len(self.header)
+        if start < head:
+            out[: min(head, end) - start] = self.header[start : min(head, end)]
+        stride = SEGMENT_BYTES + TAG_BYTES
+        first, last = max(0, start - head) // stride, max(0, end - 1 - head) // stride
+        for i in range(first, min(last, _segments(len(self.frame)) - 1) + 1):
+            at = head + i * stride  # the segment's place in the envelope
+            plain = self.frame[i * SEGMENT_BYTES : (i + 1) * SEGMENT_BYTES]
+            sealed_end = at + len(plain) + TAG_BYTES
+            if sealed_end <= start or at >= end:
+                continue
+            if start <= at and sealed_end <= end:  # wholly inside: straight into place
+                self._cipher.encrypt_into(_nonce(i), plain, self.header, view[at - start : sealed_end - start])
+            else:  # cut by the range: seal it whole, keep the part asked for
+                sealed = self._cipher.encrypt(_nonce(i), bytes(plain), self.header)
+                lo, hi = max(start, at), min(end, sealed_end)
+                view[lo - start : hi - start] = sealed[lo - at : hi - at]
+        return out
+
+
 def seal_update(frame: bytes, boxes: Boxes) -> bytes:
-    """Encrypt a frame from ``boxes.me`` (a cloud) to the coordinator, behind a fixed header."""
-    sender = boxes.me.name.encode()
-    if not _SENDER.fullmatch(sender):
-        raise SchemaError(f"sender name {boxes.me.name!r:.40} must match [A-Za-z0-9_-]{{1,64}}")
-    ciphertext = boxes.updates_with(COORDINATOR).encrypt(frame)
-    return b"".join((ENVELOPE_MAGIC, bytes((ENVELOPE_VERSION, len(sender))), sender, bytes(ciphertext)))
+    """Encrypt a frame from ``boxes.me`` (a cloud) to the coordinator, behind a fixed header,
+    in AES-GCM segments under a fresh per-message key (nonces are segment indices)."""
+    sealed = SealedUpdate(frame, boxes)
+    return sealed.read(0, len(sealed))  # type: ignore[return-value]  # a bytearray: a copy would cost as much
+
+
+class UpdateOpener:
+    """Opens one version-3 envelope from its bytes as they arrive, segment by segment.
+
+    ``feed`` takes the next bytes of the envelope (any split); the header is checked as soon
+    as it is complete (version, a sender in ``senders``, a size within ``max_bytes``) and no
+    key is used before. Plaintext space is taken only once the first segment authenticates
+    the header that declares its size; after that each segment is decrypted into place, so
+    the opener holds the plaintext and at most one segment of ciphertext. ``finish`` returns
+    ``(sender, frame)``. Every failure is a :class:`~fedjet.errors.CodecError`.
+    """
+
+    def __init__(self, boxes: Boxes, max_bytes: int, *, senders: Collection[str]) -> None:
+        self.boxes = boxes
+        self.max_bytes = max_bytes
+        self.senders = senders
+        self.sender = ""
+        self._header = b""
+        self._cipher: AESGCM | None = None
+        self._size = -1  # plaintext bytes, once the header is read
+        self._pending = bytearray()  # bytes not yet forming a whole header or segment
+        self._plain: bytearray | None = None
+        self._segment = 0
+        self.fed = 0
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self.fed += len(data)
+        if self.fed > self.max_bytes:
+            raise LimitError(f"update envelope of more than {self.max_bytes} bytes")
+        view = memoryview(data)
+        if self._cipher is None:  # take no more than a header can be: the rest stays the caller's
+            take = HEADER_BYTES - len(self._pending)
+            self._pending += view[:take]
+            view = view[take:]
+            if not self._read_header():
+                return
+        while self._segment < _segments(self._size):
+            need = self._segment_bytes(self._segment) + TAG_BYTES
+            if self._pending:  # a segment split across feeds: complete it first
+                take = min(need - len(self._pending), len(view))
+                self._pending += view[:take]
+                view = view[take:]
+                if len(self._pending) < need:
+                    return
+                self._open_segment(memoryview(self._pending))
+                self._pending = bytearray()
+                continue
+            if len(view) < need:
+                break
+            self._open_segment(view[:need])  # straight from the caller's bytes: no copy
+            view = view[need:]
+        self._pending += view  # less than a segment, or bytes past the last one (refused by finish)
+
+    def finish(self) -> tuple[str, bytes]:
+        if self._cipher is None or self._segment < _segments(self._size):
+            raise DecodeError("update envelope ends before its last segment")
+        if self._pending:
+            raise DecodeError("update envelope has bytes after its last segment")
+        assert self._plain is not None
+        return self.sender, self._plain  # type: ignore[return-value]  # a bytearray: no copy of a big frame
+
+    def _read_header(self) -> bool:
+        data = self._pending
+        if len(data) < 5:
+            return False
+        if data[:3] != ENVELOPE_MAGIC:
+            raise DecodeError("not a fedjet update envelope")
+        if data[3] != ENVELOPE_VERSION:
+            raise SchemaError(f"envelope version {data[3]} is not accepted here (this build reads {ENVELOPE_VERSION})")
+        end = 5 + data[4]
+        if data[4] > MAX_SENDER_BYTES:
+            raise DecodeError("envelope sender does not fit the header")
+        if len(data) < end + SALT_BYTES + 8:
+            return False
+        sender = _sender_name(bytes(data[5:end]))
+        if sender not in self.senders or sender == COORDINATOR:
+            raise AuthenticationError(f"update from {sender!r}, which may not send updates here")
+        size = int.from_bytes(data[end + SALT_BYTES : end + SALT_BYTES + 8], "big")
+        if sealed_size(size, sender) > self.max_bytes:
+            raise LimitError(f"update envelope declares {size} bytes > limit {self.max_bytes}")
+        header_end = end + SALT_BYTES + 8
+        self.sender, self._size, self._header = sender, size, bytes(data[:header_end])
+        self._cipher = _message_cipher(self.boxes.update_key_with(sender), bytes(data[end : end + SALT_BYTES]))
+        del self._pending[:header_end]
+        return True
+
+    def _segment_bytes(self, index: int) -> int:
+        return min(SEGMENT_BYTES, self._size - index * SEGMENT_BYTES)
+
+    def _open_segment(self, sealed: memoryview) -> None:
+        assert self._cipher is not None
+        index = self._segment
+        try:
+            if self._plain is None:  # the first segment authenticates the size before it is taken
+                first = self._cipher.decrypt(_nonce(index), sealed, self._header)
+                self._plain = bytearray(self._size)
+                self._plain[: len(first)] = first
+            else:
+                at = index * SEGMENT_BYTES
+                target = memoryview(self._plain)[at : at + len(sealed) - TAG_BYTES]
+                self._cipher.decrypt_into(_nonce(index), sealed, self._header, target)
+        except InvalidTag as e:
+            raise AuthenticationError(
+                f"update claiming to be from {self.sender!r} does not decrypt (segment {index})"
+            ) from e
+        self._segment += 1
 
 
 SECAGG_MAGIC = b"FJS"
@@ -152,14 +345,14 @@ def open_secagg(envelope: bytes, boxes: Boxes, max_bytes: int, *, senders: Colle
 
 
 def envelope_sender(envelope: bytes) -> tuple[str, int, int]:
-    """(sender, envelope version, offset of the ciphertext) from the fixed header alone."""
+    """(sender, envelope version, offset just past the sender) from the fixed header alone."""
     if envelope[:3] == ENVELOPE_MAGIC:
-        if len(envelope) < 5 or envelope[3] != ENVELOPE_VERSION:
+        if len(envelope) < 5 or envelope[3] not in (2, ENVELOPE_VERSION):
             raise SchemaError(f"unknown envelope version {envelope[3:4]!r}")
         end = 5 + envelope[4]
         if envelope[4] > MAX_SENDER_BYTES or len(envelope) < end:
             raise DecodeError("envelope sender does not fit the header")
-        return _sender_name(envelope[5:end]), ENVELOPE_VERSION, end
+        return _sender_name(envelope[5:end]), envelope[3], end
     return _legacy_header(envelope)
 
 
@@ -199,20 +392,26 @@ def _legacy_header(envelope: bytes) -> tuple[str, int, int]:
 def open_update(
     envelope: bytes, boxes: Boxes, max_bytes: int, *, senders: Collection[str] | None = None, legacy: bool = False
 ) -> tuple[str, bytes]:
-    """(sender, frame) of a sealed update. Only the fixed header is read before decryption;
-    a sender outside ``senders`` (default: every peer) is refused before any key is used."""
+    """(sender, frame) of a whole sealed update. Only the fixed header is read before
+    decryption; a sender outside ``senders`` (default: every peer) is refused before any key is
+    used. ``legacy`` also reads versions 1 and 2 (stores recorded by earlier builds)."""
     if len(envelope) > max_bytes:
         raise LimitError(f"update envelope of {len(envelope)} bytes > limit {max_bytes}")
     sender, version, start = envelope_sender(envelope)
-    if sender not in (boxes.peers if senders is None else senders) or sender == COORDINATOR:
+    allowed = boxes.peers if senders is None else senders
+    if sender not in allowed or sender == COORDINATOR:
         raise AuthenticationError(f"update from {sender!r}, which may not send updates here")
-    if version != ENVELOPE_VERSION and not legacy:
+    if version == ENVELOPE_VERSION:
+        opener = UpdateOpener(boxes, max_bytes, senders=allowed)
+        opener.feed(envelope)
+        return opener.finish()
+    if not legacy:
         raise SchemaError(f"envelope version {version} is no longer accepted (this build reads {ENVELOPE_VERSION})")
     nonce_end = start + SecretBox.NONCE_SIZE
     if len(envelope) < nonce_end + SecretBox.MACBYTES:
         raise DecodeError("update envelope is shorter than a nonce and a MAC")
     try:
-        if version == ENVELOPE_VERSION:
+        if version == 2:
             nonce, ciphertext = envelope[start:nonce_end], envelope[nonce_end:]
             return sender, boxes.updates_with(sender).decrypt(ciphertext, nonce)
         return sender, boxes.to(sender).decrypt(envelope[start:])

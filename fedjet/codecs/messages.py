@@ -190,8 +190,13 @@ def open_sealed_update(
     version-1 envelopes (replaying a store recorded before version 2).
     """
     allowed = set(boxes.peers if members is None else members) & {subject_cloud}
-    max_bytes = limits.max_frame_bytes + crypto.ENVELOPE_OVERHEAD
+    max_bytes = crypto.envelope_limit(limits.max_frame_bytes)
     sender, frame = crypto.open_update(envelope, boxes, max_bytes, senders=allowed, legacy=legacy)
+    return read_opened_update(frame, sender, limits)
+
+
+def read_opened_update(frame: bytes, sender: str, limits: Limits) -> Update:
+    """Parse a frame that ``sender``'s key opened; the frame must name that cloud."""
     update = decode_update(frame, limits)
     if update.header.cloud != sender:
         raise AuthenticationError(f"update sealed by {sender!r} claims cloud {update.header.cloud!r:.40}")

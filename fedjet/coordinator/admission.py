@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 
 from fedjet.codecs.crypto import Boxes, ReplayGuard
 from fedjet.codecs.frame import Limits
-from fedjet.codecs.messages import Update, open_sealed_update
+from fedjet.codecs.messages import Update, open_sealed_update, read_opened_update
 from fedjet.coordinator.aggregate import Contribution, Weights
 from fedjet.coordinator.strategies import Applied, strategy_for
 from fedjet.coordinator.validate import to_contribution
+from fedjet.errors import AuthenticationError
 from fedjet.spec import JobSpec
 
 
@@ -58,6 +59,16 @@ class Admission:
         update = open_sealed_update(
             envelope, self.boxes, subject_cloud, self.limits, members=self.spec.clouds, legacy=self.legacy_envelopes
         )
+        return self._spend(update, guard)
+
+    def read(self, frame: bytes, subject_cloud: str, guard: ReplayGuard | None = None) -> Update:
+        """What :meth:`open` does, for a frame the inbox opened already with the key of the
+        cloud whose subject carried it (and only that key)."""
+        if subject_cloud not in self.spec.clouds:
+            raise AuthenticationError(f"update from {subject_cloud!r}, which may not send updates here")
+        return self._spend(read_opened_update(frame, subject_cloud, self.limits), guard)
+
+    def _spend(self, update: Update, guard: ReplayGuard | None) -> Update:
         if guard is not None:
             guard.check(update.header.cloud, update.header.worker, update.header.seq)
         return update

@@ -22,7 +22,7 @@ from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower, GlobalPublisher
 from fedjet.channel.kv import publish_spec, read_spec
 from fedjet.channel.updates import Arrival, UpdateInbox, stream_seqs
-from fedjet.codecs.crypto import COORDINATOR, ENVELOPE_OVERHEAD, ReplayGuard
+from fedjet.codecs.crypto import COORDINATOR, ReplayGuard, envelope_limit
 from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import RETIRE, GlobalHead, Update
 from fedjet.codecs.record import Progress, SecureRecord
@@ -108,10 +108,10 @@ class Coordinator:
                     max_payload=nc.max_payload, snapshot_every=self.config.snapshot_every,
                     downlink=CodecSpec.parse(spec.config.codec).down,
                 )  # fmt: skip
-                max_blob = self.limits.max_frame_bytes + ENVELOPE_OVERHEAD
                 self.inbox = UpdateInbox(
-                    js, self.subjects, max_blob_bytes=max_blob, clouds=spec.clouds, max_payload=nc.max_payload
-                )
+                    js, self.subjects, max_blob_bytes=envelope_limit(self.limits.max_frame_bytes),
+                    clouds=spec.clouds, max_payload=nc.max_payload, boxes=self.config.boxes,
+                )  # fmt: skip
                 checkpoint = await self._prepare(js)
                 if checkpoint is None:
                     self.aggregator = Aggregator(spec.strategy, initial, noise_seed=spec.config.seed)
@@ -213,7 +213,7 @@ class Coordinator:
         with structlog.contextvars.bound_contextvars(cloud=arrival.cloud, stream_seq=arrival.seq):
             try:
                 agg, admission = self.aggregator, self._admission
-                update = await asyncio.to_thread(admission.open, arrival.blob.data, arrival.cloud, self._guard)
+                update = await asyncio.to_thread(admission.read, arrival.blob.data, arrival.cloud, self._guard)
                 self.ledger.authenticated(arrival.seq, update.header.cloud, update.header.worker, update.header.seq)
                 if update.header.kind == RETIRE:
                     self._retire(update.header.cloud, arrival)
