@@ -249,6 +249,8 @@ def _add_bench(commands: Any) -> None:
     frontier.add_argument("--eval-tokens", type=int, default=16384)
     frontier.add_argument("--strategy", default="fedavg")
     frontier.add_argument("--server-opt", default="sgd")
+    frontier.add_argument("--schedules", type=parse_clouds, default=("wait",), help="wait,overlap: rows per schedule")
+    frontier.add_argument("--link", default="", help="every cloud behind this link, e.g. 20mbit/80ms")
     frontier.set_defaults(func=cmd_bench_frontier)
 
     transport = bench_commands.add_parser("transport", help="one big update through JetStream vs raw publishes")
@@ -410,6 +412,7 @@ def cmd_bench_frontier(args: argparse.Namespace) -> int:
         out=Path(args.out), codecs=tuple(args.codecs), rounds=args.rounds, local_steps=args.local_steps,
         seq_len=args.seq_len, batch_size=args.batch_size, model=args.model, seed=args.seed, data=args.data,
         eval_tokens=args.eval_tokens, strategy=args.strategy, server_opt=args.server_opt,
+        schedules=tuple(args.schedules), link=args.link,
     )  # fmt: skip
     print(describe(run(config)))
     return 0

@@ -26,6 +26,7 @@ STALENESS = ("constant", "polynomial", "hinge")
 OPTIMIZERS = ("sgd", "nesterov", "adam")
 LATE_POLICIES = ("drop", "carry")
 PARTITIONS = ("fixed", "noniid", "dynamic")
+SCHEDULES = ("wait", "overlap")
 DEFAULT_ROUNDS = 5
 
 
@@ -165,8 +166,19 @@ class TrainConfig:
     lr: float = field(default=2e-3, metadata=flag("--lr", "local AdamW learning rate"))
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    schedule: str = field(
+        default="wait",
+        metadata=flag(
+            "--schedule",
+            "wait: each local phase starts from the newest global; overlap: the next phase trains "
+            "while the last update uploads and its version is made and downloaded (one step delayed)",
+            choices=SCHEDULES,
+        ),
+    )
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.local_steps < 1 or self.batch_size < 1 or self.seq_len < 2:
             raise ConfigError("--local-steps and --batch-size must be >= 1 and --seq-len >= 2")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -265,6 +277,12 @@ class JobConfig:
                 central_dp=self.strategy.central_dp is not None,
                 deadline=self.round.quorum is not None or self.round.deadline_s is not None,
                 buffer_size=self.strategy.buffer_size,
+            )
+        if self.train.schedule == "overlap" and (self.strategy.name not in ("fedavg", "dynamic") or self.secure_agg):
+            raise ConfigError(
+                "--schedule overlap is for the synchronous delta rules (fedavg, dynamic) without --secure-agg: "
+                "async and fedbuff workers never wait for a version, gradient steps need the newest weights, "
+                "and secure rounds mask an update against its round's base"
             )
         if self.peft is not None and not self.peft.startswith("lora"):
             raise ConfigError(f"--peft {self.peft!r}: only lora[:key=value,...] is supported")

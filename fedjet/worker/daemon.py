@@ -23,7 +23,8 @@ from fedjet.channel.secagg import SecAggLink, secagg_max_bytes
 from fedjet.channel.updates import UpdateSender
 from fedjet.codecs.crypto import COORDINATOR
 from fedjet.codecs.frame import Limits
-from fedjet.codecs.messages import RETIRE, GlobalHead, UpdateHeader, frame_update
+from fedjet.codecs.messages import RETIRE, GlobalHead, GlobalVersion, UpdateHeader, frame_update
+from fedjet.codecs.pipeline import Compressed
 from fedjet.config.codec import CodecSpec
 from fedjet.config.names import check_token
 from fedjet.data.batches import BatchSampler
@@ -38,7 +39,7 @@ from fedjet.worker.local_data import dealt_share, own_data
 from fedjet.worker.model import pick_device
 from fedjet.worker.private import PrivateTraining
 from fedjet.worker.secure import SecureMember
-from fedjet.worker.train import LocalTrainer, evaluate
+from fedjet.worker.train import LocalTrainer, StepsResult, evaluate
 
 log = get_logger("fedjet.worker")
 
@@ -98,6 +99,11 @@ class WorkerStats:
         out["tokens_per_s"] = self.tokens_per_s
         out["idle_frac"] = self.idle_s / self.wall_s if self.wall_s else 0.0
         return out
+
+
+# Phases that would start before this version wait for it: the first updates are the largest
+# and most diverse, and a phase trained from a cloud's own estimate of the global costs most there.
+OVERLAP_FROM_VERSION = 1
 
 
 class Worker:
@@ -204,6 +210,9 @@ class Worker:
 
     async def _loop(self) -> None:
         """Sync: wait for each new global. Async: take the newest between local rounds, if any."""
+        if self.spec.config.train.schedule == "overlap":
+            await self._overlapped_loop()
+            return
         base: GlobalHead | None = None
         steps = self.spec.config.train.local_steps
         # version 0 as this cloud built it (a copy: training changes the model in place); no
@@ -241,11 +250,104 @@ class Worker:
             await self._train_and_send(base.version, steps)
             sends_on_base += 1
 
+    async def _overlapped_loop(self) -> None:
+        """``--schedule overlap`` (synchronous delta rules): the next local phase trains while the
+        last update uploads and the version it goes into is made and downloaded, as
+        one-step-delayed and streaming DiLoCo do.
+
+        A phase starts where the last one ended, W_k = G_k-1 + (this cloud's own progress). When
+        G_k (the version its last update went into) arrives mid-phase, the difference G_k - W_k
+        is added to the model between two steps, so the rest of the phase trains on the global;
+        the update is measured from G_k and claims it as its base. Only the steps before that
+        version arrived were taken from the cloud's own estimate of it. The worker waits only
+        when that version has not arrived by the end of a phase, or when the previous upload
+        is still going.
+        """
+        assert self.follower is not None and self.trainer is not None
+        local_v0 = {n: t.clone() for n, t in self.trainer.weights().items()}
+        self.follower.hold_local(0, local_v0)
+        wait_from = time.perf_counter()
+        head = await self.follower.newer_than(-1)
+        if self.follower.final is not None:
+            return
+        version = await self.follower.fetch(head)
+        self.stats.initial_weights = "local" if version.tensors is local_v0 else "downloaded"
+        self.trainer.load(version.tensors)
+        steps = self.follower.record(head).assignment.get(self.config.cloud, self.spec.config.train.local_steps)
+        claim: tuple[GlobalHead, GlobalVersion] | None = (head, version)  # phase 1 claims version 0
+        self.stats.idle_s += time.perf_counter() - wait_from
+        upload: asyncio.Task[None] | None = None
+        upcoming: asyncio.Task[tuple[GlobalHead, GlobalVersion]] | None = None
+        try:
+            while not self._stop.is_set():
+                if self.private is not None and not self.private.affordable(steps):
+                    await self._retire(head.version)
+                    break
+                if claim is None:  # fetch the next version while training; correct towards it on arrival
+                    start = {n: t.detach().clone() for n, t in self.trainer.weights().items()}
+                    upcoming = asyncio.create_task(self._version_after(head.version, start))
+                    if head.version < OVERLAP_FROM_VERSION:  # early phases wait for their version
+                        wait_from = time.perf_counter()
+                        await asyncio.wait([upcoming])
+                        self.stats.idle_s += time.perf_counter() - wait_from
+                _, result, heldout = await self._train(steps)
+                wait_from = time.perf_counter()
+                if claim is None:
+                    assert upcoming is not None
+                    claim, upcoming = await upcoming, None
+                if upload is not None:
+                    await upload  # one upload at a time: sequence numbers stay in order
+                self.stats.idle_s += time.perf_counter() - wait_from
+                head, version = claim
+                if self.follower.final is not None or head.final:
+                    break
+                self.trainer.apply_corrections()  # a version that came after the last step
+                self.metrics.version(head.version)
+                self.tracker.rebase(version.tensors, head.version)  # the update is measured from it
+                compressed = await asyncio.to_thread(self.tracker.compress_delta, self.trainer.weights())
+                header = self._header(head.version, result, heldout)
+                upload = asyncio.create_task(self._upload(header, compressed, steps, result))
+                steps = self.follower.record(head).assignment.get(self.config.cloud, steps)
+                claim = None
+            if upload is not None and not upload.done():
+                await upload
+        finally:
+            for task in (upload, upcoming):
+                if task is not None and not task.done():
+                    task.cancel()
+
+    async def _version_after(self, version: int, start: dict[str, Any]) -> tuple[GlobalHead, GlobalVersion]:
+        """The next global after ``version``, downloaded while the worker trains on from
+        ``start``; the model is moved onto it by ``global - start`` at the next step. A final
+        marker cuts the phase short instead: nothing will take its update."""
+        assert self.follower is not None and self.trainer is not None
+        head = await self.follower.newer_than(version)
+        if self.follower.final is not None or head.final:
+            self.trainer.stopping.set()
+            return head, GlobalVersion(head.header, {})
+        fetched = await self.follower.fetch(head)
+        self.trainer.correct({n: t - start[n] for n, t in fetched.tensors.items()})
+        return head, fetched
+
+    async def _upload(self, header: UpdateHeader, compressed: Compressed, steps: int, result: StepsResult) -> None:
+        with structlog.contextvars.bound_contextvars(version=header.base_version):
+            await self._sent(header, steps, result, await self._publish(header, compressed))
+
     async def _train_and_send(self, base_version: int, steps: int) -> None:
         with structlog.contextvars.bound_contextvars(version=base_version):
             await self._train_and_send_from(base_version, steps)
 
     async def _train_and_send_from(self, base_version: int, steps: int) -> None:
+        gradient, result, heldout = await self._train(steps)
+        header = self._header(base_version, result, heldout)
+        if self.secure is not None:
+            sent = await self._send_masked(header, gradient)
+        else:
+            sent = await self._send_compressed(header, gradient)
+        await self._sent(header, steps, result, sent)
+
+    async def _train(self, steps: int) -> tuple[dict[str, Any] | None, StepsResult, float | None]:
+        """One local phase: ``steps`` optimizer steps (or one mean gradient), then held-out loss."""
         spec, trainer = self.spec, self.trainer
         gradient: dict[str, Any] | None = None
         if spec.update_kind == "gradient":
@@ -255,8 +357,12 @@ class Worker:
             result = await asyncio.to_thread(train, steps)
         # Under DP no loss leaves the worker: both are functions of the private records.
         heldout = await asyncio.to_thread(self._heldout_loss) if self.private is None else None
+        return gradient, result, heldout
+
+    def _header(self, base_version: int, result: StepsResult, heldout: float | None) -> UpdateHeader:
+        spec = self.spec
         self._seq = max(self._seq + 1, time.time_ns() // 1000)
-        header = UpdateHeader(
+        return UpdateHeader(
             job=spec.job,
             cloud=self.config.cloud,
             worker=self.config.worker_id,
@@ -274,10 +380,9 @@ class Worker:
             heldout_loss=heldout,
             dp=None if self.private is None else self.private.claim(),
         )
-        if self.secure is not None:
-            sent = await self._send_masked(header, gradient)
-        else:
-            sent = await self._send_compressed(header, gradient)
+
+    async def _sent(self, header: UpdateHeader, steps: int, result: StepsResult, sent: int | None) -> None:
+        """Count an update that left (``sent`` wire bytes; None: its secure round was missed)."""
         if sent is None:
             return
         self.stats.updates_sent += 1
@@ -290,10 +395,10 @@ class Worker:
         self.stats.compute_s += result.compute_s
         log.info(
             "update_sent",
-            base=base_version,
+            base=header.base_version,
             steps=steps,
             loss=round(result.mean_loss, 4),
-            heldout_loss=None if heldout is None else round(heldout, 4),
+            heldout_loss=None if header.heldout_loss is None else round(header.heldout_loss, 4),
             bytes=sent,
         )
         await self._report_stats()
@@ -303,6 +408,9 @@ class Worker:
             compressed = await asyncio.to_thread(self.tracker.compress_gradient, gradient)
         else:
             compressed = await asyncio.to_thread(self.tracker.compress_delta, self.trainer.weights())
+        return await self._publish(header, compressed)
+
+    async def _publish(self, header: UpdateHeader, compressed: Compressed) -> int:
         published = await self.sender.send(frame_update(header, compressed.entries), header.seq)
         return published.wire_bytes
 

@@ -90,6 +90,8 @@ class LocalTrainer:
         self.slowdown = slowdown
         self.precision = pick_precision(precision, device)
         self.stopping = threading.Event()  # set from the event loop thread to end a round early
+        self._corrections: list[dict[str, torch.Tensor]] = []  # added to the weights at the next step
+        self._corrections_lock = threading.Lock()
         params = list(job_model.trainable().values())
         fused = {"fused": True} if device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, **fused)
@@ -99,6 +101,26 @@ class LocalTrainer:
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.job_model.exchanged()
+
+    def correct(self, change: dict[str, torch.Tensor]) -> None:
+        """Add ``change`` to the weights before the next step (from any thread): a global that
+        arrives while the phase trains moves the model onto it without stopping it."""
+        with self._corrections_lock:
+            self._corrections.append(change)
+
+    def apply_corrections(self) -> bool:
+        """Add every pending change now; whether there was one."""
+        with self._corrections_lock:
+            pending, self._corrections = self._corrections, []
+        if not pending:
+            return False
+        current = self.weights()
+        total = {n: t.clone() for n, t in current.items()}
+        for change in pending:
+            for name, value in change.items():
+                total[name] += value.to(total[name].dtype)
+        self.load(total)
+        return True
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
         if self.precision == "bf16":
@@ -112,6 +134,7 @@ class LocalTrainer:
         for _ in range(steps):
             if self.stopping.is_set():
                 break
+            self.apply_corrections()
             t0 = time.perf_counter()
             with self._autocast():
                 loss, _, _ = lm_loss(self.model, self._batch())
