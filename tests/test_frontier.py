@@ -34,3 +34,14 @@ def test_frontier_runs_dense_first_and_writes_the_table_and_the_plot(tmp_path, d
 def test_a_bad_codec_is_refused_before_any_run(tmp_path):
     with pytest.raises(ConfigError):
         FrontierConfig(out=tmp_path, codecs=("dense", "topk:2"))
+
+
+def test_schedules_make_rows_per_codec_and_a_meaningless_one_fails_before_any_run(tmp_path):
+    config = FrontierConfig(out=tmp_path, codecs=("int2",), schedules=("wait", "overlap"), link="20mbit/80ms")
+    assert config.rows == (("dense", "wait"), ("dense", "overlap"), ("int2", "wait"), ("int2", "overlap"))
+    with pytest.raises(ConfigError, match="--schedule overlap"):
+        FrontierConfig(out=tmp_path, codecs=("int2",), schedules=("overlap",), strategy="async")
+    with pytest.raises(ConfigError, match="--schedules"):
+        FrontierConfig(out=tmp_path, codecs=("int2",), schedules=("eager",))
+    with pytest.raises(ConfigError, match="--link"):
+        FrontierConfig(out=tmp_path, codecs=("int2",), link="fast")
