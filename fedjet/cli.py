@@ -287,7 +287,7 @@ def _add_bench(commands: Any) -> None:
 
     exp = bench_commands.add_parser("experiment", help="the paper's protocol: strategy x partition x codec")
     exp.add_argument("--out", required=True, help="directory for results.json, results.md and plots")
-    exp.add_argument("--quick", action="store_true", help="5 strategies, fixed partition, top-k codec, 4 rounds")
+    exp.add_argument("--quick", action="store_true", help="5 strategies, fixed partition, the default codec, 4 rounds")
     exp.add_argument("--strategies", type=parse_clouds, default=None, help="e.g. fedavg,async")
     exp.add_argument("--partitions", type=parse_clouds, default=None, help="e.g. fixed,dynamic,noniid")
     exp.add_argument("--codecs", type=parse_clouds, default=None, help="e.g. dense,topk:0.01+int8")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from fedjet.config.flags import job_config
-from fedjet.config.job import STRATEGIES, JobConfig, StrategyConfig
+from fedjet.config.job import DEFAULT_CODEC, STRATEGIES, JobConfig, StrategyConfig
 from fedjet.coordinator.strategies import Strategy, strategy_for
 from fedjet.report import Report
 from fedjet.runner.up import UpConfig, run_up
 
-FULL = {"strategies": STRATEGIES, "partitions": ("fixed", "dynamic", "noniid"), "codecs": ("dense", "topk:0.01+int8")}
-QUICK = {"strategies": STRATEGIES, "partitions": ("fixed",), "codecs": ("topk:0.01+int8",)}
+FULL = {"strategies": STRATEGIES, "partitions": ("fixed", "dynamic", "noniid"), "codecs": ("dense", DEFAULT_CODEC)}
+QUICK = {"strategies": STRATEGIES, "partitions": ("fixed",), "codecs": (DEFAULT_CODEC,)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,7 +59,7 @@ def cell_name(strategy: str, partition: str, codec: str) -> str:
 
 def cell_options(config: ExperimentConfig, strategy: str, partition: str, codec: str) -> JobConfig:
     updates = config.rounds * 3  # the same applied updates for every rule
-    slug = codec.replace(":", "").replace("+", "-").replace(".", "")
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", codec).strip("-")[:24]  # a job name is [A-Za-z0-9_-]{1,64}
     synchronous = _strategy(strategy).synchronous
     overrides: dict[str, Any] = {
         "job": f"exp-{strategy}-{partition}-{slug}-{int(time.time())}",
@@ -83,11 +84,13 @@ def run_experiment(config: ExperimentConfig, log: Any = print) -> dict[str, Any]
     config.out.mkdir(parents=True, exist_ok=True)
     cells: dict[str, Any] = {}
     started = time.perf_counter()
-    for strategy, partition, codec in product(config.strategies, config.partitions, config.codecs):
+    grid = list(product(config.strategies, config.partitions, config.codecs))
+    jobs = [cell_options(config, *cell) for cell in grid]  # every cell's job is valid before the first runs
+    for (strategy, partition, codec), job in zip(grid, jobs, strict=True):
         name = cell_name(strategy, partition, codec)
         log(f"== {name}")
         up = UpConfig(
-            job=cell_options(config, strategy, partition, codec),
+            job=job,
             data=config.data,
             eval_tokens=config.eval_tokens,
             eval_every=3 if strategy == "async" else 1,  # evaluate at the same update counts

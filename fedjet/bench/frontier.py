@@ -21,12 +21,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fedjet.broker.proxy import LinkShape
 from fedjet.config.codec import CodecSpec
 from fedjet.config.flags import job_config
 from fedjet.config.job import SCHEDULES, JobConfig, StrategyConfig
 from fedjet.coordinator.strategies import strategy_for
 from fedjet.errors import ConfigError
-from fedjet.broker.proxy import LinkShape
 from fedjet.runner.up import UpConfig, run_up
 
 REFERENCE = "dense"
@@ -171,7 +171,8 @@ def describe(result: dict[str, Any]) -> str:
     ]
     for r in result["rows"]:
         lines.append(
-            f"| `{r['codec']}` | {r.get('schedule', 'wait')} | {r['final_eval_loss']:.4f} | {r['loss_vs_dense_pct']:+.2f} % | "
+            f"| `{r['codec']}` | {r.get('schedule', 'wait')} | {r['final_eval_loss']:.4f} | "
+            f"{r['loss_vs_dense_pct']:+.2f} % | "
             f"{_mb(r['bytes_up'])} | {_mb(r['bytes_down'])} | {_mb(r['bytes'])} | {r['reduction']:.1f}× | "
             f"{r['down_per_version_vs_up']:.2f} | {r['wall_s']:.1f} | {100 * r['idle_frac']:.0f} % | "
             f"{'✓' if r['meets'] else ''} |"

@@ -27,6 +27,7 @@ OPTIMIZERS = ("sgd", "nesterov", "adam")
 LATE_POLICIES = ("drop", "carry")
 PARTITIONS = ("fixed", "noniid", "dynamic")
 SCHEDULES = ("wait", "overlap")
+DEFAULT_CODEC = "lowrank:24+int4+down=lowrank:16+int4"  # see the README's frontier
 DEFAULT_ROUNDS = 5
 
 
@@ -238,7 +239,7 @@ class JobConfig:
     observers: tuple[str, ...] = field(default=("eval",), metadata=flag("--observers", "read-only members"))
     model: str = field(default="tiny", metadata=flag("--model", "preset (tiny, small, medium) or checkpoint dir"))
     seed: int = field(default=0, metadata=flag("--seed"))
-    codec: str = field(default="lowrank:24+int4+down=lowrank:16+int4", metadata=flag("--codec", "dense, int2+down ..."))
+    codec: str = field(default=DEFAULT_CODEC, metadata=flag("--codec", "dense, int2+down ..."))
     peft: str | None = field(
         default=None, metadata=flag("--peft", "lora:r=8,alpha=16,dropout=0.05[,targets=NAME,NAME]: train adapters only")
     )
