@@ -122,3 +122,50 @@ async def _views_over_jetstream(url: str) -> None:
         assert weights_hash((await worker.fetch(head)).tensors) == head.hash
     finally:
         await close_quietly(nc)
+
+
+def test_a_view_changed_every_third_version_costs_a_third_and_still_rebuilds(nats_url):
+    """An asynchronous job's cadence: between changes a version's view is its predecessor's,
+    with nothing to read; a worker that fetched each version, and one that walks the whole
+    chain at the end, hold the signed view either way."""
+    asyncio.run(_view_cadence(nats_url))
+
+
+async def _view_cadence(url: str) -> None:
+    subjects = JobSubjects("cadence")
+    coord, members = make_parties(("aws",))
+    nc = await connect(url, "test-cadence")
+    try:
+        js = nc.jetstream()
+        await ensure_job_streams(js, subjects)
+
+        def publisher(job: str, view_every: int) -> GlobalPublisher:
+            return GlobalPublisher(
+                js, JobSubjects(job), coord, [COORDINATOR, "aws"], max_payload=nc.max_payload, snapshot_every=100,
+                downlink=CODEC.down, view_every=view_every,
+            )  # fmt: skip
+
+        every, each = publisher("cadence", 3), publisher("cadence1", 1)
+        await ensure_job_streams(js, JobSubjects("cadence1"))
+        limits = Limits()
+        worker = GlobalFollower(js, subjects, members["aws"], limits, views=True)
+        dense = GlobalFollower(js, JobSubjects("cadence1"), members["aws"], limits, views=True)
+        truth = trajectory(9, seed=2)
+        worker.hold_local(0, truth[0])
+        dense.hold_local(0, truth[0])
+        heads = []
+        for version, weights in enumerate(truth):
+            head = await every.publish(version, weights_hash(weights), weights, RECORD, final=False)
+            heads.append(head)
+            got = await worker.fetch(head)
+            assert head.view is not None and weights_hash(got.tensors) == head.view.hash
+            await dense.fetch(await each.publish(version, weights_hash(weights), weights, RECORD, final=False))
+        changed = [h.version for h in heads if h.view is not None and h.view.blob_id]
+        assert changed == [3, 6, 9]
+        assert all(heads[v].view.hash == heads[v - 1].view.hash for v in (1, 2, 4, 5, 7, 8))
+        assert worker.bytes_down < 0.5 * dense.bytes_down
+        late = GlobalFollower(js, subjects, members["aws"], limits, views=True)
+        late.hold_local(0, truth[0])
+        assert weights_hash((await late.fetch(heads[-1])).tensors) == heads[-1].view.hash
+    finally:
+        await close_quietly(nc)

@@ -11,10 +11,10 @@ from fedjet.config.job import TrainConfig
 from fedjet.data.batches import BatchSampler, encode_articles
 from fedjet.data.tokenizer import ByteTokenizer
 from fedjet.data.wikitext import load_directory
+from fedjet.errors import ConfigError
 from fedjet.models.job_model import JobModel
 from fedjet.worker.model import initial_model
 from fedjet.worker.train import LocalTrainer
-from fedjet.errors import ConfigError
 from tests.test_e2e_up import up
 
 SMALL_ROUNDS = ["--rounds", "3", "--codec", "dense", "--eval-every", "1"]

@@ -87,6 +87,7 @@ class GlobalPublisher:
         max_payload: int,
         snapshot_every: int,
         downlink: CodecSpec | None = None,
+        view_every: int = 1,
     ) -> None:
         self._js = js
         self.subjects = subjects
@@ -99,6 +100,11 @@ class GlobalPublisher:
         self._published: Weights | None = None
         self.downlink = downlink  # a +down codec: workers get a lossy view (fedjet.codecs.downlink)
         self._view: tuple[int, Weights] | None = None  # the broadcast view workers hold, and its version
+        self._view_hash = ""
+        self._view_changed = 0  # the version whose view last carried a change
+        # Versions between changes of the view: an asynchronous job makes a version per update,
+        # and a view change per version would cost the readers more than the update did.
+        self.view_every = max(1, view_every)
 
     def resume(self, latest: LatestHead, weights: Weights) -> None:
         """Continue the chain of a version published before a restart."""
@@ -136,13 +142,16 @@ class GlobalPublisher:
         after a start (or a restart, which does not know what workers hold) is its own view."""
         assert self.downlink is not None
         if self._view is None:
-            self._view = (version, weights)
+            self._view, self._view_hash, self._view_changed = (version, weights), hash_, version
             return ViewRef(hash=hash_)
         base, view = self._view
+        if version - self._view_changed < self.view_every:  # unchanged: nothing to read
+            self._view = (version, view)
+            return ViewRef(hash=self._view_hash, base=base)
         header = GlobalHeader(job=self.subjects.job, version=version, hash=hash_, delta_from=base)
         frame, new_view, view_hash = await asyncio.to_thread(next_view_frame, weights, view, self.downlink, header)
         sealed, blob_id, blob = await self._seal_and_publish(frame, b"", f"v/{version}")
-        self._view = (version, new_view)
+        self._view, self._view_hash, self._view_changed = (version, new_view), view_hash, version
         log.info("view_published", version=version, base=base, bytes=blob.wire_bytes)
         return ViewRef(
             hash=view_hash,
@@ -367,6 +376,9 @@ class GlobalFollower:
             weights = self._checked_view(chain[-1], (await self._fetch_version(chain[-1])).tensors)
         for step in reversed(chain[:-1]):
             ref = _view(step)
+            if not ref.blob_id:  # the view did not change at this version
+                weights = self._checked_view(step, weights)
+                continue
             blob = replace(step, first_seq=ref.first_seq, last_seq=ref.last_seq, size=ref.size,
                            sha256=ref.sha256, blob_id=ref.blob_id, keys=ref.keys)  # fmt: skip
             plaintext = await self._read_plaintext(blob)

@@ -41,6 +41,7 @@ from fedjet.coordinator.strategies import Aggregator, strategy_for
 from fedjet.errors import ConfigError, FedjetError, NonFiniteError, StaleUpdateError
 from fedjet.log import get_logger
 from fedjet.observe.metrics import CoordinatorMetrics
+from fedjet.spec import JobSpec
 
 log = get_logger("fedjet.coordinator")
 __all__ = ["Coordinator", "CoordinatorConfig"]
@@ -106,7 +107,7 @@ class Coordinator:
                 self.publisher = GlobalPublisher(
                     js, self.subjects, self.config.boxes, members,
                     max_payload=nc.max_payload, snapshot_every=self.config.snapshot_every,
-                    downlink=CodecSpec.parse(spec.config.codec).down,
+                    downlink=CodecSpec.parse(spec.config.codec).down, view_every=view_cadence(spec),
                 )  # fmt: skip
                 self.inbox = UpdateInbox(
                     js, self.subjects, max_blob_bytes=envelope_limit(self.limits.max_frame_bytes),
@@ -317,3 +318,10 @@ class Coordinator:
         self.pacer.published(agg.version, time.monotonic())
         if self._state is not None:
             self._state.write(Published(job=self.config.spec.job, version=agg.version, hash=agg.hash))
+
+
+def view_cadence(spec: JobSpec) -> int:
+    """Versions between changes of the workers' view: one a version, except where a version is
+    one update (async), where it changes once per cloud's worth of versions, so the views the
+    workers read cost about what the updates that made them did."""
+    return len(spec.clouds) if spec.strategy.name == "async" else 1
