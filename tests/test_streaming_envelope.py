@@ -18,7 +18,7 @@ import pytest
 from fedjet.broker.blobs import BlobAssembler, publish_blob
 from fedjet.broker.jetstream import close_quietly, connect, ensure_job_streams
 from fedjet.broker.subjects import JobSubjects
-from fedjet.channel.updates import UpdateInbox, UpdateSender
+from fedjet.channel.updates import OpeningSink, UpdateInbox, UpdateSender
 from fedjet.codecs import crypto
 from fedjet.codecs.crypto import SEGMENT_BYTES, TAG_BYTES, SealedUpdate, UpdateOpener
 from fedjet.errors import AuthenticationError, CodecError, DecodeError, LimitError, SchemaError
@@ -146,7 +146,7 @@ def test_the_assembler_feeds_a_sink_in_order_keeps_only_early_chunks_and_reports
     def assembler() -> BlobAssembler:
         return BlobAssembler(
             max_blob_bytes=len(envelope), max_pending_bytes=2 * len(envelope), min_chunk_bytes=1,
-            sink=lambda subject, blob: _Frame(UpdateOpener(coord, len(envelope), senders={"aws"})),
+            sink=lambda subject, blob: OpeningSink(UpdateOpener(coord, len(envelope), senders={"aws"})),
         )  # fmt: skip
 
     asm = assembler()
@@ -165,17 +165,6 @@ def test_the_assembler_feeds_a_sink_in_order_keeps_only_early_chunks_and_reports
     assert results[:-1] == [None] * (count - 1)
     failed = results[-1]
     assert failed is not None and isinstance(failed.error, AuthenticationError) and failed.seqs == list(range(1, 7))
-
-
-class _Frame:
-    def __init__(self, opener: UpdateOpener) -> None:
-        self.opener = opener
-
-    def feed(self, data: bytes) -> None:
-        self.opener.feed(data)
-
-    def finish(self) -> bytes:
-        return self.opener.finish()[1]
 
 
 def test_the_inbox_opens_updates_as_they_arrive_and_refuses_a_forged_chunk_with_every_message(nats_url):

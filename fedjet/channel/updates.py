@@ -75,7 +75,7 @@ class Arrival:
     error: FedjetError | None = None
 
 
-class _Opening:
+class OpeningSink:
     """A blob sink that decrypts an update envelope as it arrives; the blob becomes the frame."""
 
     def __init__(self, opener: UpdateOpener) -> None:
@@ -133,7 +133,7 @@ class UpdateInbox:
 
     def _opening(self, subject: str, blob_id: str) -> BlobSink:
         assert self.boxes is not None
-        return _Opening(UpdateOpener(self.boxes, self.max_blob_bytes, senders={JobSubjects.cloud_of(subject)}))
+        return OpeningSink(UpdateOpener(self.boxes, self.max_blob_bytes, senders={JobSubjects.cloud_of(subject)}))
 
     @property
     def max_ack_pending(self) -> int:
