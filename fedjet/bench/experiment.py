@@ -199,7 +199,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         axes[0].legend()
         fig.suptitle(f"partition {partition}, codec {codec}")
         fig.tight_layout()
-        path = out / f"loss_{partition}_{codec.replace(':', '').replace('+', '_')}.png"
+        path = out / f"loss_{partition}_{re.sub(r'[^A-Za-z0-9.-]+', '_', codec)}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
