@@ -63,10 +63,11 @@ class Collector:
 
     def _workers_read(self, head: GlobalHead) -> int:
         """What the clouds read of this version (an estimate: the observer's own count times the
-        clouds): the view's change under a lossy downlink, else the version as it crossed."""
+        clouds): the view's change under a lossy downlink (nothing where the view did not
+        change), else the version as it crossed."""
         if head.final:
             return 0
-        if head.view is not None and head.view.size:
+        if head.view is not None and head.view.base >= 0:
             return head.view.size * self.clouds
         return self.follower.wire_bytes.get(head.version, 0) * self.clouds
 
