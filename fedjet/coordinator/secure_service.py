@@ -64,13 +64,13 @@ class SecureRounds:
         await self.link.start()
         attempt, aborted = secrets.randbelow(ATTEMPTS // 2), 0  # fresh round ids after a restart too
         try:
-            while not c._stopping.is_set() and not c._done():
+            while not c.stopping.is_set() and not c.done():
                 secure_round = SecureRound(
                     self.link, job=spec.job, clouds=spec.clouds, config=self.config,
                     base_version=c.aggregator.version, base_hash=c.aggregator.hash, weighing=self.weighing,
                     attempt=attempt % ATTEMPTS, numel=self.numel,
                     verify_keys=self.verify_keys, check_header=self._check_header, on_reject=c.reject_step,
-                    stopping=c._stopping.is_set, idle_timeout_s=c.config.idle_timeout_s,
+                    stopping=c.stopping.is_set, idle_timeout_s=c.config.idle_timeout_s,
                 )  # fmt: skip
                 attempt += 1
                 try:
@@ -96,7 +96,7 @@ class SecureRounds:
         if header.kind != spec.update_kind:
             raise ValidationError(f"strategy {spec.strategy.name} takes {spec.update_kind} updates, got {header.kind}")
         check_claims(header, spec)
-        self.c._check_privacy(Update(header, {}))
+        self.c.check_privacy(Update(header, {}))
 
     async def _fold(self, outcome: SecureOutcome, aborted: int) -> bool:
         """Apply the unmasked average as one contribution; record who was in it and where the
@@ -132,5 +132,5 @@ class SecureRounds:
             weights=outcome.weights, weight_total=outcome.weight_total, transcript_first=blob.first_seq,
             transcript_last=blob.last_seq, aborted=aborted,
         )  # fmt: skip
-        await c._publish(received, secure=secure)
+        await c.publish_version(received, secure=secure)
         return True

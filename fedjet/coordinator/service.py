@@ -57,7 +57,7 @@ class Coordinator:
         self.subjects = JobSubjects(spec.job)
         self.ledger = Ledger()
         self.aggregator: Aggregator | None = None
-        self._stopping = asyncio.Event()
+        self.stopping = asyncio.Event()
         self._finish = False
         strategy = strategy_for(spec.strategy)
         self._batcher: Batcher[Received] = Batcher(
@@ -87,12 +87,12 @@ class Coordinator:
 
     def stop(self) -> None:
         """Stop taking work; safe to call twice (the lifecycle contract)."""
-        self._stopping.set()
+        self.stopping.set()
 
     def finish(self) -> None:
         """End the job early: stop, then announce the current version as final."""
         self._finish = True
-        self._stopping.set()
+        self.stopping.set()
 
     async def run(self, initial: Weights) -> Ledger:
         spec = self.config.spec
@@ -116,13 +116,13 @@ class Coordinator:
                 checkpoint = await self._prepare(js)
                 if checkpoint is None:
                     self.aggregator = Aggregator(spec.strategy, initial, noise_seed=spec.config.seed)
-                    await self._publish([])
+                    await self.publish_version([])
                 else:
                     self._restore(checkpoint)
                 self.serving.set()
                 if spec.config.secure_agg is not None:
                     await SecureRounds(self, nc, js).run()
-                    if self._finish and not self._done():
+                    if self._finish and not self.done():
                         await self.publisher.publish_final_marker()
                 else:
                     await self._consume()
@@ -175,7 +175,7 @@ class Coordinator:
         await self.inbox.open(self._resume_from)
         self._batcher.start_round(time.monotonic())
         last_activity = time.monotonic()
-        while not self._stopping.is_set() and not self._done():
+        while not self.stopping.is_set() and not self.done():
             msgs = await self.inbox.fetch(timeout=0.25)
             if msgs:
                 last_activity = time.monotonic()
@@ -188,7 +188,7 @@ class Coordinator:
                 if arrival is not None:
                     await self._on_arrival(arrival)
                 await self._fold_ready()
-                if self._done():
+                if self.done():
                     break
             await self._fold_ready()
             if self._batcher.everyone_retired:
@@ -198,10 +198,11 @@ class Coordinator:
             if time.monotonic() - last_activity > self.config.idle_timeout_s:
                 log.error("coordinator_idle_timeout", seconds=self.config.idle_timeout_s)
                 break
-        if self._finish and not self._done() and self.publisher is not None:
+        if self._finish and not self.done() and self.publisher is not None:
             await self.publisher.publish_final_marker()
 
-    def _done(self) -> bool:
+    def done(self) -> bool:
+        """The job's stop condition is reached (used by the secure rounds too)."""
         assert self.aggregator is not None
         return self.config.spec.config.stop.reached(self.aggregator.version, self.ledger.applied)
 
@@ -219,7 +220,7 @@ class Coordinator:
                 if update.header.kind == RETIRE:
                     self._retire(update.header.cloud, arrival)
                     return
-                self._check_privacy(update)
+                self.check_privacy(update)
                 admitted = await asyncio.to_thread(admission.check, update, arrival.cloud, agg.weights, agg.admissible)
                 received = Received(
                     admitted.update, admitted.applied, arrival.seq, arrival.blob.wire_bytes, arrival.msgs
@@ -255,7 +256,8 @@ class Coordinator:
         self._retire_msgs += arrival.msgs
         log.warning("cloud_retired", remaining=sorted(set(self.config.spec.clouds) - self._batcher.retired))
 
-    def _check_privacy(self, update: Update) -> None:
+    def check_privacy(self, update: Update) -> None:
+        """Refuse an update whose DP claim breaks the job's budget, and count its steps."""
         h = update.header
         key = f"{h.cloud}/{h.worker}"
         check_claim(h.dp, self._dp, self._dp_steps.get(key, 0))
@@ -270,7 +272,7 @@ class Coordinator:
         await self.inbox.ack(arrival.msgs)
 
     async def _fold_ready(self) -> None:
-        while self._batcher.ready(time.monotonic()) and not self._done():
+        while self._batcher.ready(time.monotonic()) and not self.done():
             await self._fold([r for _, r in self._batcher.take()])
 
     async def _fold(self, received: list[Received]) -> None:
@@ -291,7 +293,7 @@ class Coordinator:
             self.metrics.applied(h.cloud, r.applied.staleness)
             self.metrics.bytes("in", h.cloud, r.wire_bytes)
         self.pacer.after_version(agg.version)
-        await self._publish(received)
+        await self.publish_version(received)
         for r in received:
             await inbox.ack(r.msgs)
         self._batcher.start_round(time.monotonic())
@@ -301,7 +303,8 @@ class Coordinator:
         self.ledger.reject(reason, cloud, 0, detail)
         self.metrics.rejected(reason)
 
-    async def _publish(self, received: list[Received], *, secure: SecureRecord | None = None) -> None:
+    async def publish_version(self, received: list[Received], *, secure: SecureRecord | None = None) -> None:
+        """Publish the aggregator's newest version with the record of what made it (``received``)."""
         agg, inbox, publisher = self.aggregator, self.inbox, self.publisher
         assert agg is not None and inbox is not None and publisher is not None
         waiting = [s for r in self._batcher.pending_items() for s in stream_seqs(r.msgs)] + inbox.pending_seqs
@@ -310,7 +313,7 @@ class Coordinator:
         record = self.ledger.record(agg.strategy.name, received, waiting=waiting, assignment=pace, seen_through=seen)
         record = replace(record, retired=tuple(sorted(self._batcher.retired)), secure=secure)
         with structlog.contextvars.bound_contextvars(version=agg.version):
-            head = await publisher.publish(agg.version, agg.hash, agg.weights, record, final=self._done())
+            head = await publisher.publish(agg.version, agg.hash, agg.weights, record, final=self.done())
         self.metrics.version(agg.version)
         self.metrics.bytes("out", "all", head.size)
         retire_msgs, self._retire_msgs = self._retire_msgs, []
