@@ -73,6 +73,13 @@ def test_a_true_global_frame_is_not_read_as_a_view():
         decode_view(frame, Limits(), weights)
 
 
+def view_publisher(js, nc, subjects: JobSubjects, coord, members: list[str], *, view_every: int = 1) -> GlobalPublisher:
+    return GlobalPublisher(
+        js, subjects, coord, members, max_payload=nc.max_payload, snapshot_every=3, downlink=CODEC.down,
+        view_every=view_every,
+    )  # fmt: skip
+
+
 def test_workers_follow_views_while_observers_replay_and_late_joiners_get_their_due(nats_url):
     """Five versions under +down: a worker fetching each one holds the signed view; a worker
     joining at the end walks back to version 0 (which it built itself); a follower without
@@ -87,10 +94,7 @@ async def _views_over_jetstream(url: str) -> None:
     try:
         js = nc.jetstream()
         await ensure_job_streams(js, subjects)
-        publisher = GlobalPublisher(
-            js, subjects, coord, [COORDINATOR, "aws", "eval"], max_payload=nc.max_payload, snapshot_every=3,
-            downlink=CODEC.down,
-        )  # fmt: skip
+        publisher = view_publisher(js, nc, subjects, coord, [COORDINATOR, "aws", "eval"])
         limits = Limits()
         worker = GlobalFollower(js, subjects, members["aws"], limits, views=True)
         observer = GlobalFollower(js, subjects, members["eval"], limits)
@@ -111,10 +115,7 @@ async def _views_over_jetstream(url: str) -> None:
         assert weights_hash(walked.tensors) == heads[-1].view.hash
         assert late.bytes_down < 2 * worker.bytes_down  # only the small view changes, no dense version
 
-        restarted = GlobalPublisher(
-            js, subjects, coord, [COORDINATOR, "aws", "eval"], max_payload=nc.max_payload, snapshot_every=3,
-            downlink=CODEC.down,
-        )  # fmt: skip
+        restarted = view_publisher(js, nc, subjects, coord, [COORDINATOR, "aws", "eval"])
         restarted.resume(LatestHead(heads[-1], 0), truth[-1])
         moved = {n: t + 1 for n, t in truth[-1].items()}
         head = await restarted.publish(6, weights_hash(moved), moved, RECORD, final=True)
@@ -139,13 +140,8 @@ async def _view_cadence(url: str) -> None:
         js = nc.jetstream()
         await ensure_job_streams(js, subjects)
 
-        def publisher(job: str, view_every: int) -> GlobalPublisher:
-            return GlobalPublisher(
-                js, JobSubjects(job), coord, [COORDINATOR, "aws"], max_payload=nc.max_payload, snapshot_every=100,
-                downlink=CODEC.down, view_every=view_every,
-            )  # fmt: skip
-
-        every, each = publisher("cadence", 3), publisher("cadence1", 1)
+        every = view_publisher(js, nc, subjects, coord, [COORDINATOR, "aws"], view_every=3)
+        each = view_publisher(js, nc, JobSubjects("cadence1"), coord, [COORDINATOR, "aws"])
         await ensure_job_streams(js, JobSubjects("cadence1"))
         limits = Limits()
         worker = GlobalFollower(js, subjects, members["aws"], limits, views=True)

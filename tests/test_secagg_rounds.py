@@ -11,6 +11,10 @@ forged and replayed messages are counted and change nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -77,21 +81,46 @@ async def joined(nc, job: str, cloud: str, members, config, links: list, wrap=No
                         verify_keys={c: members[c].me.sign.verify_key for c in CLOUDS})  # fmt: skip
 
 
+@dataclass
+class Running:
+    """A live coordinator of a secure job, the members' connection, and their links."""
+
+    coordinator: Coordinator
+    task: asyncio.Task[Any]
+    nc: Any
+    links: list[SecAggLink] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def running(nats_url: str, job_spec: JobSpec, coord) -> AsyncIterator[Running]:
+    """Start the coordinator and wait until it serves; afterwards stop the members' links,
+    close their connection, and stop the coordinator if the job did not end by itself."""
+    nc = await connect(nats_url, "members")
+    coordinator = Coordinator(CoordinatorConfig(nats_url=nats_url, spec=job_spec, boxes=coord, idle_timeout_s=60))
+    run = Running(coordinator, asyncio.create_task(coordinator.run({n: t.clone() for n, t in WEIGHTS.items()})), nc)
+    try:
+        await asyncio.wait_for(coordinator.serving.wait(), 30)
+        yield run
+    finally:
+        for link in run.links:
+            await link.stop()
+        await close_quietly(nc)
+        if not run.task.done():
+            coordinator.stop()
+            await asyncio.wait_for(run.task, 30)
+
+
 async def run_job(nats_url, job: str, *, droppers: dict[str, tuple[str, int]] | None = None, junk=None):
     coord, members = make_parties(CLOUDS)
     job_spec = spec(job)
     config = job_spec.config.secure_agg_config
-    nc = await connect(nats_url, "members")
-    js = nc.jetstream()
-    coordinator = Coordinator(CoordinatorConfig(nats_url=nats_url, spec=job_spec, boxes=coord, idle_timeout_s=60))
-    task = asyncio.create_task(coordinator.run({n: t.clone() for n, t in WEIGHTS.items()}))
-    links = []
+    async with running(nats_url, job_spec, coord) as run:
+        coordinator, nc, links = run.coordinator, run.nc, run.links
+        js = nc.jetstream()
 
-    def newer() -> bool:
-        return coordinator.aggregator is not None and coordinator.aggregator.version > 0
+        def newer() -> bool:
+            return coordinator.aggregator is not None and coordinator.aggregator.version > 0
 
-    try:
-        await asyncio.wait_for(coordinator.serving.wait(), 30)
         head = coordinator.last_head
         work = []
         for cloud in CLOUDS:
@@ -104,15 +133,8 @@ async def run_job(nats_url, job: str, *, droppers: dict[str, tuple[str, int]] | 
         if junk is not None:
             await junk(js, nc, members)
         done = await asyncio.wait_for(asyncio.gather(*work), 60)
-        await asyncio.wait_for(task, 60)
+        await asyncio.wait_for(run.task, 60)
         transcript = await read_transcript(js, job, coord, coordinator)
-    finally:
-        for link in links:
-            await link.stop()
-        await close_quietly(nc)
-        if not task.done():
-            coordinator.stop()
-            await asyncio.wait_for(task, 30)
     return coordinator, dict(zip(CLOUDS, done, strict=True)), transcript
 
 
@@ -221,22 +243,18 @@ def test_fedbuff_buffers_are_masked_and_a_stale_update_is_weighed_by_its_stalene
     later = updates(seed=1)["aws"]
 
     async def scenario():
-        nc = await connect(nats_url, "members")
-        coordinator = Coordinator(CoordinatorConfig(nats_url=nats_url, spec=job_spec, boxes=coord, idle_timeout_s=60))
-        task = asyncio.create_task(coordinator.run({n: t.clone() for n, t in WEIGHTS.items()}))
-        links = []
+        async with running(nats_url, job_spec, coord) as run:
+            coordinator = run.coordinator
 
-        def version() -> int:
-            return coordinator.aggregator.version if coordinator.aggregator is not None else 0
+            def version() -> int:
+                return coordinator.aggregator.version if coordinator.aggregator is not None else 0
 
-        async def member(cloud: str) -> SecureMember:
-            return await joined(nc, job, cloud, members, job_spec.config.secure_agg_config, links)
+            async def member(cloud: str) -> SecureMember:
+                return await joined(run.nc, job, cloud, members, job_spec.config.secure_agg_config, run.links)
 
-        def header(cloud: str, seq: int, base: int) -> UpdateHeader:
-            return UpdateHeader(job=job, cloud=cloud, worker="0", seq=seq, base_version=base, samples=10, loss=2.0)
+            def header(cloud: str, seq: int, base: int) -> UpdateHeader:
+                return UpdateHeader(job=job, cloud=cloud, worker="0", seq=seq, base_version=base, samples=10, loss=2.0)
 
-        try:
-            await asyncio.wait_for(coordinator.serving.wait(), 30)
             v0_hash = coordinator.last_head.hash
             aws, azure, gcp = await member("aws"), await member("azure"), await member("gcp")
             first = await asyncio.wait_for(asyncio.gather(
@@ -252,13 +270,7 @@ def test_fedbuff_buffers_are_masked_and_a_stale_update_is_weighed_by_its_stalene
                 gcp.contribute(u["gcp"], header("gcp", 1, 0), v0_hash, lambda: version() > 2, later_rounds=True),
                 aws.contribute(later, header("aws", 2, 1), v1_hash, lambda: version() > 2, later_rounds=True),
             ), 60)  # fmt: skip
-            await asyncio.wait_for(task, 60)
-        finally:
-            for link in links:
-                await link.stop()
-            await close_quietly(nc)
-            if not task.done():
-                coordinator.stop()
+            await asyncio.wait_for(run.task, 60)
         return coordinator, v1, second
 
     coordinator, v1, second = asyncio.run(scenario())

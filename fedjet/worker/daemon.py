@@ -215,10 +215,7 @@ class Worker:
             return
         base: GlobalHead | None = None
         steps = self.spec.config.train.local_steps
-        # version 0 as this cloud built it (a copy: training changes the model in place); no
-        # download when its hash is the signed one
-        local_v0 = {n: t.clone() for n, t in self.trainer.weights().items()}
-        self.follower.hold_local(0, local_v0)
+        local_v0 = self._hold_version_zero()
         sends_on_base = 0
         while not self._stop.is_set():
             wait_from = time.perf_counter()
@@ -234,14 +231,14 @@ class Worker:
             if head is not None:
                 version = await self.follower.fetch(head)
                 if head.version == 0:
-                    self.stats.initial_weights = "local" if version.tensors is local_v0 else "downloaded"
+                    self._note_initial_weights(version, local_v0)
                 self.trainer.load(version.tensors)
                 if self.secure is not None:  # masked updates are measured from the base, dense
                     self._base = (head, {n: t.detach().clone() for n, t in version.tensors.items()})
                 self.metrics.version(head.version)
                 self.tracker.rebase(version.tensors, head.version)
                 base, sends_on_base = head, 0
-                steps = self.follower.record(head).assignment.get(self.config.cloud, steps)
+                steps = self._assigned_steps(head, steps)
             self.stats.idle_s += time.perf_counter() - wait_from
             assert base is not None
             if self.private is not None and not self.private.affordable(steps):
@@ -264,16 +261,15 @@ class Worker:
         is still going.
         """
         assert self.follower is not None and self.trainer is not None
-        local_v0 = {n: t.clone() for n, t in self.trainer.weights().items()}
-        self.follower.hold_local(0, local_v0)
+        local_v0 = self._hold_version_zero()
         wait_from = time.perf_counter()
         head = await self.follower.newer_than(-1)
         if self.follower.final is not None:
             return
         version = await self.follower.fetch(head)
-        self.stats.initial_weights = "local" if version.tensors is local_v0 else "downloaded"
+        self._note_initial_weights(version, local_v0)
         self.trainer.load(version.tensors)
-        steps = self.follower.record(head).assignment.get(self.config.cloud, self.spec.config.train.local_steps)
+        steps = self._assigned_steps(head, self.spec.config.train.local_steps)
         claim: tuple[GlobalHead, GlobalVersion] | None = (head, version)  # phase 1 claims version 0
         self.stats.idle_s += time.perf_counter() - wait_from
         upload: asyncio.Task[None] | None = None
@@ -307,7 +303,7 @@ class Worker:
                 compressed = await asyncio.to_thread(self.tracker.compress_delta, self.trainer.weights())
                 header = self._header(head.version, result, heldout)
                 upload = asyncio.create_task(self._upload(header, compressed, steps, result))
-                steps = self.follower.record(head).assignment.get(self.config.cloud, steps)
+                steps = self._assigned_steps(head, steps)
                 claim = None
             if upload is not None and not upload.done():
                 await upload
@@ -315,6 +311,22 @@ class Worker:
             for task in (upload, upcoming):
                 if task is not None and not task.done():
                     task.cancel()
+
+    def _hold_version_zero(self) -> dict[str, Any]:
+        """Version 0 as this cloud built it (a copy: training changes the model in place): not
+        downloaded when its hash is the signed one."""
+        assert self.follower is not None and self.trainer is not None
+        local_v0 = {n: t.clone() for n, t in self.trainer.weights().items()}
+        self.follower.hold_local(0, local_v0)
+        return local_v0
+
+    def _note_initial_weights(self, version: GlobalVersion, local_v0: dict[str, Any]) -> None:
+        self.stats.initial_weights = "local" if version.tensors is local_v0 else "downloaded"
+
+    def _assigned_steps(self, head: GlobalHead, default: int) -> int:
+        """This cloud's local steps as the version's record assigns them (dynamic partition)."""
+        assert self.follower is not None
+        return self.follower.record(head).assignment.get(self.config.cloud, default)
 
     async def _version_after(self, version: int, start: dict[str, Any]) -> tuple[GlobalHead, GlobalVersion]:
         """The next global after ``version``, downloaded while the worker trains on from
