@@ -11,6 +11,7 @@ from fedjet.errors import ConfigError, DataError, SchemaError
 from fedjet.privacy.accounting import PrivacyLedger, calibrate_noise, epsilon_for, privacy_report
 from fedjet.privacy.config import CentralDPConfig, DPConfig, parse_central_dp, parse_dp
 from fedjet.privacy.sampling import poisson_batch, record_windows, sample_rate_for
+from fedjet.privacy.secure_random import SecureRandom
 
 
 def library_epsilon(q: float, sigma: float, steps: int, delta: float, accountant: str) -> float:
@@ -153,7 +154,7 @@ def test_parse_central_dp():
 
 
 def test_poisson_batches_include_each_record_independently():
-    rng = np.random.default_rng(0)
+    rng = SecureRandom()
     sizes = [len(poisson_batch(rng, 1000, 0.03)) for _ in range(400)]
     assert np.mean(sizes) == pytest.approx(30, rel=0.05)
     assert np.std(sizes) == pytest.approx(np.sqrt(1000 * 0.03 * 0.97), rel=0.15)

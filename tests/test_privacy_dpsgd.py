@@ -23,6 +23,7 @@ from fedjet.privacy.dpsgd import (
     split_parameters,
 )
 from fedjet.privacy.sampling import record_windows, sample_rate_for
+from fedjet.privacy.secure_random import SecureRandom
 from fedjet.worker.train import evaluate, lm_loss
 
 SEQ = 16
@@ -83,7 +84,7 @@ def test_every_per_example_gradient_is_clipped_and_small_ones_are_untouched(name
     big = ~small
     torch.testing.assert_close(after[big], torch.full_like(after[big], clip), atol=1e-5, rtol=0)
 
-    _, stats = private_gradient(model, batch, clip, 0.0, torch.Generator(), expected_batch=8.0, chunk=3)
+    _, stats = private_gradient(model, batch, clip, 0.0, SecureRandom(), expected_batch=8.0, chunk=3)
     assert stats.batch_size == 8 and torch.all(stats.norms_after <= clip + 1e-5)
     torch.testing.assert_close(stats.norms_before, raw_norms, atol=1e-5, rtol=1e-5)
     assert 0 < stats.clipped_fraction < 1
@@ -93,7 +94,7 @@ def test_every_per_example_gradient_is_clipped_and_small_ones_are_untouched(name
 def test_unclipped_noiseless_sum_equals_autograd_one_example_at_a_time(name: str):
     model = MODELS[name]().eval()
     batch = windows(5, seed=1)
-    grads, stats = private_gradient(model, batch, 1e6, 0.0, torch.Generator(), expected_batch=1.0, chunk=2)
+    grads, stats = private_gradient(model, batch, 1e6, 0.0, SecureRandom(), expected_batch=1.0, chunk=2)
     reference = autograd_gradients(model, batch)
     assert set(grads) == set(reference[0]) == {n for n, _ in model.named_parameters()}
     for n, g in grads.items():
@@ -104,7 +105,7 @@ def test_unclipped_noiseless_sum_equals_autograd_one_example_at_a_time(name: str
 def test_tied_embedding_gets_the_gradient_of_both_uses():
     model = tiny_gpt2().eval()
     assert model.lm_head.weight is model.transformer.wte.weight
-    grads, _ = private_gradient(model, windows(3), 1e6, 0.0, torch.Generator(), expected_batch=1.0)
+    grads, _ = private_gradient(model, windows(3), 1e6, 0.0, SecureRandom(), expected_batch=1.0)
     assert "lm_head.weight" not in grads
     reference = autograd_gradients(model, windows(3))
     wte = sum(r["transformer.wte.weight"] for r in reference)
@@ -114,9 +115,9 @@ def test_tied_embedding_gets_the_gradient_of_both_uses():
 def test_noise_has_std_sigma_times_clip_over_expected_batch():
     model = tiny_gpt2().eval()
     batch, clip, sigma, expected = windows(4), 0.5, 1.3, 3.0
-    exact, _ = private_gradient(model, batch, clip, 0.0, torch.Generator(), expected_batch=expected)
+    exact, _ = private_gradient(model, batch, clip, 0.0, SecureRandom(), expected_batch=expected)
     noisy, stats = private_gradient(
-        model, batch, clip, sigma, torch.Generator().manual_seed(7), expected_batch=expected
+        model, batch, clip, sigma, SecureRandom(bytes([7]) * 32), expected_batch=expected
     )
     target = sigma * clip / expected
     assert stats.noise_std == pytest.approx(target)
@@ -130,17 +131,17 @@ def test_noise_has_std_sigma_times_clip_over_expected_batch():
 def test_an_empty_batch_gives_noise_alone():
     model = tiny_gpt2().eval()
     empty = torch.zeros((0, SEQ + 1), dtype=torch.long)
-    grads, stats = private_gradient(model, empty, 1.0, 2.0, torch.Generator().manual_seed(1), expected_batch=4.0)
+    grads, stats = private_gradient(model, empty, 1.0, 2.0, SecureRandom(bytes([1]) * 32), expected_batch=4.0)
     assert stats.batch_size == 0 and stats.norms_before.numel() == 0 and stats.clipped_fraction == 0.0
     assert float(grads["transformer.wte.weight"].std()) == pytest.approx(0.5, rel=0.05)
-    silent, _ = private_gradient(model, empty, 1.0, 0.0, torch.Generator(), expected_batch=4.0)
+    silent, _ = private_gradient(model, empty, 1.0, 0.0, SecureRandom(), expected_batch=4.0)
     assert all(float(g.abs().max()) == 0.0 for g in silent.values())
 
 
 def test_dropout_in_train_mode_draws_its_own_mask_per_example():
     model = tiny_gpt2(dropout=0.1).train()
     batch = windows(1).repeat(4, 1)  # four copies of one window
-    grads, stats = private_gradient(model, batch, 0.05, 0.0, torch.Generator(), expected_batch=4.0)
+    grads, stats = private_gradient(model, batch, 0.05, 0.0, SecureRandom(), expected_batch=4.0)
     assert torch.all(stats.norms_after <= 0.05 + 1e-5)
     assert len(set(stats.norms_before.tolist())) == 4  # different masks, different gradients
     assert all(torch.isfinite(g).all() for g in grads.values())
@@ -152,10 +153,10 @@ def test_lora_adapters_are_the_only_parameters_that_get_gradients():
     adapters = {n for n, p in model.named_parameters() if p.requires_grad}
     assert adapters and all("lora_" in n for n in adapters)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    grads, _ = private_gradient(model, windows(4), 1.0, 0.5, torch.Generator(), expected_batch=4.0)
+    grads, _ = private_gradient(model, windows(4), 1.0, 0.5, SecureRandom(), expected_batch=4.0)
     assert set(grads) == adapters
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    step = DPSGDStep(model, optimizer, windows(40).numpy(), sample_rate=0.2, clip=1.0, noise_multiplier=0.5, seed=0)
+    step = DPSGDStep(model, optimizer, windows(40).numpy(), sample_rate=0.2, clip=1.0, noise_multiplier=0.5)
     step.step()
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) != (n in adapters), n
@@ -178,7 +179,7 @@ def test_dp_sgd_at_epsilon_8_lowers_held_out_loss(data_dir: Path):
     initial = evaluate(model, held_out, torch.device("cpu")).loss
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    step = DPSGDStep(model, optimizer, records, sample_rate=q, clip=1.0, noise_multiplier=sigma, seed=0)
+    step = DPSGDStep(model, optimizer, records, sample_rate=q, clip=1.0, noise_multiplier=sigma)
     sizes = [step.step().batch_size for _ in range(steps)]
     final = evaluate(model, held_out, torch.device("cpu")).loss
     print(f"dp-sgd eps=8: sigma={sigma:.3f} q={q:.4f} N={len(records)} loss {initial:.3f} -> {final:.3f}")

@@ -16,8 +16,10 @@ Dropout: ``vmap`` runs with ``randomness="different"``, so each example draws it
 mask exactly as in an ordinary batch; clipping bounds each example's contribution whatever the
 mask, so dropout needs no special treatment.
 
-Noise comes from a ``torch.Generator`` (not a cryptographically secure source) and floating-point
-attacks on the Gaussian sampler are not addressed; both are stated limits of this implementation.
+Noise and Poisson sampling come from :class:`~fedjet.privacy.secure_random.SecureRandom`, an
+AES-CTR stream under a fresh key from the OS CSPRNG for every process: nothing in the job spec
+(its seed included) determines them, so a restarted worker or a second worker of the same cloud
+never draws the same noise again. Floating-point attacks on the Gaussian sampler are not addressed.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch.func import functional_call, grad, vmap
 
 from fedjet.errors import ConfigError
 from fedjet.privacy.sampling import poisson_batch
+from fedjet.privacy.secure_random import SecureRandom
 
 __all__ = ["DPSGDStep", "GradientStats", "poisson_batch", "private_gradient"]
 
@@ -113,7 +116,7 @@ def private_gradient(
     batch_input_ids: torch.Tensor,
     clip: float,
     noise_multiplier: float,
-    generator: torch.Generator,
+    randomness: SecureRandom,
     trainable_names: Iterable[str] | None = None,
     *,
     expected_batch: float,
@@ -142,8 +145,7 @@ def private_gradient(
         del per_example, clipped
     std = noise_multiplier * clip
     for name, acc in total.items():
-        noise = torch.randn(acc.shape, generator=generator, device=generator.device, dtype=acc.dtype)
-        total[name] = (acc + std * noise.to(acc.device)) / expected_batch
+        total[name] = (acc + std * randomness.randn_like(acc)) / expected_batch
     stats = GradientStats(
         batch_size=int(windows.shape[0]),
         expected_batch=float(expected_batch),
@@ -176,9 +178,10 @@ class DPSGDStep:
         sample_rate: float,
         clip: float,
         noise_multiplier: float,
-        seed: int,
+        randomness: SecureRandom | None = None,
         chunk: int = 8,
     ) -> None:
+        """``randomness`` defaults to a fresh CSPRNG-keyed stream (tests pass one to compare)."""
         if records.ndim != 2 or records.shape[0] == 0:
             raise ConfigError(f"records must be a non-empty (N, seq_len + 1) array, got shape {records.shape}")
         self.model = model
@@ -188,9 +191,7 @@ class DPSGDStep:
         self.clip = clip
         self.noise_multiplier = noise_multiplier
         self.chunk = chunk
-        self._rng = np.random.default_rng(seed)
-        device = next(model.parameters()).device
-        self._generator = torch.Generator(device=device).manual_seed(seed)
+        self._randomness = randomness if randomness is not None else SecureRandom()
 
     @property
     def expected_batch(self) -> float:
@@ -198,14 +199,14 @@ class DPSGDStep:
 
     def step(self) -> GradientStats:
         """Draw a Poisson batch, take one optimizer step on its private gradient."""
-        picked = poisson_batch(self._rng, self.records.shape[0], self.sample_rate)
+        picked = poisson_batch(self._randomness, self.records.shape[0], self.sample_rate)
         batch = torch.from_numpy(self.records[picked])
         grads, stats = private_gradient(
             self.model,
             batch,
             self.clip,
             self.noise_multiplier,
-            self._generator,
+            self._randomness,
             expected_batch=self.expected_batch,
             chunk=self.chunk,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedjet.errors import ConfigError, DataError
+from fedjet.privacy.secure_random import SecureRandom
 
 
 def record_windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
@@ -36,10 +37,11 @@ def sample_rate_for(expected_batch: float, n_records: int) -> float:
     return float(expected_batch) / n_records
 
 
-def poisson_batch(rng: np.random.Generator, n_examples: int, sample_rate: float) -> np.ndarray:
-    """Indices of the records in one Poisson-sampled batch (each kept with probability q)."""
+def poisson_batch(randomness: SecureRandom, n_examples: int, sample_rate: float) -> np.ndarray:
+    """Indices of the records in one Poisson-sampled batch (each kept with probability q),
+    drawn from a CSPRNG stream: which records a step used must not follow from the spec."""
     if not 0 < sample_rate <= 1:
         raise ConfigError(f"sample rate must lie in (0, 1], got {sample_rate}")
     if n_examples < 0:
         raise ValueError(f"n_examples must be >= 0, got {n_examples}")
-    return np.flatnonzero(rng.random(n_examples) < sample_rate)
+    return np.flatnonzero(randomness.bernoulli(n_examples, sample_rate))

@@ -194,7 +194,7 @@ class Worker:
         )
         codec = CodecSpec.parse(job.codec)
         dp = job.dp_config
-        self.private = None if dp is None else PrivateTraining(dp, spec, self.data, trainer, job.seed * 7919 + index)
+        self.private = None if dp is None else PrivateTraining(dp, spec, self.data, trainer)
         self.stats.data_documents, self.stats.data_tokens = self.data.documents, self.data.tokens
         log.info(
             "worker_ready",

@@ -23,7 +23,7 @@ from fedjet.worker.train import LocalTrainer, StepsResult
 
 
 class PrivateTraining:
-    def __init__(self, dp: DPConfig, spec: JobSpec, data: LocalData, trainer: LocalTrainer, seed: int) -> None:
+    def __init__(self, dp: DPConfig, spec: JobSpec, data: LocalData, trainer: LocalTrainer) -> None:
         job = spec.config
         self.dp = dp
         self.trainer = trainer
@@ -36,7 +36,7 @@ class PrivateTraining:
         )
         self.step = DPSGDStep(
             trainer.model, trainer.optimizer, records,
-            sample_rate=sample_rate, clip=dp.clip, noise_multiplier=noise, seed=seed,
+            sample_rate=sample_rate, clip=dp.clip, noise_multiplier=noise,
         )  # fmt: skip
 
     def affordable(self, steps: int) -> bool:
