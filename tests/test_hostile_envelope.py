@@ -124,13 +124,15 @@ def test_a_heads_wrapped_version_key_never_opens_as_an_update_nor_the_reverse():
     with pytest.raises(SchemaError):  # and version 2 is refused live
         admit(b"FJE\x02\x03aws" + wrapped, coord)
     salt_and_size = bytes(crypto.SALT_BYTES) + (len(wrapped) - crypto.TAG_BYTES).to_bytes(8, "big")
-    with pytest.raises(AuthenticationError):  # as a version-3 segment
-        admit(b"FJE\x03\x03aws" + salt_and_size + wrapped, coord)
+    with pytest.raises(AuthenticationError):  # as a version-4 segment
+        admit(b"FJE\x04\x03aws" + salt_and_size + wrapped + bytes(crypto.TRAILER_BYTES), coord)
+    with pytest.raises(AuthenticationError):  # as a version-3 segment, where replay still reads one
+        admit(b"FJE\x03\x03aws" + salt_and_size + wrapped, coord, legacy=True)
     legacy = msgpack.packb({"ev": 1, "from": "aws", "ct": wrapped}, use_bin_type=True)
     with pytest.raises(SchemaError):  # the raw-Box envelope is read only when replaying old stores
         admit(legacy, coord)
     update = crypto.seal_update(frame(), members["aws"])
-    header = len(b"FJE\x03\x03aws") + crypto.SALT_BYTES + 8
+    header = len(b"FJE\x04\x03aws") + crypto.SALT_BYTES + 8
     with pytest.raises(AuthenticationError):  # an update's ciphertext is no version key for aws
         crypto.open_version_key(update[header:], members["aws"])
 

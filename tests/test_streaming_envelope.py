@@ -1,4 +1,5 @@
-"""Version-3 update envelopes: AES-GCM segments opened as the chunks arrive.
+"""Version-4 update envelopes: AES-GCM segments opened as the chunks arrive, then the sealed
+signature (tests/test_update_signatures.py covers who can sign).
 
 The classes of fault: a split anywhere must not matter; a changed, moved, dropped or added
 byte anywhere must fail authentication or framing; nothing but the fixed header is read, and
@@ -20,12 +21,12 @@ from fedjet.broker.jetstream import close_quietly, connect, ensure_job_streams
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.updates import OpeningSink, UpdateInbox, UpdateSender
 from fedjet.codecs import crypto
-from fedjet.codecs.crypto import SEGMENT_BYTES, TAG_BYTES, SealedUpdate, UpdateOpener
+from fedjet.codecs.crypto import SEGMENT_BYTES, TAG_BYTES, TRAILER_BYTES, SealedUpdate, UpdateOpener
 from fedjet.errors import AuthenticationError, CodecError, DecodeError, LimitError, SchemaError
 from tests.conftest import make_parties
 
 CLOUDS = ("aws", "gcp")
-HEADER = len(b"FJE\x03\x03aws") + crypto.SALT_BYTES + 8
+HEADER = len(b"FJE\x04\x03aws") + crypto.SALT_BYTES + 8
 
 
 def opened(envelope: bytes, coord, step: int, senders=("aws",)) -> bytes:
@@ -45,7 +46,7 @@ def test_any_split_of_any_size_opens_to_the_frame(size):
     assert (
         len(envelope)
         == crypto.sealed_size(size, "aws")
-        == HEADER + size + TAG_BYTES * max(1, -(-size // SEGMENT_BYTES))
+        == HEADER + size + TAG_BYTES * max(1, -(-size // SEGMENT_BYTES)) + TRAILER_BYTES
     )
     for step in (1, 7, 93, 4096, SEGMENT_BYTES + TAG_BYTES, len(envelope) + 1):
         if step < 4096 and size > SEGMENT_BYTES:
@@ -72,8 +73,10 @@ def test_every_changed_moved_dropped_or_added_byte_is_refused():
     frame = os.urandom(2 * SEGMENT_BYTES + 100)
     envelope = bytes(crypto.seal_update(frame, members["aws"]))
     stride = SEGMENT_BYTES + TAG_BYTES
-    flips = [5 + 3, HEADER - 9, HEADER - 1, HEADER, HEADER + stride - 1, HEADER + stride + 5, len(envelope) - 1]
-    for at in flips:  # salt, size, first segment, a tag, the second and the last segment
+    signature = len(envelope) - TRAILER_BYTES
+    flips = [5 + 3, HEADER - 9, HEADER - 1, HEADER, HEADER + stride - 1, HEADER + stride + 5, signature - 1]
+    flips += [signature, len(envelope) - 1]
+    for at in flips:  # salt, size, first segment, a tag, the second and the last segment, the signature
         tampered = bytearray(envelope)
         tampered[at] ^= 1
         with pytest.raises(CodecError):
@@ -96,10 +99,11 @@ def test_no_key_is_used_before_the_sender_is_known_to_be_allowed(monkeypatch):
     cases = [
         (crypto.seal_update(b"frame", members["eval"]), AuthenticationError),  # a key, but no vote
         (crypto.seal_update(b"frame", members["gcp"]), AuthenticationError),  # gcp on aws's subject
-        (b"FJE\x03\x0bcoordinator" + bytes(64), AuthenticationError),
+        (b"FJE\x04\x0bcoordinator" + bytes(64), AuthenticationError),
         (b"FJE\x09\x03aws" + bytes(64), SchemaError),
-        (b"FJX\x03\x03aws" + bytes(64), DecodeError),
-        (b"FJE\x03\x03a s" + bytes(64), DecodeError),
+        (b"FJE\x03\x03aws" + bytes(64), SchemaError),  # unsigned: only replay reads version 3
+        (b"FJX\x04\x03aws" + bytes(64), DecodeError),
+        (b"FJE\x04\x03a s" + bytes(64), DecodeError),
     ]
     used: list[str] = []
     original = crypto.Boxes.updates_with

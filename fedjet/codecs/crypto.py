@@ -11,6 +11,14 @@
   authenticating the header: nothing but that header is parsed before a segment
   authenticates, and :class:`UpdateOpener` opens an envelope segment by segment as its chunks
   arrive, so a reader never holds the ciphertext and the plaintext of a big update at once.
+* Who sent an update: the pair key is symmetric, so whoever holds the coordinator's secret
+  could seal an update "from" any cloud. Version 4 therefore ends with the sender's Ed25519
+  signature (its long-term signing key, the one its ``.pub`` names) over the header, the
+  recipient's public key and a SHA-256 digest of the plaintext, computed as the segments stream
+  past; it is sealed as one more AES-GCM segment (the broker cannot use it to confirm a guessed
+  frame). The coordinator and ``fedjet replay`` check it before a frame is used, so the record
+  proves which cloud sent what. The signed message has a prefix of its own, so it can never be
+  passed off as a secure-aggregation message (msgpack) or the other way round.
 * Global versions: encrypted once with a fresh ``SecretBox`` key per version; that key is
   sealed to every member with ``Box(coordinator_secret, member_public)``; the head that
   carries the sealed keys and the ciphertext digest is signed with the coordinator's
@@ -41,12 +49,15 @@ from nacl.signing import SigningKey, VerifyKey
 
 from fedjet.errors import AuthenticationError, DecodeError, LimitError, ReplayError, SchemaError, ValidationError
 
-ENVELOPE_VERSION = 3  # 1: msgpack sealed with the raw Box; 2: one SecretBox (both read only with legacy=True)
+ENVELOPE_VERSION = 4  # 1: msgpack, raw Box; 2: one SecretBox; 3: unsigned segments (1-3 only with legacy=True)
+LEGACY_SEGMENTED = 3  # the segmented envelope without a signature: replay reads it, proving nothing of the sender
 ENVELOPE_MAGIC = b"FJE"
 MAX_SENDER_BYTES = 64
 SALT_BYTES = 16
 SEGMENT_BYTES = 1 << 20  # plaintext per AES-GCM segment: what a reader holds besides the plaintext
 TAG_BYTES = 16
+SIGNATURE_BYTES = 64  # Ed25519, sealed as the envelope's last segment
+TRAILER_BYTES = SIGNATURE_BYTES + TAG_BYTES
 HEADER_BYTES = len(ENVELOPE_MAGIC) + 2 + MAX_SENDER_BYTES + SALT_BYTES + 8  # the largest header
 ENVELOPE_OVERHEAD = HEADER_BYTES + SecretBox.NONCE_SIZE + SecretBox.MACBYTES  # bound for versions 1-2
 _MESSAGE_PERSON = b"fedjet-update-v3"  # BLAKE2b personalisation of the per-message key
@@ -54,6 +65,7 @@ COORDINATOR = "coordinator"
 MAX_WORKERS_PER_CLOUD = 16  # keeps the anti-replay counters, and so every version record, small
 _UPDATE_PERSON = b"fedjet-update-v2"  # BLAKE2b personalisation: the update key's domain
 _SECAGG_PERSON = b"fedjet-secagg-v1"  # the secure-aggregation messages' domain
+_SIGNED_PREFIX = b"fedjet-update-signature-v4\x00"  # what a sender's update signature is over, first
 _SENDER = re.compile(rb"[A-Za-z0-9_-]{1,64}")
 
 
@@ -128,9 +140,10 @@ class Boxes:
 # --- updates: worker -> coordinator --------------------------------------------------------
 
 
-def sealed_size(plain_bytes: int, sender: str = "x" * MAX_SENDER_BYTES) -> int:
+def sealed_size(plain_bytes: int, sender: str = "x" * MAX_SENDER_BYTES, version: int = ENVELOPE_VERSION) -> int:
     """Bytes of the envelope that seals ``plain_bytes`` (the longest sender by default: a bound)."""
-    return 5 + len(sender.encode()) + SALT_BYTES + 8 + plain_bytes + TAG_BYTES * _segments(plain_bytes)
+    trailer = TRAILER_BYTES if version >= 4 else 0
+    return 5 + len(sender.encode()) + SALT_BYTES + 8 + plain_bytes + TAG_BYTES * _segments(plain_bytes) + trailer
 
 
 def envelope_limit(max_frame_bytes: int) -> int:
@@ -153,11 +166,20 @@ def _nonce(index: int) -> bytes:
     return index.to_bytes(12, "big")
 
 
+def update_signed_message(header: bytes, recipient: PublicKey, frame_digest: bytes) -> bytes:
+    """What a version-4 sender signs: a prefix no other signed message of fedjet starts with,
+    the envelope's header (sender, salt, size), the public key it was sealed to and the digest
+    of the plaintext - so a signature vouches for one frame, from one sender, to one coordinator."""
+    return b"".join((_SIGNED_PREFIX, len(header).to_bytes(1, "big"), header, bytes(recipient), frame_digest))
+
+
 class SealedUpdate:
     """An update envelope from ``boxes.me`` (a cloud) to the coordinator whose bytes are sealed
     when they are read: a publisher reads it chunk by chunk, so sealing overlaps sending and no
     sealed copy of a big update is ever held. AES-GCM is deterministic for one key, nonce and
-    plaintext, so reading a range twice (a re-sent chunk) gives the same bytes."""
+    plaintext, and so is Ed25519, so reading a range twice (a re-sent chunk) gives the same
+    bytes. The digest that ``boxes.me`` signs is taken segment by segment, in order, as the
+    segments are first read: one pass over the frame, shared with the sealing."""
 
     def __init__(self, frame: bytes | bytearray | memoryview, boxes: Boxes) -> None:
         sender = boxes.me.name.encode()
@@ -170,6 +192,12 @@ class SealedUpdate:
         )
         self._cipher = _message_cipher(boxes.update_key_with(COORDINATOR), salt)
         self._size = sealed_size(len(self.frame), boxes.me.name)
+        self._count = _segments(len(self.frame))
+        self._signer = boxes.me.sign
+        self._recipient = boxes.public_of(COORDINATOR).box
+        self._digest = hashlib.sha256()
+        self._digested = 0  # segments taken into the digest, in order
+        self._trailer: bytes | None = None
 
     def __len__(self) -> int:
         return self._size
@@ -183,49 +211,79 @@ class SealedUpdate:
             out[: min(head, end) - start] = self.header[start : min(head, end)]
         stride = SEGMENT_BYTES + TAG_BYTES
         first, last = max(0, start - head) // stride, max(0, end - 1 - head) // stride
-        for i in range(first, min(last, _segments(len(self.frame)) - 1) + 1):
+        for i in range(first, min(last, self._count - 1) + 1):
             at = head + i * stride  # the segment's place in the envelope
             plain = self.frame[i * SEGMENT_BYTES : (i + 1) * SEGMENT_BYTES]
             sealed_end = at + len(plain) + TAG_BYTES
             if sealed_end <= start or at >= end:
                 continue
+            self._digest_through(i)
             if start <= at and sealed_end <= end:  # wholly inside: straight into place
                 self._cipher.encrypt_into(_nonce(i), plain, self.header, view[at - start : sealed_end - start])
             else:  # cut by the range: seal it whole, keep the part asked for
                 sealed = self._cipher.encrypt(_nonce(i), bytes(plain), self.header)
                 lo, hi = max(start, at), min(end, sealed_end)
                 view[lo - start : hi - start] = sealed[lo - at : hi - at]
+        at = self._size - TRAILER_BYTES
+        if end > at:
+            trailer = self._sealed_signature()
+            lo = max(start, at)
+            view[lo - start : end - start] = trailer[lo - at : end - at]
         return out
+
+    def _digest_through(self, index: int) -> None:
+        while self._digested <= index:
+            self._digest.update(self.frame[self._digested * SEGMENT_BYTES : (self._digested + 1) * SEGMENT_BYTES])
+            self._digested += 1
+
+    def _sealed_signature(self) -> bytes:
+        if self._trailer is None:
+            self._digest_through(self._count - 1)  # any segment no range has asked for yet
+            message = update_signed_message(self.header, self._recipient, self._digest.digest())
+            signature = self._signer.sign(message).signature
+            self._trailer = self._cipher.encrypt(_nonce(self._count), signature, self.header)
+        return self._trailer
 
 
 def seal_update(frame: bytes, boxes: Boxes) -> bytes:
     """Encrypt a frame from ``boxes.me`` (a cloud) to the coordinator, behind a fixed header,
-    in AES-GCM segments under a fresh per-message key (nonces are segment indices)."""
+    in AES-GCM segments under a fresh per-message key (nonces are segment indices), ending
+    with ``boxes.me``'s sealed signature."""
     sealed = SealedUpdate(frame, boxes)
     return sealed.read(0, len(sealed))  # type: ignore[return-value]  # a bytearray: a copy would cost as much
 
 
 class UpdateOpener:
-    """Opens one version-3 envelope from its bytes as they arrive, segment by segment.
+    """Opens one version-4 envelope (also version 3 with ``legacy``) from its bytes as they
+    arrive, segment by segment.
 
     ``feed`` takes the next bytes of the envelope (any split); the header is checked as soon
     as it is complete (version, a sender in ``senders``, a size within ``max_bytes``) and no
     key is used before. Plaintext space is taken only once the first segment authenticates
-    the header that declares its size; after that each segment is decrypted into place, so
-    the opener holds the plaintext and at most one segment of ciphertext. ``finish`` returns
-    ``(sender, frame)``. Every failure is a :class:`~fedjet.errors.CodecError`.
+    the header that declares its size; after that each segment is decrypted into place (and
+    into the running digest), so the opener holds the plaintext and at most one segment of
+    ciphertext. ``finish`` checks the sender's signature over that digest with the sender's
+    public key and only then returns ``(sender, frame)``. Every failure is a
+    :class:`~fedjet.errors.CodecError`; a missing or wrong signature an
+    :class:`~fedjet.errors.AuthenticationError`.
     """
 
-    def __init__(self, boxes: Boxes, max_bytes: int, *, senders: Collection[str]) -> None:
+    def __init__(self, boxes: Boxes, max_bytes: int, *, senders: Collection[str], legacy: bool = False) -> None:
         self.boxes = boxes
         self.max_bytes = max_bytes
         self.senders = senders
+        self.legacy = legacy
         self.sender = ""
+        self.version = 0
         self._header = b""
         self._cipher: AESGCM | None = None
         self._size = -1  # plaintext bytes, once the header is read
+        self._count = 0  # data segments, once the header is read
+        self._pieces = 0  # sealed pieces: the data segments and, from version 4, the signature
         self._pending = bytearray()  # bytes not yet forming a whole header or segment
         self._plain: bytearray | None = None
+        self._digest = hashlib.sha256()
+        self._signature = b""
         self._segment = 0
         self.fed = 0
 
@@ -240,16 +298,16 @@ class UpdateOpener:
             view = view[take:]
             if not self._read_header():
                 return
-        while self._segment < _segments(self._size):
-            need = self._segment_bytes(self._segment) + TAG_BYTES
-            if self._pending:  # a segment split across feeds: complete it first
-                take = min(need - len(self._pending), len(view))
+        while self._segment < self._pieces:
+            need = self._piece_bytes(self._segment)
+            if self._pending:  # a segment split across feeds (or begun in a header's read): complete it first
+                take = max(0, min(need - len(self._pending), len(view)))
                 self._pending += view[:take]
                 view = view[take:]
                 if len(self._pending) < need:
                     return
-                self._open_segment(memoryview(self._pending))
-                self._pending = bytearray()
+                self._open_segment(memoryview(self._pending)[:need])
+                self._pending = self._pending[need:]  # what a header's read took past a small segment
                 continue
             if len(view) < need:
                 break
@@ -258,12 +316,26 @@ class UpdateOpener:
         self._pending += view  # less than a segment, or bytes past the last one (refused by finish)
 
     def finish(self) -> tuple[str, bytes]:
-        if self._cipher is None or self._segment < _segments(self._size):
+        if self._cipher is not None and self._segment == self._count < self._pieces:
+            raise AuthenticationError(f"update claiming to be from {self.sender!r} ends without its signature")
+        if self._cipher is None or self._segment < self._pieces:
             raise DecodeError("update envelope ends before its last segment")
         if self._pending:
             raise DecodeError("update envelope has bytes after its last segment")
         assert self._plain is not None
+        if self.version >= 4:
+            self._verify()
         return self.sender, self._plain  # type: ignore[return-value]  # a bytearray: no copy of a big frame
+
+    def _verify(self) -> None:
+        signer = self.boxes.public_of(self.sender)
+        message = update_signed_message(self._header, self.boxes.me.box.public_key, self._digest.digest())
+        try:
+            signer.verify.verify(message, self._signature)
+        except (nacl.exceptions.BadSignatureError, ValueError, TypeError) as e:
+            raise AuthenticationError(
+                f"update claiming to be from {self.sender!r} is not signed by {self.sender}'s key"
+            ) from e
 
     def _read_header(self) -> bool:
         data = self._pending
@@ -271,7 +343,7 @@ class UpdateOpener:
             return False
         if data[:3] != ENVELOPE_MAGIC:
             raise DecodeError("not a fedjet update envelope")
-        if data[3] != ENVELOPE_VERSION:
+        if data[3] != ENVELOPE_VERSION and not (self.legacy and data[3] == LEGACY_SEGMENTED):
             raise SchemaError(f"envelope version {data[3]} is not accepted here (this build reads {ENVELOPE_VERSION})")
         end = 5 + data[4]
         if data[4] > MAX_SENDER_BYTES:
@@ -281,35 +353,48 @@ class UpdateOpener:
         sender = _sender_name(bytes(data[5:end]))
         if sender not in self.senders or sender == COORDINATOR:
             raise AuthenticationError(f"update from {sender!r}, which may not send updates here")
+        version = data[3]
         size = int.from_bytes(data[end + SALT_BYTES : end + SALT_BYTES + 8], "big")
-        if sealed_size(size, sender) > self.max_bytes:
+        if sealed_size(size, sender, version) > self.max_bytes:
             raise LimitError(f"update envelope declares {size} bytes > limit {self.max_bytes}")
         header_end = end + SALT_BYTES + 8
-        self.sender, self._size, self._header = sender, size, bytes(data[:header_end])
+        self.sender, self.version, self._size, self._header = sender, version, size, bytes(data[:header_end])
+        self._count = _segments(size)
+        self._pieces = self._count + (1 if version >= 4 else 0)
         self._cipher = _message_cipher(self.boxes.update_key_with(sender), bytes(data[end : end + SALT_BYTES]))
         del self._pending[:header_end]
         return True
 
-    def _segment_bytes(self, index: int) -> int:
-        return min(SEGMENT_BYTES, self._size - index * SEGMENT_BYTES)
+    def _piece_bytes(self, index: int) -> int:
+        if index == self._count:
+            return TRAILER_BYTES
+        return min(SEGMENT_BYTES, self._size - index * SEGMENT_BYTES) + TAG_BYTES
 
     def _open_segment(self, sealed: memoryview) -> None:
         assert self._cipher is not None
         index = self._segment
         try:
-            if self._plain is None:  # the first segment authenticates the size before it is taken
+            if index == self._count:  # the sealed signature, checked by finish
+                self._signature = self._cipher.decrypt(_nonce(index), sealed, self._header)
+            elif self._plain is None:  # the first segment authenticates the size before it is taken
                 first = self._cipher.decrypt(_nonce(index), sealed, self._header)
                 self._plain = bytearray(self._size)
                 self._plain[: len(first)] = first
+                self._digest_segment(first)
             else:
                 at = index * SEGMENT_BYTES
                 target = memoryview(self._plain)[at : at + len(sealed) - TAG_BYTES]
                 self._cipher.decrypt_into(_nonce(index), sealed, self._header, target)
+                self._digest_segment(target)
         except InvalidTag as e:
             raise AuthenticationError(
                 f"update claiming to be from {self.sender!r} does not decrypt (segment {index})"
             ) from e
         self._segment += 1
+
+    def _digest_segment(self, plain: bytes | memoryview) -> None:
+        if self.version >= 4:
+            self._digest.update(plain)
 
 
 SECAGG_MAGIC = b"FJS"
@@ -347,7 +432,7 @@ def open_secagg(envelope: bytes, boxes: Boxes, max_bytes: int, *, senders: Colle
 def envelope_sender(envelope: bytes) -> tuple[str, int, int]:
     """(sender, envelope version, offset just past the sender) from the fixed header alone."""
     if envelope[:3] == ENVELOPE_MAGIC:
-        if len(envelope) < 5 or envelope[3] not in (2, ENVELOPE_VERSION):
+        if len(envelope) < 5 or envelope[3] not in (2, LEGACY_SEGMENTED, ENVELOPE_VERSION):
             raise SchemaError(f"unknown envelope version {envelope[3:4]!r}")
         end = 5 + envelope[4]
         if envelope[4] > MAX_SENDER_BYTES or len(envelope) < end:
@@ -394,15 +479,17 @@ def open_update(
 ) -> tuple[str, bytes]:
     """(sender, frame) of a whole sealed update. Only the fixed header is read before
     decryption; a sender outside ``senders`` (default: every peer) is refused before any key is
-    used. ``legacy`` also reads versions 1 and 2 (stores recorded by earlier builds)."""
+    used; a version-4 envelope must carry the sender's signature. ``legacy`` also reads
+    versions 1 to 3 (stores recorded by earlier builds), which prove nothing about who sent
+    them: anyone holding the coordinator's key could have sealed them."""
     if len(envelope) > max_bytes:
         raise LimitError(f"update envelope of {len(envelope)} bytes > limit {max_bytes}")
     sender, version, start = envelope_sender(envelope)
     allowed = boxes.peers if senders is None else senders
     if sender not in allowed or sender == COORDINATOR:
         raise AuthenticationError(f"update from {sender!r}, which may not send updates here")
-    if version == ENVELOPE_VERSION:
-        opener = UpdateOpener(boxes, max_bytes, senders=allowed)
+    if version == ENVELOPE_VERSION or (legacy and version == LEGACY_SEGMENTED):
+        opener = UpdateOpener(boxes, max_bytes, senders=allowed, legacy=legacy)
         opener.feed(envelope)
         return opener.finish()
     if not legacy:
