@@ -300,14 +300,36 @@ def _add_bench(commands: Any) -> None:
 
 
 def _add_keys(commands: Any) -> None:
-    keys = commands.add_parser("keys", help="key management")
+    keys = commands.add_parser(
+        "keys",
+        help="key management",
+        description="Each party makes its own key pair where it runs and hands out only its .pub: "
+        "'keys generate --cloud NAME' (or --coordinator) on each machine, then 'keys add' the others' .pub files.",
+    )
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
-    generate = keys_commands.add_parser("generate", help="write key pairs for a job")
+    generate = keys_commands.add_parser(
+        "generate",
+        help="write a key pair (NAME.key 0600, NAME.pub)",
+        description="--cloud NAME / --coordinator: this party's own pair, on its own machine (production). "
+        "--clouds a,b,c: every party's pair in one directory, for one operator running them all (fedjet up).",
+    )
     generate.add_argument("--out", required=True, help="directory to write NAME.key / NAME.pub into")
-    generate.add_argument("--clouds", type=parse_clouds, required=True)
-    generate.add_argument("--observers", type=parse_clouds, default=("eval",))
+    who = generate.add_mutually_exclusive_group(required=True)
+    who.add_argument("--cloud", default=None, help="only this identity's pair (a cloud or observer)")
+    who.add_argument("--coordinator", action="store_true", help="only the coordinator's pair")
+    who.add_argument("--clouds", type=parse_clouds, default=None, help="every pair: coordinator, clouds, observers")
+    generate.add_argument("--observers", type=parse_clouds, default=("eval",), help="with --clouds (default eval)")
     generate.add_argument("--if-missing", action="store_true", help="do nothing if the keys already exist")
     generate.set_defaults(func=cmd_keys_generate)
+    add = keys_commands.add_parser(
+        "add",
+        help="copy other parties' public keys (NAME.pub) into a key directory",
+        description="Refuses a secret key, a file that is not a fedjet public key, and a key that would "
+        "replace a different one of the same name.",
+    )
+    add.add_argument("files", nargs="+", metavar="FILE.pub", help="public key files handed out by the others")
+    add.add_argument("--out", required=True, help="the key directory to add them to")
+    add.set_defaults(func=cmd_keys_add)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -456,13 +478,29 @@ def cmd_bench_experiment(args: argparse.Namespace) -> int:
 def cmd_keys_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from fedjet.keystore import generate
+    from fedjet.codecs.crypto import COORDINATOR
+    from fedjet.keystore import generate, generate_one
 
-    if args.if_missing and (Path(args.out) / "coordinator.key").exists():
+    own = COORDINATOR if args.coordinator else args.cloud
+    first = own if own is not None else COORDINATOR
+    if args.if_missing and (Path(args.out) / f"{first}.key").exists():
         print(f"keys already in {args.out}; leaving them")
         return 0
-    for path in generate(args.out, [*args.clouds, *args.observers]):
+    written = generate_one(args.out, own) if own is not None else generate(args.out, [*args.clouds, *args.observers])
+    for path in written:
         print(path)
+    if own is not None:
+        print(f"hand out {Path(args.out) / (own + '.pub')} only; add the others' with: fedjet keys add FILE.pub ...")
+    return 0
+
+
+def cmd_keys_add(args: argparse.Namespace) -> int:
+    from fedjet.keystore import add_public
+
+    written = add_public(args.out, args.files)
+    for path in written:
+        print(path)
+    print(f"{len(written)} public key(s) added to {args.out} (a key already there is left as it is)")
     return 0
 
 
