@@ -79,9 +79,9 @@ def test_a_dp_job_learns_and_stops_when_the_budget_is_spent(tmp_path, data_dir):
     assert exported["privacy"]["epsilon"] == privacy["epsilon"] and exported["privacy"]["delta"] == 1e-5
 
 
-def test_central_dp_clips_each_update_and_draws_the_same_noise_again():
-    """DP-FedAvg in the aggregator: every update is clipped to ``clip`` and weighted alike, the
-    noise is seeded by (job seed, version), so a replay re-derives the very same version."""
+def test_central_dp_clips_each_update_and_draws_its_noise_from_the_recorded_key():
+    """DP-FedAvg in the aggregator: every update is clipped to ``clip`` and weighted alike; the
+    noise comes from a fresh CSPRNG key per version, and replaying with that key reproduces it."""
     import torch
 
     from fedjet.config.job import StrategyConfig
@@ -90,18 +90,46 @@ def test_central_dp_clips_each_update_and_draws_the_same_noise_again():
     from fedjet.coordinator.strategies import Aggregator, Applied
 
     weights = {"w": torch.zeros(1000)}
-    config = StrategyConfig(name="fedavg", central_dp="clip=0.5,noise=0.0001")
+    config = StrategyConfig(name="fedavg", central_dp="clip=0.5,noise=0.00001")
     big = Contribution("aws", 0, 1000, 1.0, {"w": torch.full((1000,), 1.0)})  # norm 31.6, weight 1000
     small = Contribution("gcp", 0, 1, 1.0, {"w": torch.full((1000,), -0.001)})  # norm 0.03
-    runs = [Aggregator(config, dict(weights), noise_seed=7).apply([Applied(big, 0), Applied(small, 0)]) for _ in "ab"]
-    assert torch.equal(runs[0]["w"], runs[1]["w"])  # same seed, same version: same noise
+    batch = [Applied(big, 0), Applied(small, 0)]
+    live = Aggregator(config, dict(weights), clouds=2)
+    first = live.apply(batch)
+    assert len(live.last_noise_key) == 32
+    again = Aggregator(config, dict(weights), clouds=2).apply(batch)
+    assert not torch.equal(first["w"], again["w"])  # a fresh key: nobody can redraw the noise
+    replayed = Aggregator(config, dict(weights), clouds=2).apply(batch, noise_key=live.last_noise_key)
+    assert torch.equal(replayed["w"], first["w"])  # the recorded key reproduces it bit for bit
     expected = (0.5 / 1000**0.5 - 0.001) / 2  # aws clipped to norm 0.5, equal weights
-    assert torch.allclose(runs[0]["w"], torch.full((1000,), expected), atol=1e-4)
-    other = Aggregator(config, dict(weights), noise_seed=8).apply([Applied(big, 0), Applied(small, 0)])
-    assert not torch.equal(other["w"], runs[0]["w"])
+    assert torch.allclose(first["w"], torch.full((1000,), expected), atol=1e-4)
     with pytest.raises(ValueError, match="fedavg or fedbuff"):
         StrategyConfig(name="async", central_dp="clip=1,noise=1")
     assert central_epsilon(parse_central("clip=1,noise=1"), 10) > central_epsilon(parse_central("clip=1,noise=1"), 5)
+
+
+def test_central_dp_divides_by_the_expected_count_not_by_who_arrived():
+    """The sensitivity argument: one cloud's clipped update moves the version by at most
+    clip / expected, and the noise is sized for that, however many updates came."""
+    import torch
+
+    from fedjet.config.job import StrategyConfig
+    from fedjet.coordinator.aggregate import Contribution
+    from fedjet.coordinator.strategies import Aggregator, Applied
+
+    config = StrategyConfig(name="fedavg", central_dp="clip=1,noise=2")
+    start = {"w": torch.ones(200_000)}  # norm 447: --clip-update does not bind
+    lone = Contribution("aws", 0, 1, 1.0, {"w": torch.full((200_000,), 1.0)})  # clipped to norm 1
+    alone = Aggregator(config, dict(start), clouds=3)
+    moved = alone.apply([Applied(lone, 0)])["w"]
+    nobody = Aggregator(config, dict(start), clouds=3)  # the neighbour without aws, same noise draw
+    empty = Contribution("gcp", 0, 1, 1.0, {"w": torch.zeros(200_000)})
+    without = nobody.apply([Applied(empty, 0)], noise_key=alone.last_noise_key)["w"]
+    assert float((without - 1).std()) == pytest.approx(2 * 1.0 / 3, rel=0.02)  # z * clip / expected
+    signal = moved - without  # aws's clipped update over the 3 clouds the round expects, not over 1
+    assert torch.allclose(signal, torch.full((200_000,), 1.0 / 200_000**0.5 / 3), rtol=1e-3, atol=1e-6)
+    gap = float(torch.linalg.vector_norm(signal))
+    assert gap == pytest.approx(1.0 / 3, rel=1e-4)  # the sensitivity the accountant assumes
 
 
 def parse_central(text: str):

@@ -58,6 +58,7 @@ from fedjet.codecs.messages import (
 )
 from fedjet.codecs.record import VersionRecord
 from fedjet.codecs.tensors import weights_hash
+from fedjet.codecs.withheld import disclosed
 from fedjet.config.codec import CodecSpec
 from fedjet.errors import AuthenticationError, BlobError, BrokerError, FedjetError, ValidationError
 from fedjet.log import get_logger
@@ -440,8 +441,10 @@ class GlobalFollower:
         return sealed_key
 
     def record(self, head: GlobalHead) -> VersionRecord:
-        """The coordinator's record of this version (who contributed, losses, bytes, progress)."""
-        return VersionRecord.from_bytes(open_secret(head.meta, open_version_key(self._sealed_key(head), self.boxes)))
+        """The coordinator's record of this version (who contributed, bytes, progress); with the
+        coordinator's key also the part withheld from members (losses, the noise key)."""
+        record = VersionRecord.from_bytes(open_secret(head.meta, open_version_key(self._sealed_key(head), self.boxes)))
+        return disclosed(record, self.boxes.me.box) if self.boxes.me.name == COORDINATOR else record
 
 
 def _view(head: GlobalHead) -> ViewRef:

@@ -87,6 +87,21 @@ class SecureRecord:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WithheldLoss:
+    loss: float
+    heldout: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoordinatorOnly:
+    """The part of a record sealed to the coordinator alone (see :mod:`fedjet.codecs.withheld`)."""
+
+    noise_key: bytes = b""  # central DP: the key of this version's noise stream, for replay --verify
+    losses: tuple[WithheldLoss, ...] = ()  # per contribution, in order
+    train_loss: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class VersionRecord:
     strategy: str
     contributions: tuple[ContributionRecord, ...] = ()
@@ -99,6 +114,9 @@ class VersionRecord:
     progress: Progress = field(default_factory=Progress)
     retired: tuple[str, ...] = ()  # clouds that said they send no more (privacy budget spent)
     secure: SecureRecord | None = None  # secure aggregation: contributions list headers only
+    # What only the coordinator's key opens (a libsodium sealed box of a CoordinatorOnly):
+    # the members who can read this record see no cloud's loss and no central-DP noise key.
+    coordinator_only: bytes = b""
     record_version: int = RECORD_VERSION
 
     def to_bytes(self) -> bytes:

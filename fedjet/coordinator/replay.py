@@ -28,6 +28,7 @@ class RecordedVersion:
     hash: str
     contributions: tuple[ContributionRecord, ...]
     secure: SecureRecord | None = None  # made from one unmasked sum, recomputed from its transcript
+    noise_key: bytes = b""  # central DP: the recorded key of this version's noise (coordinator's eyes only)
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,8 @@ class Verifier:
     the recorded weights, so each tampered version is reported (with a stateful server
     optimizer later versions may differ too: its state cannot be rebuilt from the record)."""
 
-    def __init__(self, strategy: StrategyConfig, start: Weights, start_version: int, noise_seed: int = 0) -> None:
-        self.aggregator = Aggregator(strategy, start, start_version, noise_seed=noise_seed)
+    def __init__(self, strategy: StrategyConfig, start: Weights, start_version: int, clouds: int = 1) -> None:
+        self.aggregator = Aggregator(strategy, start, start_version, clouds=clouds)
         self.result = VerifyResult()
 
     def missing_bases(self, contributions: Sequence[Contribution]) -> set[int]:
@@ -88,14 +89,14 @@ class Verifier:
         try:
             batch = []
             if record.secure is not None:  # the survivors' sum, as the coordinator applied it
-                agg.apply([Applied(c, 0) for c in contributions])
+                agg.apply([Applied(c, 0) for c in contributions], noise_key=record.noise_key or None)
                 return agg.hash, None if agg.hash == record.hash else "weights hash differs"
             for recorded, contribution in zip(record.contributions, contributions, strict=True):
                 staleness = agg.staleness_of(contribution.base_version)
                 if staleness != recorded.staleness:
                     return None, f"recorded staleness {recorded.staleness} but the update implies {staleness}"
                 batch.append(Applied(contribution, staleness))
-            agg.apply(batch)
+            agg.apply(batch, noise_key=record.noise_key or None)
         except FedjetError as e:
             return None, f"{e.reason}: {e}"
         return agg.hash, None if agg.hash == record.hash else "weights hash differs"
@@ -135,8 +136,8 @@ class Counterfactual:
     """Folds counterfactual batches. Updates were trained from the recorded bases, so formula
     4 mixes against the recorded base weights and staleness is the recorded one."""
 
-    def __init__(self, strategy: StrategyConfig, start: Weights, start_version: int, noise_seed: int = 0) -> None:
-        self.aggregator = Aggregator(strategy, start, start_version, bases_from_record=True, noise_seed=noise_seed)
+    def __init__(self, strategy: StrategyConfig, start: Weights, start_version: int, clouds: int = 1) -> None:
+        self.aggregator = Aggregator(strategy, start, start_version, bases_from_record=True, clouds=clouds)
 
     def missing_bases(self, contributions: Sequence[Contribution]) -> set[int]:
         if not self.aggregator.strategy.needs_stale_bases:

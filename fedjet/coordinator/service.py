@@ -26,6 +26,7 @@ from fedjet.codecs.crypto import COORDINATOR, ReplayGuard, envelope_limit
 from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import RETIRE, GlobalHead, Update
 from fedjet.codecs.record import Progress, SecureRecord
+from fedjet.codecs.withheld import withhold
 from fedjet.config.codec import CodecSpec
 from fedjet.coordinator.admission import Admission
 from fedjet.coordinator.aggregate import Weights
@@ -115,7 +116,7 @@ class Coordinator:
                 )  # fmt: skip
                 checkpoint = await self._prepare(js)
                 if checkpoint is None:
-                    self.aggregator = Aggregator(spec.strategy, initial, noise_seed=spec.config.seed)
+                    self.aggregator = Aggregator(spec.strategy, initial, clouds=len(spec.clouds))
                     await self.publish_version([])
                 else:
                     self._restore(checkpoint)
@@ -154,9 +155,8 @@ class Coordinator:
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         head, record = checkpoint.latest.head, checkpoint.record
-        self.aggregator = Aggregator(
-            self.config.spec.strategy, checkpoint.weights, head.version, noise_seed=self.config.spec.config.seed
-        )
+        spec = self.config.spec
+        self.aggregator = Aggregator(spec.strategy, checkpoint.weights, head.version, clouds=len(spec.clouds))
         self.aggregator.preload(checkpoint.history)
         self.ledger = Ledger.resume(record.progress)
         self._guard = ReplayGuard(dict(record.progress.guard))
@@ -312,6 +312,7 @@ class Coordinator:
         pace, seen = self.pacer.assignment, inbox.seen_through
         record = self.ledger.record(agg.strategy.name, received, waiting=waiting, assignment=pace, seen_through=seen)
         record = replace(record, retired=tuple(sorted(self._batcher.retired)), secure=secure)
+        record = withhold(record, self.config.boxes.me.public.box, noise_key=agg.last_noise_key)
         with structlog.contextvars.bound_contextvars(version=agg.version):
             head = await publisher.publish(agg.version, agg.hash, agg.weights, record, final=self.done())
         self.metrics.version(agg.version)

@@ -12,6 +12,7 @@ the very same object with the same batches.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,10 +24,11 @@ from fedjet.codecs.tensors import weights_hash
 from fedjet.config.job import STRATEGIES, StrategyConfig
 from fedjet.coordinator import aggregate as agg
 from fedjet.coordinator.aggregate import Contribution, Weights
-from fedjet.coordinator.central_dp import add_noise, equal_and_clipped
+from fedjet.coordinator.central_dp import add_noise, central_pseudo_gradient
 from fedjet.coordinator.server_opt import ServerOptimizer
 from fedjet.coordinator.validate import clip_bound, clipped
 from fedjet.errors import NonFiniteError, StaleUpdateError
+from fedjet.privacy.secure_random import KEY_BYTES
 
 __all__ = ["STRATEGIES", "Aggregator", "Applied", "Strategy", "StrategyConfig", "strategy_for"]
 BaseOf = Callable[[int], Weights]
@@ -65,7 +67,7 @@ class Strategy:
     def pseudo_gradient(self, weights: Weights, batch: Sequence[Applied], base_of: BaseOf) -> Weights:
         raise NotImplementedError
 
-    def _discounts(self, batch: Sequence[Applied]) -> list[float]:
+    def discounts(self, batch: Sequence[Applied]) -> list[float]:
         return [self.config.staleness(a.staleness) for a in batch]
 
 
@@ -73,7 +75,7 @@ class FedAvg(Strategy):
     name = "fedavg"
 
     def pseudo_gradient(self, weights: Weights, batch: Sequence[Applied], base_of: BaseOf) -> Weights:
-        return agg.fedavg(weights, [a.contribution for a in batch], self._discounts(batch))
+        return agg.fedavg(weights, [a.contribution for a in batch], self.discounts(batch))
 
 
 class Dynamic(Strategy):
@@ -81,7 +83,7 @@ class Dynamic(Strategy):
 
     def pseudo_gradient(self, weights: Weights, batch: Sequence[Applied], base_of: BaseOf) -> Weights:
         parts = [a.contribution for a in batch]
-        return agg.dynamic(weights, parts, self.config.temperature, self._discounts(batch))
+        return agg.dynamic(weights, parts, self.config.temperature, self.discounts(batch))
 
 
 class Gradient(Strategy):
@@ -89,7 +91,7 @@ class Gradient(Strategy):
     update_kind = "gradient"
 
     def pseudo_gradient(self, weights: Weights, batch: Sequence[Applied], base_of: BaseOf) -> Weights:
-        return agg.gradient(weights, [a.contribution for a in batch], self._discounts(batch))
+        return agg.gradient(weights, [a.contribution for a in batch], self.discounts(batch))
 
 
 class Async(Strategy):
@@ -103,7 +105,7 @@ class Async(Strategy):
     def pseudo_gradient(self, weights: Weights, batch: Sequence[Applied], base_of: BaseOf) -> Weights:
         (only,) = batch
         base = base_of(only.contribution.base_version)
-        return agg.async_mix(weights, base, only.contribution, self.config.alpha, self._discounts(batch)[0])
+        return agg.async_mix(weights, base, only.contribution, self.config.alpha, self.discounts(batch)[0])
 
 
 class FedBuff(Strategy):
@@ -115,7 +117,7 @@ class FedBuff(Strategy):
         return self.config.buffer_size
 
     def pseudo_gradient(self, weights: Weights, batch: Sequence[Applied], base_of: BaseOf) -> Weights:
-        return agg.fedbuff(weights, [a.contribution for a in batch], self._discounts(batch))
+        return agg.fedbuff(weights, [a.contribution for a in batch], self.discounts(batch))
 
 
 _CLASSES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, Dynamic, Gradient, Async, FedBuff)}
@@ -136,18 +138,20 @@ class Aggregator:
         version: int = 0,
         *,
         bases_from_record: bool = False,
-        noise_seed: int = 0,
+        clouds: int = 1,
     ) -> None:
         """Replay supplies base versions this aggregator never held with :meth:`provide_base`;
         with ``bases_from_record`` every base comes from there (counterfactuals number
-        versions anew)."""
+        versions anew). ``clouds`` fixes central DP's denominator (the strategy's batch size
+        for that many clouds)."""
         self.config = config
         self.strategy = strategy_for(config)
         self.weights = weights
         self.version = version
         self.recorded_bases: dict[int, Weights] = {}
         self.bases_from_record = bases_from_record
-        self.noise_seed = noise_seed  # central DP: the job's seed, so replay draws the same noise
+        self.expected = self.strategy.batch_size(clouds)  # central DP divides by this, never by the count
+        self.last_noise_key = b""  # central DP: the key of the newest version's noise (recorded, sealed)
         self.optimizer = ServerOptimizer(config.server)
         self._history: OrderedDict[int, Weights] = OrderedDict([(version, weights)])
         self.hash = weights_hash(weights)
@@ -175,21 +179,24 @@ class Aggregator:
     def provide_base(self, version: int, weights: Weights) -> None:
         self.recorded_bases[version] = weights
 
-    def apply(self, batch: Sequence[Applied]) -> Weights:
+    def apply(self, batch: Sequence[Applied], *, noise_key: bytes | None = None) -> Weights:
         """Fold one batch (a sync round, one async update, or K buffered updates), each update
         clipped to ``clip_update`` x the global's norm. A batch that would make the weights
-        non-finite raises :class:`NonFiniteError` and changes nothing."""
+        non-finite raises :class:`NonFiniteError` and changes nothing. Under central DP the
+        noise stream's key is ``noise_key`` (replay passes the recorded one) or a fresh one
+        from the OS CSPRNG, kept in :attr:`last_noise_key` for the record."""
         if not batch:
             raise StaleUpdateError("an empty batch makes no version")
         bound = clip_bound(self.weights, self.config.clip_update)
         batch = [Applied(clipped(a.contribution, bound), a.staleness) for a in batch]
         central = self.config.central_dp_config
-        if central is not None:
-            parts = equal_and_clipped([a.contribution for a in batch], central.clip)
-            batch = [Applied(p, a.staleness) for p, a in zip(parts, batch, strict=True)]
-        pseudo_grad = self.strategy.pseudo_gradient(self.weights, batch, self.base_weights)
-        if central is not None:
-            pseudo_grad = add_noise(pseudo_grad, central, len(batch), self.noise_seed, self.version + 1)
+        if central is None:
+            pseudo_grad = self.strategy.pseudo_gradient(self.weights, batch, self.base_weights)
+        else:
+            parts, discounts = [a.contribution for a in batch], self.strategy.discounts(batch)
+            pseudo_grad = central_pseudo_gradient(self.weights, parts, discounts, central.clip, self.expected)
+            key = os.urandom(KEY_BYTES) if noise_key is None else noise_key
+            pseudo_grad = add_noise(pseudo_grad, central, self.expected, key)
         saved = self.optimizer.steps, {n: {k: v.clone() for k, v in s.items()} for n, s in self.optimizer.state.items()}
         weights = self.optimizer.step(self.weights, pseudo_grad)
         if not all(bool(torch.isfinite(t).all()) for t in weights.values()):
@@ -198,14 +205,15 @@ class Aggregator:
         self.weights = weights
         self.version += 1
         self.hash = weights_hash(self.weights)
+        self.last_noise_key = key if central is not None else b""
         self._remember()
         return self.weights
 
-    def apply_finite(self, batch: Sequence[Applied]) -> list[int]:
+    def apply_finite(self, batch: Sequence[Applied], *, noise_key: bytes | None = None) -> list[int]:
         """Fold ``batch`` without the updates that would make the global non-finite; returns
         their positions (all of them when none does so alone: then no version is made)."""
         try:
-            self.apply(batch)
+            self.apply(batch, noise_key=noise_key)
             return []
         except NonFiniteError:
             pass
@@ -213,7 +221,7 @@ class Aggregator:
         rest = [a for i, a in enumerate(batch) if i not in bad]
         if rest:
             try:
-                self.apply(rest)
+                self.apply(rest, noise_key=noise_key)
             except NonFiniteError:
                 return list(range(len(batch)))
         return bad

@@ -7,9 +7,12 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from nacl.public import PrivateKey
+
 from fedjet.channel.globals import GlobalFollower
 from fedjet.codecs.messages import DPClaim, GlobalHead, GlobalVersion
 from fedjet.codecs.record import VersionRecord
+from fedjet.codecs.withheld import disclosed
 from fedjet.privacy.accounting import claims_report
 from fedjet.report import RoundRecord, round_line
 from fedjet.runner.evaluate import Evaluator
@@ -27,7 +30,11 @@ class Collector:
         clouds: int,
         eval_every: int = 1,
         on_round: Callable[[RoundRecord], None] | None = None,
+        coordinator: PrivateKey | None = None,
     ) -> None:
+        """``coordinator``: the coordinator's key, where the runner holds it (``fedjet up``), to
+        read the losses a record withholds from members and observers."""
+        self.coordinator = coordinator
         self.follower = follower
         self.evaluator = evaluator
         self.clouds = clouds
@@ -73,6 +80,8 @@ class Collector:
 
     async def _record(self, head: GlobalHead, version: GlobalVersion) -> RoundRecord:
         record = self.follower.record(head)
+        if self.coordinator is not None:
+            record = disclosed(record, self.coordinator)
         self.last_record = record
         for c in record.contributions:
             if c.dp is not None:

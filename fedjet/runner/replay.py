@@ -27,6 +27,7 @@ from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import GlobalHead
 from fedjet.codecs.record import ContributionRecord
 from fedjet.codecs.tensors import weights_hash
+from fedjet.codecs.withheld import coordinator_only
 from fedjet.config.job import StrategyConfig
 from fedjet.coordinator.admission import Admission
 from fedjet.coordinator.aggregate import Contribution, Weights
@@ -144,7 +145,11 @@ class _Session:
         if not heads:
             raise ConfigError(f"job {self.subjects.job!r} has no recorded global versions")
         records = {v: self.follower.record(heads[v]) for v in sorted(heads)}
-        versions = [RecordedVersion(v, heads[v].hash, r.contributions, r.secure) for v, r in records.items()]
+        me = self.boxes.me.box
+        versions = [
+            RecordedVersion(v, heads[v].hash, r.contributions, r.secure, coordinator_only(r, me).noise_key)
+            for v, r in records.items()
+        ]
         return Recording(spec, heads, versions)
 
     async def _weights(self, version: int) -> Weights:
@@ -203,7 +208,7 @@ class _Session:
                 aggregator.provide_base(base, await self._weights(base))
 
     async def verify(self) -> VerifyResult:
-        verifier = Verifier(self.recording.spec.strategy, self.start, self.first, self.recording.spec.config.seed)
+        verifier = Verifier(self.recording.spec.strategy, self.start, self.first, len(self.recording.spec.clouds))
         bar = tqdm(
             total=len(self.versions), desc="verify", unit="version", disable=not self.config.progress, file=sys.stderr
         )
@@ -247,7 +252,7 @@ class _Session:
             )
         )
         print(f"note: {COUNTERFACTUAL_NOTE}", flush=True)
-        folding = Counterfactual(strategy, self.start, self.first, spec.config.seed)
+        folding = Counterfactual(strategy, self.start, self.first, len(spec.clouds))
         rounds = [await asyncio.to_thread(_record, 0, self.first, self.start, evaluator, [], 0)]
         for batch in counterfactual_batches(self.versions, strategy, spec.strategy, spec.clouds):
             contributions = await self._contributions(batch, self.start)

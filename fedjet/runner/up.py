@@ -31,7 +31,7 @@ from fedjet.config.wire import to_wire
 from fedjet.coordinator.central_dp import central_report
 from fedjet.data.wikitext import load_corpus, resolve_data_dir
 from fedjet.errors import FedjetError, Terminated
-from fedjet.keystore import generate, member_boxes
+from fedjet.keystore import generate, load_identity, member_boxes
 from fedjet.log import get_logger
 from fedjet.observe.live import LiveView
 from fedjet.observe.metrics import ObserverMetrics, serve_metrics
@@ -232,7 +232,8 @@ async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child
         await follower.start()
         on_round, live, server = _round_sink(config, lambda: collector.last_record)
         collector = Collector(
-            follower, evaluator, clouds=len(opts.clouds), eval_every=config.eval_every, on_round=on_round
+            follower, evaluator, clouds=len(opts.clouds), eval_every=config.eval_every, on_round=on_round,
+            coordinator=load_identity(keys, COORDINATOR).box,  # fedjet up made every key: it may read the losses
         )
         try:
             await _race(collector.run(), children, config.timeout_s)
