@@ -117,13 +117,11 @@ def test_only_setup_mounts_the_private_tree_and_the_ca_bundle_holds_no_private_k
         sources = set(mounts(service).values())
         assert ("deploy" in sources) == (name == "setup"), name
     assert sorted(p.name for p in (bundles / "ca").iterdir()) == ["ca.pem"]
-    assert sorted(p.name for p in (bundles / "identities" / "aws").iterdir()) == [
-        "aws.key",
-        "coordinator.pub",
-        "user.nk",
-    ]
+    aws = sorted(p.name for p in (bundles / "identities" / "aws").iterdir())
+    assert aws == ["aws.key", "aws.pub", "azure.pub", "coordinator.pub", "gcp.pub", "user.nk"]  # --secure-agg
     coordinator = sorted(p.name for p in (bundles / "identities" / "coordinator").iterdir())
-    assert coordinator == ["aws.pub", "azure.pub", "coordinator.key", "eval.pub", "gcp.pub", "user.nk"]
+    assert coordinator == ["aws.pub", "azure.pub", "coordinator.key", "coordinator.pub", "eval.pub", "gcp.pub",
+                           "user.nk"]  # fmt: skip
 
 
 def test_each_volume_is_mounted_where_setup_wrote_it_relative_to_the_generated_tree():

@@ -5,7 +5,7 @@
     fedjet deploy nats --clouds aws,gcp,azure --job J --out DIR
                        [--host H] [--base-port P] [--hub-size N] [--observers eval]
                        [--client-certs] [--js-domain hub]
-                       [--with-keys] [--bundles BDIR] [--if-missing]
+                       [--with-keys | --public-keys KDIR] [--bundles BDIR] [--if-missing]
 
 ``--clouds``        the clouds; each gets a leaf node and one NKEY user (required)
 ``--job``           the job the permissions are written for (required)
@@ -17,9 +17,18 @@
 ``--observers``     read-only identities such as ``fedjet status`` (default eval)
 ``--client-certs``  servers also require a client certificate from the CA
 ``--js-domain``     the hub's JetStream domain, used by every client (default hub)
-``--with-keys``     also write fedjet's own key pairs (``fedjet keys generate``) into the identity
-                    folders: a cloud or observer gets its ``NAME.key`` and ``coordinator.pub``,
-                    the coordinator ``coordinator.key`` and every member's ``.pub``
+``--with-keys``     also make every party's fedjet key pair here (``fedjet keys generate``) and put
+                    them in the identity folders: a cloud gets its ``NAME.key`` and ``NAME.pub``,
+                    ``coordinator.pub`` and every other cloud's ``.pub`` (``--secure-agg`` checks
+                    every member's signed messages); an observer its pair and
+                    ``coordinator.pub``; the coordinator ``coordinator.key`` and every member's
+                    ``.pub``. The one-machine convenience (docker compose, a demo): whoever runs
+                    it has held every party's secret, so updates signed with them prove nothing
+                    about who sent them against that person
+``--public-keys KDIR`` the production path: each party ran ``fedjet keys generate --cloud NAME``
+                    (``--coordinator``) on its own machine and handed out only ``NAME.pub``,
+                    collected in KDIR; the identity folders get the ``.pub`` files each one
+                    needs (as above) and no secret - each machine adds its own ``NAME.key``
 ``--bundles BDIR``  also copy what each container or machine needs into its own folder:
                     ``BDIR/ca/ca.pem``, ``BDIR/servers/<server>/``, ``BDIR/identities/<name>/``
                     (the CA's private key is never copied)
@@ -43,6 +52,7 @@ from fedjet.deploy.manifest import TOPOLOGY_FILE, Topology
 from fedjet.deploy.topology import TopologyConfig, generate
 from fedjet.errors import ConfigError
 from fedjet.keystore import generate as generate_keys
+from fedjet.keystore import load_public, write_public
 
 DEFAULTS: dict[str, Any] = {
     "host": "127.0.0.1",
@@ -52,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "client_certs": False,
     "js_domain": "hub",
     "with_keys": False,
+    "public_keys": None,
     "bundles": None,
     "if_missing": False,
 }
@@ -68,7 +79,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--observers", type=parse_names, default=DEFAULTS["observers"], help="read-only identities")
     parser.add_argument("--client-certs", action="store_true", help="servers require client certificates too")
     parser.add_argument("--js-domain", default=DEFAULTS["js_domain"], help="the hub's JetStream domain")
-    parser.add_argument("--with-keys", action="store_true", help="also write fedjet's key pairs per identity")
+    keys = parser.add_mutually_exclusive_group()
+    keys.add_argument(
+        "--with-keys",
+        action="store_true",
+        help="also make every party's fedjet key pair HERE (one-machine demo: this operator holds every secret)",
+    )
+    keys.add_argument(
+        "--public-keys",
+        default=None,
+        metavar="KDIR",
+        help="give each identity the .pub files it needs from KDIR (each party made its own pair: production)",
+    )
     parser.add_argument("--bundles", default=None, metavar="BDIR", help="copy each machine's part to BDIR/...")
     parser.add_argument("--if-missing", action="store_true", help="do nothing if DIR/topology.json exists")
 
@@ -91,12 +113,21 @@ def deploy_command(args: Any) -> int:
         client_certs=bool(opt["client_certs"]),
         jetstream_domain=opt["js_domain"],
     )
+    if opt["with_keys"] and opt["public_keys"] is not None:
+        raise ConfigError("--with-keys makes every key here; --public-keys takes the parties' own: give one")
     topology = generate(config)
     if opt["with_keys"]:
         write_fedjet_keys(topology, config.clouds, config.observers)
+    elif opt["public_keys"] is not None:
+        write_public_keys(topology, config.clouds, config.observers, Path(opt["public_keys"]))
     if opt["bundles"] is not None:
         write_bundles(topology, Path(opt["bundles"]))
-    print(describe(topology, with_keys=bool(opt["with_keys"])))
+    print(describe(topology, with_keys=bool(opt["with_keys"]) or opt["public_keys"] is not None))
+    if opt["with_keys"]:
+        print(
+            "note: every party's secret key was made on this machine (a one-machine setup); in production each "
+            "party runs 'fedjet keys generate --cloud NAME' itself and you deploy with --public-keys"
+        )
     return 0
 
 
@@ -104,24 +135,51 @@ def _names(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return parse_names(value) if isinstance(value, str) else tuple(value)
 
 
+def public_keys_needed(name: str, clouds: tuple[str, ...], observers: tuple[str, ...]) -> tuple[str, ...]:
+    """Whose ``.pub`` identity ``name`` needs: the coordinator every member's (to check their
+    updates' signatures), a cloud the coordinator's and every cloud's (``--secure-agg`` checks
+    each member's signed messages; its own too), an observer the coordinator's and its own."""
+    if name == COORDINATOR:
+        return (COORDINATOR, *clouds, *observers)
+    if name in clouds:
+        return (COORDINATOR, *clouds)
+    return (COORDINATOR, name)
+
+
 def write_fedjet_keys(topology: Topology, clouds: tuple[str, ...], observers: tuple[str, ...]) -> None:
-    """fedjet's PyNaCl keys, each identity getting only what it needs (see the module docstring)."""
+    """Every party's PyNaCl pair made here, each identity getting only its own secret and the
+    public keys it needs (see :func:`public_keys_needed`)."""
     members = (*clouds, *observers)
     folders = {name: entry.nkey.parent for name, entry in topology.identities.items()}
     scratch = Path(tempfile.mkdtemp(prefix=".fedjet-keys-", dir=folders[COORDINATOR].parent))
     try:
         generate_keys(scratch, members)
-        wanted = {COORDINATOR: [f"{COORDINATOR}.key", *(f"{m}.pub" for m in members)]}
-        wanted |= {m: [f"{m}.key", f"{COORDINATOR}.pub"] for m in members}
-        for name, files in wanted.items():
-            for file in files:
-                data = (scratch / file).read_bytes()
-                if file.endswith(".key"):
-                    write_secret(folders[name] / file, data)
-                else:
-                    write_file(folders[name] / file, data)
+        for name in (COORDINATOR, *members):
+            write_secret(folders[name] / f"{name}.key", (scratch / f"{name}.key").read_bytes())
+            for peer in public_keys_needed(name, clouds, observers):
+                write_file(folders[name] / f"{peer}.pub", (scratch / f"{peer}.pub").read_bytes())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def write_public_keys(
+    topology: Topology, clouds: tuple[str, ...], observers: tuple[str, ...], source: Path
+) -> list[Path]:
+    """The ``.pub`` files each identity needs, from the ones the parties handed out into
+    ``source``; every one is read and checked before any is written, and no secret is touched."""
+    members = (*clouds, *observers)
+    folders = {name: entry.nkey.parent for name, entry in topology.identities.items()}
+    missing = [f"{n}.pub" for n in (COORDINATOR, *members) if not (source / f"{n}.pub").is_file()]
+    if missing:
+        raise ConfigError(
+            f"{source} lacks {', '.join(missing)}: each party runs 'fedjet keys generate' and hands it out"
+        )
+    keys = {name: load_public(source, name) for name in (COORDINATOR, *members)}
+    written = []
+    for name in (COORDINATOR, *members):
+        for peer in public_keys_needed(name, clouds, observers):
+            written.append(write_public(folders[name], keys[peer]))
+    return written
 
 
 def write_bundles(topology: Topology, bundles: Path) -> list[Path]:
