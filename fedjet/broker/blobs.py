@@ -93,11 +93,16 @@ async def publish_blob(
     server restarting, a stream recovering, 429/503, acks lost with a dropped connection)
     re-send the whole blob after a backoff, for up to ``attempts`` tries started within
     ``2 * timeout`` seconds: the chunks' dedup ids make JetStream store each chunk once, and
-    acks of re-sent chunks carry the sequence of the copy stored first."""
+    acks of re-sent chunks carry the sequence of the copy stored first.
+
+    A chunk JetStream answers as a duplicate that this call had not sent before was stored by
+    someone else under the same id (nothing of ours was stored): that is a ``BlobError``, never
+    a success, or a record would point at what another party published."""
     wait, started = 0.2, time.monotonic()
+    sent: set[int] = set()  # chunks published by an earlier try of this call
     for attempt in range(1, attempts + 1):
         try:
-            return await _publish_chunks(js, subject, payload, blob_id, max_payload, extra_headers, timeout)
+            return await _publish_chunks(js, subject, payload, blob_id, max_payload, extra_headers, timeout, sent)
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as e:
             late = time.monotonic() + wait - started > 2 * timeout
             if not _transient(e) or attempt == attempts or late:
@@ -116,6 +121,7 @@ async def _publish_chunks(
     max_payload: int,
     extra_headers: dict[str, str] | None,
     timeout: float,
+    sent: set[int],
 ) -> PublishedBlob:
     """Chunks go out as async publishes, at most ``PUBLISH_WINDOW_BYTES`` unacked at a time:
     JetStream answers 429 "too many requests" once a stream's ingest queue is full, which a few
@@ -150,7 +156,14 @@ async def _publish_chunks(
     except BaseException:
         for fut in futures:
             fut.cancel()
+        sent.update(range(len(futures)))
         raise
+    taken = [i for i, ack in enumerate(acks) if ack.duplicate and i not in sent]
+    if taken:
+        raise BlobError(
+            f"blob {blob_id[:64]} on {subject}: chunk(s) {taken[:4]} were already stored under the same id by "
+            "someone else (a duplicate ack): nothing of this blob is where the acks point"
+        )
     return PublishedBlob(
         first_seq=acks[0].seq,
         last_seq=acks[-1].seq,

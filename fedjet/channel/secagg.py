@@ -34,9 +34,9 @@ QUEUE_LIMIT = 4096  # steps waiting to be taken; only authenticated ones get thi
 
 
 def secagg_max_bytes(members: int, masked: int) -> int:
-    """The largest step of a round: a masked vector (4 bytes a coordinate), or a list of
-    advertisements or shares (a few hundred bytes a member), plus headers and sealing."""
-    return 4 * masked + 4096 * members + ENVELOPE_OVERHEAD + (64 << 10)
+    """The largest step of a round: a masked vector (8 bytes a coordinate), or a list of
+    advertisements, shares or confirmations (a few hundred bytes a member), plus headers and sealing."""
+    return 8 * masked + 4096 * members + ENVELOPE_OVERHEAD + (64 << 10)
 
 
 @dataclass(frozen=True)

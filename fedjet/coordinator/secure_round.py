@@ -7,11 +7,13 @@ count as dropped. Fewer than the threshold ends the round with ``SecAggAbort``; 
 counts it and opens the next attempt on the same base. Anything a member sends that does not
 fit (another round, a forged signature, a second copy) is counted and skipped.
 
-Weights are fixed before anyone masks: the advertisements carry each member's update header,
-and the weights go back with the list of advertisements; each member scales its own update by
-its weight, and the sum is divided by what the survivors' weights add up to. A ``Weighing``
-says how: formulas 1 and 3 weigh ``n_i / n`` over the advertisers; FedBuff weighs
-``s(tau_i) / K`` over a buffer of the first K advertisers, whose updates may be stale.
+Weights are not the coordinator's to choose: each member computes its own from its update
+header and the job's rule, signs it in its advertisement and masks its update times it; this
+module only checks that an advertised weight follows the rule from the header that came with
+it (``Weighing.rule``: formulas 1 and 3 weigh by sample count, FedBuff by ``s(tau_i)`` over a
+buffer of the first K advertisers, whose updates may be stale), and decodes the unmasked sum
+with the survivors' own signed weights (``fedjet.secagg.average``). Before anyone reveals,
+every survivor signs the unmask request (the consistency round) and gets the others' signatures.
 """
 
 from __future__ import annotations
@@ -28,10 +30,21 @@ from fedjet.channel.secagg import Arrived, SecAggLink
 from fedjet.codecs.messages import UpdateHeader
 from fedjet.errors import FedjetError, SchemaError, Terminated, ValidationError
 from fedjet.log import get_logger
-from fedjet.secagg import Advertise, MaskedInput, Reveal, RoundConfig, ServerRound, ShareKeys, Transcript
+from fedjet.secagg import (
+    Advertise,
+    Confirm,
+    MaskedInput,
+    Reveal,
+    RoundConfig,
+    ServerRound,
+    ShareKeys,
+    Transcript,
+    WeightRule,
+    average,
+)
 from fedjet.secagg.config import SecureAggConfig
-from fedjet.secagg.fixedpoint import fedavg_weights
 from fedjet.secagg.steps import Step, round_id
+from fedjet.secagg.unmask import survivor_weights
 
 log = get_logger("fedjet.coordinator")
 POLL_S = 0.25
@@ -43,34 +56,24 @@ class RoundIdle(FedjetError):
 
 @dataclass(frozen=True)
 class Weighing:
-    """How a round weighs its members: which bases it takes, when its advertisements close,
-    each advertiser's weight in [0, 1], and what the survivors' weights add up to."""
+    """How a round weighs its members: which bases it takes, when its advertisements close, and
+    the rule every member weighs itself by (the coordinator only checks it was followed)."""
 
     max_staleness: int  # 0: only updates made from this round's base (synchronous rounds)
     close_at: int  # advertisements close once this many are in (all clouds, or the buffer)
-    weigh: Callable[[dict[str, UpdateHeader], int], dict[str, float]]
-    total: Callable[[tuple[str, ...], dict[str, float]], float]
+    rule: WeightRule
 
 
-def by_samples(members: int) -> Weighing:
-    """Formulas 1 and 3: ``n_i / n`` over the advertisers, renormalized over the survivors; a
-    round waits for every member (or its phase timeout once the threshold is in)."""
-    return Weighing(
-        max_staleness=0,
-        close_at=members,
-        weigh=lambda headers, base: fedavg_weights({m: max(h.samples, 1) for m, h in headers.items()}),
-        total=lambda survivors, weights: sum(weights[m] for m in survivors),
-    )
+def by_samples(members: int, max_weight: int) -> Weighing:
+    """Formulas 1 and 3: ``n_i`` over the survivors' ``sum(n_i)``; a round waits for every
+    member (or its phase timeout once the threshold is in)."""
+    return Weighing(max_staleness=0, close_at=members, rule=WeightRule(max_weight=max_weight))
 
 
-def by_staleness(staleness: Callable[[int], float], max_staleness: int, buffer: int) -> Weighing:
-    """FedBuff: ``s(tau_i) / K``; the sum over survivors is the mean of ``s(tau_i) * delta_i``."""
-    return Weighing(
-        max_staleness=max_staleness,
-        close_at=buffer,
-        weigh=lambda headers, base: {m: staleness(base - h.base_version) / len(headers) for m, h in headers.items()},
-        total=lambda survivors, weights: len(survivors) / len(weights),
-    )
+def by_staleness(staleness: Callable[[int], float], max_staleness: int, buffer: int, max_weight: int) -> Weighing:
+    """FedBuff: ``s(tau_i)``, one unit each; the average over survivors is the mean of ``s(tau_i) * delta_i``."""
+    rule = WeightRule(max_weight=max_weight, staleness=staleness, max_staleness=max_staleness)
+    return Weighing(max_staleness=max_staleness, close_at=buffer, rule=rule)
 
 
 @dataclass
@@ -81,8 +84,8 @@ class SecureOutcome:
     average: npt.NDArray[np.float32]  # over the agreed coordinates
     survivors: tuple[str, ...]
     dropped: tuple[str, ...]
-    weights: dict[str, float]
-    weight_total: float
+    weights: dict[str, float]  # each survivor's coefficient in the average (its signed weight / units)
+    weight_total: float  # 1.0: the average is sum(weights[m] * x_m)
     headers: dict[str, UpdateHeader]
     transcript: Transcript
     member_bytes: dict[str, int] = field(default_factory=dict)
@@ -147,9 +150,8 @@ class SecureRound:
         await self._collect("advertise", set(rc.members), self._advert, wait_for_first=True)
         adverts = self.server.close_adverts()
         advertisers = tuple(a.member for a in adverts.adverts)
-        weights = self.weighing.weigh({m: self.headers[m] for m in advertisers}, self.base_version)
         for member in advertisers:
-            await self.link.send(member, self._step("adverts", adverts.to_wire(), weights=weights))
+            await self.link.send(member, self._step("adverts", adverts.to_wire()))
         await self._collect(
             "shares", set(advertisers), lambda a: self.server.receive_shares(ShareKeys.from_wire(a.step.body))
         )
@@ -161,23 +163,31 @@ class SecureRound:
         for member in request.survivors:
             await self.link.send(member, self._step("unmask", request.to_wire()))
         await self._collect(
-            "reveal", set(request.survivors), lambda a: self.server.receive_reveal(Reveal.from_wire(a.step.body))
+            "confirm", set(request.survivors), lambda a: self.server.receive_confirm(Confirm.from_wire(a.step.body))
+        )
+        confirmations = self.server.close_confirms()
+        for member in self.server.confirmed:
+            await self.link.send(member, self._step("confirmed", confirmations.to_wire()))
+        await self._collect(
+            "reveal", set(self.server.confirmed), lambda a: self.server.receive_reveal(Reveal.from_wire(a.step.body))
         )
         total = self.server.finish()
-        weight_total = self.weighing.total(request.survivors, weights)
-        average = self.config.fixed_point.decode(total, weight_total=weight_total)
+        transcript = self.server.transcript
+        mean = average(transcript, total, self.config.fixed_point)  # the members' own signed weights
+        own = survivor_weights(transcript)
+        units = sum(w.units for w in own.values())
         log.info(
             "secagg_round_done", round=rc.round_id, survivors=len(request.survivors), dropped=list(request.dropped)
         )
         return SecureOutcome(
             round_id=rc.round_id,
-            average=average,
+            average=mean,
             survivors=request.survivors,
             dropped=request.dropped,
-            weights={m: weights[m] for m in request.survivors},
-            weight_total=weight_total,
+            weights={m: w.weight / units for m, w in own.items()},
+            weight_total=1.0,
             headers={m: self.headers[m] for m in request.survivors},
-            transcript=self.server.transcript,
+            transcript=transcript,
             member_bytes=dict(self.member_bytes),
             masked_seq=dict(self.masked_seq),
         )
@@ -202,7 +212,14 @@ class SecureRound:
         if header.cloud != arrived.sender or not 0 <= tau <= self.weighing.max_staleness:
             raise ValidationError(f"{arrived.sender}'s header names {header.cloud} on base {header.base_version}")
         self._check_header(header, arrived.sender)
-        self.server.receive_advert(Advertise.from_wire(arrived.step.body))
+        advert = Advertise.from_wire(arrived.step.body)
+        expected = self.weighing.rule.of(samples=header.samples, tau=tau)
+        if (advert.weight, advert.units) != (expected.weight, expected.units):
+            raise ValidationError(
+                f"{arrived.sender} weighs itself {advert.weight}/{advert.units}, the job's rule gives "
+                f"{expected.weight}/{expected.units} for its header"
+            )
+        self.server.receive_advert(advert)
         self.headers[arrived.sender] = header
 
     def _masked(self, arrived: Arrived) -> None:

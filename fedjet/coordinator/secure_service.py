@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack  # type: ignore[import-untyped]
 
-from fedjet.broker.blobs import publish_blob
+from fedjet.broker.blobs import PublishedBlob, publish_blob
 from fedjet.channel.secagg import SecAggLink, secagg_max_bytes
 from fedjet.codecs.crypto import COORDINATOR, seal_secagg
 from fedjet.codecs.messages import Update, UpdateHeader
@@ -25,7 +25,7 @@ from fedjet.coordinator.secure_round import RoundIdle, SecureOutcome, SecureRoun
 from fedjet.coordinator.secure_sum import secure_contribution, transcript_blob_id
 from fedjet.coordinator.strategies import Applied
 from fedjet.coordinator.validate import check_claims
-from fedjet.errors import Terminated, ValidationError
+from fedjet.errors import BlobError, Terminated, ValidationError
 from fedjet.log import get_logger
 from fedjet.secagg import SecAggError
 from fedjet.secagg.steps import ATTEMPTS
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from fedjet.coordinator.service import Coordinator
 
 log = get_logger("fedjet.coordinator")
+TRANSCRIPT_TRIES = 3
 
 
 class SecureRounds:
@@ -53,10 +54,11 @@ class SecureRounds:
         )  # fmt: skip
         self.verify_keys = {c: coordinator.config.boxes.public_of(c).verify for c in spec.clouds}
         strategy = spec.strategy
+        max_weight = config.fixed_point.max_weight(len(spec.clouds))
         if strategy.name == "fedbuff":
-            self.weighing = by_staleness(strategy.staleness, strategy.max_staleness, strategy.buffer_size)
+            self.weighing = by_staleness(strategy.staleness, strategy.max_staleness, strategy.buffer_size, max_weight)
         else:
-            self.weighing = by_samples(len(spec.clouds))
+            self.weighing = by_samples(len(spec.clouds), max_weight)
 
     async def run(self) -> None:
         c, spec = self.c, self.c.config.spec
@@ -90,6 +92,21 @@ class SecureRounds:
         finally:
             await self.link.stop()
 
+    async def _publish_transcript(self, round_id: int, sealed: bytes) -> PublishedBlob:
+        """Under a fresh random id; a chunk someone else stored first under it (a duplicate ack)
+        is refused by ``publish_blob``, and the transcript goes out again under a new id."""
+        for tries in range(1, TRANSCRIPT_TRIES + 1):
+            try:
+                return await publish_blob(
+                    self.js, self.c.subjects.secagg_transcript, sealed, blob_id=transcript_blob_id(round_id),
+                    max_payload=self.nc.max_payload,
+                )  # fmt: skip
+            except BlobError as e:
+                self.c.reject_step(e.reason, "transcript", str(e))
+                if tries == TRANSCRIPT_TRIES:
+                    raise
+        raise AssertionError("unreachable")
+
     def _check_header(self, header: UpdateHeader, cloud: str) -> None:
         """A secure round's update header: the same claims checks as a plain update's."""
         spec = self.c.config.spec
@@ -114,10 +131,7 @@ class SecureRounds:
             c.reject_step("NonFiniteError", "round", "the secure sum would make the global non-finite")
             return False
         packed = msgpack.packb(outcome.transcript.to_wire(), use_bin_type=True)
-        blob = await publish_blob(
-            self.js, c.subjects.secagg_transcript, seal_secagg(packed, c.config.boxes, COORDINATOR),
-            blob_id=transcript_blob_id(outcome.round_id), max_payload=self.nc.max_payload,
-        )  # fmt: skip
+        blob = await self._publish_transcript(outcome.round_id, seal_secagg(packed, c.config.boxes, COORDINATOR))
         received = [
             Received(Update(h, {}), Applied(Contribution(h.cloud, h.base_version, h.samples, h.loss, {}),
                                             base_version - h.base_version), 0, outcome.member_bytes.get(h.cloud, 0), [])

@@ -8,25 +8,50 @@ transcript, so both sides share these two functions.
 
 from __future__ import annotations
 
+import math
+import secrets
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from fedjet.broker.blobs import H_BLOB
+from fedjet.broker.jetstream import read_blob, read_range
+from fedjet.broker.subjects import JobSubjects
 from fedjet.codecs.flat import unflatten
 from fedjet.codecs.record import ContributionRecord, SecureRecord
 from fedjet.coordinator.aggregate import Contribution, Weights
 from fedjet.errors import ValidationError
-from fedjet.secagg import Transcript, recompute_sum, scatter
+from fedjet.secagg import Transcript, average, recompute_sum, scatter
 from fedjet.secagg.config import SecureAggConfig
 from fedjet.secagg.steps import agreed_indices
+from fedjet.secagg.unmask import survivor_weights
 
 SECURE_SUM = "secure-sum"  # the contribution's name: no one cloud's
 
 
 def transcript_blob_id(round_id: int) -> str:
-    """Where a round's sealed transcript is found in the SECAGG stream (the record names the round)."""
-    return f"transcript-{round_id}"
+    """A fresh, unguessable blob id for a round's sealed transcript: a member that knows the
+    round id cannot publish under it first (JetStream would drop the coordinator's copy as a
+    duplicate). Replay finds it at the first stream sequence the record names."""
+    return f"transcript-{round_id}-{secrets.token_hex(16)}"
+
+
+async def read_transcript_blob(js: Any, subjects: JobSubjects, secure: SecureRecord, max_bytes: int) -> bytes:
+    """The sealed transcript the record points at: the blob whose first chunk is at
+    ``transcript_first`` (its id names the round), reassembled from that range."""
+    first = None
+    async for msg in read_range(js, subjects.secagg_stream, subjects.secagg_transcript,
+                                secure.transcript_first, secure.transcript_first):  # fmt: skip
+        first = msg
+    blob_id = (first.headers or {}).get(H_BLOB, "") if first is not None else ""
+    if not blob_id.startswith(f"transcript-{secure.round_id}-"):
+        raise ValidationError(f"stream seq {secure.transcript_first} holds no transcript of round {secure.round_id}")
+    return await read_blob(
+        js, subjects.secagg_stream, subjects.secagg_transcript, secure.transcript_first, secure.transcript_last,
+        blob_id=blob_id, max_bytes=max_bytes,
+    )  # fmt: skip
 
 
 def secure_contribution(
@@ -50,14 +75,18 @@ def secure_contribution(
 
 
 def recorded_average(transcript: Transcript, secure: SecureRecord, config: SecureAggConfig) -> npt.NDArray[np.float32]:
-    """Replay: the survivors' weighted average, recomputed from what the coordinator received."""
+    """Replay: the survivors' weighted average, recomputed from what the coordinator received,
+    with the weights the members signed (the record's must agree: they are only the coordinator's)."""
     if transcript.config.round_id != secure.round_id or transcript.request.survivors != secure.survivors:
         raise ValidationError(f"the transcript is of round {transcript.config.round_id}, not the recorded one")
-    if set(secure.weights) != set(secure.survivors):
-        raise ValidationError("the record's weights are not the survivors'")
+    own = survivor_weights(transcript)
+    units = sum(w.units for w in own.values())
+    if set(secure.weights) != set(own) or any(
+        not math.isclose(secure.weights[m], w.weight / units, rel_tol=1e-9) for m, w in own.items()
+    ):
+        raise ValidationError("the record's weights are not the ones the survivors signed")
     total = recompute_sum(transcript)
-    weight_total = secure.weight_total or sum(secure.weights.values())
-    return config.fixed_point.decode(total, weight_total=weight_total)
+    return average(transcript, total, config.fixed_point)
 
 
 def members_of(contributions: Sequence[ContributionRecord]) -> list[tuple[int, float]]:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from fedjet.broker.auth import ClientAuth
 from fedjet.broker.blobs import Blob, BlobAssembler
-from fedjet.broker.jetstream import read_blob, read_range
+from fedjet.broker.jetstream import read_range
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower
 from fedjet.channel.secagg import secagg_max_bytes
@@ -32,7 +32,7 @@ from fedjet.config.job import StrategyConfig
 from fedjet.coordinator.admission import Admission
 from fedjet.coordinator.aggregate import Contribution, Weights
 from fedjet.coordinator.replay import Counterfactual, RecordedVersion, Verifier, VerifyResult, counterfactual_batches
-from fedjet.coordinator.secure_sum import members_of, recorded_average, secure_contribution, transcript_blob_id
+from fedjet.coordinator.secure_sum import members_of, read_transcript_blob, recorded_average, secure_contribution
 from fedjet.errors import BlobError, ConfigError, FedjetError, ValidationError
 from fedjet.report import Report, RoundRecord, round_line, summarize
 from fedjet.runner.recorded import coordinator_view, keys_dir_for, only_job, recorded_jetstream
@@ -186,11 +186,7 @@ class _Session:
         if base is None:
             raise ValidationError(f"the base of version {record.version} is not recorded")
         limit = (len(spec.clouds) + 1) * secagg_max_bytes(len(spec.clouds), secure.numel)
-        envelope = await read_blob(
-            self.js, self.subjects.secagg_stream, self.subjects.secagg_transcript,
-            secure.transcript_first, secure.transcript_last, blob_id=transcript_blob_id(secure.round_id),
-            max_bytes=limit,
-        )  # fmt: skip
+        envelope = await read_transcript_blob(self.js, self.subjects, secure, limit)
         _, packed = open_secagg(envelope, self.boxes, limit, senders={COORDINATOR})
         try:
             transcript = Transcript.from_wire(msgpack.unpackb(packed, raw=False))

@@ -9,6 +9,7 @@ relays the messages. ``recompute_sum`` replays a recorded ``Transcript``.
 from fedjet.secagg.coords import gather, random_k_indices, scatter
 from fedjet.secagg.errors import (
     EncodingError,
+    OutOfRangeError,
     RevealRefused,
     SecAggAbort,
     SecAggAuthError,
@@ -23,7 +24,10 @@ from fedjet.secagg.fixedpoint import FixedPoint, fedavg_weights
 from fedjet.secagg.messages import (
     Advertise,
     AdvertiseList,
+    Confirm,
+    Confirmations,
     MaskedInput,
+    MaskedStatement,
     Reveal,
     RoundConfig,
     ShareDelivery,
@@ -33,15 +37,20 @@ from fedjet.secagg.messages import (
 )
 from fedjet.secagg.protocol import MemberRound, Phase, ServerRound
 from fedjet.secagg.transcript import Transcript
-from fedjet.secagg.unmask import recompute_sum
+from fedjet.secagg.unmask import average, recompute_sum
+from fedjet.secagg.weights import Weight, WeightRule
 
 __all__ = [
     "Advertise",
     "AdvertiseList",
+    "Confirm",
+    "Confirmations",
     "EncodingError",
     "FixedPoint",
     "MaskedInput",
+    "MaskedStatement",
     "MemberRound",
+    "OutOfRangeError",
     "Phase",
     "Reveal",
     "RevealRefused",
@@ -59,6 +68,9 @@ __all__ = [
     "StaleShareError",
     "Transcript",
     "UnmaskRequest",
+    "Weight",
+    "WeightRule",
+    "average",
     "fedavg_weights",
     "from_wire",
     "gather",

@@ -83,7 +83,13 @@ def _secure(updates: dict[str, np.ndarray], threshold: int, dropped: int, meter:
     request = meter.time("server", server.close_masked)
     for m in request.survivors:
         meter.down += meter.size(request)
-        reveal = meter.time(m, members[m].reveal, request)
+        confirm = meter.time(m, members[m].confirm, request)
+        meter.up += meter.size(confirm)
+        meter.time("server", server.receive_confirm, confirm)
+    confirmations = meter.time("server", server.close_confirms)
+    for m in request.survivors:
+        meter.down += meter.size(confirmations)
+        reveal = meter.time(m, members[m].reveal, confirmations)
         meter.up += meter.size(reveal)
         meter.time("server", server.receive_reveal, reveal)
     meter.time("server", server.finish)

@@ -3,7 +3,7 @@
 Top-k picks different coordinates per member, so masks would not cancel. Instead every
 member selects ``random_k_indices(seed, numel, k)`` from a seed all of them know (e.g. from the
 round's signed global head): the same indices everywhere, unknown before the round starts.
-Masking then runs over the gathered vector; the protocol itself only sees flat uint32 vectors.
+Masking then runs over the gathered vector; the protocol itself only sees flat uint64 ring vectors.
 """
 
 from __future__ import annotations

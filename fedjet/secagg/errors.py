@@ -54,3 +54,8 @@ class RevealRefused(SecAggError):
 
 class EncodingError(SecAggError, ValidationError):
     """A value cannot be encoded in fixed point (not finite) or a ring vector has the wrong shape."""
+
+
+class OutOfRangeError(SecAggError, ValidationError):
+    """The unmasked sum lies outside what the survivors' clipped, weighted inputs can add up to:
+    some member sent a contribution that no clipped input encodes. Nothing is applied."""

@@ -19,10 +19,10 @@ import numpy.typing as npt
 from nacl.public import Box, PrivateKey, PublicKey
 
 from fedjet.secagg.errors import SecAggAuthError, ShareError, StaleShareError
-from fedjet.secagg.prg import SEED_BYTES, expand
+from fedjet.secagg.prg import SEED_BYTES, expand_u64
 from fedjet.secagg.shamir import Share
 
-U32 = npt.NDArray[np.uint32]
+U64 = npt.NDArray[np.uint64]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,14 +65,14 @@ def sign_of(u: str, v: str) -> int:
     return 1 if u < v else -1
 
 
-def pair_mask(secret: bytes, peer_public: bytes, n: int, *, job: str, round_id: int, u: str, v: str) -> U32:
+def pair_mask(secret: bytes, peer_public: bytes, n: int, *, job: str, round_id: int, u: str, v: str) -> U64:
     """PRG(s_uv) for the unordered pair {u, v}; both ends (and the unmasker) get the same vector."""
     lo, hi = sorted((u, v))
-    return expand(agree(secret, peer_public), n, purpose="pair", round_id=round_id, context=(job, lo, hi))
+    return expand_u64(agree(secret, peer_public), n, purpose="pair", round_id=round_id, context=(job, lo, hi))
 
 
-def self_mask(b: bytes, n: int, *, job: str, round_id: int, member: str) -> U32:
-    return expand(b, n, purpose="self", round_id=round_id, context=(job, member))
+def self_mask(b: bytes, n: int, *, job: str, round_id: int, member: str) -> U64:
+    return expand_u64(b, n, purpose="self", round_id=round_id, context=(job, member))
 
 
 def seal_share(box: Box, *, job: str, round_id: int, sender: str, recipient: str, s: Share, b: Share) -> bytes:

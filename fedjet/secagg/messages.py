@@ -7,13 +7,22 @@ them inside its own authenticated channel, and nothing in them can unmask anyone
 
 Sequence per round (n members, threshold T)::
 
-    member -> coordinator   Advertise      keys c_pk, s_pk and a commitment to b   (round 0)
+    member -> coordinator   Advertise      keys c_pk, s_pk, a commitment to b, its own weight (round 0)
     coordinator -> all      AdvertiseList  every advertisement received
     member -> coordinator   ShareKeys      encrypted Shamir shares, one per peer     (round 1)
     coordinator -> each     ShareDelivery  the ciphertexts addressed to it
-    member -> coordinator   MaskedInput    y_u = x_u + masks  (mod 2^32)             (round 2)
+    member -> coordinator   MaskedInput    y_u = w_u x_u + masks (mod 2^64), signed with the
+                                           peers it masked against (its view of U2)  (round 2)
     coordinator -> alive    UnmaskRequest  who survived, who dropped
-    member -> coordinator   Reveal         b shares of survivors, s_sk shares of the dropped (round 3)
+    member -> coordinator   Confirm        its signature on exactly that request     (round 3)
+    coordinator -> signers  Confirmations  the signatures, and every survivor's signed masked statement
+    member -> coordinator   Reveal         b shares of survivors, s_sk shares of the dropped (round 4)
+
+Round 3 is the consistency check of Bonawitz et al.: a member reveals only for the one request it
+signed, once it holds signatures on that same request from at least T of its survivors (so two
+different requests cannot both be answered: each member signs one, and 2T > n) and every
+survivor's signed statement that it masked against exactly the request's members (so a
+coordinator that withheld shares from one member to shrink its peers learns nothing).
 """
 
 from __future__ import annotations
@@ -96,10 +105,14 @@ class Advertise:
     c_pk: bytes  # share encryption (Box)
     s_pk: bytes  # pairwise mask agreement
     b_commit: bytes  # hash of the self-mask seed b
+    weight: int = 1  # the member's own whole weight (fedjet.secagg.weights), signed here
+    units: int = 1  # what it counts for in the denominator
     sig: bytes = b""
 
     def signed_body(self, job: str) -> bytes:
-        return wire.canonical(self.KIND, job, self.round_id, self.member, self.c_pk, self.s_pk, self.b_commit)
+        return wire.canonical(
+            self.KIND, job, self.round_id, self.member, self.c_pk, self.s_pk, self.b_commit, self.weight, self.units
+        )
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -110,6 +123,8 @@ class Advertise:
             "c_pk": self.c_pk,
             "s_pk": self.s_pk,
             "b_commit": self.b_commit,
+            "weight": self.weight,
+            "units": self.units,
             "sig": self.sig,
         }
 
@@ -122,6 +137,8 @@ class Advertise:
             c_pk=wire.get_key(m, "c_pk"),
             s_pk=wire.get_key(m, "s_pk"),
             b_commit=wire.get_key(m, "b_commit"),
+            weight=wire.get_count(m, "weight"),
+            units=wire.get_count(m, "units"),
             sig=wire.get_key(m, "sig", wire.SIG_BYTES),
         )
 
@@ -215,21 +232,30 @@ class ShareDelivery:
 
 @dataclass(frozen=True, kw_only=True)
 class MaskedInput:
-    """Round 2: the masked vector, little-endian uint32; the signature covers its SHA-256."""
+    """Round 2: the masked vector, little-endian uint64, and the members it masked against (its
+    view of U2, itself included); the signature covers both (the vector by its SHA-256)."""
 
     KIND: ClassVar[str] = "sa.masked"
     round_id: int
     member: str
     y: bytes
+    peers: tuple[str, ...] = ()
     sig: bytes = b""
 
     @property
-    def vector(self) -> npt.NDArray[np.uint32]:
-        return np.frombuffer(self.y, dtype="<u4").astype(np.uint32, copy=False)
+    def vector(self) -> npt.NDArray[np.uint64]:
+        return np.frombuffer(self.y, dtype="<u8").astype(np.uint64, copy=False)
+
+    @property
+    def statement(self) -> MaskedStatement:
+        """What the other members check before revealing: the signed body without the vector."""
+        return MaskedStatement(
+            round_id=self.round_id, member=self.member, size=len(self.y), digest=hashlib.sha256(self.y).digest(),
+            peers=self.peers, sig=self.sig,
+        )  # fmt: skip
 
     def signed_body(self, job: str) -> bytes:
-        digest = hashlib.sha256(self.y).digest()
-        return wire.canonical(self.KIND, job, self.round_id, self.member, len(self.y), digest)
+        return self.statement.signed_body(job)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -238,6 +264,7 @@ class MaskedInput:
             "round": self.round_id,
             "member": self.member,
             "y": self.y,
+            "peers": list(self.peers),
             "sig": self.sig,
         }
 
@@ -248,6 +275,48 @@ class MaskedInput:
             round_id=wire.get_count(m, "round"),
             member=wire.get(m, "member", str),
             y=wire.get(m, "y", bytes),
+            peers=wire.get_names(m, "peers"),
+            sig=wire.get_key(m, "sig", wire.SIG_BYTES),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class MaskedStatement:
+    """A masked input's signed body without the vector: who masked, against whom, and the hash."""
+
+    KIND: ClassVar[str] = "sa.masked-statement"
+    round_id: int
+    member: str
+    size: int
+    digest: bytes
+    peers: tuple[str, ...]
+    sig: bytes = b""
+
+    def signed_body(self, job: str) -> bytes:
+        peers = sorted(self.peers)
+        return wire.canonical(MaskedInput.KIND, job, self.round_id, self.member, self.size, self.digest, peers)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "v": wire.SECAGG_VERSION,
+            "kind": self.KIND,
+            "round": self.round_id,
+            "member": self.member,
+            "size": self.size,
+            "digest": self.digest,
+            "peers": list(self.peers),
+            "sig": self.sig,
+        }
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> MaskedStatement:
+        m = wire.header(raw, cls.KIND)
+        return cls(
+            round_id=wire.get_count(m, "round"),
+            member=wire.get(m, "member", str),
+            size=wire.get_count(m, "size"),
+            digest=wire.get_key(m, "digest"),
+            peers=wire.get_names(m, "peers"),
             sig=wire.get_key(m, "sig", wire.SIG_BYTES),
         )
 
@@ -277,6 +346,75 @@ class UnmaskRequest:
             round_id=wire.get_count(m, "round"),
             survivors=wire.get_names(m, "survivors"),
             dropped=wire.get_names(m, "dropped"),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Confirm:
+    """Round 3: a survivor's signature on exactly the unmask request it was sent (one per round)."""
+
+    KIND: ClassVar[str] = "sa.confirm"
+    round_id: int
+    member: str
+    survivors: tuple[str, ...]
+    dropped: tuple[str, ...]
+    sig: bytes = b""
+
+    def signed_body(self, job: str) -> bytes:
+        return wire.canonical(self.KIND, job, self.round_id, self.member, sorted(self.survivors), sorted(self.dropped))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "v": wire.SECAGG_VERSION,
+            "kind": self.KIND,
+            "round": self.round_id,
+            "member": self.member,
+            "survivors": list(self.survivors),
+            "dropped": list(self.dropped),
+            "sig": self.sig,
+        }
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> Confirm:
+        m = wire.header(raw, cls.KIND)
+        return cls(
+            round_id=wire.get_count(m, "round"),
+            member=wire.get(m, "member", str),
+            survivors=wire.get_names(m, "survivors"),
+            dropped=wire.get_names(m, "dropped"),
+            sig=wire.get_key(m, "sig", wire.SIG_BYTES),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Confirmations:
+    """Coordinator -> each survivor that confirmed: the signatures on the request, and every
+    survivor's signed masked statement (which members it masked against)."""
+
+    KIND: ClassVar[str] = "sa.confirmations"
+    round_id: int
+    confirms: tuple[Confirm, ...]
+    statements: tuple[MaskedStatement, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "v": wire.SECAGG_VERSION,
+            "kind": self.KIND,
+            "round": self.round_id,
+            "confirms": [c.to_wire() for c in self.confirms],
+            "statements": [s.to_wire() for s in self.statements],
+        }
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> Confirmations:
+        m = wire.header(raw, cls.KIND)
+        confirms, statements = wire.get_list(m, "confirms"), wire.get_list(m, "statements")
+        if len(confirms) > wire.MAX_MEMBERS or len(statements) > wire.MAX_MEMBERS:
+            raise SecAggSchemaError("more confirmations or statements than members")
+        return cls(
+            round_id=wire.get_count(m, "round"),
+            confirms=tuple(Confirm.from_wire(c) for c in confirms),
+            statements=tuple(MaskedStatement.from_wire(s) for s in statements),
         )
 
 
@@ -324,11 +462,14 @@ class Reveal:
         )
 
 
-Signed = Advertise | ShareKeys | MaskedInput | Reveal
+Signed = Advertise | ShareKeys | MaskedInput | MaskedStatement | Confirm | Reveal
 MESSAGES: dict[str, Any] = {
     cls.KIND: cls
-    for cls in (RoundConfig, Advertise, AdvertiseList, ShareKeys, ShareDelivery, MaskedInput, UnmaskRequest, Reveal)
-}
+    for cls in (
+        RoundConfig, Advertise, AdvertiseList, ShareKeys, ShareDelivery, MaskedInput, MaskedStatement,
+        UnmaskRequest, Confirm, Confirmations, Reveal,
+    )
+}  # fmt: skip
 
 
 def from_wire(raw: Any) -> Any:

@@ -8,11 +8,14 @@ and the right message can still arrive. ``SecAggAbort`` (below threshold) ends t
 good; the next round is a new object with fresh keys and a new round id.
 
 Threat model: the coordinator learns only the sum over survivors, as long as fewer than
-``threshold`` members collude with it. Each member answers one unmask request per round and
-never reveals both secrets of one member, and ``threshold > n/2``, so even a coordinator that
-tells different members different stories about who dropped cannot, without colluding
-members, gather ``threshold`` shares of both ``b_u`` and ``s_sk_u``. The paper's extra consistency-check round (signed
-survivor lists) is not implemented.
+``threshold`` members collude with it, even when it lies. Each member weighs its own input
+(signed in its advertisement), signs the peers it masked against with its masked input, signs
+one unmask request per round and reveals only for it, never both secrets of one member, and
+only once it holds signatures on that request from ``threshold > n/2`` survivors and every
+survivor's statement that it masked against exactly that request's members (the consistency
+round of Bonawitz et al., checked with the member's own copy of everyone's key). So a
+coordinator can get one request answered at all, and only one whose survivors all masked
+against the same members: it learns the sum over those survivors, nothing about any one.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ from nacl.signing import SigningKey, VerifyKey
 from fedjet.errors import ConfigError
 from fedjet.secagg import keys, shamir, wire
 from fedjet.secagg.errors import EncodingError, RevealRefused, SecAggAbort, SecAggProtocolError, ShareError
-from fedjet.secagg.keys import U32
+from fedjet.secagg.keys import U64
 from fedjet.secagg.messages import (
     Advertise,
     AdvertiseList,
+    Confirm,
+    Confirmations,
     MaskedInput,
     Reveal,
     RoundConfig,
@@ -39,7 +44,17 @@ from fedjet.secagg.messages import (
     UnmaskRequest,
 )
 from fedjet.secagg.transcript import Transcript
-from fedjet.secagg.unmask import check_masked, check_reveal, check_round, check_signature, recompute_sum
+from fedjet.secagg.unmask import (
+    check_advert_weight,
+    check_consistency,
+    check_masked,
+    check_request,
+    check_reveal,
+    check_round,
+    check_signature,
+    recompute_sum,
+)
+from fedjet.secagg.weights import Weight
 
 
 class Phase(enum.StrEnum):
@@ -47,6 +62,7 @@ class Phase(enum.StrEnum):
     SHARE_KEYS = "share_keys"
     RECEIVE_SHARES = "receive_shares"
     MASK = "mask"
+    CONFIRM = "confirm"
     REVEAL = "reveal"
     DONE = "done"
     ABORTED = "aborted"
@@ -74,15 +90,29 @@ class _Machine:
 
 
 class MemberRound(_Machine):
-    """One member's side of one round: advertise, share keys, receive shares, mask, reveal."""
+    """One member's side of one round: advertise, share keys, receive shares, mask, confirm, reveal.
+
+    ``weight``: what this member computed itself (``fedjet.secagg.weights``); the input it masks
+    must be encoded with ``weight.weight``."""
 
     def __init__(
-        self, *, config: RoundConfig, member: str, signing_key: SigningKey, verify_keys: Mapping[str, VerifyKey]
+        self,
+        *,
+        config: RoundConfig,
+        member: str,
+        signing_key: SigningKey,
+        verify_keys: Mapping[str, VerifyKey],
+        weight: Weight | None = None,
     ) -> None:
         if member not in config.members:
             raise ConfigError(f"{member!r:.40} is not in this round's roster")
+        weight = weight or Weight(1, 1)
+        if weight.weight < 1 or weight.units < 1:
+            raise ConfigError(f"a member's weight and units must be >= 1, got {weight}")
         super().__init__(config)
         self.member = member
+        self.weight = weight
+        self._request: UnmaskRequest | None = None
         self._signing_key = signing_key
         self._verify_keys = dict(verify_keys)
         self._secrets = keys.RoundSecrets.generate()
@@ -101,6 +131,8 @@ class MemberRound(_Machine):
             c_pk=keys.public_key(s.c_sk),
             s_pk=keys.public_key(s.s_sk),
             b_commit=keys.commit(s.b, job=cfg.job, round_id=cfg.round_id, member=self.member),
+            weight=self.weight.weight,
+            units=self.weight.units,
         )
         self._advert = replace(msg, sig=wire.sign(msg.signed_body(cfg.job), self._signing_key))
         self._phase = Phase.SHARE_KEYS
@@ -113,6 +145,7 @@ class MemberRound(_Machine):
             if advert.member not in self.config.members or advert.member in peers:
                 raise SecAggProtocolError(f"advertisement of {advert.member!r:.40} is unknown or repeated")
             check_signature(advert, self.config, self._verify_keys)
+            check_advert_weight(advert)
             peers[advert.member] = advert
         if peers.get(self.member) != self._advert:
             raise SecAggProtocolError("this member's own advertisement is missing or altered")
@@ -177,12 +210,12 @@ class MemberRound(_Machine):
         self._u2 = frozenset(senders | {self.member})
         self._phase = Phase.MASK
 
-    def mask(self, x: U32) -> MaskedInput:
-        """Round 2: y = x + PRG(b) + sum over U2 of +-PRG(s_uv), all mod 2^32."""
+    def mask(self, x: U64) -> MaskedInput:
+        """Round 2: y = x + PRG(b) + sum over U2 of +-PRG(s_uv), all mod 2^64; signed with U2."""
         self._expect(Phase.MASK, "mask")
         cfg, s = self.config, self._secrets
-        if x.dtype != np.uint32 or x.shape != (cfg.numel,):
-            raise EncodingError(f"masking needs a uint32 vector of {cfg.numel} elements, got {x.dtype} {x.shape}")
+        if x.dtype != np.uint64 or x.shape != (cfg.numel,):
+            raise EncodingError(f"masking needs a uint64 vector of {cfg.numel} elements, got {x.dtype} {x.shape}")
         y = x + keys.self_mask(s.b, cfg.numel, job=cfg.job, round_id=cfg.round_id, member=self.member)
         for v in sorted(self._u2 - {self.member}):
             mask = keys.pair_mask(
@@ -192,25 +225,43 @@ class MemberRound(_Machine):
                 y += mask
             else:
                 y -= mask
-        self._phase = Phase.REVEAL
-        msg = MaskedInput(round_id=cfg.round_id, member=self.member, y=y.astype("<u4").tobytes())
+        self._phase = Phase.CONFIRM
+        msg = MaskedInput(
+            round_id=cfg.round_id, member=self.member, y=y.astype("<u8").tobytes(), peers=tuple(sorted(self._u2))
+        )
         return replace(msg, sig=wire.sign(msg.signed_body(cfg.job), self._signing_key))
 
-    def reveal(self, request: UnmaskRequest) -> Reveal:
-        """Round 3: b shares of survivors, s_sk shares of the dropped; never both for one member."""
+    def confirm(self, request: UnmaskRequest) -> Confirm:
+        """Round 3: sign the one unmask request this member will ever answer in this round, once
+        it names the members this member masked against, this member among the survivors."""
         cfg = self.config
         check_round(request, cfg)
-        self._expect(Phase.REVEAL, "reveal")
-        survivors, dropped = set(request.survivors), set(request.dropped)
-        if survivors & dropped:
+        self._expect(Phase.CONFIRM, "confirm an unmask request")
+        try:
+            check_request(request, cfg)
+        except RevealRefused:
             self._phase = Phase.FAILED
-            raise RevealRefused(f"asked for both secrets of {sorted(survivors & dropped)[:3]}: refusing this round")
-        if len(survivors) != len(request.survivors) or len(dropped) != len(request.dropped):
-            raise SecAggProtocolError("unmask request repeats a member")
+            raise
+        survivors, dropped = set(request.survivors), set(request.dropped)
         if self.member not in survivors or survivors | dropped != self._u2:
-            raise SecAggProtocolError("unmask request does not partition the members that shared keys")
+            raise SecAggProtocolError("unmask request does not partition the members this one masked against")
         if len(survivors) < cfg.threshold:
             raise self._abort("unmasking", len(survivors))
+        self._request = request
+        self._phase = Phase.REVEAL
+        msg = Confirm(round_id=cfg.round_id, member=self.member, survivors=request.survivors, dropped=request.dropped)
+        return replace(msg, sig=wire.sign(msg.signed_body(cfg.job), self._signing_key))
+
+    def reveal(self, confirmations: Confirmations) -> Reveal:
+        """Round 4: for the request this member signed, once T survivors signed it too and every
+        survivor masked against its members: b shares of survivors, s_sk shares of the dropped."""
+        cfg = self.config
+        check_round(confirmations, cfg)
+        self._expect(Phase.REVEAL, "reveal")
+        request = self._request
+        assert request is not None
+        check_consistency(cfg, request, confirmations.confirms, confirmations.statements, self._verify_keys)
+        survivors, dropped = set(request.survivors), set(request.dropped)
         msg = Reveal(
             round_id=cfg.round_id,
             member=self.member,
@@ -232,6 +283,7 @@ class ServerRound(_Machine):
         self._shares: dict[str, ShareKeys] = {}
         self._masked: dict[str, MaskedInput] = {}
         self._request: UnmaskRequest | None = None
+        self._confirms: dict[str, Confirm] = {}
         self._reveals: dict[str, Reveal] = {}
 
     def receive_advert(self, msg: Advertise) -> None:
@@ -239,6 +291,7 @@ class ServerRound(_Machine):
         self._expect(Phase.ADVERTISE, "accept advertisements")
         if msg.member not in self.config.members or msg.member in self._adverts:
             raise SecAggProtocolError(f"advertisement of {msg.member!r:.40} is unknown or repeated")
+        check_advert_weight(msg)
         check_signature(msg, self.config, self._verify_keys)
         self._adverts[msg.member] = msg
 
@@ -286,6 +339,8 @@ class ServerRound(_Machine):
         if msg.member not in self._shares or msg.member in self._masked:
             raise SecAggProtocolError(f"masked input of {msg.member!r:.40} is unexpected or repeated")
         check_masked(msg, self.config)
+        if sorted(msg.peers) != sorted(self._shares):
+            raise SecAggProtocolError(f"{msg.member!r:.40} masked against other members than shared keys")
         check_signature(msg, self.config, self._verify_keys)
         self._masked[msg.member] = msg
 
@@ -297,15 +352,43 @@ class ServerRound(_Machine):
         survivors = tuple(sorted(self._masked))
         dropped = tuple(sorted(set(self._shares) - set(self._masked)))
         self._request = UnmaskRequest(round_id=self.config.round_id, survivors=survivors, dropped=dropped)
-        self._phase = Phase.REVEAL
+        self._phase = Phase.CONFIRM
         return self._request
+
+    def receive_confirm(self, msg: Confirm) -> None:
+        check_round(msg, self.config)
+        self._expect(Phase.CONFIRM, "accept confirmations")
+        assert self._request is not None
+        if msg.member not in self._masked or msg.member in self._confirms:
+            raise SecAggProtocolError(f"confirmation of {msg.member!r:.40} is unexpected or repeated")
+        if (msg.survivors, msg.dropped) != (self._request.survivors, self._request.dropped):
+            raise SecAggProtocolError(f"{msg.member!r:.40} signed another unmask request")
+        check_signature(msg, self.config, self._verify_keys)
+        self._confirms[msg.member] = msg
+
+    def close_confirms(self) -> Confirmations:
+        """End round 3: send the returned signatures and statements to every survivor that signed."""
+        self._expect(Phase.CONFIRM, "close confirmations")
+        if len(self._confirms) < self.config.threshold:
+            raise self._abort("consistency check", len(self._confirms))
+        self._phase = Phase.REVEAL
+        return Confirmations(
+            round_id=self.config.round_id,
+            confirms=tuple(self._confirms[m] for m in sorted(self._confirms)),
+            statements=tuple(self._masked[m].statement for m in sorted(self._masked)),
+        )
+
+    @property
+    def confirmed(self) -> tuple[str, ...]:
+        """The survivors that signed the unmask request: the only ones that may reveal."""
+        return tuple(sorted(self._confirms))
 
     def receive_reveal(self, msg: Reveal) -> None:
         check_round(msg, self.config, carries_shares=True)
         self._expect(Phase.REVEAL, "accept reveals")
         assert self._request is not None
-        if msg.member not in self._masked:
-            raise SecAggProtocolError(f"reveal from {msg.member!r:.40}, which is not a survivor")
+        if msg.member not in self._confirms:
+            raise SecAggProtocolError(f"reveal from {msg.member!r:.40}, which did not sign the unmask request")
         if msg.member in self._reveals:
             raise ShareError(f"{msg.member!r:.40} revealed its shares twice")
         check_reveal(msg, self.config, self._request)
@@ -323,11 +406,12 @@ class ServerRound(_Machine):
             shares=tuple(self._shares[m] for m in sorted(self._shares)),
             masked=tuple(self._masked[m] for m in sorted(self._masked)),
             request=self._request,
+            confirms=tuple(self._confirms[m] for m in sorted(self._confirms)),
             reveals=tuple(self._reveals[m] for m in sorted(self._reveals)),
         )
 
-    def finish(self) -> U32:
-        """End round 3: the sum of survivors' inputs mod 2^32 (decode it with ``FixedPoint``)."""
+    def finish(self) -> U64:
+        """End round 4: the sum of survivors' weighted inputs mod 2^64 (``unmask.average`` decodes it)."""
         self._expect(Phase.REVEAL, "unmask")
         if len(self._reveals) < self.config.threshold:
             raise self._abort("unmasking", len(self._reveals))

@@ -3,9 +3,11 @@
 The protocol messages (:mod:`fedjet.secagg.messages`) say nothing about which global version
 a round belongs to or how the coordinator opens it; a ``Step`` wraps one of them with that:
 its ``kind``, the round id, the base version, and a small ``extra`` map (the roster when a
-round opens, the agreed weights with the advertisements, a member's update header with its
-advertisement). Steps travel sealed to their one recipient (``fedjet.codecs.crypto``), so the
-broker reads none of it; here they are only packed and checked. Pure: no I/O.
+round opens, a member's update header with its advertisement). Nothing the coordinator puts
+in ``extra`` changes what a member contributes: members weigh themselves
+(``fedjet.secagg.weights``). Steps travel sealed to their one recipient
+(``fedjet.codecs.crypto``), so the broker reads none of it; here they are only packed and
+checked. Pure: no I/O.
 
 Round ids are ``base_version * ATTEMPTS + attempt``: unique per job, so a message of an
 earlier attempt (or version) is never taken for one of the current round.
@@ -26,8 +28,8 @@ from fedjet.secagg.errors import SecAggSchemaError
 
 STEP_VERSION = 1
 ATTEMPTS = 1 << 16  # round ids per base version
-UP = ("advertise", "shares", "masked", "reveal")  # member -> coordinator
-DOWN = ("open", "adverts", "deliver", "unmask", "abort")  # coordinator -> member
+UP = ("advertise", "shares", "masked", "confirm", "reveal")  # member -> coordinator
+DOWN = ("open", "adverts", "deliver", "unmask", "confirmed", "abort")  # coordinator -> member
 MAX_EXTRA_KEYS = 64
 
 
@@ -98,19 +100,6 @@ def read_open(step: Step) -> tuple[tuple[str, ...], int, int]:
         raise SecAggSchemaError("an open step needs a whole threshold and vector length")
     assert isinstance(threshold, int) and isinstance(numel, int)
     return tuple(members), threshold, numel
-
-
-def read_weights(step: Step, members: tuple[str, ...]) -> dict[str, float]:
-    """The agreed weights an ``adverts`` step carries: one in [0, 1] per advertiser."""
-    raw = step.extra.get("weights")
-    if not isinstance(raw, dict) or not set(raw) <= set(members):
-        raise SecAggSchemaError("the advertisements must carry a weight per advertiser")
-    weights = {}
-    for member, weight in raw.items():
-        if not isinstance(weight, float) or not 0.0 <= weight <= 1.0:
-            raise SecAggSchemaError(f"weight of {member!r:.40} must be a float in [0, 1]")
-        weights[member] = weight
-    return weights
 
 
 def agreed_indices(job: str, base_hash: str, numel: int, k: int) -> Indices:

@@ -7,7 +7,15 @@ from typing import Any, ClassVar
 
 from fedjet.secagg import wire
 from fedjet.secagg.errors import SecAggSchemaError
-from fedjet.secagg.messages import AdvertiseList, MaskedInput, Reveal, RoundConfig, ShareKeys, UnmaskRequest
+from fedjet.secagg.messages import (
+    AdvertiseList,
+    Confirm,
+    MaskedInput,
+    Reveal,
+    RoundConfig,
+    ShareKeys,
+    UnmaskRequest,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,6 +28,7 @@ class Transcript:
     shares: tuple[ShareKeys, ...]
     masked: tuple[MaskedInput, ...]
     request: UnmaskRequest
+    confirms: tuple[Confirm, ...]
     reveals: tuple[Reveal, ...]
 
     def to_wire(self) -> dict[str, Any]:
@@ -31,13 +40,14 @@ class Transcript:
             "shares": [s.to_wire() for s in self.shares],
             "masked": [m.to_wire() for m in self.masked],
             "request": self.request.to_wire(),
+            "confirms": [c.to_wire() for c in self.confirms],
             "reveals": [r.to_wire() for r in self.reveals],
         }
 
     @classmethod
     def from_wire(cls, raw: Any) -> Transcript:
         m = wire.header(raw, cls.KIND)
-        lists = {key: wire.get_list(m, key) for key in ("shares", "masked", "reveals")}
+        lists = {key: wire.get_list(m, key) for key in ("shares", "masked", "confirms", "reveals")}
         if any(len(v) > wire.MAX_MEMBERS for v in lists.values()):
             raise SecAggSchemaError("a transcript lists more messages than members")
         return cls(
@@ -46,5 +56,6 @@ class Transcript:
             shares=tuple(ShareKeys.from_wire(s) for s in lists["shares"]),
             masked=tuple(MaskedInput.from_wire(s) for s in lists["masked"]),
             request=UnmaskRequest.from_wire(wire.get(m, "request", dict)),
+            confirms=tuple(Confirm.from_wire(s) for s in lists["confirms"]),
             reveals=tuple(Reveal.from_wire(s) for s in lists["reveals"]),
         )

@@ -1,15 +1,20 @@
 """Removing the masks: a pure function of the transcript, run live and again at replay.
 
-Sum over survivors U3 of ``y_u = x_u + PRG(b_u) + sum_{v in U2, v != u} sign(u, v) PRG(s_uv)``:
+Sum over survivors U3 of ``y_u = w_u x_u + PRG(b_u) + sum_{v in U2, v != u} sign(u, v) PRG(s_uv)``:
 pair masks between two survivors cancel, so what is left to subtract is ``PRG(b_u)`` for each
 survivor (``b_u`` rebuilt from revealed shares) and ``sign(u, v) PRG(s_uv)`` for each survivor
 ``u`` and dropped ``v`` (``s_sk_v`` rebuilt from revealed shares). Every secret is rebuilt and
 checked against its commitment before any mask is removed: a bad share yields nothing.
+
+The same checks a member makes before it reveals are made here too (``check_consistency``):
+every survivor signed that it masked against exactly the request's members, and at least T
+survivors signed the request itself; ``average`` divides by the survivors' own signed units and
+refuses a sum that clipped inputs of their weights cannot make.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 import numpy as np
@@ -17,16 +22,29 @@ from nacl.signing import VerifyKey
 
 from fedjet.secagg import keys, shamir, wire
 from fedjet.secagg.errors import (
+    RevealRefused,
     SecAggAbort,
     SecAggAuthError,
+    SecAggError,
     SecAggProtocolError,
     ShareError,
     StaleRoundError,
     StaleShareError,
 )
-from fedjet.secagg.keys import U32
-from fedjet.secagg.messages import Advertise, MaskedInput, Reveal, RoundConfig, Signed, UnmaskRequest
+from fedjet.secagg.fixedpoint import F32, RING_BYTES, FixedPoint
+from fedjet.secagg.keys import U64
+from fedjet.secagg.messages import (
+    Advertise,
+    Confirm,
+    MaskedInput,
+    MaskedStatement,
+    Reveal,
+    RoundConfig,
+    Signed,
+    UnmaskRequest,
+)
 from fedjet.secagg.transcript import Transcript
+from fedjet.secagg.weights import Weight
 
 
 class _InRound(Protocol):
@@ -48,8 +66,77 @@ def check_signature(msg: Signed, config: RoundConfig, verify_keys: Mapping[str, 
 
 
 def check_masked(msg: MaskedInput, config: RoundConfig) -> None:
-    if len(msg.y) != 4 * config.numel:
-        raise SecAggProtocolError(f"masked input of {len(msg.y)} bytes, expected {4 * config.numel}")
+    if len(msg.y) != RING_BYTES * config.numel:
+        raise SecAggProtocolError(f"masked input of {len(msg.y)} bytes, expected {RING_BYTES * config.numel}")
+
+
+def check_advert_weight(msg: Advertise) -> Weight:
+    if msg.weight < 1 or msg.units < 1:
+        raise SecAggProtocolError(f"advertisement of {msg.member!r:.40} has weight {msg.weight}, units {msg.units}")
+    return Weight(msg.weight, msg.units)
+
+
+def check_request(request: UnmaskRequest, config: RoundConfig) -> None:
+    """A request names distinct members, none of them both a survivor and dropped."""
+    survivors, dropped = set(request.survivors), set(request.dropped)
+    if survivors & dropped:
+        raise RevealRefused(f"asked for both secrets of {sorted(survivors & dropped)[:3]}: refusing this round")
+    if len(survivors) != len(request.survivors) or len(dropped) != len(request.dropped):
+        raise SecAggProtocolError("unmask request repeats a member")
+    if not (survivors | dropped) <= set(config.members):
+        raise SecAggProtocolError("unmask request names members outside the roster")
+
+
+def check_consistency(
+    config: RoundConfig,
+    request: UnmaskRequest,
+    confirms: Iterable[Confirm],
+    statements: Iterable[MaskedStatement],
+    verify_keys: Mapping[str, VerifyKey] | None,
+) -> set[str]:
+    """Who signed ``request`` (at least T distinct survivors, or ``RevealRefused``), once every
+    survivor's signed statement says it masked against exactly the request's members.
+
+    With ``verify_keys`` (a member's own copy of every cloud's key) every signature is checked;
+    without (the coordinator's transcript check) only the structure is."""
+    members = sorted(set(request.survivors) | set(request.dropped))
+    wanted = (sorted(request.survivors), sorted(request.dropped))
+    by_member: dict[str, MaskedStatement] = {}
+    for st in statements:
+        if st.member in request.survivors and st.member not in by_member and st.round_id == config.round_id:
+            if verify_keys is not None:
+                try:
+                    check_signature(st, config, verify_keys)
+                except SecAggAuthError:
+                    continue
+            by_member[st.member] = st
+    missing = [s for s in request.survivors if s not in by_member]
+    if missing:
+        raise RevealRefused(f"no signed masked statement of survivor(s) {missing[:3]}: refusing to reveal")
+    split = [s for s, st in by_member.items() if sorted(st.peers) != members]
+    if split:
+        raise RevealRefused(
+            f"survivor(s) {split[:3]} masked against other members than this request names "
+            "(shares withheld to isolate them?): refusing to reveal"
+        )
+    signers: set[str] = set()
+    for c in confirms:
+        if c.member not in request.survivors or c.member in signers or c.round_id != config.round_id:
+            continue
+        if (sorted(c.survivors), sorted(c.dropped)) != wanted:
+            continue
+        if verify_keys is not None:
+            try:
+                check_signature(c, config, verify_keys)
+            except SecAggAuthError:
+                continue
+        signers.add(c.member)
+    if len(signers) < config.threshold:
+        raise RevealRefused(
+            f"only {len(signers)} survivor(s) signed this unmask request, fewer than the threshold "
+            f"{config.threshold} (the coordinator may be telling members different stories): refusing to reveal"
+        )
+    return signers
 
 
 def check_reveal(
@@ -92,7 +179,7 @@ def _rebuild(
 
 
 def _check_structure(t: Transcript) -> dict[str, Advertise]:
-    """The transcript is one consistent round: who advertised, shared, masked and revealed."""
+    """The transcript is one consistent round: who advertised, shared, masked, confirmed and revealed."""
     cfg, req = t.config, t.request
     adverts = {a.member: a for a in t.adverts.adverts}
     if len(adverts) != len(t.adverts.adverts) or not set(adverts) <= set(cfg.members):
@@ -105,33 +192,39 @@ def _check_structure(t: Transcript) -> dict[str, Advertise]:
         raise SecAggProtocolError("the unmask request does not match who sent masked inputs")
     if set(req.survivors) | set(req.dropped) != set(u2):
         raise SecAggProtocolError("survivors and dropped members do not partition who shared keys")
-    plain: list[_InRound] = [t.adverts, *t.adverts.adverts, *t.masked, req]
+    plain: list[_InRound] = [t.adverts, *t.adverts.adverts, *t.masked, req, *t.confirms]
     for msg in plain:
         check_round(msg, cfg)
     for msg in t.shares:
         check_round(msg, cfg, carries_shares=True)
+    for a in adverts.values():
+        check_advert_weight(a)
     return adverts
 
 
-def recompute_sum(t: Transcript, verify_keys: Mapping[str, VerifyKey] | None = None) -> U32:
-    """Sum of the survivors' encoded inputs mod 2^32; with ``verify_keys``, every signature too."""
+def recompute_sum(t: Transcript, verify_keys: Mapping[str, VerifyKey] | None = None) -> U64:
+    """Sum of the survivors' encoded inputs mod 2^64; with ``verify_keys``, every signature too."""
     cfg, req = t.config, t.request
     adverts = _check_structure(t)
     if verify_keys is not None:
-        signed: list[Signed] = [*t.adverts.adverts, *t.shares, *t.masked, *t.reveals]
+        signed: list[Signed] = [*t.adverts.adverts, *t.shares, *t.masked, *t.confirms, *t.reveals]
         for msg in signed:
             check_signature(msg, cfg, verify_keys)
     if len(req.survivors) < cfg.threshold:
         raise SecAggAbort("masked input", len(req.survivors), cfg.threshold)
+    try:
+        signers = check_consistency(cfg, req, t.confirms, [m.statement for m in t.masked], None)
+    except RevealRefused as e:
+        raise SecAggProtocolError(f"the transcript fails the consistency check: {e}") from e
     revealers = [r.member for r in t.reveals]
-    if len(set(revealers)) != len(revealers) or not set(revealers) <= set(req.survivors):
-        raise ShareError("reveals repeat a member or come from one that is not a survivor")
+    if len(set(revealers)) != len(revealers) or not set(revealers) <= signers:
+        raise ShareError("reveals repeat a member or come from one that did not sign the unmask request")
     if len(revealers) < cfg.threshold:
         raise SecAggAbort("unmasking", len(revealers), cfg.threshold)
     parsed = [check_reveal(r, cfg, req) for r in t.reveals]
     seeds, secrets = _rebuild(cfg, adverts, req, parsed)
     n = cfg.numel
-    total = np.zeros(n, dtype=np.uint32)
+    total = np.zeros(n, dtype=np.uint64)
     for msg in t.masked:
         check_masked(msg, cfg)
         total += msg.vector
@@ -145,3 +238,22 @@ def recompute_sum(t: Transcript, verify_keys: Mapping[str, VerifyKey] | None = N
             else:
                 total += mask
     return total
+
+
+def survivor_weights(t: Transcript) -> dict[str, Weight]:
+    """Each survivor's own signed weight and units, from its advertisement."""
+    adverts = {a.member: a for a in t.adverts.adverts}
+    try:
+        return {m: check_advert_weight(adverts[m]) for m in t.request.survivors}
+    except KeyError as e:
+        raise SecAggProtocolError(f"survivor {e} did not advertise") from e
+
+
+def average(t: Transcript, total: U64, fixed_point: FixedPoint) -> F32:
+    """The survivors' weighted average: ``total`` over their units, refused if out of range."""
+    weights = survivor_weights(t)
+    if not weights:
+        raise SecAggError("a round without survivors has no average")
+    weight_total = sum(w.weight for w in weights.values())
+    unit_total = sum(w.units for w in weights.values())
+    return fixed_point.decode(total, weight_total=weight_total, unit_total=unit_total)

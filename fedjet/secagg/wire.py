@@ -15,7 +15,7 @@ from nacl.signing import SigningKey, VerifyKey
 
 from fedjet.secagg.errors import SecAggAuthError, SecAggSchemaError
 
-SECAGG_VERSION = 1
+SECAGG_VERSION = 2  # 2: a 64-bit ring, signed member weights, the consistency round
 MAX_MEMBERS = 1 << 14
 KEY_BYTES = 32
 SIG_BYTES = 64

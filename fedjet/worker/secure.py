@@ -2,8 +2,11 @@
 
 After training on a base version the worker waits for the coordinator to open a round on
 that base, then runs the member state machine over the broker: advertise (with its update
-header: samples, losses, a number each, never text), share keys, mask its update scaled by
-the agreed weight, and reveal what the survivors need. A round that aborts, or a phase that
+header: samples, losses, a number each, never text, and the weight it computed itself from
+that header and the job's rule), share keys, mask its update times its own weight, sign the
+unmask request it was sent, and reveal what the survivors need only once enough survivors
+signed the same request (``MemberRound.reveal`` checks, with this member's own keys). Nothing
+the coordinator sends can change the weight. A round that aborts, or a phase that
 times out, is retried on the next round the coordinator opens on the same base; a newer
 global version ends the wait (this update missed its round, as a late one would).
 
@@ -24,13 +27,15 @@ from fedjet.channel.secagg import SecAggLink
 from fedjet.codecs.crypto import COORDINATOR
 from fedjet.codecs.flat import flatten
 from fedjet.codecs.messages import UpdateHeader
+from fedjet.config.job import StrategyConfig
 from fedjet.config.wire import to_wire
 from fedjet.errors import FedjetError
 from fedjet.log import get_logger
-from fedjet.secagg import AdvertiseList, MemberRound, RoundConfig, ShareDelivery, UnmaskRequest
+from fedjet.secagg import AdvertiseList, Confirmations, MemberRound, RoundConfig, ShareDelivery, UnmaskRequest
 from fedjet.secagg.config import SecureAggConfig
 from fedjet.secagg.errors import SecAggProtocolError
-from fedjet.secagg.steps import Step, agreed_indices, read_open, read_weights
+from fedjet.secagg.steps import Step, agreed_indices, read_open
+from fedjet.secagg.weights import WeightRule
 
 log = get_logger("fedjet.worker")
 POLL_S = 0.5
@@ -48,9 +53,13 @@ class SecureMember:
         config: SecureAggConfig,
         signing_key: SigningKey,
         verify_keys: Mapping[str, VerifyKey],
+        staleness: Callable[[int], float] | None = None,
+        max_staleness: int | None = None,
     ) -> None:
         """``verify_keys``: every cloud's long-term key, from the member's own key directory
-        (not from the coordinator, which could otherwise pose as members)."""
+        (not from the coordinator, which could otherwise pose as members). ``staleness`` and
+        ``max_staleness``: FedBuff's s(tau) and bound from the job spec (the defaults when not
+        given), for weighing an update made on an older version."""
         self.link = link
         self.job = job
         self.cloud = cloud
@@ -59,6 +68,13 @@ class SecureMember:
         self.min_threshold = config.threshold_for(len(clouds))
         self.signing_key = signing_key
         self.verify_keys = dict(verify_keys)
+        max_weight = config.fixed_point.max_weight(len(clouds))
+        self.by_samples = WeightRule(max_weight=max_weight)
+        if staleness is None or max_staleness is None:
+            defaults = StrategyConfig()
+            staleness = defaults.staleness if staleness is None else staleness
+            max_staleness = defaults.max_staleness if max_staleness is None else max_staleness
+        self.by_staleness = WeightRule(max_weight=max_weight, staleness=staleness, max_staleness=max_staleness)
         self._residual: npt.NDArray[np.float32] | None = None
         self._reopened: Step | None = None  # an open that arrived while a round was under way
         self.rounds_done = 0
@@ -95,8 +111,9 @@ class SecureMember:
             if not isinstance(round_hash, str):
                 continue
             indices = agreed_indices(self.job, round_hash, x.size, k)
+            rule = self.by_staleness if later_rounds else self.by_samples
             try:
-                done = await self._round(opened, x[indices], header, too_late)
+                done = await self._round(opened, x[indices], header, too_late, rule)
             except FedjetError as e:
                 log.warning("secagg_round_failed", round=opened.round_id, reason=e.reason, detail=str(e)[:200])
                 done = False
@@ -114,7 +131,12 @@ class SecureMember:
         return step.kind == "open" and (step.base_version == base or (later_rounds and step.base_version > base))
 
     async def _round(
-        self, opened: Step, x: npt.NDArray[np.float32], header: UpdateHeader, newer: Callable[[], bool]
+        self,
+        opened: Step,
+        x: npt.NDArray[np.float32],
+        header: UpdateHeader,
+        newer: Callable[[], bool],
+        rule: WeightRule | None = None,
     ) -> bool:
         members, threshold, numel = read_open(opened)
         if members != self.members or threshold < self.min_threshold or numel != x.size:
@@ -122,8 +144,13 @@ class SecureMember:
                 f"round {opened.round_id} opened with roster {members}, threshold {threshold}, {numel} coordinates: "
                 f"this job agreed on {self.members}, at least {self.min_threshold}, {x.size}"
             )
+        # this member's own weight: its own sample count, or the staleness of the version it
+        # trained on against the round's base (whose id the round id and the signed steps bind)
+        weight = (rule or self.by_samples).of(samples=header.samples, tau=opened.base_version - header.base_version)
         rc = RoundConfig(job=self.job, round_id=opened.round_id, threshold=threshold, members=members, numel=numel)
-        member = MemberRound(config=rc, member=self.cloud, signing_key=self.signing_key, verify_keys=self.verify_keys)
+        member = MemberRound(
+            config=rc, member=self.cloud, signing_key=self.signing_key, verify_keys=self.verify_keys, weight=weight
+        )
         base, rid = opened.base_version, opened.round_id
 
         def step(kind: str, body: dict[str, object], **extra: object) -> Step:
@@ -133,9 +160,6 @@ class SecureMember:
         adverts = await self._next("adverts", base, rid, newer)
         if adverts is None:
             return False
-        weight = read_weights(adverts, members).get(self.cloud)
-        if weight is None:
-            raise SecAggProtocolError("the advertisements carry no weight for this member")
         await self.link.send(
             COORDINATOR, step("shares", member.share_keys(AdvertiseList.from_wire(adverts.body)).to_wire())
         )
@@ -143,15 +167,19 @@ class SecureMember:
         if delivery is None:
             return False
         member.receive_shares(ShareDelivery.from_wire(delivery.body))
-        encoded = self.config.fixed_point.encode(x, weight=weight)
+        encoded = self.config.fixed_point.encode(x, weight=weight.weight)
         await self.link.send(COORDINATOR, step("masked", member.mask(encoded).to_wire()))
         request = await self._next("unmask", base, rid, newer)
         if request is None:
             return False
-        await self.link.send(
-            COORDINATOR, step("reveal", member.reveal(UnmaskRequest.from_wire(request.body)).to_wire())
-        )
-        log.info("secagg_masked_update_sent", round=rid, weight=round(weight, 4), coordinates=numel)
+        confirm = member.confirm(UnmaskRequest.from_wire(request.body))
+        await self.link.send(COORDINATOR, step("confirm", confirm.to_wire()))
+        confirmed = await self._next("confirmed", base, rid, newer)
+        if confirmed is None:
+            return False
+        reveal = member.reveal(Confirmations.from_wire(confirmed.body))
+        await self.link.send(COORDINATOR, step("reveal", reveal.to_wire()))
+        log.info("secagg_masked_update_sent", round=rid, weight=weight.weight, units=weight.units, coordinates=numel)
         return True
 
     async def _next(
