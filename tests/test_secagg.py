@@ -16,6 +16,7 @@ from fedjet.errors import AuthenticationError, ConfigError, ReplayError
 from fedjet.secagg import (
     EncodingError,
     FixedPoint,
+    OutOfRangeError,
     MemberRound,
     Phase,
     RevealRefused,
@@ -31,6 +32,8 @@ from fedjet.secagg import (
     StaleShareError,
     Transcript,
     UnmaskRequest,
+    Weight,
+    average,
     fedavg_weights,
     from_wire,
     gather,
@@ -65,12 +68,15 @@ class Job:
     def verify(self) -> dict[str, VerifyKey]:
         return {m: k.verify_key for m, k in self.signing.items()}
 
-    def round(self, threshold: int, numel: int, round_id: int = 1) -> tuple[ServerRound, dict[str, MemberRound]]:
+    def round(
+        self, threshold: int, numel: int, round_id: int = 1, weights: Mapping[str, Weight] | None = None
+    ) -> tuple[ServerRound, dict[str, MemberRound]]:
         cfg = RoundConfig(job="job", round_id=round_id, threshold=threshold, members=self.names, numel=numel)
         members = {
-            m: MemberRound(config=cfg, member=m, signing_key=self.signing[m], verify_keys=self.verify)
+            m: MemberRound(config=cfg, member=m, signing_key=self.signing[m], verify_keys=self.verify,
+                           weight=(weights or {}).get(m))
             for m in self.names
-        }
+        }  # fmt: skip
         return ServerRound(config=cfg, verify_keys=self.verify), members
 
 
@@ -93,6 +99,7 @@ def run(
     *,
     skip_shares: Iterable[str] = (),
     skip_mask: Iterable[str] = (),
+    skip_confirm: Iterable[str] = (),
     skip_reveal: Iterable[str] = (),
 ) -> np.ndarray:
     """A whole round; members in ``skip_*`` go silent at that step."""
@@ -103,10 +110,26 @@ def run(
         if name not in skip_mask:
             server.receive_masked(hop(members[name].mask(inputs[name])))
     request = hop(server.close_masked())
-    for name in request.survivors:
-        if name not in skip_reveal:
-            server.receive_reveal(hop(members[name].reveal(request)))
+    confirm_and_reveal(server, members, request, skip_confirm=skip_confirm, skip_reveal=skip_reveal)
     return server.finish()
+
+
+def confirm_and_reveal(
+    server: ServerRound,
+    members: Mapping[str, MemberRound],
+    request: UnmaskRequest,
+    *,
+    skip_confirm: Iterable[str] = (),
+    skip_reveal: Iterable[str] = (),
+) -> None:
+    """Rounds 3 and 4: the survivors sign the request, then reveal once they hold the signatures."""
+    for name in request.survivors:
+        if name not in skip_confirm:
+            server.receive_confirm(hop(members[name].confirm(request)))
+    confirmations = hop(server.close_confirms())
+    for name in server.confirmed:
+        if name not in skip_reveal:
+            server.receive_reveal(hop(members[name].reveal(confirmations)))
 
 
 def encoded_inputs(names: Iterable[str], numel: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -129,15 +152,18 @@ def test_three_members_unmasked_sum_equals_plain_sum_and_weighted_fedavg() -> No
     job, numel = Job.of(3), 2000
     rng = np.random.default_rng(1)
     updates = {m: torch.from_numpy(rng.normal(0, 0.2, numel).astype(np.float32)) for m in job.names}
-    plain = FP.decode(run(*job.round(2, numel), {m: FP.encode(x) for m, x in updates.items()}))
+    plain = FP.decode(run(*job.round(2, numel), {m: FP.encode(x) for m, x in updates.items()}), weight_total=3)
     expected = sum(x.numpy().astype(np.float64) for x in updates.values())
     np.testing.assert_allclose(plain, expected, rtol=0, atol=3 / FP.scale)
 
-    weights = fedavg_weights({"cloud0": 10, "cloud1": 30, "cloud2": 60})
-    encoded = {m: FP.encode(x, weight=weights[m]) for m, x in updates.items()}
-    fedavg = FP.decode(run(*job.round(2, numel, round_id=2), encoded), weight_total=sum(weights.values()))
+    samples = {"cloud0": 10, "cloud1": 30, "cloud2": 60}
+    encoded = {m: FP.encode(x, weight=samples[m]) for m, x in updates.items()}
+    server, members = job.round(2, numel, round_id=2, weights={m: Weight(n, n) for m, n in samples.items()})
+    total = run(server, members, encoded)
+    fedavg = average(server.transcript, total, FP)  # divided by the members' own signed units
+    weights = fedavg_weights(samples)
     expected = sum(weights[m] * x.numpy().astype(np.float64) for m, x in updates.items())
-    np.testing.assert_allclose(fedavg, expected, rtol=0, atol=3 / FP.scale)
+    np.testing.assert_allclose(fedavg, expected, rtol=0, atol=1 / FP.scale)
 
 
 def test_what_the_server_holds_of_one_member_is_indistinguishable_from_uniform() -> None:
@@ -148,9 +174,9 @@ def test_what_the_server_holds_of_one_member_is_indistinguishable_from_uniform()
     run(server, members, inputs)
     held = server.transcript.masked[0]
     y, x = held.vector, inputs[held.member]
-    r = np.corrcoef(y.astype(np.float64), x.view(np.int32).astype(np.float64))[0, 1]
+    r = np.corrcoef(y.astype(np.float64), x.view(np.int64).astype(np.float64))[0, 1]
     assert abs(r) < 0.05
-    assert abs(np.corrcoef(x.astype(np.float64), x.view(np.int32).astype(np.float64))[0, 1]) > 0.05  # has power
+    assert abs(np.corrcoef(x.astype(np.float64), x.view(np.int64).astype(np.float64))[0, 1]) > 0.05  # has power
 
     def chi2(v: np.ndarray) -> float:
         counts = np.bincount(v.view(np.uint8), minlength=256)
@@ -240,7 +266,10 @@ def test_tampered_revealed_share_is_caught_and_nothing_is_reconstructed() -> Non
         m.receive_shares(deliveries[name])
         server.receive_masked(m.mask(inputs[name]))
     request = server.close_masked()
-    reveals = {name: m.reveal(request) for name, m in members.items()}
+    for m in members.values():
+        server.receive_confirm(m.confirm(request))
+    confirmations = server.close_confirms()
+    reveals = {name: m.reveal(confirmations) for name, m in members.items()}
     liar = reveals["cloud1"]
     share = Share.from_bytes(liar.b_shares["cloud2"])
     forged = dict(liar.b_shares, cloud2=Share(x=share.x, y=share.y ^ 1).to_bytes())
@@ -267,8 +296,11 @@ def test_inconsistent_extra_share_is_caught_by_interpolation() -> None:
         m.receive_shares(deliveries[name])
         server.receive_masked(m.mask(inputs[name]))
     request = server.close_masked()
+    for m in members.values():
+        server.receive_confirm(m.confirm(request))
+    confirmations = server.close_confirms()
     for name, m in members.items():
-        reveal = m.reveal(request)
+        reveal = m.reveal(confirmations)
         if name == "cloud4":
             share = Share.from_bytes(reveal.b_shares["cloud0"])
             forged = dict(reveal.b_shares, cloud0=Share(x=share.x, y=share.y + 1).to_bytes())
@@ -308,7 +340,12 @@ def test_shares_replayed_from_an_earlier_round_are_typed_errors() -> None:
         m.receive_shares(deliveries[name])
         server.receive_masked(m.mask(inputs[name]))
     request = server.close_masked()
-    reveal = members["cloud0"].reveal(request)
+    for m in members.values():
+        server.receive_confirm(m.confirm(request))
+    confirmations = server.close_confirms()
+    with pytest.raises(StaleRoundError):
+        members["cloud0"].reveal(dataclasses.replace(confirmations, round_id=1))
+    reveal = members["cloud0"].reveal(confirmations)
     with pytest.raises(StaleShareError):
         server.receive_reveal(dataclasses.replace(reveal, round_id=1))
     with pytest.raises(StaleRoundError):
@@ -326,13 +363,18 @@ def test_a_request_to_reveal_both_secrets_of_one_member_is_refused() -> None:
     honest = server.close_masked()
     greedy = UnmaskRequest(round_id=honest.round_id, survivors=honest.survivors, dropped=("cloud2",))
     with pytest.raises(RevealRefused):
-        members["cloud0"].reveal(greedy)
+        members["cloud0"].confirm(greedy)
     assert members["cloud0"].phase is Phase.FAILED
     with pytest.raises(SecAggProtocolError):  # one request per round, and this member is done
-        members["cloud0"].reveal(honest)
-    members["cloud1"].reveal(honest)
+        members["cloud0"].confirm(honest)
+    server.receive_confirm(members["cloud1"].confirm(honest))
+    with pytest.raises(SecAggProtocolError):  # signed one request already
+        members["cloud1"].confirm(UnmaskRequest(round_id=honest.round_id, survivors=honest.survivors[1:], dropped=()))
+    server.receive_confirm(members["cloud2"].confirm(honest))
+    confirmations = server.close_confirms()
+    members["cloud1"].reveal(confirmations)
     with pytest.raises(SecAggProtocolError):  # answered once already
-        members["cloud1"].reveal(honest)
+        members["cloud1"].reveal(confirmations)
 
 
 def test_recompute_sum_of_the_recorded_transcript_equals_the_live_result() -> None:
@@ -383,20 +425,31 @@ def test_shamir_any_threshold_subset_reconstructs_and_bad_sets_are_typed_errors(
         Share.from_bytes(b"\x00" * 10)
 
 
-def test_fixed_point_round_trip_overflow_bound_and_refusals() -> None:
+def test_fixed_point_round_trip_overflow_bound_range_check_and_refusals() -> None:
     fp = FixedPoint(scale=1024.0, bound=2.0)
     x = np.array([-3.0, -1.5, 0.0, 0.001, 1.999, 5.0], dtype=np.float32)
     np.testing.assert_allclose(fp.decode(fp.encode(x)), np.clip(x, -2, 2), atol=0.5 / 1024)
+    np.testing.assert_allclose(fp.decode(fp.encode(x, weight=7), weight_total=7, unit_total=7), np.clip(x, -2, 2),
+                               atol=0.5 / 1024)  # fmt: skip
+    n = 1000
+    top = fp.max_weight(n)
+    worst = [fp.encode(np.full(4, 2.0), weight=top) for _ in range(n)]  # every member at the bound
+    total = np.zeros(4, dtype=np.uint64)
+    for v in worst:
+        total += v
+    np.testing.assert_allclose(fp.decode(total, weight_total=n * top, unit_total=n * top), 2.0)  # no wrap
     fp.check_members(fp.max_members)
-    assert fp.max_members * (2.0 * 1024 + 0.5) < 2**31
     with pytest.raises(ConfigError):
         fp.check_members(fp.max_members + 1)
     with pytest.raises(ValueError):
-        FixedPoint(scale=2.0**31, bound=1.0)
+        FixedPoint(scale=2.0**60, bound=1.0)
     with pytest.raises(EncodingError):
         fp.encode(np.array([np.nan]))
-    with pytest.raises(EncodingError):
-        fp.encode(x, weight=1.5)
+    for bad in (0, 1.5, fp.max_weight(1) + 1):
+        with pytest.raises(EncodingError):
+            fp.encode(x, weight=bad)
+    with pytest.raises(OutOfRangeError):  # more than two inputs clipped to 2 can add up to
+        fp.decode(fp.encode(np.full(3, 5.0), weight=3) + fp.encode(np.full(3, 5.0)), weight_total=2)
     as_bf16 = torch.tensor(x, dtype=torch.bfloat16)
     np.testing.assert_array_equal(fp.encode(as_bf16), fp.encode(as_bf16.float().numpy()))
 
