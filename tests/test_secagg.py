@@ -16,8 +16,8 @@ from fedjet.errors import AuthenticationError, ConfigError, ReplayError
 from fedjet.secagg import (
     EncodingError,
     FixedPoint,
-    OutOfRangeError,
     MemberRound,
+    OutOfRangeError,
     Phase,
     RevealRefused,
     RoundConfig,

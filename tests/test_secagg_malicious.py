@@ -170,7 +170,7 @@ def test_weights_one_zero_zero_from_the_coordinator_do_not_single_out_a_member(n
             attack = {"aws": 1.0, "azure": 0.0, "gcp": 0.0}
             for cloud in clouds:
                 await script.send(cloud, "adverts", listing.to_wire(), weights=attack)
-            for cloud, step in (await script.take("shares", clouds)).items():
+            for step in (await script.take("shares", clouds)).values():
                 server.receive_shares(ShareKeys.from_wire(step.body))
             for cloud, delivery in server.close_shares().items():
                 await script.send(cloud, "deliver", delivery.to_wire())
@@ -295,8 +295,8 @@ def test_t_signatures_are_not_enough_while_a_survivor_masked_against_other_membe
         masked = {}
         for v in names:
             senders = [s for s in names if s != v and not (withhold and v == u and s == d)]
-            members[v].receive_shares(ShareDelivery(round_id=9, recipient=v,
-                                                    ciphertexts={s: shares[s].ciphertexts[v] for s in senders}))  # fmt: skip
+            sealed = {s: shares[s].ciphertexts[v] for s in senders}
+            members[v].receive_shares(ShareDelivery(round_id=9, recipient=v, ciphertexts=sealed))
             masked[v] = members[v].mask(FixedPoint().encode(np.full(16, 0.1)))
         request = UnmaskRequest(round_id=9, survivors=(u, a, b, c), dropped=(d,))
         confirms = [members[m].confirm(request) for m in (a, b, c)]
