@@ -63,6 +63,9 @@ class Progress:
     seen_through: int = 0
     waiting: tuple[int, ...] = ()
     spent: dict[str, int] = field(default_factory=dict)
+    # DP: the steps each cloud has claimed in all (any worker of it): the privacy ledger that a
+    # restarted coordinator keeps enforcing and a restarted worker starts from.
+    dp_steps: dict[str, int] = field(default_factory=dict)
 
     def decided(self, stream_seq: int) -> bool:
         """Whether a restart must skip ``stream_seq``: it was applied or rejected before."""

@@ -55,10 +55,18 @@ class Ledger:
     rejected: dict[str, int] = field(default_factory=dict)
     dropped: list[DroppedRecord] = field(default_factory=list)
     spent: list[tuple[int, str, int]] = field(default_factory=list)  # (stream seq, cloud/worker, seq)
+    dp_steps: dict[str, int] = field(default_factory=dict)  # DP steps each cloud claimed, in all
 
     @classmethod
     def resume(cls, progress: Progress) -> Ledger:
-        return cls(progress.applied_total, progress.applied_through, dict(progress.guard), dict(progress.rejected))
+        return cls(
+            progress.applied_total, progress.applied_through, dict(progress.guard), dict(progress.rejected),
+            dp_steps=dict(progress.dp_steps),
+        )  # fmt: skip
+
+    def dp_claimed(self, cloud: str, steps: int) -> None:
+        """A cloud's checked privacy claim: the steps it has spent in all, from now on its floor."""
+        self.dp_steps[cloud] = max(steps, self.dp_steps.get(cloud, 0))
 
     def authenticated(self, stream_seq: int, cloud: str, worker: str, seq: int) -> None:
         """An update that authenticated has spent its sequence number, whatever its fate. The
@@ -115,6 +123,7 @@ class Ledger:
             seen_through=seen_through,
             waiting=tuple(sorted({s for s in waiting if self.applied_through < s <= seen_through})),
             spent=self.spent_max(),
+            dp_steps=dict(self.dp_steps),
         )
         record = VersionRecord(
             strategy=strategy,

@@ -76,7 +76,6 @@ class Coordinator:
         self._resume_from = 1  # the first stream seq not yet decided
         self._spent_floor: Progress | None = None  # after a restart, until the re-read passes seen_through
         self._dp = spec.config.dp_config
-        self._dp_steps: dict[str, int] = {}  # steps each cloud/worker claimed (this process's view)
         self._retire_msgs: list[Any] = []  # acked once a record says who retired
         self.inbox: UpdateInbox | None = None
         self.publisher: GlobalPublisher | None = None
@@ -257,12 +256,13 @@ class Coordinator:
         log.warning("cloud_retired", remaining=sorted(set(self.config.spec.clouds) - self._batcher.retired))
 
     def check_privacy(self, update: Update) -> None:
-        """Refuse an update whose DP claim breaks the job's budget, and count its steps."""
+        """Refuse an update whose DP claim breaks the job's budget, and count its steps. The
+        count is per cloud (all its workers spend one budget: the records are the cloud's) and
+        lives in the ledger, so every version's record carries it and a restart keeps it."""
         h = update.header
-        key = f"{h.cloud}/{h.worker}"
-        check_claim(h.dp, self._dp, self._dp_steps.get(key, 0))
+        check_claim(h.dp, self._dp, self.ledger.dp_steps.get(h.cloud, 0))
         if h.dp is not None:
-            self._dp_steps[key] = h.dp.steps
+            self.ledger.dp_claimed(h.cloud, h.dp.steps)
 
     async def _reject(self, arrival: Arrival) -> None:
         """A rejected message becomes data: counted, logged, acked (it will never be valid)."""

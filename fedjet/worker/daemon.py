@@ -324,9 +324,14 @@ class Worker:
         self.stats.initial_weights = "local" if version.tensors is local_v0 else "downloaded"
 
     def _assigned_steps(self, head: GlobalHead, default: int) -> int:
-        """This cloud's local steps as the version's record assigns them (dynamic partition)."""
+        """This cloud's local steps as the version's record assigns them (dynamic partition).
+        Under DP the record also says how many steps this cloud has spent in all, and the
+        ledger starts there (a restarted worker does not get its budget back)."""
         assert self.follower is not None
-        return self.follower.record(head).assignment.get(self.config.cloud, default)
+        record = self.follower.record(head)
+        if self.private is not None:
+            self.private.catch_up(record.progress.dp_steps.get(self.config.cloud, 0))
+        return record.assignment.get(self.config.cloud, default)
 
     async def _version_after(self, version: int, start: dict[str, Any]) -> tuple[GlobalHead, GlobalVersion]:
         """The next global after ``version``, downloaded while the worker trains on from

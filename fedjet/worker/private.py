@@ -13,6 +13,7 @@ import math
 import time
 
 from fedjet.codecs.messages import DPClaim
+from fedjet.log import get_logger
 from fedjet.privacy.accounting import PrivacyLedger, calibrate_noise
 from fedjet.privacy.config import DPConfig
 from fedjet.privacy.dpsgd import DPSGDStep
@@ -20,6 +21,8 @@ from fedjet.privacy.sampling import record_windows, sample_rate_for
 from fedjet.spec import JobSpec
 from fedjet.worker.local_data import LocalData
 from fedjet.worker.train import LocalTrainer, StepsResult
+
+log = get_logger("fedjet.worker")
 
 
 class PrivateTraining:
@@ -38,6 +41,14 @@ class PrivateTraining:
             trainer.model, trainer.optimizer, records,
             sample_rate=sample_rate, clip=dp.clip, noise_multiplier=noise,
         )  # fmt: skip
+
+    def catch_up(self, recorded_steps: int) -> None:
+        """Start from the steps the coordinator has recorded for this cloud (a restarted worker,
+        or another worker of the same cloud, spent them): the budget is the cloud's, not the
+        process's."""
+        if recorded_steps > self.ledger.steps_spent:
+            log.info("privacy_ledger_resumed", steps=recorded_steps, was=self.ledger.steps_spent)
+            self.ledger = self.ledger.spend(recorded_steps - self.ledger.steps_spent)
 
     def affordable(self, steps: int) -> bool:
         """The hard limit: False means the next update must be neither trained nor sent."""

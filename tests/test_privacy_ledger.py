@@ -1,0 +1,134 @@
+"""The privacy ledger survives restarts: a coordinator killed and started again keeps refusing a
+cloud that rewinds its step count (its budget is recorded in every version), and a worker
+restarted on a cloud starts its ledger from the steps recorded for that cloud."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import nats.js.errors
+import torch
+
+from fedjet.broker.blobs import publish_blob
+from fedjet.broker.jetstream import close_quietly, connect
+from fedjet.broker.subjects import JobSubjects
+from fedjet.channel.globals import GlobalFollower
+from fedjet.codecs import crypto
+from fedjet.codecs.frame import Limits
+from fedjet.codecs.messages import DPClaim, GlobalHead, Update, UpdateHeader, encode_update
+from fedjet.codecs.pipeline import CodecSpec
+from fedjet.keystore import coordinator_boxes, generate, load_public, member_boxes
+from fedjet.privacy.accounting import epsilon_for
+from fedjet.worker.model import initial_model, parameter_tensors
+from tests.conftest import REPO
+
+JOB = "ledger"
+CLOUDS = ("aws", "gcp")
+NOISE, RATE, DELTA, STEPS = 1.0, 0.01, 1e-5, 4
+BUDGET = epsilon_for(NOISE, RATE, 2 * STEPS, DELTA)  # two updates of 4 steps each, and no more
+
+
+def coordinator(url: str, keys) -> subprocess.Popen:
+    args = ["coordinator", "--nats", url, "--keys", str(keys), "--job", JOB, "--clouds", ",".join(CLOUDS)]
+    args += ["--strategy", "async", "--max-updates", "4", "--codec", "dense", "--model", "tiny", "--seed", "3"]
+    args += ["--local-steps", str(STEPS), "--observers", "eval", "--dp", f"epsilon={BUDGET},delta={DELTA},clip=1.0"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedjet", *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+def claim(steps: int) -> DPClaim:
+    epsilon = epsilon_for(NOISE, RATE, steps, DELTA)
+    return DPClaim(epsilon=epsilon, delta=DELTA, noise=NOISE, sample_rate=RATE, clip=1.0, steps=steps)
+
+
+def worker(url: str, keys, cloud: str, data_dir) -> subprocess.Popen:
+    args = ["worker", "--nats", url, "--keys", str(keys), "--job", JOB, "--cloud", cloud]
+    args += ["--data", str(data_dir), "--deal", "--wait-spec", "60"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedjet", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+def test_a_restarted_coordinator_and_worker_keep_the_clouds_privacy_ledger(tmp_path, nats_server, data_dir):
+    keys = tmp_path / "keys"
+    generate(keys, [*CLOUDS, "eval"])
+    template = parameter_tensors(initial_model("tiny", vocab_size=257, eos_id=256, seed=3))
+    subjects = JobSubjects(JOB)
+
+    def envelope(cloud: str, seq: int, base: int, steps: int) -> bytes:
+        header = UpdateHeader(
+            job=JOB, cloud=cloud, worker="0", seq=seq, base_version=base, samples=8, loss=0.0, dp=claim(steps),
+        )  # fmt: skip
+        delta = {n: torch.full(t.shape, 1e-4) for n, t in template.items()}
+        frame = encode_update(Update(header, delta), CodecSpec.parse("dense"))
+        return crypto.seal_update(frame, member_boxes(keys, cloud))
+
+    async def head(js) -> GlobalHead | None:
+        try:
+            raw = await js.get_last_msg(subjects.global_stream, subjects.global_head)
+        except nats.js.errors.NotFoundError:  # no version yet
+            return None
+        return GlobalHead.verify(raw.data, load_public(keys, "coordinator"))
+
+    async def wait_for(js, version: int, proc) -> GlobalHead:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert proc.poll() in (None, 0), proc.stderr.read().decode()[-2000:]
+            found = await head(js)
+            if found is not None and found.version >= version:
+                return found
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"version {version} never appeared")
+
+    async def publish(js, nc, cloud: str, seq: int, base: int, steps: int) -> None:
+        data = envelope(cloud, seq, base, steps)
+        await publish_blob(js, subjects.update(cloud), data, blob_id=f"{cloud}/0/{seq}", max_payload=nc.max_payload)
+
+    async def scenario() -> None:
+        first = coordinator(nats_server.url, keys)
+        nc = await connect(nats_server.url, "test-workers")
+        js = nc.jetstream()
+        try:
+            await wait_for(js, 0, first)
+            await publish(js, nc, "aws", 1, 0, STEPS)
+            await wait_for(js, 1, first)
+            await publish(js, nc, "aws", 2, 1, 2 * STEPS)  # aws's budget is now spent
+            await wait_for(js, 2, first)
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait()
+            second = coordinator(nats_server.url, keys)
+            # aws "restarts" and claims 4 steps again: within the budget on its own, but a rewind
+            await publish(js, nc, "aws", 3, 2, STEPS)
+            await publish(js, nc, "gcp", 1, 2, STEPS)
+            latest = await wait_for(js, 3, second)
+            follower = GlobalFollower(js, subjects, coordinator_boxes(keys, [*CLOUDS, "eval"]), Limits())
+            record = follower.record(latest)
+            assert [c.cloud for c in record.contributions] == ["gcp"], "aws's rewound claim was applied"
+            assert record.progress.rejected == {"PrivacyError": 1}
+            assert record.progress.dp_steps == {"aws": 2 * STEPS, "gcp": STEPS}
+            # A real aws worker started now (a restart on a new machine) starts from the 8 steps
+            # the record holds for aws: its next update would overspend, so it retires unsent.
+            restarted = worker(nats_server.url, keys, "aws", data_dir)
+            try:
+                output, _ = restarted.communicate(timeout=180)
+            except subprocess.TimeoutExpired:
+                restarted.kill()
+                tail = restarted.communicate()[0][-3000:]
+                raise AssertionError(f"the restarted worker kept running: {tail!r}") from None
+            assert b"privacy_ledger_resumed" in output and b"privacy_budget_spent" in output, output[-3000:]
+            await publish(js, nc, "gcp", 2, 3, 2 * STEPS)
+            last = follower.record(await wait_for(js, 4, second))
+            assert last.retired == ("aws",) and [c.cloud for c in last.contributions] == ["gcp"]
+            assert last.progress.rejected == {"PrivacyError": 1}, "the restarted worker sent an update"
+            second.send_signal(signal.SIGTERM)
+            second.wait(timeout=60)
+        finally:
+            await close_quietly(nc)
+
+    asyncio.run(scenario())
