@@ -64,6 +64,8 @@ def admit(envelope: bytes, spec: JobSpec):
         ("fedavg", {"samples": 2**62}, "samples"),  # vetoed FedAvg rounds
         ("fedavg", {"tokens": 10**9}, "tokens"),  # starved honest clouds under --partition dynamic
         ("fedavg", {"loss": -1.0}, "loss"),  # no cross-entropy is negative
+        ("fedavg", {"loss": 1e308}, "loss"),  # the record's train_loss became Infinity
+        ("fedbuff", {"heldout_loss": 1e308}, "held-out loss"),
         ("dynamic", {"loss": -50.0}, "loss"),  # took all the weight
         ("dynamic", {"loss": -1e308}, "loss"),  # made every weight NaN
         ("dynamic", {"loss": 1e6}, "loss"),
@@ -140,8 +142,9 @@ def test_the_live_coordinator_rejects_a_liar_and_never_publishes_a_non_finite_gl
             await asyncio.wait_for(service.serving.wait(), 30)
             huge = {n: torch.full(t.shape, 3e38) for n, t in WEIGHTS.items()}
             for cloud, data in (
-                ("aws", sealed("aws", samples=2**62, seq=1)),  # an absurd claim
-                ("aws", sealed("aws", tensors=huge, seq=2)),  # finite, but would make the global Inf
+                ("aws", sealed("aws", loss=1e308, seq=1)),  # finite, but the round's mean loss would not be
+                ("aws", sealed("aws", samples=2**62, seq=2)),  # an absurd claim
+                ("aws", sealed("aws", tensors=huge, seq=3)),  # finite, but would make the global Inf
                 ("gcp", sealed("gcp", seq=1)),
             ):
                 blob = f"{cloud}-{len(data)}-{data[-4:].hex()}"
@@ -151,6 +154,6 @@ def test_the_live_coordinator_rejects_a_liar_and_never_publishes_a_non_finite_gl
             await close_quietly(nc)
 
     ledger = asyncio.run(scenario())
-    assert ledger.rejected == {"ValidationError": 1, "NonFiniteError": 1} and ledger.applied == 1
+    assert ledger.rejected == {"ValidationError": 2, "NonFiniteError": 1} and ledger.applied == 1
     assert all(bool(torch.isfinite(t).all()) for t in service.aggregator.weights.values())
     assert service.aggregator.version == 1 and service.last_head.final

@@ -50,10 +50,14 @@ def check_claims(h: UpdateHeader, spec: JobSpec) -> None:
         raise ValidationError(f"claims {h.samples} samples > plausible {max_samples(spec)}")
     if h.tokens > max_tokens(spec):
         raise ValidationError(f"claims {h.tokens} tokens > the most ever assigned, {max_tokens(spec)}")
-    if not (math.isfinite(h.loss) and h.loss >= 0):
-        raise ValidationError(f"claims loss {h.loss}: a cross-entropy is finite and >= 0")
-    if spec.strategy.name == "dynamic" and h.loss > max_loss(spec):
-        raise ValidationError(f"claims loss {h.loss} > {max_loss(spec):.2f} ({LOSS_FACTOR} x log(vocab))")
+    for what, loss in (("loss", h.loss), ("held-out loss", h.heldout_loss)):
+        if loss is None:
+            continue
+        if not (math.isfinite(loss) and loss >= 0):
+            raise ValidationError(f"claims {what} {loss}: a cross-entropy is finite and >= 0")
+        # Under every rule, not only formula 2's: the record's mean loss must stay a number.
+        if loss > max_loss(spec):
+            raise ValidationError(f"claims {what} {loss} > {max_loss(spec):.2f} ({LOSS_FACTOR} x log(vocab))")
 
 
 def plausible_rate(tokens: int, compute_s: float, observed_s: float) -> float | None:
