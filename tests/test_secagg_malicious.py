@@ -393,7 +393,7 @@ def test_transcript_ids_are_random_and_a_pre_published_id_does_not_hijack_the_re
                 await read_transcript_blob(js, subjects, elsewhere, 1 << 20)
             with pytest.raises(BlobError, match="already stored"):  # the old predictable id, taken first
                 await publish_blob(js, subjects.secagg_transcript, sealed, blob_id=f"transcript-{rid}",
-                                   max_payload=nc.max_payload)  # fmt: skip
+                                   max_payload=nc.max_payload, refuse_duplicate=True)  # fmt: skip
             return sealed, read
         finally:
             await close_quietly(nc)
@@ -402,7 +402,7 @@ def test_transcript_ids_are_random_and_a_pre_published_id_does_not_hijack_the_re
     assert read == sealed
 
 
-def test_a_duplicate_ack_is_an_error_for_any_blob_and_a_fresh_id_goes_through(nats_url):
+def test_a_duplicate_ack_is_an_error_where_refused_and_a_fresh_id_goes_through(nats_url):
     job = "sa-dup"
 
     async def scenario():
@@ -415,7 +415,10 @@ def test_a_duplicate_ack_is_an_error_for_any_blob_and_a_fresh_id_goes_through(na
                                        max_payload=nc.max_payload)  # fmt: skip
             with pytest.raises(BlobError, match="duplicate"):
                 await publish_blob(js, subjects.secagg_transcript, b"y" * 10, blob_id="same",
-                                   max_payload=nc.max_payload)  # fmt: skip
+                                   max_payload=nc.max_payload, refuse_duplicate=True)  # fmt: skip
+            resent = await publish_blob(js, subjects.secagg_transcript, b"x" * 10, blob_id="same",
+                                        max_payload=nc.max_payload)  # fmt: skip
+            assert resent.duplicate and resent.first_seq == first.first_seq  # plain dedup, for who asks for it
             other = await publish_blob(js, subjects.secagg_transcript, b"y" * 10, blob_id="other",
                                        max_payload=nc.max_payload)  # fmt: skip
             return first, other

@@ -67,6 +67,7 @@ class PublishedBlob:
     chunks: int
     wire_bytes: int
     duplicate: bool
+    duplicates: tuple[int, ...] = ()  # chunks JetStream acked as already stored
 
 
 def _transient(e: BaseException) -> bool:
@@ -88,6 +89,7 @@ async def publish_blob(
     extra_headers: dict[str, str] | None = None,
     timeout: float = 60.0,
     attempts: int = PUBLISH_ATTEMPTS,
+    refuse_duplicate: bool = False,
 ) -> PublishedBlob:
     """Publish ``payload`` as chunks and wait for every JetStream ack. Transient failures (a
     server restarting, a stream recovering, 429/503, acks lost with a dropped connection)
@@ -95,14 +97,23 @@ async def publish_blob(
     ``2 * timeout`` seconds: the chunks' dedup ids make JetStream store each chunk once, and
     acks of re-sent chunks carry the sequence of the copy stored first.
 
-    A chunk JetStream answers as a duplicate that this call had not sent before was stored by
+    With ``refuse_duplicate`` (blobs a record will point at, under ids meant to be fresh), a
+    chunk JetStream answers as a duplicate that this call had not sent before was stored by
     someone else under the same id (nothing of ours was stored): that is a ``BlobError``, never
-    a success, or a record would point at what another party published."""
+    a success, or the record would point at what another party published. Without it, a
+    re-published blob reports ``duplicate`` (JetStream dedup, for callers that re-send on purpose)."""
     wait, started = 0.2, time.monotonic()
     sent: set[int] = set()  # chunks published by an earlier try of this call
     for attempt in range(1, attempts + 1):
         try:
-            return await _publish_chunks(js, subject, payload, blob_id, max_payload, extra_headers, timeout, sent)
+            published = await _publish_chunks(js, subject, payload, blob_id, max_payload, extra_headers, timeout, sent)
+            taken = [i for i in published.duplicates if i not in sent]
+            if refuse_duplicate and taken:
+                raise BlobError(
+                    f"blob {blob_id[:64]} on {subject}: chunk(s) {taken[:4]} were already stored under the same id "
+                    "by someone else (a duplicate ack): nothing of this blob is where the acks point"
+                )
+            return published
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as e:
             late = time.monotonic() + wait - started > 2 * timeout
             if not _transient(e) or attempt == attempts or late:
@@ -158,18 +169,13 @@ async def _publish_chunks(
             fut.cancel()
         sent.update(range(len(futures)))
         raise
-    taken = [i for i, ack in enumerate(acks) if ack.duplicate and i not in sent]
-    if taken:
-        raise BlobError(
-            f"blob {blob_id[:64]} on {subject}: chunk(s) {taken[:4]} were already stored under the same id by "
-            "someone else (a duplicate ack): nothing of this blob is where the acks point"
-        )
     return PublishedBlob(
         first_seq=acks[0].seq,
         last_seq=acks[-1].seq,
         chunks=count,
         wire_bytes=wire,
         duplicate=all(bool(a.duplicate) for a in acks),
+        duplicates=tuple(i for i, a in enumerate(acks) if a.duplicate),
     )
 
 

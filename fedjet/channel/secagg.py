@@ -107,7 +107,9 @@ class SecAggLink:
         subject = self.subjects.secagg_down(to) if self.is_coordinator else self.subjects.secagg_up(self.me)
         envelope = seal_secagg(step.to_bytes(), self.boxes, to)
         blob_id = f"{self.me}-{to}-{step.round_id}-{step.kind}-{secrets.token_hex(4)}"
-        published = await publish_blob(self._js, subject, envelope, blob_id=blob_id, max_payload=self.max_payload)
+        published = await publish_blob(
+            self._js, subject, envelope, blob_id=blob_id, max_payload=self.max_payload, refuse_duplicate=True
+        )
         self.bytes_sent += published.wire_bytes
         return published.wire_bytes
 

@@ -99,7 +99,7 @@ class SecureRounds:
             try:
                 return await publish_blob(
                     self.js, self.c.subjects.secagg_transcript, sealed, blob_id=transcript_blob_id(round_id),
-                    max_payload=self.nc.max_payload,
+                    max_payload=self.nc.max_payload, refuse_duplicate=True,
                 )  # fmt: skip
             except BlobError as e:
                 self.c.reject_step(e.reason, "transcript", str(e))
