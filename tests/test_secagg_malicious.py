@@ -427,3 +427,60 @@ def test_a_duplicate_ack_is_an_error_where_refused_and_a_fresh_id_goes_through(n
 
     first, other = asyncio.run(scenario())
     assert other.first_seq > first.last_seq and not first.duplicate and not other.duplicate
+
+
+def test_the_coordinator_service_refuses_an_out_of_range_round_and_applies_nothing(nats_url):
+    """Through the real coordinator: gcp masks 50 where the job's bound is 1 (a worker built to
+    skip the clipping). Every attempt's unmasked sum is out of range: it is counted as
+    ``OutOfRangeError``, the members are told, and no version is made from it."""
+    from tests.test_secagg_rounds import CLOUDS, WEIGHTS, joined, running, spec
+
+    job = "sa-range"
+    coord, parties = make_parties(CLOUDS)
+    job_spec = spec(job)
+    honest = job_spec.config.secure_agg_config
+    cheat = dataclasses.replace(honest, bound=100.0)
+
+    async def scenario():
+        async with running(nats_url, job_spec, coord) as run:
+            coordinator = run.coordinator
+            stop = asyncio.Event()
+            work = []
+            for cloud in CLOUDS:
+                member = await joined(run.nc, job, cloud, parties, cheat if cloud == "gcp" else honest, run.links)
+                value = 50.0 if cloud == "gcp" else 0.01
+                update = {n: torch.full(t.shape, value) for n, t in WEIGHTS.items()}
+                header = UpdateHeader(job=job, cloud=cloud, worker="0", seq=1, base_version=0, samples=10, loss=2.0)
+                work.append(asyncio.ensure_future(member.contribute(update, header, coordinator.last_head.hash,
+                                                                    stop.is_set)))  # fmt: skip
+            deadline = time.monotonic() + 60
+            while not coordinator.ledger.rejected.get("OutOfRangeError") and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            refused = dict(coordinator.ledger.rejected)
+            version = coordinator.aggregator.version
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*work), 30)
+            return refused, version
+
+    refused, version = asyncio.run(scenario())
+    assert refused.get("OutOfRangeError", 0) >= 1, f"no out-of-range round was refused within 60 s: {refused}"
+    assert version == 0
+
+
+def test_what_the_coordinator_still_controls_cannot_zero_a_weight():
+    """The round's base (FedBuff's tau) is the coordinator's word: it can only make an update
+    look staler, down to s(max_staleness) > 0, never weigh it 0; beyond, the member refuses.
+    Sample-weighted rounds take no coordinator input at all."""
+    from fedjet.config.job import Staleness
+    from fedjet.secagg import SecAggProtocolError, WeightRule
+
+    rule = WeightRule(max_weight=1 << 40, staleness=Staleness(), max_staleness=8)
+    weights = [rule.of(samples=1, tau=t) for t in range(9)]
+    assert weights[0] == Weight(1 << 16, 1 << 16) and all(w.weight >= (1 << 16) // 3 for w in weights)
+    with pytest.raises(SecAggProtocolError):
+        rule.of(samples=1, tau=9)
+    by_samples = WeightRule(max_weight=1000)
+    assert by_samples.of(samples=40, tau=0) == Weight(40, 40)
+    assert by_samples.of(samples=10**9, tau=0) == Weight(1000, 1000)  # capped: the ring cannot overflow
+    with pytest.raises(SecAggProtocolError):
+        by_samples.of(samples=40, tau=1)
