@@ -1,9 +1,11 @@
 """Secure aggregation (Bonawitz et al. 2017, double masking): the coordinator learns only the sum.
 
-Pure and synchronous like ``fedjet.codecs``: no asyncio, no NATS. Members encode their update
-in fixed point (``FixedPoint``), optionally over an agreed sparse pattern
-(``random_k_indices``), and run a ``MemberRound``; the coordinator runs a ``ServerRound`` and
-relays the messages. ``recompute_sum`` replays a recorded ``Transcript``.
+Pure and synchronous like ``fedjet.codecs``: no asyncio, no NATS. Members weigh themselves
+(``WeightRule``), encode their update in fixed point in Z_{2^64} (``FixedPoint``), optionally
+over an agreed sparse pattern (``random_k_indices``), and run a ``MemberRound``; the
+coordinator runs a ``ServerRound`` and relays the messages, and is not trusted with anything
+that could single a member out (see :mod:`fedjet.secagg.protocol`). ``recompute_sum`` and
+``average`` replay a recorded ``Transcript``.
 """
 
 from fedjet.secagg.coords import gather, random_k_indices, scatter
