@@ -129,3 +129,11 @@ def test_every_job_flag_of_the_cli_sets_a_field_of_the_tree():
     up = build_parser()._subparsers._group_actions[0].choices["up"]
     dests = {a.dest for a in up._actions if a.dest.startswith("cfg__")}
     assert {"cfg__strategy__name", "cfg__strategy__staleness__kind", "cfg__stop__rounds", "cfg__train__lr"} <= dests
+
+
+def test_help_shows_values_a_person_would_write_never_the_config_path():
+    from tests.conftest import run_fedjet
+
+    shown = run_fedjet("up", "--help").stdout
+    assert "CFG__" not in shown and "cfg__" not in shown
+    assert "--server-lr LR" in shown and "--clouds NAME,..." in shown and "--dp epsilon=E,delta=D,clip=C" in shown

@@ -35,10 +35,22 @@ class FlagField:
     help: str
     choices: tuple[str, ...] | None
     const: str | None = None  # the value of the bare flag (``--secure-agg`` alone means "on")
+    metavar: str | None = None  # what ``--help`` shows for the value; the leaf's name by default
 
     @property
     def dest(self) -> str:
         return "cfg__" + "__".join(self.path)
+
+    @property
+    def shown_as(self) -> str | None:
+        """``--server-lr LR``, ``--clouds NAME,...``: what a person would write, never the dest."""
+        if self.metavar is not None:
+            return self.metavar
+        if self.choices is not None:
+            return None  # argparse shows {a,b,c}
+        if self.parse is parse_names:
+            return "NAME,..."
+        return self.path[-1].upper()
 
 
 def flag_fields(cls: type = JobConfig, prefix: Path_ = ()) -> Iterator[FlagField]:
@@ -50,7 +62,8 @@ def flag_fields(cls: type = JobConfig, prefix: Path_ = ()) -> Iterator[FlagField
         elif "flag" in f.metadata:
             meta = f.metadata
             help_, choices, const = meta.get("help", ""), meta.get("choices"), meta.get("const")
-            yield FlagField((*prefix, f.name), meta["flag"], _parser(hint), help_, choices, const)
+            parse = _parser(hint)
+            yield FlagField((*prefix, f.name), meta["flag"], parse, help_, choices, const, meta.get("metavar"))
 
 
 def _parser(hint: Any) -> Callable[[str], Any]:
@@ -78,7 +91,8 @@ def add_config_flags(parser: argparse.ArgumentParser, *, only: set[str] | None =
             continue
         bare: dict[str, Any] = {} if ff.const is None else {"nargs": "?", "const": ff.const}
         group.add_argument(
-            ff.flag, dest=ff.dest, type=ff.parse, default=None, choices=ff.choices, help=ff.help, **bare
+            ff.flag, dest=ff.dest, type=ff.parse, default=None, choices=ff.choices, help=ff.help,
+            metavar=ff.shown_as, **bare,
         )  # fmt: skip
 
 

@@ -112,7 +112,8 @@ class StrategyConfig:
     )
 
     central_dp: str | None = field(
-        default=None, metadata=flag("--central-dp", "clip=C,noise=Z: clip each update, noise the average (DP-FedAvg)")
+        default=None,
+        metadata=flag("--central-dp", "clip each update, noise the average (DP-FedAvg)", metavar="clip=C,noise=Z"),
     )
 
     def __post_init__(self) -> None:
@@ -239,16 +240,24 @@ class JobConfig:
     observers: tuple[str, ...] = field(default=("eval",), metadata=flag("--observers", "read-only members"))
     model: str = field(default="tiny", metadata=flag("--model", "preset (tiny, small, medium) or checkpoint dir"))
     seed: int = field(default=0, metadata=flag("--seed"))
-    codec: str = field(default=DEFAULT_CODEC, metadata=flag("--codec", "dense, int2+down ..."))
+    codec: str = field(
+        default=DEFAULT_CODEC, metadata=flag("--codec", "update [+down= view] codec: dense, int2:128+down=int2, ...")
+    )
     peft: str | None = field(
-        default=None, metadata=flag("--peft", "lora:r=8,alpha=16,dropout=0.05[,targets=NAME,NAME]: train adapters only")
+        default=None,
+        metadata=flag("--peft", "train LoRA adapters only", metavar="lora:r=8,alpha=16[,dropout=P,targets=NAME,..]"),
     )
     dp: str | None = field(
-        default=None, metadata=flag("--dp", "record-level DP-SGD: epsilon=E,delta=D,clip=C (or noise=S,...)")
+        default=None,
+        metadata=flag(
+            "--dp", "record-level DP-SGD (noise=S for epsilon=E: report the ε)", metavar="epsilon=E,delta=D,clip=C"
+        ),
     )
     secure_agg: str | None = field(
         default=None,
-        metadata=flag("--secure-agg", "mask updates: the coordinator sees only their sum [threshold=T,..]", const="on"),
+        metadata=flag(
+            "--secure-agg", "mask updates: the coordinator sees only their sum", const="on", metavar="threshold=T,.."
+        ),
     )
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     round: RoundConfig = field(default_factory=RoundConfig)
