@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from nacl.signing import VerifyKey
 
 from fedjet.broker.blobs import H_BLOB
 from fedjet.broker.jetstream import read_blob, read_range
@@ -74,9 +75,15 @@ def secure_contribution(
     return Contribution(SECURE_SUM, base_version, samples, loss, tensors)
 
 
-def recorded_average(transcript: Transcript, secure: SecureRecord, config: SecureAggConfig) -> npt.NDArray[np.float32]:
+def recorded_average(
+    transcript: Transcript,
+    secure: SecureRecord,
+    config: SecureAggConfig,
+    verify_keys: Mapping[str, VerifyKey] | None = None,
+) -> npt.NDArray[np.float32]:
     """Replay: the survivors' weighted average, recomputed from what the coordinator received,
-    with the weights the members signed (the record's must agree: they are only the coordinator's)."""
+    with the weights the members signed (the record's must agree: they are only the coordinator's);
+    with ``verify_keys``, every member signature in the transcript is checked too."""
     if transcript.config.round_id != secure.round_id or transcript.request.survivors != secure.survivors:
         raise ValidationError(f"the transcript is of round {transcript.config.round_id}, not the recorded one")
     own = survivor_weights(transcript)
@@ -85,7 +92,7 @@ def recorded_average(transcript: Transcript, secure: SecureRecord, config: Secur
         not math.isclose(secure.weights[m], w.weight / units, rel_tol=1e-9) for m, w in own.items()
     ):
         raise ValidationError("the record's weights are not the ones the survivors signed")
-    total = recompute_sum(transcript)
+    total = recompute_sum(transcript, verify_keys)
     return average(transcript, total, config.fixed_point)
 
 

@@ -192,7 +192,8 @@ class _Session:
             transcript = Transcript.from_wire(msgpack.unpackb(packed, raw=False))
         except (msgpack.UnpackException, ValueError, TypeError) as e:
             raise ValidationError(f"transcript of version {record.version}: {type(e).__name__}") from e
-        average = await asyncio.to_thread(recorded_average, transcript, secure, config)
+        verify_keys = {c: self.boxes.public_of(c).verify for c in spec.clouds}  # members' signatures, weights too
+        average = await asyncio.to_thread(recorded_average, transcript, secure, config, verify_keys)
         return secure_contribution(
             average, job=spec.job, base_version=base.version, base_hash=base.hash, numel_masked=secure.numel,
             template=self.start, members=members_of(record.contributions),
