@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import os
 import tracemalloc
 
@@ -153,6 +154,16 @@ def test_the_signed_message_is_bound_and_domain_separated():
     trailer = sealed.encrypt(crypto._nonce(1), signature, stolen[:32])  # sealed where the signature goes
     with pytest.raises(AuthenticationError, match="not signed"):
         crypto.open_update(stolen + trailer, coord, 1 << 20)
+
+
+def test_the_stream_digest_keeps_the_order_of_big_and_small_pieces():
+    data = os.urandom(3 * SEGMENT_BYTES)
+    cuts = [0, 10, crypto.StreamDigest.THREAD_MIN + 5, SEGMENT_BYTES, SEGMENT_BYTES + 7, 2 * SEGMENT_BYTES, len(data)]
+    digest = crypto.StreamDigest()
+    view = memoryview(data)
+    for lo, hi in itertools.pairwise(cuts):  # big pieces go to the thread, small ones not
+        digest.update(view[lo:hi])
+    assert digest.digest() == hashlib.sha256(data).digest()
 
 
 def opening_peak(envelope: bytes, coord: Boxes, *, legacy: bool = False) -> int:
