@@ -1,6 +1,7 @@
 """``fedjet bench codec``: wire size and speed of the full update pipeline.
 
-Encode = error-feedback compression + framing + sealing (NaCl Box); decode = opening +
+Encode = error-feedback compression + framing + sealing (AES-GCM segments and the sender's
+Ed25519 signature over a SHA-256 of the frame); decode = opening and checking the signature +
 parsing + materialising dense tensors. Speeds are MB/s of dense float32 input; the physical
 reference is a ``memcpy`` of the same dense buffer timed in the same run.
 """

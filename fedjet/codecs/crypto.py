@@ -15,10 +15,11 @@
   could seal an update "from" any cloud. Version 4 therefore ends with the sender's Ed25519
   signature (its long-term signing key, the one its ``.pub`` names) over the header, the
   recipient's public key and a SHA-256 digest of the plaintext, computed as the segments stream
-  past; it is sealed as one more AES-GCM segment (the broker cannot use it to confirm a guessed
-  frame). The coordinator and ``fedjet replay`` check it before a frame is used, so the record
-  proves which cloud sent what. The signed message has a prefix of its own, so it can never be
-  passed off as a secure-aggregation message (msgpack) or the other way round.
+  past (on a thread of its own: :class:`StreamDigest`). It is sealed as one more AES-GCM
+  segment, so the broker cannot use it to confirm a guessed frame. The coordinator and
+  ``fedjet replay`` check it before a frame is used, so the record proves which cloud sent
+  what. The signed message has a prefix of its own, so it can never be passed off as a
+  secure-aggregation message (msgpack) or the other way round.
 * Global versions: encrypted once with a fresh ``SecretBox`` key per version; that key is
   sealed to every member with ``Box(coordinator_secret, member_public)``; the head that
   carries the sealed keys and the ciphertext digest is signed with the coordinator's
