@@ -3,7 +3,9 @@
 
 The inbox reads a durable pull consumer strictly in stream order and reassembles chunked
 blobs; given the coordinator's keys it opens each update as its chunks arrive (AES-GCM
-segments), so it never holds an update's ciphertext and plaintext at once. It holds each
+segments), so it never holds an update's ciphertext and plaintext at once, and hands a frame on
+only once the sender's signature over it checks with that cloud's ``.pub`` (an update forged
+with the coordinator's own key is refused, counted like any other). It holds each
 message unacked until the coordinator decides its fate: acked once the version that includes
 it is published (or once it is rejected), so a crash never loses an update. After a restart,
 everything at or before ``applied_through`` was decided already.
@@ -76,7 +78,8 @@ class Arrival:
 
 
 class OpeningSink:
-    """A blob sink that decrypts an update envelope as it arrives; the blob becomes the frame."""
+    """A blob sink that decrypts an update envelope as it arrives; the blob becomes the frame
+    once the sender's signature checks (``UpdateOpener.finish``)."""
 
     def __init__(self, opener: UpdateOpener) -> None:
         self.opener = opener
