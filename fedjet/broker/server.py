@@ -74,7 +74,10 @@ class EmbeddedNatsServer:
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         host: str = "127.0.0.1",
         port: int = -1,
+        jetstream: bool = True,
     ) -> None:
+        """``jetstream=False``: a plain NATS server, as a leaf node without JetStream looks."""
+        self.jetstream = jetstream
         self._keep_store = store_dir is not None
         self._work = Path(tempfile.mkdtemp(prefix="fedjet-nats-"))
         self.store_dir = Path(store_dir) if store_dir else self._work / "store"
@@ -87,9 +90,9 @@ class EmbeddedNatsServer:
     def start(self, timeout: float = 15.0) -> str:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         config = self._work / "nats.conf"
+        jetstream = f"jetstream {{ store_dir: {json.dumps(str(self.store_dir))} }}\n" if self.jetstream else ""
         config.write_text(
-            f"host: {json.dumps(self.host)}\nport: {self.port}\nmax_payload: {self.max_payload}\n"
-            f"jetstream {{ store_dir: {json.dumps(str(self.store_dir))} }}\n"
+            f"host: {json.dumps(self.host)}\nport: {self.port}\nmax_payload: {self.max_payload}\n{jetstream}"
         )
         log = (self._work / "nats.log").open("wb")
         self._proc = subprocess.Popen(

@@ -12,7 +12,7 @@ import nats.errors
 import nats.js.errors
 
 from fedjet.broker.subjects import JobSubjects, kv_put_subject
-from fedjet.channel.retry import retrying
+from fedjet.channel.retry import TRANSIENT, retrying
 from fedjet.codecs.crypto import Identity, PublicIdentity
 from fedjet.errors import BrokerError
 from fedjet.log import get_logger
@@ -52,7 +52,15 @@ async def await_spec(
     while True:
         if check is not None:
             check()
-        spec = await read_spec(js, subjects, coordinator)
+        try:
+            spec = await read_spec(js, subjects, coordinator)
+        except BrokerError as e:
+            if isinstance(e.__cause__, TRANSIENT):  # nobody answered, not a refusal
+                raise BrokerError(
+                    f"{e}. No JetStream answered on this server: behind a leaf node, pass --js-domain "
+                    "(the hub's JetStream domain, e.g. hub)"
+                ) from e
+            raise
         if spec is not None:
             return spec
         if time.monotonic() > deadline:

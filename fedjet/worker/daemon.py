@@ -121,6 +121,7 @@ class Worker:
         self.trainer: LocalTrainer | None = None
         self.secure: SecureMember | None = None
         self._base: tuple[GlobalHead, dict[str, Any]] | None = None
+        self._joined = False  # the job's spec was read: its bucket exists to report stats to
 
     def stop(self) -> None:
         self._stop.set()
@@ -140,6 +141,7 @@ class Worker:
                     self._js, self.subjects, self.boxes.public_of(COORDINATOR), cfg.spec_timeout_s
                 )
                 self.spec.cloud_index(cfg.cloud)
+                self._joined = True
                 self.trainer, self.tracker, self.codec = await asyncio.to_thread(self._prepare, self.spec)
                 self.sender = UpdateSender(
                     self._js, self.subjects, self.boxes, cfg.cloud, cfg.worker_id, max_payload=self._nc.max_payload
@@ -485,6 +487,6 @@ class Worker:
             self.metrics.received(self.follower.bytes_down - self.stats.bytes_down)
             self.stats.bytes_down = self.follower.bytes_down
         self.metrics.throughput(self.stats.tokens_per_s, self.stats.to_dict()["idle_frac"])
-        if self._nc is None or self._nc.is_closed:
-            return
+        if self._nc is None or self._nc.is_closed or not self._joined:
+            return  # no job was found: there is no bucket to report to
         await put_stats(self._js, self.subjects, self.config.cloud, self.stats.to_dict(), domain=self.config.js_domain)
