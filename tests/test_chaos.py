@@ -44,6 +44,7 @@ def test_a_publish_waits_for_its_stream_to_come_back(nats_server):
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(480)  # above the harness's own 400 s limit, so the harness reports first
 def test_a_few_kills_lose_nothing(tmp_path, data_dir, monkeypatch):
     tag = f"chaos-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv(TAG_ENV, tag)  # every process the run starts carries it
