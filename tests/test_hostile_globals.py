@@ -59,13 +59,17 @@ async def send_round(js, nc, members, job: str, round_: int) -> None:
 
 async def publish_junk_heads(js, job: str) -> None:
     """What anyone who may publish on the head subject can send: bytes, an unsigned head, a head
-    signed by someone else's key."""
+    signed by someone else's key, and messages under the ids the coordinator's heads would take
+    if those were predictable (JetStream would drop the real heads as duplicates)."""
     subject = JobSubjects(job).global_head
     header = GlobalHeader(job=job, version=99, hash="0" * 64)
     forged = GlobalHead(header=header, first_seq=1, last_seq=1, size=1, sha256="0" * 64)
     await js.publish(subject, b"junk")
     await js.publish(subject, msgpack.packb({"hv": 1, "job": job, "version": 99}))
     await js.publish(subject, forged.sign(Identity.generate(COORDINATOR)))
+    for version in range(4):  # taking the message ids a coordinator would use for its heads
+        for final in (0, 1):
+            await js.publish(subject, b"squatter", headers={"Nats-Msg-Id": f"{job}/h/{version}/{final}"})
 
 
 async def wait_version(service: Coordinator, version: int) -> None:

@@ -171,8 +171,9 @@ class GlobalPublisher:
         sealed = await asyncio.to_thread(seal_global, frame, meta, self.boxes, self.members)
         blob_id = f"{self.subjects.job}/{name}/{secrets.token_hex(6)}"
         blob = await publish_blob(
-            self._js, self.subjects.global_data, sealed.ciphertext, blob_id=blob_id, max_payload=self.max_payload
-        )
+            self._js, self.subjects.global_data, sealed.ciphertext, blob_id=blob_id, max_payload=self.max_payload,
+            refuse_duplicate=True,
+        )  # fmt: skip
         return sealed, blob_id, blob
 
     async def publish_final_marker(self) -> None:
@@ -188,13 +189,17 @@ class GlobalPublisher:
         return self._published
 
     async def _publish_head(self, head: GlobalHead) -> None:
-        msg_id = f"{head.job}/h/{head.version}/{int(head.final)}"
+        """The id has a random part: anyone who may publish on the head subject could otherwise
+        take a predictable id first, and JetStream would drop the real head as a duplicate."""
+        msg_id = f"{head.job}/h/{head.version}/{int(head.final)}/{secrets.token_hex(8)}"
         try:
             ack = await self._js.publish(
                 self.subjects.global_head, head.sign(self.boxes.me), headers={"Nats-Msg-Id": msg_id}
             )
         except (nats.errors.Error, nats.js.errors.Error) as e:
             raise BrokerError(f"publishing global head {head.version} failed: {e}") from e
+        if ack.duplicate:
+            raise BrokerError(f"global head {head.version} was acked as a duplicate: it was not stored")
         self.last_head, self._last_head_seq = head, ack.seq
 
 

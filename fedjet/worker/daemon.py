@@ -178,6 +178,7 @@ class Worker:
         self.secure = SecureMember(
             link, job=self.spec.job, cloud=self.config.cloud, clouds=self.spec.clouds, config=config,
             signing_key=self.boxes.me.sign, verify_keys=verify_keys,
+            staleness=self.spec.strategy.staleness, max_staleness=self.spec.strategy.max_staleness,
         )  # fmt: skip
 
     def _prepare(self, spec: JobSpec) -> tuple[LocalTrainer, DeltaTracker, CodecSpec]:
