@@ -123,3 +123,23 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+async def until(condition, what: str, timeout: float = 60.0, every: float = 0.05) -> None:
+    """Wait until ``condition()`` holds; fail saying ``what`` did not happen within ``timeout``."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout:.0f} s")
+        await asyncio.sleep(every)
+
+
+async def until_version(service, version: int, timeout: float = 60.0) -> None:
+    """Wait until the coordinator ``service`` has made ``version``."""
+
+    def made() -> bool:
+        return service.aggregator is not None and service.aggregator.version >= version
+
+    await until(made, f"the coordinator's version {version}", timeout)

@@ -26,7 +26,7 @@ from fedjet.coordinator.service import Coordinator, CoordinatorConfig
 from fedjet.coordinator.strategies import Applied
 from fedjet.errors import ConfigError, ReplayError, ValidationError
 from fedjet.spec import JobSpec
-from tests.conftest import make_parties
+from tests.conftest import make_parties, until_version
 
 CLOUDS = ("aws", "gcp")
 WEIGHTS = {"w": torch.ones(50, 20), "b": torch.zeros(20)}
@@ -77,8 +77,7 @@ def restarted(nats_url, job: str, before: list, after: list, policy: RoundConfig
         async def play(service: Coordinator, steps: list) -> None:
             for n, step in enumerate(steps):
                 if step[0] == "until":
-                    while service.aggregator is None or service.aggregator.version < step[1]:
-                        await asyncio.sleep(0.05)
+                    await until_version(service, step[1])
                     continue
                 cloud, seq, base = step
                 data = kept.setdefault((cloud, seq), envelope(members, job, cloud, seq, base))
@@ -177,8 +176,7 @@ def test_local_state_refuses_a_broker_that_hides_or_lost_the_newest_versions(tmp
             for cloud in CLOUDS:
                 data = envelope(members, "state", cloud, 1, 0)
                 await publish_blob(js, subjects.update(cloud), data, blob_id=cloud, max_payload=nc.max_payload)
-            while first.aggregator.version < 1:
-                await asyncio.sleep(0.05)
+            await until_version(first, 1)
             first.stop()
             await asyncio.wait_for(task, 30)
             await run_until_serving(service())  # an honest restart goes on from version 1

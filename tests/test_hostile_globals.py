@@ -32,7 +32,7 @@ from fedjet.config.job import JobConfig, StopConfig, TrainConfig
 from fedjet.coordinator.service import Coordinator, CoordinatorConfig
 from fedjet.keystore import coordinator_boxes, generate, member_boxes
 from fedjet.spec import JobSpec
-from tests.conftest import make_parties, publish_part, run_fedjet
+from tests.conftest import make_parties, publish_part, run_fedjet, until_version
 
 CLOUDS = ("aws", "gcp")
 WEIGHTS = {"w": torch.ones(50, 20), "b": torch.zeros(20)}
@@ -72,11 +72,6 @@ async def publish_junk_heads(js, job: str) -> None:
             await js.publish(subject, b"squatter", headers={"Nats-Msg-Id": f"{job}/h/{version}/{final}"})
 
 
-async def wait_version(service: Coordinator, version: int) -> None:
-    while service.aggregator is None or service.aggregator.version < version:
-        await asyncio.sleep(0.05)
-
-
 def test_a_restarted_coordinator_walks_back_past_junk_heads(nats_url):
     coord, members = make_parties(CLOUDS)
 
@@ -88,7 +83,7 @@ def test_a_restarted_coordinator_walks_back_past_junk_heads(nats_url):
             task = asyncio.create_task(first.run(dict(WEIGHTS)))
             await asyncio.wait_for(first.serving.wait(), 30)
             await send_round(js, nc, members, "junkhead", 1)
-            await asyncio.wait_for(wait_version(first, 1), 60)
+            await until_version(first, 1)
             first.stop()
             await asyncio.wait_for(task, 60)
             await publish_junk_heads(js, "junkhead")
@@ -122,7 +117,7 @@ def test_replay_verify_walks_past_junk_heads(tmp_path, nats_url):
             await publish_junk_heads(js, "junkreplay")
             for round_ in (1, 2):
                 await send_round(js, nc, members, "junkreplay", round_)
-                await asyncio.wait_for(wait_version(service, round_), 60)
+                await until_version(service, round_)
                 await publish_junk_heads(js, "junkreplay")
             await asyncio.wait_for(task, 60)
         finally:

@@ -25,6 +25,7 @@ from fedjet.keystore import coordinator_boxes, generate, member_boxes
 from fedjet.observe.status import JobStatus, job_status, status_boxes, status_command
 from fedjet.observe.status_view import render_status
 from fedjet.spec import JobSpec
+from tests.conftest import until_version
 
 JOB = "st"
 CLOUDS = ("aws", "gcp")
@@ -65,8 +66,7 @@ async def run_tiny_job(nats_url: str, keys: Path) -> int:
         published = 1
         await js.publish(SUBJECTS.update("aws"), b"no chunk headers at all")  # rejected: BlobError
         for base in (0, 1):
-            while coordinator.aggregator is None or coordinator.aggregator.version < base:
-                await asyncio.sleep(0.02)
+            await until_version(coordinator, base)
             for i, cloud in enumerate(CLOUDS):
                 data = sealed_update(members[cloud], cloud, 10 + base, base, 0.1 * (i + 1))
                 blob = await publish_blob(

@@ -34,7 +34,7 @@ from fedjet.secagg import Transcript
 from fedjet.secagg.steps import UP, Step
 from fedjet.spec import JobSpec
 from fedjet.worker.secure import SecureMember
-from tests.conftest import make_parties
+from tests.conftest import make_parties, until
 
 CLOUDS = ("aws", "azure", "gcp")
 WEIGHTS = {"w": torch.ones(40, 25), "b": torch.zeros(25)}
@@ -262,8 +262,7 @@ def test_fedbuff_buffers_are_masked_and_a_stale_update_is_weighed_by_its_stalene
                 azure.contribute(u["azure"], header("azure", 1, 0), v0_hash, lambda: version() > 1, later_rounds=True),
             ), 60)  # fmt: skip
             assert first == [True, True]
-            while version() < 1:  # the members are done once they revealed; the version follows
-                await asyncio.sleep(0.05)
+            await until(lambda: version() >= 1, "version 1 after the members revealed")
             v1 = {n: t.clone() for n, t in coordinator.aggregator.weights.items()}
             v1_hash = coordinator.last_head.hash
             second = await asyncio.wait_for(asyncio.gather(
@@ -298,8 +297,7 @@ def test_members_move_to_the_round_a_restarted_coordinator_opens(nats_url):
             await asyncio.wait_for(first.serving.wait(), 30)
             for cloud in CLOUDS:
                 secure.append(await joined(nc, job, cloud, members, job_spec.config.secure_agg_config, links))
-            while not all(link.waiting for link in links):  # the first round's open reached every member
-                await asyncio.sleep(0.05)
+            await until(lambda: all(link.waiting for link in links), "the first round's open reaching every member")
             first.stop()
             await asyncio.wait_for(task, 30)
             second = Coordinator(CoordinatorConfig(nats_url=nats_url, spec=job_spec, boxes=coord, idle_timeout_s=60))
