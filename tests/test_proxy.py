@@ -1,4 +1,5 @@
-"""The shaping proxy: roughly the configured rate and delay (loose bounds: a test, not a bench)."""
+"""The shaping proxy never delivers faster or sooner than the link it shapes (lower bounds only:
+how close it comes to the configured rate is a timing claim, measured by the benches)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ async def _sink_server():
     return server, server.sockets[0].getsockname()[1], received
 
 
-def test_proxy_delivers_at_roughly_the_configured_rate():
+def test_proxy_delivers_no_faster_than_the_configured_rate():
     payload = 1_000_000  # 8 Mbit through an 8 Mbit/s link: about one second
 
     async def scenario():
@@ -57,7 +58,7 @@ def test_proxy_delivers_at_roughly_the_configured_rate():
 
     first, elapsed = asyncio.run(scenario())
     assert first >= 0.045  # nothing arrives before the added delay
-    assert 0.8 <= elapsed <= 2.0, elapsed
+    assert elapsed >= 0.8, elapsed  # 8 Mbit cannot cross an 8 Mbit/s link in less than ~1 s
 
 
 def test_real_nats_protocol_crosses_a_long_link(nats_url):
