@@ -170,7 +170,8 @@ def _read(path: Path) -> dict[str, Any]:
     try:
         body = json.loads(path.read_text())
     except FileNotFoundError as e:
-        raise ConfigError(f"key file {path} not found (fedjet keys generate --out DIR ...)") from e
+        how = "its owner hands it out; fedjet keys add" if path.suffix == ".pub" else "fedjet keys generate"
+        raise ConfigError(f"key file {path} not found ({how} --out {path.parent})") from e
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"cannot read key file {path}: {e}") from e
     if not isinstance(body, dict):

@@ -89,6 +89,8 @@ def test_a_public_key_file_must_hold_the_key_it_is_named_for(tmp_path):
     with pytest.raises(ConfigError, match="holds 'aws'"):
         load_public(tmp_path, "gcp")
     assert load_public(tmp_path, "aws").name == "aws"
+    with pytest.raises(ConfigError, match="its owner hands it out; fedjet keys add"):  # what to do about it
+        load_public(tmp_path, "azure")
 
 
 def test_the_clouds_form_still_writes_every_pair_for_one_operator(tmp_path):
