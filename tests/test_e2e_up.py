@@ -52,7 +52,10 @@ def test_three_clouds_two_rounds_lower_eval_loss_and_leave_nothing_running(dense
     assert sorted(rounds[1]["contributors"]) == ["aws", "azure", "gcp"]
     summary = report["summary"]
     assert summary["updates_applied"] == 6 and summary["updates_rejected"] == 0
-    assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0
+    clouds = report["clouds"].values()  # every worker's own count: no fallback to the records' figures
+    assert all(c["bytes_up"] > 0 and c["bytes_down"] > 0 for c in clouds)
+    assert summary["bytes_up"] == sum(c["bytes_up"] for c in clouds)
+    assert summary["bytes_down"] == sum(c["bytes_down"] for c in clouds)
     for key in ("final_eval_loss", "final_eval_ppl", "wall_s"):
         assert summary[key] > 0
     assert set(report["clouds"]) == {"aws", "gcp", "azure"}

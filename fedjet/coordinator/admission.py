@@ -32,7 +32,8 @@ class Admitted:
 @dataclass(frozen=True)
 class Admission:
     """The fixed context of admission: the job, the keys, the size limits. ``legacy_envelopes``
-    also reads version-1 envelopes (replaying a store recorded before version 2)."""
+    also reads envelopes of versions 1-3 (replaying a store recorded before updates were
+    signed: such updates prove nothing about who sent them)."""
 
     spec: JobSpec
     boxes: Boxes
