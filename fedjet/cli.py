@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import json
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-from fedjet.config.flags import add_config_flags, config_from_args, job_config, overrides_from, parse_names, read_toml
-from fedjet.config.job import JobConfig
+from fedjet.bench.commands import add_bench
+from fedjet.commands import (
+    cmd_coordinator,
+    cmd_deploy_nats,
+    cmd_export,
+    cmd_generate,
+    cmd_keys_add,
+    cmd_keys_generate,
+    cmd_replay,
+    cmd_status,
+    cmd_up,
+    cmd_worker,
+)
+from fedjet.config.flags import add_config_flags, parse_names
 from fedjet.errors import ConfigError, FedjetError, JobFinished, Terminated
 from fedjet.log import configure_logging
 
@@ -25,33 +32,11 @@ AGGREGATION_FLAGS = {
 }  # fmt: skip
 
 
-def parse_assignments(text: str, *, kind: str) -> dict[str, str]:
-    """``azure=3,gcp=2`` -> {"azure": "3", "gcp": "2"}."""
-    out: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, value = part.partition("=")
-        if not sep or not name.strip() or not value.strip():
-            raise ConfigError(f"{kind} wants CLOUD=VALUE pairs, got {part!r}")
-        out[name.strip()] = value.strip()
-    return out
-
-
-def parse_factors(text: str, *, kind: str) -> dict[str, float]:
-    """``azure=3`` -> {"azure": 3.0}, with a clear error for ``azure=abc``."""
-    out = {}
-    for name, value in parse_assignments(text, kind=kind).items():
-        try:
-            out[name] = float(value)
-        except ValueError:
-            raise ConfigError(f"{kind} {name}={value}: the factor must be a number") from None
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedjet", description=__doc__)
     parser.add_argument("--log-level", default=None, help="debug, info, warning (default info)")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_up, _add_services, _add_replay, _add_model_io, _add_watch, _add_bench, _add_keys, _add_deploy):
+    for add in (_add_up, _add_services, _add_replay, _add_model_io, _add_watch, add_bench, _add_keys, _add_deploy):
         add(commands)
     return parser
 
@@ -217,88 +202,6 @@ def add_identity_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--js-domain", default=None, help="the hub's JetStream domain (behind a leaf node)")
 
 
-def identity_from(args: argparse.Namespace) -> Any:
-    """A ``ClientAuth`` when any identity flag was given (checked now: files, modes), else None."""
-    from fedjet.broker.auth import ClientAuth
-
-    fields = {k: getattr(args, k) for k in ("nkey", "creds", "tls_ca", "tls_cert", "tls_key")}
-    return ClientAuth(**fields) if any(fields.values()) else None
-
-
-def _add_bench(commands: Any) -> None:
-    bench = commands.add_parser("bench", help="benchmarks (speed targets live here, not in tests)")
-    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
-    codec = bench_commands.add_parser("codec", help="wire size and speed of the update codec")
-    codec.add_argument("--params", type=int, default=10_000_000)
-    codec.add_argument("--density", type=float, default=0.01)
-    codec.add_argument("--codec", default=None, help="default topk:DENSITY+int8")
-    codec.add_argument("--repeats", type=int, default=5)
-    codec.add_argument("--json", action="store_true", help="print one JSON object")
-    codec.set_defaults(func=cmd_bench_codec)
-
-    frontier = bench_commands.add_parser("frontier", help="final eval loss against whole-run bytes, per codec")
-    frontier.add_argument("--out", required=True, help="directory for results.json, frontier.md, frontier.png")
-    frontier.add_argument("--codecs", type=parse_clouds, default=("dense", "topk:0.01+int8"), help="comma-separated")
-    frontier.add_argument("--rounds", type=int, default=5)
-    frontier.add_argument("--local-steps", type=int, default=20)
-    frontier.add_argument("--seq-len", type=int, default=128)
-    frontier.add_argument("--batch-size", type=int, default=8)
-    frontier.add_argument("--model", default="tiny")
-    frontier.add_argument("--seed", type=int, default=0)
-    frontier.add_argument("--data", default=None)
-    frontier.add_argument("--eval-tokens", type=int, default=16384)
-    frontier.add_argument("--strategy", default="fedavg")
-    frontier.add_argument("--server-opt", default="sgd")
-    frontier.add_argument("--schedules", type=parse_clouds, default=("wait",), help="wait,overlap: rows per schedule")
-    frontier.add_argument("--link", default="", help="every cloud behind this link, e.g. 20mbit/80ms")
-    frontier.set_defaults(func=cmd_bench_frontier)
-
-    transport = bench_commands.add_parser("transport", help="one big update through JetStream vs raw publishes")
-    transport.add_argument("--mb", type=int, default=400, help="update size in MB (default 400)")
-    transport.add_argument("--json", action="store_true", help="print one JSON object")
-    transport.set_defaults(func=cmd_bench_transport)
-
-    sa = bench_commands.add_parser("secagg", help="what --secure-agg costs in bytes, time and loss, per round")
-    sa.add_argument("--out", required=True, help="directory for secagg.json and secagg.md")
-    sa.add_argument("--densities", type=_floats, default=(1.0, 0.1), help="secure rows' densities, comma-separated")
-    sa.add_argument("--rounds", type=int, default=3)
-    sa.add_argument("--local-steps", type=int, default=10)
-    sa.add_argument("--data", default=None)
-    sa.add_argument("--members", type=_ints, default=(3, 10, 30), help="protocol-only rows: members per round")
-    sa.add_argument("--params", type=int, default=1_000_000, help="protocol-only rows: coordinates per member")
-    sa.set_defaults(func=cmd_bench_secagg)
-
-    from fedjet.bench.chaos_flags import build_parser as chaos_flags
-
-    chaos = bench_commands.add_parser("chaos", help="a job under SIGKILLs and nats restarts, audited for loss")
-    chaos_flags(chaos)
-    chaos.set_defaults(func=cmd_bench_chaos)
-
-    gpu = bench_commands.add_parser("gpu", help="fedjet's tokens/s on one GPU against a bare loop of the same model")
-    gpu.add_argument("--model", default="base", help="preset or checkpoint (default: base, 85M parameters)")
-    gpu.add_argument("--rounds", type=int, default=4)
-    gpu.add_argument("--local-steps", type=int, default=20)
-    gpu.add_argument("--batch-size", type=int, default=16)
-    gpu.add_argument("--seq-len", type=int, default=256)
-    gpu.add_argument("--precision", choices=PRECISIONS, default=None)
-    gpu.add_argument("--codec", default="topk:0.01+int8")
-    gpu.add_argument("--data", default=None)
-    gpu.set_defaults(func=cmd_bench_gpu)
-
-    exp = bench_commands.add_parser("experiment", help="the paper's protocol: strategy x partition x codec")
-    exp.add_argument("--out", required=True, help="directory for results.json, results.md and plots")
-    exp.add_argument("--quick", action="store_true", help="5 strategies, fixed partition, the default codec, 4 rounds")
-    exp.add_argument("--strategies", type=parse_clouds, default=None, help="e.g. fedavg,async")
-    exp.add_argument("--partitions", type=parse_clouds, default=None, help="e.g. fixed,dynamic,noniid")
-    exp.add_argument("--codecs", type=parse_clouds, default=None, help="e.g. dense,topk:0.01+int8")
-    exp.add_argument("--rounds", type=int, default=None, help="sync rounds; every cell applies 3x this")
-    exp.add_argument("--local-steps", type=int, default=None)
-    exp.add_argument("--slowdown", type=float, default=None, help="the slowed cloud computes this much slower")
-    exp.add_argument("--data", default=None)
-    exp.add_argument("--eval-tokens", type=int, default=None)
-    exp.set_defaults(func=cmd_bench_experiment)
-
-
 def _add_keys(commands: Any) -> None:
     keys = commands.add_parser(
         "keys",
@@ -330,344 +233,6 @@ def _add_keys(commands: Any) -> None:
     add.add_argument("files", nargs="+", metavar="FILE.pub", help="public key files handed out by the others")
     add.add_argument("--out", required=True, help="the key directory to add them to")
     add.set_defaults(func=cmd_keys_add)
-
-
-def cmd_replay(args: argparse.Namespace) -> int:
-    from fedjet.runner.replay import ReplayConfig, print_summary, replay_counterfactual, verify_recording
-
-    overrides = overrides_from(args)
-    config = ReplayConfig(
-        store=args.store,
-        nats_url=args.nats,
-        job=args.job,
-        keys=args.keys,
-        verify=args.verify,
-        strategy=job_config(overrides=overrides).strategy if "strategy" in overrides else None,
-        from_version=args.from_version,
-        until_version=args.until_version,
-        report=args.report,
-        data=args.data,
-        eval_data=args.eval_data,
-        model=args.model,
-        eval_tokens=args.eval_tokens,
-        device=args.device,
-        progress=not args.no_progress,
-        auth=identity_from(args),
-        js_domain=args.js_domain,
-    )
-    if config.verify:
-        result = verify_recording(config).to_dict()
-        print_summary(result)
-        return 1 if result["mismatches"] else 0
-    replay_counterfactual(config)
-    if args.report:
-        print(f"report written to {args.report}")
-    return 0
-
-
-def cmd_bench_codec(args: argparse.Namespace) -> int:
-    import json
-
-    from fedjet.bench import codec
-
-    result = codec.run(args.params, args.density, args.codec, args.repeats)
-    print(json.dumps(codec.as_dict(result)) if args.json else codec.describe(result))
-    return 0
-
-
-def cmd_bench_chaos(args: argparse.Namespace) -> int:
-    from fedjet.bench.chaos import config_from, describe, healthy, run
-
-    result = run(config_from(args))
-    print(json.dumps(result), flush=True)
-    print(describe(result), file=sys.stderr)
-    return 0 if healthy(result) else 1
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r:.40}") from None
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r:.40}") from None
-
-
-def cmd_bench_transport(args: argparse.Namespace) -> int:
-    from fedjet.bench.transport import run
-
-    if args.mb < 1:
-        raise ConfigError("--mb must be >= 1")
-    result = run(args.mb)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(
-            f"{result['mb']:.0f} MB sealed, chunked, reassembled, opened at {result['mb_s']:.0f} MB/s; raw nats-py "
-            f"publishes {result['raw_mb_s']:.0f} MB/s ({result['ratio_to_raw']:.2f}x); coordinator peak RSS "
-            f"{result['peak_rss_mb']:.0f} MB, {result['rss_vs_update']:.2f}x the update above its "
-            f"{result['baseline_rss_mb']:.0f} MB baseline; intact: {result['intact']}"
-        )
-    return 0 if result["intact"] else 1
-
-
-def cmd_bench_secagg(args: argparse.Namespace) -> int:
-    from fedjet.bench.secagg import SecAggBenchConfig, describe, run
-
-    config = SecAggBenchConfig(
-        out=Path(args.out), densities=args.densities, rounds=args.rounds, local_steps=args.local_steps,
-        data=args.data, members=args.members, params=args.params,
-    )  # fmt: skip
-    print(describe(run(config)))
-    return 0
-
-
-def cmd_bench_frontier(args: argparse.Namespace) -> int:
-    from fedjet.bench.frontier import FrontierConfig, describe, run
-
-    config = FrontierConfig(
-        out=Path(args.out), codecs=tuple(args.codecs), rounds=args.rounds, local_steps=args.local_steps,
-        seq_len=args.seq_len, batch_size=args.batch_size, model=args.model, seed=args.seed, data=args.data,
-        eval_tokens=args.eval_tokens, strategy=args.strategy, server_opt=args.server_opt,
-        schedules=tuple(args.schedules), link=args.link,
-    )  # fmt: skip
-    print(describe(run(config)))
-    return 0
-
-
-def cmd_bench_gpu(args: argparse.Namespace) -> int:
-    import json
-
-    from fedjet.bench.gpu import GpuBenchConfig, run
-
-    config = GpuBenchConfig(
-        model=args.model, rounds=args.rounds, local_steps=args.local_steps, batch_size=args.batch_size,
-        seq_len=args.seq_len, precision=args.precision, codec=args.codec, data=args.data,
-    )  # fmt: skip
-    print(json.dumps(run(config), default=str))
-    return 0
-
-
-def cmd_bench_experiment(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from fedjet.bench.experiment import ExperimentConfig, run_experiment
-
-    config = ExperimentConfig.preset(
-        args.quick,
-        Path(args.out),
-        strategies=args.strategies,
-        partitions=args.partitions,
-        codecs=args.codecs,
-        rounds=args.rounds,
-        local_steps=args.local_steps,
-        slowdown=args.slowdown,
-        data=args.data,
-        eval_tokens=args.eval_tokens,
-    )
-    results = run_experiment(config)
-    print(f"{len(results['cells'])} cells in {results['elapsed_s']:.0f}s; tables in {Path(args.out) / 'results.md'}")
-    return 0
-
-
-def cmd_keys_generate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from fedjet.codecs.crypto import COORDINATOR
-    from fedjet.keystore import generate, generate_one
-
-    own = COORDINATOR if args.coordinator else args.cloud
-    first = own if own is not None else COORDINATOR
-    if args.if_missing and (Path(args.out) / f"{first}.key").exists():
-        print(f"keys already in {args.out}; leaving them")
-        return 0
-    written = generate_one(args.out, own) if own is not None else generate(args.out, [*args.clouds, *args.observers])
-    for path in written:
-        print(path)
-    if own is not None:
-        print(f"hand out {Path(args.out) / (own + '.pub')} only; add the others' with: fedjet keys add FILE.pub ...")
-    return 0
-
-
-def cmd_keys_add(args: argparse.Namespace) -> int:
-    from fedjet.keystore import add_public
-
-    written = add_public(args.out, args.files)
-    for path in written:
-        print(path)
-    print(f"{len(written)} public key(s) added to {args.out} (a key already there is left as it is)")
-    return 0
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    from fedjet.observe.status import status_command
-
-    auth = identity_from(args)
-    return asyncio.run(
-        status_command(
-            args.nats,
-            args.job,
-            args.keys,
-            args.store,
-            args.json,
-            auth=auth,
-            domain=args.js_domain,
-            identity=args.identity,
-        )
-    )
-
-
-def cmd_deploy_nats(args: argparse.Namespace) -> int:
-    from fedjet.deploy.command import deploy_command
-
-    return deploy_command(args)
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from fedjet.runner.export import ExportConfig, run_export
-
-    config = ExportConfig(
-        out=args.out, store=args.store, nats_url=args.nats, job=args.job, keys=args.keys,
-        version=args.version, model=args.model, merge=args.merge, auth=identity_from(args), js_domain=args.js_domain,
-    )  # fmt: skip
-    exported = run_export(config)
-    print(f"exported {exported.job} version {exported.version} to {exported.out} (weights {exported.weights_sha256})")
-    return 0
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    from fedjet.models.generate import generate_text
-
-    if args.max_new_tokens < 1:
-        raise ConfigError("--max-new-tokens must be >= 1")
-    print(generate_text(args.model, args.prompt, args.max_new_tokens, args.seed, temperature=args.temperature))
-    return 0
-
-
-def cmd_up(args: argparse.Namespace) -> int:
-    job = config_from_args(args)  # a wrong flag fails here, before anything heavy is imported
-    slowdown = parse_factors(args.slowdown, kind="--slowdown")
-    data_per_cloud = parse_assignments(args.data_per_cloud, kind="--data-per-cloud")
-    from fedjet.runner.up_config import UpConfig
-
-    config = UpConfig(
-        job=job,
-        nats_url=args.nats,
-        store=args.store,
-        data=args.data,
-        report=args.report,
-        eval_tokens=args.eval_tokens,
-        eval_every=args.eval_every,
-        slowdown=slowdown,
-        data_per_cloud=data_per_cloud,
-        eval_data=args.eval_data,
-        save=args.save,
-        precision=args.precision,
-        metrics_port=args.metrics_port,
-        links=parse_assignments(args.link, kind="--link"),
-        timeout_s=args.timeout,
-        device=args.device,
-        keys=args.keys,
-        quiet=args.quiet,
-    )
-    from fedjet.models.job_model import validate_model_source
-    from fedjet.runner.up import run_up
-
-    validate_model_source(job)
-    run_up(config)
-    return 0
-
-
-def cmd_coordinator(args: argparse.Namespace) -> int:
-    from fedjet.coordinator.service import Coordinator, CoordinatorConfig
-    from fedjet.keystore import coordinator_boxes
-    from fedjet.lifecycle import run_until_signalled
-    from fedjet.models.job_model import initial_job_model, spec_for
-    from fedjet.observe.metrics import CoordinatorMetrics
-
-    job = config_from_args(args)
-    auth = identity_from(args)
-    jm = initial_job_model(job)
-    spec, weights = spec_for(job, jm), jm.exchanged()
-    metrics = CoordinatorMetrics() if args.metrics_port is not None else None
-    coordinator = Coordinator(
-        CoordinatorConfig(
-            nats_url=args.nats,
-            spec=spec,
-            boxes=coordinator_boxes(args.keys, [*spec.clouds, *spec.observers]),
-            idle_timeout_s=args.idle_timeout,
-            auth=auth,
-            js_domain=args.js_domain,
-            reconnect_window_s=args.reconnect_window,
-            replicas=args.replicas,
-            metrics=metrics,
-            state_dir=args.state,
-        )
-    )
-    with _metrics_served(metrics, args.metrics_port):
-        asyncio.run(run_until_signalled(lambda: coordinator.run(weights), coordinator.stop))
-    return 0
-
-
-@contextlib.contextmanager
-def _metrics_served(metrics: Any, port: int | None) -> Iterator[None]:
-    """Serve ``metrics`` on ``port`` for the life of the command (nothing when no port)."""
-    if metrics is None or port is None:
-        yield
-        return
-    from fedjet.observe.metrics import serve_metrics
-
-    server = serve_metrics(metrics.registry, port)
-    try:
-        yield
-    finally:
-        server.close()
-
-
-def cmd_worker(args: argparse.Namespace) -> int:
-    from fedjet.lifecycle import serve
-    from fedjet.observe.metrics import WorkerMetrics
-    from fedjet.worker.daemon import Worker, WorkerConfig
-
-    job = args.job or _job_from_file(args.config)
-    metrics = WorkerMetrics(args.cloud) if args.metrics_port is not None else None
-    worker = Worker(
-        WorkerConfig(
-            nats_url=args.nats,
-            job=job,
-            cloud=args.cloud,
-            keys=args.keys,
-            worker_id=args.worker_id,
-            data=args.data,
-            deal=args.deal,
-            model=args.model,
-            slowdown=args.slowdown,
-            device=args.device,
-            precision=args.precision,
-            auth=identity_from(args),
-            js_domain=args.js_domain,
-            reconnect_window_s=args.reconnect_window,
-            metrics=metrics,
-            spec_timeout_s=args.wait_spec,
-        )
-    )
-    with _metrics_served(metrics, args.metrics_port):
-        asyncio.run(serve(worker))
-    return 0
-
-
-def _job_from_file(path: str | None) -> str:
-    if path is None:
-        raise ConfigError("give --job NAME or --config job.toml")
-    job = read_toml(Path(path)).get("job")
-    if not isinstance(job, str):
-        raise ConfigError(f'--config {path} names no job (a top-level job = "NAME")')
-    return JobConfig(job=job).job
 
 
 def main(argv: list[str] | None = None) -> int:
