@@ -165,7 +165,7 @@ def test_seeds_are_private_and_each_lives_only_in_its_own_folder(topology_dir):
     topology = load_topology(topology_dir)
     secrets = [*(topology_dir / "identities").glob("*/user.nk"), *(topology_dir / "servers").glob("*/leaf-seed.conf")]
     secrets += [*topology_dir.glob("**/*-key.pem")]
-    assert len(secrets) == 5 + 3 + (1 + 6)  # seeds, leaf seeds, CA key + server keys
+    assert len(secrets) == 5 + 3 + (2 + 6 + 3)  # seeds, leaf seeds, the two CA keys + server keys + route keys
     for path in secrets:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     for name, entry in topology.identities.items():

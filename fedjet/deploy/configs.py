@@ -4,6 +4,11 @@ Hub nodes run JetStream in the domain ``jetstream_domain``. Leaf nodes run no Je
 leaf server always denies the plain JetStream API (``$JS.API.>``, ``$KV.>``) across its
 connection to the hub, so clients behind a leaf reach the hub's JetStream through the
 domain-qualified API, ``$JS.<domain>.API.>``, which the hub maps back onto its own API.
+
+Routes (the hub's cluster port) trust only the routes CA, accept only the pinned public keys of
+the hub nodes' route certificates, and authorize only a certificate that carries the route
+identity (``verify_and_map`` against the cluster's one user). Clients and leaf nodes never see
+that CA; nothing signed by the client CA, which signs every certificate a cloud holds, passes.
 """
 
 from __future__ import annotations
@@ -39,6 +44,26 @@ class TlsFiles:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RouteTls:
+    """A hub node's route certificate, the routes CA, the pins of every hub node's route key,
+    and the identity (a URI name in each route certificate) that the cluster authorizes."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    pinned: tuple[str, ...]
+    identity: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyPair:
+    """A client certificate and its key."""
+
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True, kw_only=True)
 class User:
     public_key: str
     permissions: Permissions
@@ -55,7 +80,8 @@ class HubNode:
     cluster_name: str
     store_dir: Path
     jetstream_domain: str
-    tls: TlsFiles
+    tls: TlsFiles  # clients and leaf nodes
+    route_tls: RouteTls | None  # None for a hub of one node (no cluster)
     users: tuple[User, ...]  # clients and the leaf nodes (leaf connections use the same users)
 
 
@@ -66,8 +92,8 @@ class LeafNode:
     client_port: int
     hub_leaf_urls: tuple[str, ...]  # host:port of every hub node's leafnode listener
     seed_include: str  # file next to the config that defines the leaf's seed variable
-    tls: TlsFiles
-    remote_cert: bool  # present ``tls.cert`` to the hub (when the hub requires client certificates)
+    tls: TlsFiles  # what the leaf's own clients see
+    remote_cert: KeyPair | None  # a client certificate presented to the hub, where the hub requires one
     users: tuple[User, ...]
 
 
@@ -80,23 +106,36 @@ def hub_config(node: HubNode) -> str:
         "jetstream": {"store_dir": node.store_dir, "domain": node.jetstream_domain},
     }
     if node.routes:  # a hub of one node runs JetStream unclustered
-        body["cluster"] = {
-            "name": node.cluster_name,
-            "host": node.host,
-            "port": node.cluster_port,
-            "routes": [f"nats-route://{route}" for route in node.routes],
-            # routes are mutual TLS: only a node with a certificate from our CA joins the hub
-            "tls": _tls(TlsFiles(cert=node.tls.cert, key=node.tls.key, ca=node.tls.ca, verify=True)),
-        }
+        if node.route_tls is None:
+            raise ValueError(f"{node.name} has routes but no route certificate")
+        body["cluster"] = _cluster(node, node.route_tls)
     body["leafnodes"] = {"host": node.host, "port": node.leaf_port, "tls": _tls(node.tls)}
     body["authorization"] = {"users": [user_block(user) for user in node.users]}
     return f"# hub node {node.name}: start with  nats-server -c THIS_FILE\n{render(body)}"
 
 
+def _cluster(node: HubNode, tls: RouteTls) -> dict[str, Value]:
+    """Mutual TLS against the routes CA, pinned keys, and the route identity as the one route user."""
+    return {
+        "name": node.cluster_name,
+        "host": node.host,
+        "port": node.cluster_port,
+        "routes": [f"nats-route://{route}" for route in node.routes],
+        "tls": {
+            "cert_file": tls.cert,
+            "key_file": tls.key,
+            "ca_file": tls.ca,
+            "verify_and_map": True,  # a peer certificate is required, verified, and mapped to a user
+            "pinned_certs": list(tls.pinned),
+        },
+        "authorization": {"user": tls.identity},
+    }
+
+
 def leaf_config(node: LeafNode) -> str:
     remote_tls: dict[str, Value] = {"ca_file": node.tls.ca}
-    if node.remote_cert:
-        remote_tls |= {"cert_file": node.tls.cert, "key_file": node.tls.key}
+    if node.remote_cert is not None:
+        remote_tls |= {"cert_file": node.remote_cert.cert, "key_file": node.remote_cert.key}
     remote: dict[str, Value] = {
         "urls": [f"nats-leaf://{url}" for url in node.hub_leaf_urls],
         "nkey": Raw(f"${LEAF_SEED_VARIABLE}"),
