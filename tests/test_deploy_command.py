@@ -140,3 +140,18 @@ def test_public_keys_deploys_the_parties_own_public_keys_and_no_secret(tmp_path,
                              "--public-keys", str(handed_out)))  # fmt: skip
     with pytest.raises(SystemExit):  # one or the other: argparse refuses both
         parse(*argv, "--with-keys", "--public-keys", str(handed_out))
+
+
+def test_leaf_hosts_give_each_leaf_its_own_host_and_a_bad_pair_fails_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "t"
+    args = parse("--clouds", "aws,gcp", "--job", "j", "--out", str(out), "--host", "hub.example.org",
+                 "--leaf-hosts", "aws=leaf.aws.example.org")  # fmt: skip
+    assert deploy_command(args) == 0
+    topology = load_topology(out)
+    assert "leaf.aws.example.org" in topology.urls_for("aws")[0] and "hub.example.org" in topology.urls_for("gcp")[0]
+    for bad in ("aws", "aws=h,aws=h2", "=h"):
+        with pytest.raises(SystemExit):
+            parse("--clouds", "aws", "--job", "j", "--out", str(tmp_path / "x"), "--leaf-hosts", bad)
+    with pytest.raises(ConfigError, match="not one of the clouds"):
+        deploy_command(parse("--clouds", "aws", "--job", "j", "--out", str(tmp_path / "y"), "--leaf-hosts", "gcp=h"))
+    assert not (tmp_path / "y" / "topology.json").exists()

@@ -3,7 +3,8 @@
 ::
 
     fedjet deploy nats --clouds aws,gcp,azure --job J --out DIR
-                       [--host H] [--base-port P] [--hub-size N] [--observers eval]
+                       [--host H] [--leaf-hosts aws=H1,gcp=H2] [--base-port P] [--hub-size N]
+                       [--observers eval]
                        [--client-certs] [--js-domain hub]
                        [--with-keys | --public-keys KDIR] [--bundles BDIR] [--if-missing]
 
@@ -12,6 +13,8 @@
 ``--out``           an empty directory for the topology (see :mod:`fedjet.deploy.topology`)
 ``--host``          where the servers listen and clients find them (default 127.0.0.1; in
                     docker compose the name of the NATS service)
+``--leaf-hosts``    each leaf node's own host, ``cloud=host`` pairs (a cloud not named uses
+                    ``--host``); a leaf's certificate names its own host, never the hub's
 ``--base-port``     first of ``3 * hub_size + len(clouds)`` consecutive ports (default 14222)
 ``--hub-size``      hub nodes (default 3: streams can keep 3 replicas)
 ``--observers``     read-only identities such as ``fedjet status`` (default eval)
@@ -56,6 +59,7 @@ from fedjet.keystore import load_public, write_public
 
 DEFAULTS: dict[str, Any] = {
     "host": "127.0.0.1",
+    "leaf_hosts": None,
     "base_port": 14222,
     "hub_size": 3,
     "observers": ("eval",),
@@ -74,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job", required=True, help="the job the permissions are written for")
     parser.add_argument("--out", required=True, help="an empty directory for the topology")
     parser.add_argument("--host", default=DEFAULTS["host"], help="where servers listen and clients find them")
+    parser.add_argument(
+        "--leaf-hosts", type=parse_hosts, default=None, metavar="CLOUD=HOST,...", help="each leaf's own host"
+    )
     parser.add_argument("--base-port", type=int, default=DEFAULTS["base_port"], help="first of the consecutive ports")
     parser.add_argument("--hub-size", type=int, default=DEFAULTS["hub_size"], help="hub nodes (default 3)")
     parser.add_argument("--observers", type=parse_names, default=DEFAULTS["observers"], help="read-only identities")
@@ -95,6 +102,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--if-missing", action="store_true", help="do nothing if DIR/topology.json exists")
 
 
+def parse_hosts(text: str) -> dict[str, str]:
+    """``aws=10.0.1.5,gcp=leaf.gcp.example.org`` as a dict (the generator checks names and clouds)."""
+    hosts: dict[str, str] = {}
+    for part in text.split(","):
+        cloud, sep, host = (p.strip() for p in part.partition("="))
+        if not sep or not cloud or not host or cloud in hosts:
+            raise argparse.ArgumentTypeError(f"--leaf-hosts {text!r}: expected cloud=host pairs, each cloud once")
+        hosts[cloud] = host
+    return hosts
+
+
 def deploy_command(args: Any) -> int:
     """Run ``fedjet deploy nats`` from parsed flags (any object with the attributes above)."""
     opt = {key: getattr(args, key, default) for key, default in DEFAULTS.items()}
@@ -107,6 +125,7 @@ def deploy_command(args: Any) -> int:
         job=args.job,
         out=out,
         host=opt["host"],
+        leaf_hosts=dict(opt["leaf_hosts"] or {}),
         base_port=int(opt["base_port"]),
         observers=_names(opt["observers"]),
         hub_size=int(opt["hub_size"]),
