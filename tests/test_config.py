@@ -137,3 +137,19 @@ def test_help_shows_values_a_person_would_write_never_the_config_path():
     shown = run_fedjet("up", "--help").stdout
     assert "CFG__" not in shown and "cfg__" not in shown
     assert "--server-lr LR" in shown and "--clouds NAME,..." in shown and "--dp epsilon=E,delta=D,clip=C" in shown
+
+
+def test_mini_language_fields_are_parsed_once_into_typed_values_and_stay_strings_on_the_wire():
+    from fedjet.config.job import JobConfig
+    from fedjet.config.wire import from_wire, to_wire
+    from fedjet.errors import ConfigError
+
+    job = JobConfig(codec="topk:0.01+int8", peft="lora:r=4", dp="epsilon=8,delta=1e-5,clip=1",
+                    secure_agg=None)  # fmt: skip
+    assert job.codec_spec.density == 0.01 and job.peft_spec.r == 4 and job.dp_config.epsilon == 8.0
+    wire = to_wire(job)
+    assert {"codec_spec", "peft_spec", "dp_config", "secure_agg_config"}.isdisjoint(wire)
+    again = from_wire(JobConfig, wire)
+    assert again == job and again.peft_spec == job.peft_spec and again.codec_spec == job.codec_spec
+    with pytest.raises(ConfigError, match="--peft"):
+        JobConfig(peft="lora:r=0")  # refused when the config is built, before any process starts

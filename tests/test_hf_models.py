@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedjet.codecs.tensors import weights_hash
+from fedjet.config.peft import LoraSpec, parse_peft
 from fedjet.data.batches import BatchSampler
 from fedjet.data.hf_tokenizer import HFTokenizer, check_tokenizer, load_tokenizer, tokenizer_files_sha256
 from fedjet.data.packing import pack_documents
@@ -23,15 +24,7 @@ from fedjet.errors import ConfigError, ValidationError
 from fedjet.export.checkpoint import write_checkpoint
 from fedjet.models.checkpoint import checkpoint_identity, load_checkpoint
 from fedjet.models.generate import generate_text
-from fedjet.models.lora import (
-    LoraSpec,
-    apply_lora,
-    default_targets,
-    exchanged_tensors,
-    load_exchanged,
-    merge_and_unload,
-    parse_peft,
-)
+from fedjet.models.lora import apply_lora, default_targets, exchanged_tensors, load_exchanged, merge_and_unload
 from fedjet.models.tiny import EOS, build_checkpoints, save_tiny_gpt2, train_bpe_tokenizer
 from fedjet.worker.model import config_dict, initial_model, parameter_tensors
 

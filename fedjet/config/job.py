@@ -16,6 +16,7 @@ from typing import Any
 
 from fedjet.config.codec import CodecSpec
 from fedjet.config.names import check_token
+from fedjet.config.peft import LoraSpec, parse_peft
 from fedjet.errors import ConfigError
 from fedjet.privacy.config import CentralDPConfig, DPConfig, parse_central_dp, parse_dp
 from fedjet.secagg.config import SecureAggConfig, parse_secure_agg
@@ -115,6 +116,8 @@ class StrategyConfig:
         default=None,
         metadata=flag("--central-dp", "clip each update, noise the average (DP-FedAvg)", metavar="clip=C,noise=Z"),
     )
+    # Parsed once, here: the string above is only the flag and wire form.
+    central_dp_config: CentralDPConfig | None = field(init=False, default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.name not in STRATEGIES:
@@ -128,15 +131,11 @@ class StrategyConfig:
         if self.clip_update is not None and not (self.clip_update >= 0 and math.isfinite(self.clip_update)):
             raise ConfigError(f"--clip-update must be >= 0 (0: off), got {self.clip_update}")
         if self.central_dp is not None:
-            parse_central_dp(self.central_dp)
+            object.__setattr__(self, "central_dp_config", parse_central_dp(self.central_dp))
             if self.name not in ("fedavg", "fedbuff"):
                 raise ConfigError("--central-dp averages clipped updates: use it with fedavg or fedbuff")
         if self.server.lr is None:  # the default that makes formulas 1, 2 and 4 exact
             object.__setattr__(self, "server", replace(self.server, lr=default_server_lr(self.name)))
-
-    @property
-    def central_dp_config(self) -> CentralDPConfig | None:
-        return parse_central_dp(self.central_dp) if self.central_dp is not None else None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -264,6 +263,12 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     stop: StopConfig = field(default_factory=StopConfig)
+    # The mini-language fields above, parsed once when the config is built (strings only at the
+    # flag and wire boundary): everything downstream reads these.
+    codec_spec: CodecSpec = field(init=False, repr=False, compare=False)
+    peft_spec: LoraSpec | None = field(init=False, default=None, repr=False, compare=False)
+    dp_config: DPConfig | None = field(init=False, default=None, repr=False, compare=False)
+    secure_agg_config: SecureAggConfig | None = field(init=False, default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_token("job", self.job)
@@ -277,11 +282,14 @@ class JobConfig:
             raise ConfigError("'coordinator' is reserved; pick another cloud name")
         if self.round.quorum is not None and self.round.quorum > len(self.clouds):
             raise ConfigError(f"--quorum must be in 1..{len(self.clouds)}, got {self.round.quorum}")
-        CodecSpec.parse(self.codec)
+        object.__setattr__(self, "codec_spec", CodecSpec.parse(self.codec))
+        object.__setattr__(self, "peft_spec", None if self.peft is None else parse_peft(self.peft))
         self._check_privacy()
         if self.secure_agg is not None:
+            secure = parse_secure_agg(self.secure_agg)
+            object.__setattr__(self, "secure_agg_config", secure)
             check_secure_agg(
-                parse_secure_agg(self.secure_agg),
+                secure,
                 strategy=self.strategy.name,
                 clouds=len(self.clouds),
                 central_dp=self.strategy.central_dp is not None,
@@ -294,22 +302,12 @@ class JobConfig:
                 "async and fedbuff workers never wait for a version, gradient steps need the newest weights, "
                 "and secure rounds mask an update against its round's base"
             )
-        if self.peft is not None and not self.peft.startswith("lora"):
-            raise ConfigError(f"--peft {self.peft!r}: only lora[:key=value,...] is supported")
 
     def _check_privacy(self) -> None:
         if self.dp is not None:
-            parse_dp(self.dp)
+            object.__setattr__(self, "dp_config", parse_dp(self.dp))
             if self.strategy.name in ("dynamic", "gradient"):
                 raise ConfigError(
                     f"--dp with --strategy {self.strategy.name}: dynamic weights by training losses and gradient "
                     "sends raw gradients, neither covered by DP-SGD; use fedavg, async or fedbuff"
                 )
-
-    @property
-    def secure_agg_config(self) -> SecureAggConfig | None:
-        return parse_secure_agg(self.secure_agg) if self.secure_agg is not None else None
-
-    @property
-    def dp_config(self) -> DPConfig | None:
-        return parse_dp(self.dp) if self.dp is not None else None

@@ -14,7 +14,6 @@ import torch
 
 from fedjet.codecs.messages import Update, UpdateHeader
 from fedjet.codecs.sparse import SparseTensor, TensorLike, shape_of, values_of
-from fedjet.config.codec import CodecSpec
 from fedjet.coordinator.aggregate import Contribution, Weights
 from fedjet.errors import AuthenticationError, ValidationError
 from fedjet.spec import JobSpec
@@ -39,7 +38,7 @@ def to_contribution(
     if h.kind != update_kind:
         raise ValidationError(f"strategy {spec.strategy.name} takes {update_kind} updates, got {h.kind}")
     check_claims(h, spec)
-    check_tensors(update.tensors, weights, dense=CodecSpec.parse(spec.config.codec).density is None)
+    check_tensors(update.tensors, weights, dense=spec.config.codec_spec.density is None)
     tensors = {n: t.float() if isinstance(t, torch.Tensor) else t for n, t in update.tensors.items()}
     return Contribution(h.cloud, h.base_version, h.samples, h.loss, tensors)
 

@@ -27,7 +27,6 @@ from fedjet.models.lora import (
     apply_lora,
     exchanged_tensors,
     load_exchanged,
-    parse_peft,
     trainable_parameters,
 )
 from fedjet.spec import JobSpec
@@ -69,9 +68,7 @@ class JobModel:
 
 
 def validate_model_source(job: JobConfig) -> None:
-    """Refuse a bad ``--model`` / ``--peft`` before any process starts."""
-    if job.peft is not None:
-        parse_peft(job.peft)
+    """Refuse a bad ``--model`` before any process starts (``--peft`` was parsed with the config)."""
     if job.model not in PRESETS and not (Path(job.model) / "config.json").is_file():
         raise ConfigError(
             f"--model {job.model}: neither a preset {sorted(PRESETS)} nor a local checkpoint directory with config.json"
@@ -143,9 +140,9 @@ def job_model_for(spec: JobSpec, model_path: str | None = None) -> JobModel:
 
 
 def _with_adapters(model: PreTrainedModel, tokenizer: Tokenizer, job: JobConfig) -> JobModel:
-    if job.peft is None:
+    lora = job.peft_spec
+    if lora is None:
         return JobModel(model.float(), tokenizer)
-    lora = parse_peft(job.peft)
     base_hash = weights_hash(parameter_tensors(model))
     return JobModel(apply_lora(model.float(), lora, seed=job.seed), tokenizer, lora, base_hash)
 
