@@ -17,12 +17,13 @@ from typing import Any
 from fedjet.config.codec import CodecSpec
 from fedjet.config.names import check_token
 from fedjet.config.peft import LoraSpec, parse_peft
+from fedjet.config.privacy import CentralDPConfig, DPConfig, parse_central_dp, parse_dp
+from fedjet.config.secure_agg import SecureAggConfig, parse_secure_agg
+from fedjet.config.secure_agg import check_job as check_secure_agg
+from fedjet.config.strategy_traits import STRATEGIES as STRATEGIES
+from fedjet.config.strategy_traits import traits_of
 from fedjet.errors import ConfigError
-from fedjet.privacy.config import CentralDPConfig, DPConfig, parse_central_dp, parse_dp
-from fedjet.secagg.config import SecureAggConfig, parse_secure_agg
-from fedjet.secagg.config import check_job as check_secure_agg
 
-STRATEGIES = ("fedavg", "dynamic", "gradient", "async", "fedbuff")
 STALENESS = ("constant", "polynomial", "hinge")
 OPTIMIZERS = ("sgd", "nesterov", "adam")
 LATE_POLICIES = ("drop", "carry")
@@ -43,7 +44,7 @@ def default_job() -> str:
 
 def default_server_lr(strategy: str) -> float:
     """lr 1 makes SGD reproduce formulas 1, 2 and 4 exactly; gradient steps need a real step size."""
-    return 0.05 if strategy == "gradient" else 1.0
+    return traits_of(strategy).default_server_lr
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,8 +121,7 @@ class StrategyConfig:
     central_dp_config: CentralDPConfig | None = field(init=False, default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.name not in STRATEGIES:
-            raise ConfigError(f"--strategy must be one of {STRATEGIES}, got {self.name!r}")
+        traits = traits_of(self.name)
         if not 0 < self.alpha <= 1:
             raise ConfigError(f"--alpha-async must be in (0, 1], got {self.alpha}")
         if self.max_staleness < 0 or self.buffer_size < 1:
@@ -132,7 +132,7 @@ class StrategyConfig:
             raise ConfigError(f"--clip-update must be >= 0 (0: off), got {self.clip_update}")
         if self.central_dp is not None:
             object.__setattr__(self, "central_dp_config", parse_central_dp(self.central_dp))
-            if self.name not in ("fedavg", "fedbuff"):
+            if not traits.averages_clipped_updates:
                 raise ConfigError("--central-dp averages clipped updates: use it with fedavg or fedbuff")
         if self.server.lr is None:  # the default that makes formulas 1, 2 and 4 exact
             object.__setattr__(self, "server", replace(self.server, lr=default_server_lr(self.name)))
@@ -296,7 +296,9 @@ class JobConfig:
                 deadline=self.round.quorum is not None or self.round.deadline_s is not None,
                 buffer_size=self.strategy.buffer_size,
             )
-        if self.train.schedule == "overlap" and (self.strategy.name not in ("fedavg", "dynamic") or self.secure_agg):
+        rule = traits_of(self.strategy.name)
+        overlappable = rule.synchronous and rule.update_kind == "delta"
+        if self.train.schedule == "overlap" and (not overlappable or self.secure_agg):
             raise ConfigError(
                 "--schedule overlap is for the synchronous delta rules (fedavg, dynamic) without --secure-agg: "
                 "async and fedbuff workers never wait for a version, gradient steps need the newest weights, "
@@ -306,7 +308,8 @@ class JobConfig:
     def _check_privacy(self) -> None:
         if self.dp is not None:
             object.__setattr__(self, "dp_config", parse_dp(self.dp))
-            if self.strategy.name in ("dynamic", "gradient"):
+            rule = traits_of(self.strategy.name)
+            if rule.weights_from_losses or rule.update_kind == "gradient":
                 raise ConfigError(
                     f"--dp with --strategy {self.strategy.name}: dynamic weights by training losses and gradient "
                     "sends raw gradients, neither covered by DP-SGD; use fedavg, async or fedbuff"

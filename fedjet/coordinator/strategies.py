@@ -21,7 +21,8 @@ from typing import ClassVar
 import torch
 
 from fedjet.codecs.tensors import weights_hash
-from fedjet.config.job import STRATEGIES, StrategyConfig
+from fedjet.config.job import StrategyConfig
+from fedjet.config.strategy_traits import STRATEGIES, StrategyTraits, traits_of
 from fedjet.coordinator import aggregate as agg
 from fedjet.coordinator.aggregate import Contribution, Weights
 from fedjet.coordinator.central_dp import add_noise, central_pseudo_gradient
@@ -46,11 +47,18 @@ class Strategy:
     """Base: a synchronous FedAvg-like rule over deltas measured from the base version."""
 
     name: ClassVar[str]
-    synchronous: ClassVar[bool] = True
-    update_kind: ClassVar[str] = "delta"
-    # FedBuff sums deltas, so a worker that goes on without a new global must not resend work.
-    delta_reference: ClassVar[str] = "base"
-    needs_stale_bases: ClassVar[bool] = False  # formula 4 mixes against the update's own base
+    # Taken from the rule's traits (fedjet.config.strategy_traits), written once there.
+    traits: ClassVar[StrategyTraits]
+    synchronous: ClassVar[bool]
+    update_kind: ClassVar[str]
+    delta_reference: ClassVar[str]  # FedBuff's "last_send": a worker that goes on must not resend work
+    needs_stale_bases: ClassVar[bool]  # formula 4 mixes against the update's own base
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.traits = traits = traits_of(cls.name)
+        cls.synchronous, cls.update_kind = traits.synchronous, traits.update_kind
+        cls.delta_reference, cls.needs_stale_bases = traits.delta_reference, traits.needs_stale_bases
 
     def __init__(self, config: StrategyConfig) -> None:
         self.config = config
@@ -88,7 +96,6 @@ class Dynamic(Strategy):
 
 class Gradient(Strategy):
     name = "gradient"
-    update_kind = "gradient"
 
     def pseudo_gradient(self, weights: Weights, batch: Sequence[Applied], base_of: BaseOf) -> Weights:
         return agg.gradient(weights, [a.contribution for a in batch], self.discounts(batch))
@@ -96,8 +103,6 @@ class Gradient(Strategy):
 
 class Async(Strategy):
     name = "async"
-    synchronous = False
-    needs_stale_bases = True
 
     def batch_size(self, clouds: int) -> int:
         return 1
@@ -110,8 +115,6 @@ class Async(Strategy):
 
 class FedBuff(Strategy):
     name = "fedbuff"
-    synchronous = False
-    delta_reference = "last_send"
 
     def batch_size(self, clouds: int) -> int:
         return self.config.buffer_size

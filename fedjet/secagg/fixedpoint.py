@@ -26,15 +26,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from fedjet.config.secure_agg import RING_HALF, STALENESS_UNIT, encoded_limit
 from fedjet.errors import ConfigError
 from fedjet.secagg.errors import EncodingError, OutOfRangeError
 
 RING_BITS = 64
 RING_BYTES = RING_BITS // 8
-STALENESS_UNIT = 1 << 16  # FedBuff: s(tau) in (0, 1] as a whole weight, one member = this many units
 U64 = npt.NDArray[np.uint64]
 F32 = npt.NDArray[np.float32]
-_HALF = (1 << 63) - 1
+_HALF = RING_HALF
 
 
 def as_numpy(x: Any) -> npt.NDArray[np.float64]:
@@ -62,7 +62,7 @@ class FixedPoint:
     @property
     def limit(self) -> int:
         """``Q``: the largest magnitude one clipped coordinate encodes to."""
-        return max(1, math.ceil(self.bound * self.scale))
+        return encoded_limit(self.scale, self.bound)
 
     def max_weight(self, members: int) -> int:
         """The largest whole weight with which ``members`` contributions cannot overflow the ring."""

@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fedjet.config.secure_agg import STALENESS_UNIT
 from fedjet.secagg.errors import SecAggProtocolError
-from fedjet.secagg.fixedpoint import STALENESS_UNIT
 
 
 @dataclass(frozen=True)
