@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from fedjet.codecs.tensors import weights_hash
 from fedjet.config.job import JobConfig
-from fedjet.coordinator.strategies import strategy_for
+from fedjet.config.strategy_traits import traits_of
 from fedjet.data.batches import Tokenizer
 from fedjet.data.hf_tokenizer import HFTokenizer, check_tokenizer
 from fedjet.data.tokenizer import ByteTokenizer
@@ -91,7 +91,7 @@ def initial_job_model(job: JobConfig) -> JobModel:
 
 def spec_for(job: JobConfig, jm: JobModel) -> JobSpec:
     """The spec the coordinator signs: the config, the architecture, the tokenizer's identity."""
-    strategy = strategy_for(job.strategy)
+    strategy = traits_of(job.strategy.name)
     sha = jm.tokenizer.sha256 if isinstance(jm.tokenizer, HFTokenizer) else ""
     config = jm.model.get_base_model().config if jm.lora else jm.model.config  # type: ignore[operator]
     return JobSpec(
