@@ -17,7 +17,7 @@ from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import Update, UpdateHeader, decode_update, encode_update
 from fedjet.codecs.pipeline import CodecSpec
 from fedjet.errors import BlobError, ConfigError
-from fedjet.worker.model import initial_model, parameter_tensors
+from fedjet.models.build import initial_model, parameter_tensors
 
 
 def test_embedded_server_starts_on_loopback_and_stops(tmp_path):

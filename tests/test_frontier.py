@@ -8,7 +8,7 @@ import pytest
 
 from fedjet.bench.frontier import FrontierConfig, describe, run
 from fedjet.errors import ConfigError
-from fedjet.worker.model import initial_model, parameter_tensors
+from fedjet.models.build import initial_model, parameter_tensors
 
 pytestmark = pytest.mark.e2e
 

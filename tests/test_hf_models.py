@@ -22,11 +22,11 @@ from fedjet.data.packing import pack_documents
 from fedjet.data.tokenizer import ByteTokenizer
 from fedjet.errors import ConfigError, ValidationError
 from fedjet.export.checkpoint import write_checkpoint
+from fedjet.models.build import config_dict, initial_model, parameter_tensors
 from fedjet.models.checkpoint import checkpoint_identity, load_checkpoint
 from fedjet.models.generate import generate_text
 from fedjet.models.lora import apply_lora, default_targets, exchanged_tensors, load_exchanged, merge_and_unload
 from fedjet.models.tiny import EOS, build_checkpoints, save_tiny_gpt2, train_bpe_tokenizer
-from fedjet.worker.model import config_dict, initial_model, parameter_tensors
 
 INFO = {"job": "j1", "version": 3, "strategy": "fedavg", "codec": "dense", "privacy": {"epsilon": 8.0}}
 

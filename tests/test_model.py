@@ -10,14 +10,14 @@ from fedjet.data.batches import BatchSampler, encode_articles, eval_windows
 from fedjet.data.tokenizer import ByteTokenizer
 from fedjet.data.wikitext import load_directory
 from fedjet.errors import ConfigError, ValidationError
-from fedjet.models.job_model import JobModel
-from fedjet.worker.model import (
+from fedjet.models.build import (
     config_dict,
     initial_model,
     load_parameters,
     model_from_config,
     parameter_tensors,
 )
+from fedjet.models.job_model import JobModel
 from fedjet.worker.train import LocalTrainer, evaluate
 
 

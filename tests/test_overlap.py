@@ -12,8 +12,8 @@ from fedjet.data.batches import BatchSampler, encode_articles
 from fedjet.data.tokenizer import ByteTokenizer
 from fedjet.data.wikitext import load_directory
 from fedjet.errors import ConfigError
+from fedjet.models.build import initial_model
 from fedjet.models.job_model import JobModel
-from fedjet.worker.model import initial_model
 from fedjet.worker.train import LocalTrainer
 from tests.test_e2e_up import up
 

@@ -23,8 +23,8 @@ from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import DPClaim, GlobalHead, Update, UpdateHeader, encode_update
 from fedjet.codecs.pipeline import CodecSpec
 from fedjet.keystore import coordinator_boxes, generate, load_public, member_boxes
+from fedjet.models.build import initial_model, parameter_tensors
 from fedjet.privacy.accounting import epsilon_for
-from fedjet.worker.model import initial_model, parameter_tensors
 from tests.conftest import REPO
 
 JOB = "ledger"

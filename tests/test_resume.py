@@ -23,7 +23,7 @@ from fedjet.codecs.pipeline import CodecSpec
 from fedjet.coordinator.aggregate import Contribution
 from fedjet.coordinator.strategies import Aggregator, Applied, StrategyConfig
 from fedjet.keystore import generate, load_public, member_boxes
-from fedjet.worker.model import initial_model, parameter_tensors
+from fedjet.models.build import initial_model, parameter_tensors
 from tests.conftest import REPO, run_fedjet
 
 JOB = "resume"

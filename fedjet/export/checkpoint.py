@@ -31,9 +31,9 @@ from fedjet.codecs.tensors import weights_hash
 from fedjet.config.peft import LoraSpec, parse_peft
 from fedjet.data.hf_tokenizer import byte_level_hf_tokenizer, tokenizer_files, tokenizer_files_sha256
 from fedjet.errors import ConfigError, ValidationError
+from fedjet.models.build import load_parameters, model_from_config, parameter_tensors
 from fedjet.models.checkpoint import load_checkpoint
 from fedjet.models.lora import apply_lora, exchanged_tensors, load_exchanged, merge_and_unload
-from fedjet.worker.model import load_parameters, model_from_config, parameter_tensors
 
 INFO_FILE = "fedjet.json"
 ADAPTER_SUBDIR = "adapter"

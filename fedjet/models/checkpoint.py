@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from fedjet.codecs.tensors import weights_hash
 from fedjet.data.hf_tokenizer import HFTokenizer, tokenizer_files
 from fedjet.errors import ConfigError
-from fedjet.worker.model import parameter_tensors
+from fedjet.models.build import parameter_tensors
 
 # Keys that name where or with what a config was written, not what the model is.
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version")

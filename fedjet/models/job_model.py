@@ -21,6 +21,15 @@ from fedjet.data.batches import Tokenizer
 from fedjet.data.hf_tokenizer import HFTokenizer, check_tokenizer
 from fedjet.data.tokenizer import ByteTokenizer
 from fedjet.errors import ConfigError
+from fedjet.models.build import (
+    PRESETS,
+    load_parameters,
+    model_from_config,
+    parameter_tensors,
+    preset_config,
+    quiet_transformers,
+    seeded,
+)
 from fedjet.models.checkpoint import config_sha256, load_checkpoint
 from fedjet.models.lora import (
     LoraSpec,
@@ -30,15 +39,6 @@ from fedjet.models.lora import (
     trainable_parameters,
 )
 from fedjet.spec import JobSpec
-from fedjet.worker.model import (
-    PRESETS,
-    load_parameters,
-    model_from_config,
-    parameter_tensors,
-    preset_config,
-    quiet_transformers,
-    seeded,
-)
 
 Weights = dict[str, torch.Tensor]
 

@@ -27,7 +27,7 @@ from transformers.pytorch_utils import Conv1D
 
 from fedjet.config.peft import LoraSpec
 from fedjet.errors import ConfigError, ValidationError
-from fedjet.worker.model import seeded
+from fedjet.models.build import seeded
 
 # Used when peft's own table is unavailable; the same choices as peft makes (query and value projections).
 FALLBACK_TARGETS: dict[str, tuple[str, ...]] = {

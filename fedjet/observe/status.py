@@ -26,13 +26,13 @@ from fedjet.broker.auth import ClientAuth
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower, LatestHead
 from fedjet.channel.kv import read_spec
+from fedjet.channel.recorded import only_job, recorded_jetstream
 from fedjet.codecs.crypto import COORDINATOR, Boxes, Identity
 from fedjet.codecs.frame import Limits
 from fedjet.codecs.record import VersionRecord
 from fedjet.errors import BrokerError, ConfigError, FedjetError
 from fedjet.keystore import load_identity, load_public
 from fedjet.observe.status_view import print_status
-from fedjet.runner.recorded import only_job, recorded_jetstream
 
 STATUS_RECONNECTS = 3  # a one-shot read fails fast on a wrong URL or CA
 DEFAULT_DEPTH = 16  # versions walked back to find each cloud's last applied update

@@ -15,9 +15,9 @@ from fedjet.data.batches import eval_windows
 from fedjet.data.packing import pack_documents
 from fedjet.data.readers import read_documents
 from fedjet.data.wikitext import Corpus, load_corpus
+from fedjet.models.build import pick_device
 from fedjet.models.job_model import JobModel, job_model_for
 from fedjet.spec import JobSpec
-from fedjet.worker.model import pick_device
 from fedjet.worker.train import EvalResult, evaluate
 
 

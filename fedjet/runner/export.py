@@ -16,6 +16,7 @@ from typing import Any
 from fedjet.broker.auth import ClientAuth
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower
+from fedjet.channel.recorded import coordinator_view, keys_dir_for, only_job, recorded_jetstream
 from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import GlobalHead
 from fedjet.config.wire import to_wire
@@ -24,7 +25,6 @@ from fedjet.errors import ConfigError, FedjetError
 from fedjet.export.checkpoint import write_checkpoint
 from fedjet.models.job_model import preset_base_weights
 from fedjet.privacy.accounting import claims_report
-from fedjet.runner.recorded import coordinator_view, keys_dir_for, only_job, recorded_jetstream
 from fedjet.spec import JobSpec
 
 

@@ -33,6 +33,7 @@ from fedjet.data.wikitext import load_corpus, resolve_data_dir
 from fedjet.errors import FedjetError, Terminated
 from fedjet.keystore import generate, load_identity, member_boxes
 from fedjet.log import get_logger
+from fedjet.models.build import quiet_transformers
 from fedjet.observe.live import LiveView
 from fedjet.observe.metrics import ObserverMetrics, serve_metrics
 from fedjet.report import Report, summarize
@@ -40,7 +41,6 @@ from fedjet.runner.collect import Collector, print_round
 from fedjet.runner.evaluate import Evaluator
 from fedjet.runner.processes import Child, spawn, stop_all
 from fedjet.runner.up_config import UpConfig
-from fedjet.worker.model import quiet_transformers
 
 log = get_logger("fedjet.up")
 __all__ = ["RunFailed", "UpConfig", "run_up"]

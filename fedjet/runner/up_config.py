@@ -34,7 +34,7 @@ class UpConfig:
     @property
     def model_path(self) -> str | None:
         """The local checkpoint every process here shares (None for a preset)."""
-        from fedjet.worker.model import PRESETS  # torch and transformers: only once the run starts
+        from fedjet.models.build import PRESETS  # torch and transformers: only once the run starts
 
         return None if self.job.model in PRESETS else self.job.model
 
