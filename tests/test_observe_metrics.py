@@ -8,7 +8,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fedjet.errors import ConfigError
-from fedjet.observe.metrics import (
+from fedjet.metrics import (
     CoordinatorMetrics,
     FedjetMetrics,
     ObserverMetrics,

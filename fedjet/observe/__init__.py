@@ -4,7 +4,7 @@ Nothing here changes a job: metrics are counters kept by the process that owns t
 reads stream info and the KV bucket without consumers that ack, the live view only renders.
 """
 
-from fedjet.observe.metrics import (
+from fedjet.metrics import (
     CoordinatorMetrics,
     FedjetMetrics,
     MetricsServer,

@@ -33,9 +33,9 @@ from fedjet.data.wikitext import load_corpus, resolve_data_dir
 from fedjet.errors import FedjetError, Terminated
 from fedjet.keystore import generate, load_identity, member_boxes
 from fedjet.log import get_logger
+from fedjet.metrics import ObserverMetrics, serve_metrics
 from fedjet.models.build import quiet_transformers
 from fedjet.observe.live import LiveView
-from fedjet.observe.metrics import ObserverMetrics, serve_metrics
 from fedjet.report import Report, summarize
 from fedjet.runner.collect import Collector, print_round
 from fedjet.runner.evaluate import Evaluator
