@@ -14,12 +14,11 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
 import nats.js.errors
-import torch
 from nats.js import api
 
 from fedjet.broker.blobs import (
@@ -35,6 +34,7 @@ from fedjet.broker.blobs import (
 from fedjet.broker.jetstream import read_range
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.retry import retrying
+from fedjet.channel.views import ViewPublisher, ViewReader
 from fedjet.codecs.crypto import (
     COORDINATOR,
     Boxes,
@@ -45,13 +45,12 @@ from fedjet.codecs.crypto import (
     open_version_key,
     seal_global,
 )
-from fedjet.codecs.downlink import decode_view, next_view_frame
 from fedjet.codecs.frame import Limits
+from fedjet.codecs.heads import BlobRef
 from fedjet.codecs.messages import (
     GlobalHead,
     GlobalHeader,
     GlobalVersion,
-    ViewRef,
     decode_global,
     encode_global,
     peek_global_header,
@@ -62,9 +61,9 @@ from fedjet.codecs.withheld import disclosed
 from fedjet.config.codec import CodecSpec
 from fedjet.errors import AuthenticationError, BlobError, BrokerError, FedjetError, ValidationError
 from fedjet.log import get_logger
+from fedjet.weights import Weights
 
 log = get_logger("fedjet.channel")
-Weights = dict[str, torch.Tensor]
 HEARTBEAT_S = 2.0  # nats-py's default of 5 s left workers 10-20 s behind after a server restart
 
 
@@ -99,13 +98,10 @@ class GlobalPublisher:
         self.last_head: GlobalHead | None = None
         self._last_head_seq = 0
         self._published: Weights | None = None
-        self.downlink = downlink  # a +down codec: workers get a lossy view (fedjet.codecs.downlink)
-        self._view: tuple[int, Weights] | None = None  # the broadcast view workers hold, and its version
-        self._view_hash = ""
-        self._view_changed = 0  # the version whose view last carried a change
-        # Versions between changes of the view: an asynchronous job makes a version per update,
-        # and a view change per version would cost the readers more than the update did.
-        self.view_every = max(1, view_every)
+        # a +down codec: workers get a lossy view (fedjet.channel.views)
+        self.views = None if downlink is None else ViewPublisher(
+            downlink, subjects.job, view_every=view_every, seal_and_publish=self._seal_and_publish
+        )  # fmt: skip
 
     def resume(self, latest: LatestHead, weights: Weights) -> None:
         """Continue the chain of a version published before a restart."""
@@ -121,7 +117,7 @@ class GlobalPublisher:
         )
         self._published = weights
         sealed, blob_id, blob = await self._seal_and_publish(payload, record.to_bytes(), f"g/{version}")
-        view = await self._publish_view(version, hash_, weights) if self.downlink is not None else None
+        view = await self.views.publish(version, hash_, weights) if self.views is not None else None
         head = GlobalHead(
             header=header,
             first_seq=blob.first_seq,
@@ -137,33 +133,6 @@ class GlobalPublisher:
         await self._publish_head(head)
         log.info("version_published", version=version, hash=hash_[:12], bytes=blob.wire_bytes, final=final)
         return head
-
-    async def _publish_view(self, version: int, hash_: str, weights: Weights) -> ViewRef:
-        """The workers' copy: ``C(W - B)`` on the view of the last version. The first version
-        after a start (or a restart, which does not know what workers hold) is its own view."""
-        assert self.downlink is not None
-        if self._view is None:
-            self._view, self._view_hash, self._view_changed = (version, weights), hash_, version
-            return ViewRef(hash=hash_)
-        base, view = self._view
-        if version - self._view_changed < self.view_every:  # unchanged: nothing to read
-            self._view = (version, view)
-            return ViewRef(hash=self._view_hash, base=base)
-        header = GlobalHeader(job=self.subjects.job, version=version, hash=hash_, delta_from=base)
-        frame, new_view, view_hash = await asyncio.to_thread(next_view_frame, weights, view, self.downlink, header)
-        sealed, blob_id, blob = await self._seal_and_publish(frame, b"", f"v/{version}")
-        self._view, self._view_hash, self._view_changed = (version, new_view), view_hash, version
-        log.info("view_published", version=version, base=base, bytes=blob.wire_bytes)
-        return ViewRef(
-            hash=view_hash,
-            base=base,
-            first_seq=blob.first_seq,
-            last_seq=blob.last_seq,
-            size=len(sealed.ciphertext),
-            sha256=digest(sealed.ciphertext),
-            blob_id=blob_id,
-            keys=sealed.keys,
-        )
 
     async def _seal_and_publish(self, frame: bytes, meta: bytes, name: str) -> tuple[SealedGlobal, str, PublishedBlob]:
         """Encrypt ``frame`` (and ``meta``) to every member and publish it as chunks under a
@@ -227,8 +196,7 @@ class GlobalFollower:
         self._sub: Any = None
         self._held: tuple[int, Weights] | None = None  # the last version fetched
         self._local: dict[int, Weights] = {}  # versions this party built itself (version 0)
-        self.views = views  # a worker: fetch the broadcast view where a version has one
-        self._held_view: tuple[int, Weights] | None = None  # the last view fetched
+        self.views = ViewReader(self) if views else None  # a worker: the broadcast view where a version has one
 
     async def start(self) -> None:
         policy = api.DeliverPolicy.ALL if self.every else api.DeliverPolicy.LAST
@@ -337,16 +305,20 @@ class GlobalFollower:
         full snapshot). The result is checked against the signed hash either way. A follower
         with ``views`` gets a version's broadcast view instead, where it has one.
         """
-        if self.views and head.view is not None:
-            return await self._fetch_view(head)
-        return await self._fetch_version(head)
+        if self.views is not None and head.view is not None:
+            return await self.views.fetch(head)
+        return await self.fetch_weights(head)
 
-    async def _fetch_version(self, head: GlobalHead) -> GlobalVersion:
+    def held_local(self, version: int) -> Weights | None:
+        return self._local.get(version)
+
+    async def fetch_weights(self, head: GlobalHead) -> GlobalVersion:
+        """The version's own weights (never its view), checked against the signed hash."""
         local = self._local.get(head.version)
         if local is not None and weights_hash(local) == head.hash:
             self._held = (head.version, local)
             return GlobalVersion(head.header, local)
-        plaintext = await self._read_plaintext(head)
+        plaintext = await self.read_blob(head, head.version)
         header = peek_global_header(plaintext, self.limits)
         base = None
         if header.delta_from >= 0:
@@ -365,93 +337,52 @@ class GlobalFollower:
             raise ValidationError(f"global {head.version}: no way back to its base {base_version}")
         if previous.version != base_version:
             raise AuthenticationError(f"global {head.version}: head chain points at {previous.version}")
-        return (await self._fetch_version(previous)).tensors
+        return (await self.fetch_weights(previous)).tensors
 
-    async def _fetch_view(self, head: GlobalHead) -> GlobalVersion:
-        """The view of ``head``: its change applied to the view of its base, walking back along
-        the heads to a view this party holds or one that is a version's own weights."""
-        chain = [head]
-        weights = self._known_view(head)
-        while weights is None and _view(chain[-1]).base >= 0:
-            previous = await self.previous(chain[-1])
-            if previous is None or previous.view is None or previous.version != _view(chain[-1]).base:
-                raise AuthenticationError(f"global {head.version}: no way back to the view it changes")
-            chain.append(previous)
-            weights = self._known_view(previous)
-        if weights is None:  # the view of the oldest one is that version's own weights
-            weights = self._checked_view(chain[-1], (await self._fetch_version(chain[-1])).tensors)
-        for step in reversed(chain[:-1]):
-            ref = _view(step)
-            if not ref.blob_id:  # the view did not change at this version
-                weights = self._checked_view(step, weights)
-                continue
-            blob = replace(step, first_seq=ref.first_seq, last_seq=ref.last_seq, size=ref.size,
-                           sha256=ref.sha256, blob_id=ref.blob_id, keys=ref.keys)  # fmt: skip
-            plaintext = await self._read_plaintext(blob)
-            weights = self._checked_view(
-                step, (await asyncio.to_thread(decode_view, plaintext, self.limits, weights)).tensors
-            )
-        self._held_view = (head.version, weights)
-        return GlobalVersion(replace(head.header, hash=_view(head).hash), weights)
+    async def read_blob(self, ref: BlobRef, version: int) -> bytes:
+        """The plaintext of a sealed blob of ``version`` (its weights, or its view's change)."""
+        if not 0 <= ref.size <= self.limits.max_frame_bytes:
+            raise ValidationError(f"global {version}: size {ref.size} out of range")
+        blob = await retrying(lambda: self._collect(ref, version), f"reading global {version}")
+        if blob is None or len(blob.data) != ref.size:
+            raise ValidationError(f"global {version}: weights incomplete at {ref.first_seq}..{ref.last_seq}")
+        if digest(blob.data) != ref.sha256:
+            raise AuthenticationError(f"global {version}: weights do not match the signed digest")
+        return await asyncio.to_thread(open_global, blob.data, self._sealed_key(ref, version), self.boxes)
 
-    def _known_view(self, head: GlobalHead) -> Weights | None:
-        if self._held_view is not None and self._held_view[0] == head.version:
-            return self._held_view[1]
-        local = self._local.get(head.version)
-        return local if local is not None and weights_hash(local) == _view(head).hash else None
-
-    @staticmethod
-    def _checked_view(head: GlobalHead, weights: Weights) -> Weights:
-        if weights_hash(weights) != _view(head).hash:
-            raise AuthenticationError(f"global {head.version}: the view does not match the signed view hash")
-        return weights
-
-    async def _read_plaintext(self, head: GlobalHead) -> bytes:
-        if not 0 <= head.size <= self.limits.max_frame_bytes:
-            raise ValidationError(f"global {head.version}: size {head.size} out of range")
-        blob = await retrying(lambda: self._collect(head), f"reading global {head.version}")
-        if blob is None or len(blob.data) != head.size:
-            raise ValidationError(f"global {head.version}: weights incomplete at {head.first_seq}..{head.last_seq}")
-        if digest(blob.data) != head.sha256:
-            raise AuthenticationError(f"global {head.version}: weights do not match the signed digest")
-        return await asyncio.to_thread(open_global, blob.data, self._sealed_key(head), self.boxes)
-
-    async def _collect(self, head: GlobalHead) -> Blob | None:
-        """The version's chunks in its sequence range, reassembled (foreign chunks skipped)."""
+    async def _collect(self, ref: BlobRef, version: int) -> Blob | None:
+        """The blob's chunks in its sequence range, reassembled (foreign chunks skipped)."""
         # The signed size bounds what unsigned chunk headers may make us allocate.
-        chunks = max(1, -(-head.size // HEADER_ROOM))  # as many as a publisher could have cut
-        assembler = BlobAssembler(max_blob_bytes=head.size, max_pending_bytes=head.size, max_chunks_per_subject=chunks)
+        chunks = max(1, -(-ref.size // HEADER_ROOM))  # as many as a publisher could have cut
+        assembler = BlobAssembler(max_blob_bytes=ref.size, max_pending_bytes=ref.size, max_chunks_per_subject=chunks)
         blob: Blob | None = None
         messages = read_range(
-            self._js, self.subjects.global_stream, self.subjects.global_data, head.first_seq, head.last_seq
+            self._js, self.subjects.global_stream, self.subjects.global_data, ref.first_seq, ref.last_seq
         )
         async with contextlib.aclosing(messages):
             async for msg in messages:
                 size = len(msg.data) + header_bytes(msg.headers)
                 self.bytes_down += size
-                self.wire_bytes[head.version] = self.wire_bytes.get(head.version, 0) + size
+                self.wire_bytes[version] = self.wire_bytes.get(version, 0) + size
                 headers = msg.headers or {}
-                if (head.blob_id and headers.get(H_BLOB) != head.blob_id) or headers.get(H_SIZE) != str(head.size):
+                if (ref.blob_id and headers.get(H_BLOB) != ref.blob_id) or headers.get(H_SIZE) != str(ref.size):
                     continue  # a foreign chunk inside the version's range: not ours, skip it
                 try:
                     blob = assembler.add(msg.subject, msg.headers, msg.data, msg.metadata.sequence.stream) or blob
                 except BlobError as e:  # a forged chunk under our blob id: the signed digest decides
-                    log.warning("global_chunk_skipped", version=head.version, detail=str(e)[:200])
+                    log.warning("global_chunk_skipped", version=version, detail=str(e)[:200])
         return blob
 
-    def _sealed_key(self, head: GlobalHead) -> bytes:
-        sealed_key = head.keys.get(self.boxes.me.name)
+    def _sealed_key(self, ref: BlobRef, version: int) -> bytes:
+        sealed_key = ref.keys.get(self.boxes.me.name)
         if sealed_key is None:
-            raise AuthenticationError(f"global {head.version} is not sealed to {self.boxes.me.name!r}")
+            raise AuthenticationError(f"global {version} is not sealed to {self.boxes.me.name!r}")
         return sealed_key
 
     def record(self, head: GlobalHead) -> VersionRecord:
         """The coordinator's record of this version (who contributed, bytes, progress); with the
         coordinator's key also the part withheld from members (losses, the noise key)."""
-        record = VersionRecord.from_bytes(open_secret(head.meta, open_version_key(self._sealed_key(head), self.boxes)))
+        record = VersionRecord.from_bytes(
+            open_secret(head.meta, open_version_key(self._sealed_key(head, head.version), self.boxes))
+        )
         return disclosed(record, self.boxes.me.box) if self.boxes.me.name == COORDINATOR else record
-
-
-def _view(head: GlobalHead) -> ViewRef:
-    assert head.view is not None
-    return head.view

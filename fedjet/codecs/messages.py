@@ -5,27 +5,29 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Collection
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-import msgpack  # type: ignore[import-untyped]
 import numpy as np
 import torch
 
 from fedjet.codecs import crypto
-from fedjet.codecs.crypto import Boxes, Identity, PublicIdentity
+from fedjet.codecs.crypto import Boxes
 from fedjet.codecs.frame import Limits, pack_frame, unpack_frame
 from fedjet.codecs.frame import field as read
+from fedjet.codecs.heads import MAX_HEAD_BYTES as MAX_HEAD_BYTES
+from fedjet.codecs.heads import GlobalHead as GlobalHead
+from fedjet.codecs.heads import GlobalHeader as GlobalHeader
+from fedjet.codecs.heads import ViewRef as ViewRef
 from fedjet.codecs.indices import encode_indices
 from fedjet.codecs.pipeline import CodecSpec, compress, decode_tensors
 from fedjet.codecs.sparse import SparseTensor, TensorLike, shape_of
 from fedjet.codecs.tensors import as_numpy, dtype_name
-from fedjet.errors import AuthenticationError, DecodeError, LimitError, SchemaError, ValidationError
+from fedjet.errors import AuthenticationError, SchemaError, ValidationError
 
 RETIRE = "retire"  # no tensors: the sender will send no more (e.g. its privacy budget is spent)
 UPDATE_KINDS = ("delta", "gradient", RETIRE)
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
-MAX_HEAD_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,27 +126,6 @@ class UpdateHeader:
 class Update:
     header: UpdateHeader
     tensors: dict[str, TensorLike]
-
-
-@dataclass(frozen=True, kw_only=True)
-class GlobalHeader:
-    """A global version: its identity (hash) and the coordinator's record of how it was made."""
-
-    job: str
-    version: int
-    hash: str
-    final: bool = False
-    delta_from: int = -1  # >= 0: only changed values, to apply on top of that version
-
-    @classmethod
-    def from_wire(cls, raw: dict[str, Any]) -> GlobalHeader:
-        return cls(
-            job=read(raw, "job", str),
-            version=read(raw, "version", int),
-            hash=read(raw, "hash", str),
-            final=read(raw, "final", bool, default=False),
-            delta_from=read(raw, "delta_from", int, default=-1),
-        )
 
 
 @dataclass(frozen=True)
@@ -268,109 +249,3 @@ def decode_global(data: bytes, limits: Limits, base: dict[str, torch.Tensor] | N
             rebuilt.copy_(change)
         out[name] = rebuilt
     return GlobalVersion(header, out)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ViewRef:
-    """Where the workers' copy of a version sits under a lossy downlink (``+down``): the hash of
-    the broadcast view, the version whose view it is a change on (-1: the view *is* this
-    version's weights, nothing more to read), and that change's blob and sealed keys."""
-
-    hash: str
-    base: int = -1
-    first_seq: int = 0
-    last_seq: int = 0
-    size: int = 0
-    sha256: str = ""
-    blob_id: str = ""
-    keys: dict[str, bytes] = field(default_factory=dict)
-
-    @classmethod
-    def from_wire(cls, raw: dict[str, Any]) -> ViewRef:
-        keys = read(raw, "keys", dict, default={})
-        if not all(isinstance(k, str) and isinstance(v, bytes) for k, v in keys.items()):
-            raise SchemaError("view keys must map member names to bytes")
-        return cls(
-            hash=read(raw, "hash", str),
-            base=read(raw, "base", int, default=-1),
-            first_seq=read(raw, "first_seq", int, default=0),
-            last_seq=read(raw, "last_seq", int, default=0),
-            size=read(raw, "size", int, default=0),
-            sha256=read(raw, "sha256", str, default=""),
-            blob_id=read(raw, "blob_id", str, default=""),
-            keys=keys,
-        )
-
-
-@dataclass(frozen=True, kw_only=True)
-class GlobalHead:
-    """The small signed message announcing a global version: its header (identity and hash),
-    where its encrypted weights sit, their digest, and the version key sealed to each member.
-    On the wire the header's fields sit flat beside the others."""
-
-    header: GlobalHeader
-    first_seq: int
-    last_seq: int
-    size: int
-    sha256: str
-    blob_id: str = ""  # the chunks' blob id: chunks in the range with another id are foreign
-    keys: dict[str, bytes] = field(default_factory=dict)
-    meta: bytes = b""  # the VersionRecord, encrypted with the version key
-    prev_head_seq: int = 0  # stream sequence of the previous version's head (walk back to a snapshot)
-    view: ViewRef | None = None  # the workers' lossy copy (a job with a +down codec)
-
-    @property
-    def job(self) -> str:
-        return self.header.job
-
-    @property
-    def version(self) -> int:
-        return self.header.version
-
-    @property
-    def hash(self) -> str:
-        return self.header.hash
-
-    @property
-    def final(self) -> bool:
-        return self.header.final
-
-    @property
-    def delta_from(self) -> int:
-        return self.header.delta_from
-
-    def as_final(self) -> GlobalHead:
-        """The same version re-announced as the last one (a job stopped early)."""
-        return replace(self, header=replace(self.header, final=True))
-
-    def sign(self, coordinator: Identity) -> bytes:
-        fields = {k: v for k, v in asdict(self).items() if k != "header" and not (k == "view" and v is None)}
-        body = msgpack.packb({"hv": 1, **asdict(self.header), **fields}, use_bin_type=True)
-        return crypto.sign(body, coordinator)
-
-    @classmethod
-    def verify(cls, data: bytes, coordinator: PublicIdentity) -> GlobalHead:
-        if len(data) > MAX_HEAD_BYTES:
-            raise LimitError(f"global head of {len(data)} bytes > limit {MAX_HEAD_BYTES}")
-        body = crypto.verify(data, coordinator)
-        try:
-            raw = msgpack.unpackb(body, raw=False, strict_map_key=True)
-        except (msgpack.UnpackException, ValueError, TypeError) as e:
-            raise DecodeError(f"global head is not msgpack: {e}"[:200]) from e
-        if not isinstance(raw, dict) or raw.get("hv") != 1:
-            raise SchemaError("global head has an unknown version")
-        keys = read(raw, "keys", dict, default={})
-        if not all(isinstance(k, str) and isinstance(v, bytes) for k, v in keys.items()):
-            raise SchemaError("global head keys must map member names to bytes")
-        return cls(
-            header=GlobalHeader.from_wire({**raw, "final": read(raw, "final", bool)}),
-            first_seq=read(raw, "first_seq", int),
-            last_seq=read(raw, "last_seq", int),
-            size=read(raw, "size", int),
-            sha256=read(raw, "sha256", str),
-            blob_id=read(raw, "blob_id", str, default=""),
-            keys=keys,
-            meta=read(raw, "meta", bytes, default=b""),
-            prev_head_seq=read(raw, "prev_head_seq", int, default=0),
-            view=ViewRef.from_wire(read(raw, "view", dict)) if raw.get("view") is not None else None,
-        )
