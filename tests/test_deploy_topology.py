@@ -33,6 +33,7 @@ from fedjet.broker.subjects import JobSubjects, kv_put_subject
 from fedjet.deploy import Topology, TopologyConfig, generate
 from fedjet.deploy.files import write_secret
 from fedjet.deploy.identities import new_user_seed
+from tests.conftest import until
 
 JOB = "j"
 CLOUDS = ("aws", "gcp", "azure")
@@ -289,7 +290,7 @@ def test_cloud_publishing_another_clouds_update_is_refused_by_the_server(cluster
             await aws.nc.flush()
             with pytest.raises(nats.errors.TimeoutError):  # no PubAck: the message never reached the stream
                 await aws.js(topology).publish(SUBJECTS.update("gcp"), b"forged", timeout=1.0)
-            await asyncio.sleep(0.2)
+            await until(lambda: aws.errors, "the server's permissions violation", timeout=10)
             return aws.errors
 
     errors = asyncio.run(scenario())
@@ -322,7 +323,7 @@ def test_worker_cannot_publish_globals_the_spec_or_manage_streams(cluster, subje
         async with session(cluster.topology, "gcp") as gcp:
             await gcp.nc.publish(subject, b"forged")
             await gcp.nc.flush()
-            await asyncio.sleep(0.1)
+            await until(lambda: gcp.errors, "the server's permissions violation", timeout=10)
             return gcp.errors
 
     assert any(
@@ -335,7 +336,7 @@ def test_worker_cannot_listen_to_other_identities_inboxes(cluster):
         async with session(cluster.topology, "azure") as azure:
             await azure.nc.subscribe("_INBOX.>")
             await azure.nc.flush()
-            await asyncio.sleep(0.1)
+            await until(lambda: azure.errors, "the server's permissions violation", timeout=10)
             return azure.errors
 
     assert any('permissions violation for subscription to "_inbox.>"' in e.lower() for e in asyncio.run(scenario()))
@@ -407,17 +408,22 @@ def test_the_hub_holds_a_loosened_leaf_to_its_clouds_rights(tmp_path):
                 await aws.nc.subscribe("_INBOX.>", cb=overhear)  # allowed by the loosened leaf itself
                 await aws.nc.flush()
                 await co.js(topology).account_info()  # the coordinator's reply crosses the hub
-                await asyncio.sleep(0.3)
+                # The control: aws's own reply crosses the same path after it; once the subscription
+                # has seen that, it was live while the coordinator's reply went by.
+                await aws.js(topology).stream_info(SUBJECTS.global_stream)
+                inbox = topology.identities["aws"].inbox_prefix
+                await until(lambda: any(s.startswith(inbox) for s in overheard), "aws's own reply", timeout=10)
+                foreign = [s for s in overheard if not s.startswith(inbox)]
                 cjs = co.js(topology)
                 counts = [
                     (await cjs.stream_info(name)).state.messages
                     for name in (SUBJECTS.update_stream, SUBJECTS.global_stream)
                 ]
-                return own, refused, overheard, counts
+                return own, refused, foreign, counts
 
-        own, refused, overheard, counts = asyncio.run(scenario())
+        own, refused, foreign, counts = asyncio.run(scenario())
     assert own.stream == SUBJECTS.update_stream
-    assert len(refused) == 2 and overheard == []
+    assert len(refused) == 2 and foreign == []
     assert counts == [1, 1 + GLOBAL_CHUNKS]  # aws's own update; only what the coordinator published
 
 
