@@ -23,8 +23,8 @@ from fedjet.codecs.pipeline import CodecSpec, compress, decode_tensors
 from fedjet.codecs.sparse import TensorLike, add_scaled_, shape_of
 from fedjet.codecs.tensors import weights_hash
 from fedjet.errors import SchemaError, ValidationError
+from fedjet.weights import Weights
 
-Weights = dict[str, torch.Tensor]
 VIEW_KEY = "view"  # in the frame header: the entries are added to the base, not new values
 
 

@@ -11,8 +11,7 @@ import torch
 
 from fedjet.codecs.pipeline import CodecSpec, Compressed, compress
 from fedjet.codecs.sparse import SparseTensor
-
-Weights = dict[str, torch.Tensor]
+from fedjet.weights import Weights
 
 
 def is_lossless(spec: CodecSpec) -> bool:

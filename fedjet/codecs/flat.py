@@ -6,7 +6,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-Weights = dict[str, torch.Tensor]
+from fedjet.weights import Weights
 
 
 def flatten(tensors: Weights) -> npt.NDArray[np.float32]:

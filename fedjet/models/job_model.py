@@ -39,8 +39,7 @@ from fedjet.models.lora import (
     trainable_parameters,
 )
 from fedjet.spec import JobSpec
-
-Weights = dict[str, torch.Tensor]
+from fedjet.weights import Weights
 
 
 @dataclass

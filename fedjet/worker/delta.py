@@ -14,13 +14,11 @@ pure function of what the update says it was made from.
 
 from __future__ import annotations
 
-import torch
-
 from fedjet.codecs.feedback import compress_with_feedback
 from fedjet.codecs.pipeline import CodecSpec, Compressed
 from fedjet.errors import ConfigError
+from fedjet.weights import Weights
 
-Weights = dict[str, torch.Tensor]
 REFERENCES = ("base", "last_send")
 
 

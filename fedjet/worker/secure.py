@@ -20,7 +20,6 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import numpy.typing as npt
-import torch
 from nacl.signing import SigningKey, VerifyKey
 
 from fedjet.channel.secagg import SecAggLink
@@ -36,10 +35,10 @@ from fedjet.secagg.config import SecureAggConfig
 from fedjet.secagg.errors import SecAggProtocolError
 from fedjet.secagg.steps import Step, agreed_indices, read_open
 from fedjet.secagg.weights import WeightRule
+from fedjet.weights import Weights
 
 log = get_logger("fedjet.worker")
 POLL_S = 0.5
-Weights = dict[str, torch.Tensor]
 
 
 class SecureMember:
