@@ -18,7 +18,7 @@ import math
 import os
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import nats
@@ -161,10 +161,6 @@ class NatsTarget:
     def reconnects(self) -> int:
         """Attempts that fill the window (each waits ``RECONNECT_WAIT_S`` after a failure)."""
         return max(1, math.ceil(self.reconnect_window_s / RECONNECT_WAIT_S))
-
-    def for_url(self, url: str) -> NatsTarget:
-        """The same identity through another address (e.g. a shaping proxy)."""
-        return replace(self, url=url)
 
 
 def check_reconnect_window(seconds: float) -> float:
