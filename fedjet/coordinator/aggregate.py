@@ -29,8 +29,8 @@ import torch
 from fedjet.codecs.sparse import TensorLike, add_scaled_
 from fedjet.config.job import Staleness
 from fedjet.errors import AggregationError, ConfigError
+from fedjet.weights import Weights
 
-Weights = dict[str, torch.Tensor]
 __all__ = ["Contribution", "Staleness", "Weights", "async_mix", "dynamic", "fedavg", "fedbuff", "gradient"]
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from fedjet.config.job import ServerOptConfig
+from fedjet.weights import Weights
 
-Weights = dict[str, torch.Tensor]
 __all__ = ["ServerOptConfig", "ServerOptimizer"]
 
 
