@@ -190,8 +190,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from fedjet.coordinator.service import Coordinator, CoordinatorConfig
     from fedjet.keystore import coordinator_boxes
     from fedjet.lifecycle import run_until_signalled
+    from fedjet.metrics import CoordinatorMetrics
     from fedjet.models.job_model import initial_job_model, spec_for
-    from fedjet.observe.metrics import CoordinatorMetrics
 
     job = config_from_args(args)
     auth = identity_from(args)
@@ -223,7 +223,7 @@ def _metrics_served(metrics: Any, port: int | None) -> Iterator[None]:
     if metrics is None or port is None:
         yield
         return
-    from fedjet.observe.metrics import serve_metrics
+    from fedjet.metrics import serve_metrics
 
     server = serve_metrics(metrics.registry, port)
     try:
@@ -234,7 +234,7 @@ def _metrics_served(metrics: Any, port: int | None) -> Iterator[None]:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from fedjet.lifecycle import serve
-    from fedjet.observe.metrics import WorkerMetrics
+    from fedjet.metrics import WorkerMetrics
     from fedjet.worker.daemon import Worker, WorkerConfig
 
     job = args.job or _job_from_file(args.config)

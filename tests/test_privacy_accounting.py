@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from dp_accounting import pld, rdp
 
+from fedjet.config.privacy import CentralDPConfig, DPConfig, parse_central_dp, parse_dp
 from fedjet.errors import ConfigError, DataError, SchemaError
 from fedjet.privacy.accounting import PrivacyLedger, calibrate_noise, epsilon_for, privacy_report
-from fedjet.privacy.config import CentralDPConfig, DPConfig, parse_central_dp, parse_dp
 from fedjet.privacy.sampling import poisson_batch, record_windows, sample_rate_for
 from fedjet.privacy.secure_random import SecureRandom
 

@@ -8,10 +8,10 @@ import uuid
 import pytest
 
 from fedjet.codecs.messages import DPClaim
+from fedjet.config.privacy import parse_dp
 from fedjet.coordinator.privacy_check import check_claim
 from fedjet.errors import PrivacyError
 from fedjet.privacy.accounting import epsilon_for
-from fedjet.privacy.config import parse_dp
 from tests.conftest import run_fedjet
 
 JOB_DP = parse_dp("epsilon=4,delta=1e-5,clip=1.0")
@@ -133,6 +133,6 @@ def test_central_dp_divides_by_the_expected_count_not_by_who_arrived():
 
 
 def parse_central(text: str):
-    from fedjet.privacy.config import parse_central_dp
+    from fedjet.config.privacy import parse_central_dp
 
     return parse_central_dp(text)

@@ -37,6 +37,7 @@ from fedjet.codecs.crypto import COORDINATOR, seal_secagg
 from fedjet.codecs.flat import flatten
 from fedjet.codecs.messages import UpdateHeader
 from fedjet.codecs.record import SecureRecord
+from fedjet.config.secure_agg import SecureAggConfig
 from fedjet.coordinator.secure_sum import read_transcript_blob, recorded_average, transcript_blob_id
 from fedjet.errors import BlobError, ValidationError
 from fedjet.secagg import (
@@ -59,7 +60,6 @@ from fedjet.secagg import (
     average,
     recompute_sum,
 )
-from fedjet.secagg.config import SecureAggConfig
 from fedjet.secagg.steps import Step, round_id
 from fedjet.worker.secure import SecureMember
 from tests.conftest import make_parties
@@ -157,7 +157,7 @@ def test_weights_one_zero_zero_from_the_coordinator_do_not_single_out_a_member(n
     it; the unmasked sum is their sample-weighted average whatever the coordinator sent."""
     clouds = ("aws", "azure", "gcp")
     job = "sa-weights"
-    fp = SecureAggConfig().fixed_point
+    fp = FixedPoint.for_job(SecureAggConfig())
 
     async def scenario():
         async with members_and_script(nats_url, job, clouds, 2) as (script, work, over, _):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from fedjet.codecs.crypto import COORDINATOR, open_secagg, open_update, seal_secagg, seal_update
+from fedjet.config.secure_agg import SecureAggConfig
 from fedjet.errors import AuthenticationError, DecodeError, LimitError, SchemaError
-from fedjet.secagg.config import SecureAggConfig
 from fedjet.secagg.errors import SecAggProtocolError, SecAggSchemaError
 from fedjet.secagg.steps import ATTEMPTS, Step, agreed_indices, read_open, round_id
 from fedjet.worker.secure import SecureMember

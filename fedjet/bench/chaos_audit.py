@@ -33,12 +33,12 @@ from fedjet.broker.blobs import BlobAssembler
 from fedjet.broker.jetstream import close_quietly, connect, read_range
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower
+from fedjet.channel.recorded import coordinator_view
 from fedjet.codecs.crypto import envelope_limit
 from fedjet.codecs.frame import Limits
 from fedjet.codecs.record import VersionRecord
 from fedjet.coordinator.admission import Admission
 from fedjet.errors import FedjetError
-from fedjet.runner.recorded import coordinator_view
 
 LISTED_PER_VERSION = 64  # fedjet.coordinator.record.MAX_DROPPED_LISTED
 

@@ -20,8 +20,8 @@ from fedjet.data.batches import BatchSampler
 from fedjet.data.packing import pack_documents
 from fedjet.data.tokenizer import ByteTokenizer
 from fedjet.data.wikitext import load_corpus
+from fedjet.models.build import pick_device
 from fedjet.models.job_model import initial_job_model
-from fedjet.worker.model import pick_device
 from fedjet.worker.train import LocalTrainer
 
 

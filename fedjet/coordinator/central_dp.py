@@ -25,10 +25,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from fedjet.config.privacy import CentralDPConfig
 from fedjet.coordinator.aggregate import Contribution, Weights, combine
 from fedjet.coordinator.validate import clipped
 from fedjet.privacy.accounting import epsilon_for
-from fedjet.privacy.config import CentralDPConfig
 from fedjet.privacy.secure_random import SecureRandom
 
 REPORT_DELTA = 1e-5

@@ -10,7 +10,7 @@ from fedjet.broker.connect import RECONNECT_WINDOW_S, NatsTarget, check_reconnec
 from fedjet.codecs.crypto import Boxes
 from fedjet.codecs.frame import Limits
 from fedjet.errors import ConfigError
-from fedjet.observe.metrics import CoordinatorMetrics
+from fedjet.metrics import CoordinatorMetrics
 from fedjet.spec import JobSpec
 
 

@@ -22,10 +22,11 @@ from fedjet.broker.jetstream import read_blob, read_range
 from fedjet.broker.subjects import JobSubjects
 from fedjet.codecs.flat import unflatten
 from fedjet.codecs.record import ContributionRecord, SecureRecord
+from fedjet.config.secure_agg import SecureAggConfig
 from fedjet.coordinator.aggregate import Contribution, Weights
 from fedjet.errors import ValidationError
 from fedjet.secagg import Transcript, average, recompute_sum, scatter
-from fedjet.secagg.config import SecureAggConfig
+from fedjet.secagg.fixedpoint import FixedPoint
 from fedjet.secagg.steps import agreed_indices
 from fedjet.secagg.unmask import survivor_weights
 
@@ -93,7 +94,7 @@ def recorded_average(
     ):
         raise ValidationError("the record's weights are not the ones the survivors signed")
     total = recompute_sum(transcript, verify_keys)
-    return average(transcript, total, config.fixed_point)
+    return average(transcript, total, FixedPoint.for_job(config))
 
 
 def members_of(contributions: Sequence[ContributionRecord]) -> list[tuple[int, float]]:

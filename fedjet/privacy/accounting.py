@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from fedjet.config.privacy import ACCOUNTANTS
 from fedjet.errors import ConfigError
-from fedjet.privacy.config import ACCOUNTANTS
 
 _SIGMA_FLOOR = 1e-3  # below this the RDP orders blow up; no useful calibration lands here
 _SIGMA_CEILING = 1e4  # a target this strict is a configuration mistake, not a search problem

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fedjet.config.secure_agg import RING_HALF, STALENESS_UNIT, encoded_limit
+from fedjet.config.secure_agg import RING_HALF, STALENESS_UNIT, SecureAggConfig, encoded_limit
 from fedjet.errors import ConfigError
 from fedjet.secagg.errors import EncodingError, OutOfRangeError
 
@@ -58,6 +58,11 @@ class FixedPoint:
             raise ConfigError(f"fixed-point bound must be finite and > 0, got {self.bound}")
         if self.max_weight(1) < STALENESS_UNIT:
             raise ConfigError(f"bound * scale = {self.bound * self.scale:g} leaves no room in a 64-bit ring")
+
+    @classmethod
+    def for_job(cls, config: SecureAggConfig) -> FixedPoint:
+        """The encoding a job's ``--secure-agg`` parameters define."""
+        return cls(scale=config.scale, bound=config.bound)
 
     @property
     def limit(self) -> int:

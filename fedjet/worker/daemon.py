@@ -29,14 +29,14 @@ from fedjet.data.batches import BatchSampler
 from fedjet.errors import ConfigError
 from fedjet.keystore import load_public, member_boxes
 from fedjet.log import get_logger
+from fedjet.metrics import WorkerMetrics
+from fedjet.models.build import pick_device
 from fedjet.models.job_model import job_model_for
-from fedjet.observe.metrics import WorkerMetrics
 from fedjet.spec import JobSpec
 from fedjet.worker.delta import DeltaTracker
 from fedjet.worker.job import LocalJob
 from fedjet.worker.local_data import dealt_share, own_data
 from fedjet.worker.loops import TrainingLoops
-from fedjet.worker.model import pick_device
 from fedjet.worker.private import PrivateTraining
 from fedjet.worker.secure import SecureMember
 from fedjet.worker.train import LocalTrainer

@@ -12,7 +12,7 @@ import structlog
 
 from fedjet.channel.globals import GlobalFollower
 from fedjet.codecs.messages import GlobalHead, GlobalVersion
-from fedjet.observe.metrics import WorkerMetrics
+from fedjet.metrics import WorkerMetrics
 from fedjet.worker.job import LocalJob
 from fedjet.worker.train import evaluate
 from fedjet.worker.uplink import Phase, Uplink, WorkerStats

@@ -13,9 +13,9 @@ import math
 import time
 
 from fedjet.codecs.messages import DPClaim
+from fedjet.config.privacy import DPConfig
 from fedjet.log import get_logger
 from fedjet.privacy.accounting import PrivacyLedger, calibrate_noise
-from fedjet.privacy.config import DPConfig
 from fedjet.privacy.dpsgd import DPSGDStep
 from fedjet.privacy.sampling import record_windows, sample_rate_for
 from fedjet.spec import JobSpec

@@ -27,12 +27,13 @@ from fedjet.codecs.crypto import COORDINATOR
 from fedjet.codecs.flat import flatten
 from fedjet.codecs.messages import UpdateHeader
 from fedjet.config.job import StrategyConfig
+from fedjet.config.secure_agg import SecureAggConfig
 from fedjet.config.wire import to_wire
 from fedjet.errors import FedjetError
 from fedjet.log import get_logger
 from fedjet.secagg import AdvertiseList, Confirmations, MemberRound, RoundConfig, ShareDelivery, UnmaskRequest
-from fedjet.secagg.config import SecureAggConfig
 from fedjet.secagg.errors import SecAggProtocolError
+from fedjet.secagg.fixedpoint import FixedPoint
 from fedjet.secagg.steps import Step, agreed_indices, read_open
 from fedjet.secagg.weights import WeightRule
 from fedjet.weights import Weights
@@ -67,7 +68,7 @@ class SecureMember:
         self.min_threshold = config.threshold_for(len(clouds))
         self.signing_key = signing_key
         self.verify_keys = dict(verify_keys)
-        max_weight = config.fixed_point.max_weight(len(clouds))
+        max_weight = FixedPoint.for_job(config).max_weight(len(clouds))
         self.by_samples = WeightRule(max_weight=max_weight)
         if staleness is None or max_staleness is None:
             defaults = StrategyConfig()
@@ -166,7 +167,7 @@ class SecureMember:
         if delivery is None:
             return False
         member.receive_shares(ShareDelivery.from_wire(delivery.body))
-        encoded = self.config.fixed_point.encode(x, weight=weight.weight)
+        encoded = FixedPoint.for_job(self.config).encode(x, weight=weight.weight)
         await self.link.send(COORDINATOR, step("masked", member.mask(encoded).to_wire()))
         request = await self._next("unmask", base, rid, newer)
         if request is None:

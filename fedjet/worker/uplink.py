@@ -17,7 +17,7 @@ from fedjet.channel.updates import UpdateSender
 from fedjet.codecs.messages import RETIRE, GlobalHead, UpdateHeader, frame_update
 from fedjet.codecs.pipeline import Compressed
 from fedjet.log import get_logger
-from fedjet.observe.metrics import WorkerMetrics
+from fedjet.metrics import WorkerMetrics
 from fedjet.worker.job import LocalJob
 from fedjet.worker.secure import SecureMember
 from fedjet.worker.train import StepsResult
