@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedjet.broker.blobs import H_BLOB, H_PART, H_SIZE, MSG_ID
 from fedjet.broker.server import EmbeddedNatsServer
@@ -143,3 +144,23 @@ async def until_version(service, version: int, timeout: float = 60.0) -> None:
         return service.aggregator is not None and service.aggregator.version >= version
 
     await until(made, f"the coordinator's version {version}", timeout)
+
+
+# The small model most coordinator tests fold: two tensors, norm ~31.6.
+WEIGHTS = {"w": torch.ones(50, 20), "b": torch.zeros(20)}
+
+
+def sealed_update(
+    boxes: Boxes, job: str, cloud: str, seq: int, base: int = 0, *, value: float = 0.01, codec: str = "dense",
+    tensors: dict | None = None, **header: object,
+) -> bytes:
+    """An update as a cloud seals it: every tensor of ``WEIGHTS`` filled with ``value`` (or
+    ``tensors``), a header with 8 samples and loss 2 unless ``header`` says otherwise."""
+    from fedjet.codecs import crypto
+    from fedjet.codecs.messages import Update, UpdateHeader, encode_update
+    from fedjet.config.codec import CodecSpec
+
+    fields = {"samples": 8, "loss": 2.0} | header
+    head = UpdateHeader(job=job, cloud=cloud, worker="0", seq=seq, base_version=base, **fields)  # type: ignore[arg-type]
+    body = tensors if tensors is not None else {n: torch.full(t.shape, value) for n, t in WEIGHTS.items()}
+    return crypto.seal_update(encode_update(Update(head, body), CodecSpec.parse(codec)), boxes)

@@ -6,23 +6,18 @@ from __future__ import annotations
 
 import asyncio
 
-import torch
 from structlog.testing import capture_logs
 
 from fedjet.broker.blobs import publish_blob
 from fedjet.broker.jetstream import close_quietly, connect
 from fedjet.broker.subjects import JobSubjects
-from fedjet.codecs import crypto
 from fedjet.codecs.frame import Limits
-from fedjet.codecs.messages import Update, UpdateHeader, encode_update
-from fedjet.codecs.pipeline import CodecSpec
 from fedjet.config.job import JobConfig, StopConfig, TrainConfig
 from fedjet.coordinator.service import Coordinator, CoordinatorConfig
 from fedjet.spec import JobSpec
-from tests.conftest import make_parties, publish_part
+from tests.conftest import WEIGHTS, make_parties, publish_part, sealed_update
 
 CLOUDS = ("aws", "gcp")
-WEIGHTS = {"w": torch.ones(50, 20), "b": torch.zeros(20)}
 
 
 def coordinator(nats_url: str, coord, job: str, rounds: int, **config) -> Coordinator:
@@ -33,9 +28,7 @@ def coordinator(nats_url: str, coord, job: str, rounds: int, **config) -> Coordi
 
 
 def envelope(members, job: str, cloud: str, seq: int, base: int = 0) -> bytes:
-    header = UpdateHeader(job=job, cloud=cloud, worker="0", seq=seq, base_version=base, samples=8, loss=2.0)
-    tensors = {n: torch.full(t.shape, 0.01) for n, t in WEIGHTS.items()}
-    return crypto.seal_update(encode_update(Update(header, tensors), CodecSpec.dense()), members[cloud])
+    return sealed_update(members[cloud], job, cloud, seq, base)
 
 
 def test_a_flood_on_one_subject_never_evicts_another_clouds_half_received_update(nats_url):

@@ -25,10 +25,9 @@ from fedjet.coordinator.admission import Admission
 from fedjet.coordinator.service import Coordinator, CoordinatorConfig
 from fedjet.errors import AuthenticationError, CodecError, LimitError, SchemaError
 from fedjet.spec import JobSpec
-from tests.conftest import make_parties
+from tests.conftest import WEIGHTS, make_parties
 
 CLOUDS = ("aws", "gcp")
-WEIGHTS = {"w": torch.ones(50, 20), "b": torch.zeros(20)}
 SPEC = JobSpec(config=JobConfig(job="env", clouds=CLOUDS, observers=("eval",), codec="topk:0.01+int8"), model_config={})
 LIMITS = Limits.for_model(1020, 2)
 

@@ -20,22 +20,17 @@ from fedjet.codecs.messages import (
     GlobalHead,
     GlobalHeader,
     GlobalVersion,
-    Update,
-    UpdateHeader,
     encode_global,
-    encode_update,
 )
-from fedjet.codecs.pipeline import CodecSpec
 from fedjet.codecs.record import VersionRecord
 from fedjet.codecs.tensors import weights_hash
 from fedjet.config.job import JobConfig, StopConfig, TrainConfig
 from fedjet.coordinator.service import Coordinator, CoordinatorConfig
 from fedjet.keystore import coordinator_boxes, generate, member_boxes
 from fedjet.spec import JobSpec
-from tests.conftest import make_parties, publish_part, run_fedjet, until_version
+from tests.conftest import WEIGHTS, make_parties, publish_part, run_fedjet, sealed_update, until_version
 
 CLOUDS = ("aws", "gcp")
-WEIGHTS = {"w": torch.ones(50, 20), "b": torch.zeros(20)}
 
 
 def coordinator(nats_url: str, coord, job: str, rounds: int) -> Coordinator:
@@ -47,12 +42,8 @@ def coordinator(nats_url: str, coord, job: str, rounds: int) -> Coordinator:
 
 async def send_round(js, nc, members, job: str, round_: int) -> None:
     for cloud in CLOUDS:
-        header = UpdateHeader(
-            job=job, cloud=cloud, worker="0", seq=round_, base_version=round_ - 1, samples=8, loss=2.0
-        )
-        tensors = {n: torch.full(t.shape, 0.01 * round_) for n, t in WEIGHTS.items()}
-        frame = encode_update(Update(header, tensors), CodecSpec.parse("topk:0.5+int8"))
-        envelope = crypto.seal_update(frame, members[cloud])
+        envelope = sealed_update(members[cloud], job, cloud, round_, round_ - 1, value=0.01 * round_,
+                                 codec="topk:0.5+int8")  # fmt: skip
         subject = JobSubjects(job).update(cloud)
         await publish_blob(js, subject, envelope, blob_id=f"{cloud}/{round_}", max_payload=nc.max_payload)
 

@@ -7,17 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from structlog.testing import capture_logs
 
 from fedjet.broker.blobs import publish_blob
 from fedjet.broker.jetstream import close_quietly, connect
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.kv import put_stats
-from fedjet.codecs import crypto
 from fedjet.codecs.crypto import COORDINATOR, Boxes
-from fedjet.codecs.messages import Update, UpdateHeader, encode_update
-from fedjet.codecs.pipeline import CodecSpec
 from fedjet.config.job import JobConfig, StopConfig, TrainConfig
 from fedjet.coordinator.service import Coordinator, CoordinatorConfig
 from fedjet.errors import ConfigError
@@ -25,22 +21,19 @@ from fedjet.keystore import coordinator_boxes, generate, member_boxes
 from fedjet.observe.status import JobStatus, job_status, status_boxes, status_command
 from fedjet.observe.status_view import render_status
 from fedjet.spec import JobSpec
-from tests.conftest import until_version
+from tests.conftest import WEIGHTS, sealed_update, until_version
 
 JOB = "st"
 CLOUDS = ("aws", "gcp")
 SUBJECTS = JobSubjects(JOB)
-WEIGHTS = {"w": torch.ones(50, 20), "b": torch.zeros(20)}
 STATS = {
     "aws": {"updates_sent": 2, "bytes_up": 4000, "bytes_down": 9000, "tokens_per_s": 1500.0, "idle_frac": 0.25},
     "gcp": {"updates_sent": 2, "bytes_up": 4100, "bytes_down": 9100, "tokens_per_s": 900.0, "idle_frac": 0.5},
 }
 
 
-def sealed_update(boxes: Boxes, cloud: str, seq: int, base: int, value: float) -> bytes:
-    header = UpdateHeader(job=JOB, cloud=cloud, worker="0", seq=seq, base_version=base, samples=10, loss=2.0)
-    tensors = {n: torch.full(t.shape, value) for n, t in WEIGHTS.items()}
-    return crypto.seal_update(encode_update(Update(header, tensors), CodecSpec.parse("topk:0.5+int8")), boxes)
+def job_update(boxes: Boxes, cloud: str, seq: int, base: int, value: float) -> bytes:
+    return sealed_update(boxes, JOB, cloud, seq, base, value=value, codec="topk:0.5+int8", samples=10)
 
 
 async def run_tiny_job(nats_url: str, keys: Path) -> int:
@@ -68,7 +61,7 @@ async def run_tiny_job(nats_url: str, keys: Path) -> int:
         for base in (0, 1):
             await until_version(coordinator, base)
             for i, cloud in enumerate(CLOUDS):
-                data = sealed_update(members[cloud], cloud, 10 + base, base, 0.1 * (i + 1))
+                data = job_update(members[cloud], cloud, 10 + base, base, 0.1 * (i + 1))
                 blob = await publish_blob(
                     js, SUBJECTS.update(cloud), data, blob_id=f"{cloud}-{base}", max_payload=nc.max_payload
                 )

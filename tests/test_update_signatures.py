@@ -46,10 +46,9 @@ from fedjet.keystore import generate, load_identity, load_public, write_public
 from fedjet.runner.replay import ReplayConfig, verify_recording
 from fedjet.secagg import wire
 from fedjet.spec import JobSpec
-from tests.conftest import make_parties
+from tests.conftest import WEIGHTS, make_parties
 
 CLOUDS = ("aws", "gcp")
-WEIGHTS = {"w": torch.ones(50, 20), "b": torch.zeros(20)}
 CODEC = "topk:0.01+int8"
 LIMITS = Limits.for_model(1020, 2)
 
