@@ -19,11 +19,9 @@ from fedjet.codecs.pipeline import CodecSpec
 from fedjet.codecs.record import Progress
 from fedjet.config.job import JobConfig, RoundConfig, StopConfig, TrainConfig
 from fedjet.coordinator.admission import Admission
-from fedjet.coordinator.aggregate import Contribution
 from fedjet.coordinator.local_state import LocalState, Published, check_not_behind
-from fedjet.coordinator.record import Ledger, Received
+from fedjet.coordinator.record import Committed, Ledger
 from fedjet.coordinator.service import Coordinator, CoordinatorConfig
-from fedjet.coordinator.strategies import Applied
 from fedjet.errors import ConfigError, ReplayError, ValidationError
 from fedjet.spec import JobSpec
 from tests.conftest import make_parties, until_version
@@ -53,12 +51,9 @@ def test_the_record_spends_every_authenticated_sequence_once_everything_before_i
     ledger.authenticated(9, "aws", "0", 12)  # still waiting for the next round
     header = UpdateHeader(job="j", cloud="aws", worker="0", seq=10, base_version=0, samples=1, loss=1.0)
     gcp = UpdateHeader(job="j", cloud="gcp", worker="0", seq=3, base_version=0, samples=1, loss=1.0)
-    batch = [
-        Received(Update(h, {}), Applied(Contribution(h.cloud, 0, 1, 1.0, {}), 0), s, 0, [])
-        for h, s in ((header, 5), (gcp, 7))
-    ]
+    batch = [Committed(h, staleness=0, stream_seq=s, wire_bytes=0, arrived=0.0) for h, s in ((header, 5), (gcp, 7))]
     ledger.applied_batch(batch)
-    progress = ledger.record("fedavg", batch, waiting=[9], assignment={}).progress
+    progress = ledger.record("fedavg", batch, waiting=[9], assignment={}, dp_steps={}).progress
     assert progress.guard == {"aws/0": 11, "gcp/0": 3}  # 11 was rejected but is spent; 12 is re-read
     assert progress.resume_from == 8 and progress.applied_through == 7
 
@@ -145,7 +140,7 @@ def test_worker_ids_per_cloud_are_bounded_and_the_record_stays_far_below_the_hea
         admission.open(envelope(members, "many", "aws", 1, 0, worker="w0"), "aws", guard)
     admission.open(envelope(members, "many", "gcp", 1, 0, worker="w0"), "gcp", guard)  # another cloud's own
     names = {f"{c:x<64}/{'w' * 63}{n:x}": 2**62 for c in ("a", "b", "c", "d") for n in range(MAX_WORKERS_PER_CLOUD)}
-    record = Ledger(guard=names).record("fedavg", [], waiting=[], assignment={})
+    record = Ledger(guard=names).record("fedavg", [], waiting=[], assignment={}, dp_steps={})
     assert len(record.to_bytes()) < MAX_HEAD_BYTES // 8
 
 

@@ -1,7 +1,13 @@
-"""Admission, written once: open -> anti-replay -> validate -> contribution -> staleness.
+"""Admission, written once: authenticate -> anti-replay -> privacy -> validate -> staleness.
 
 Pure (no I/O): the live coordinator, ``fedjet replay`` and the tests call this same code, so
-what is admitted live is exactly what replay re-admits.
+what is admitted live is exactly what replay re-admits. Every per-update check is here, and its
+state comes in from the caller: the :class:`ReplayGuard` (sequence numbers) when the update is
+authenticated, the :class:`PrivacyBudget` (DP steps per cloud) when it is checked.
+
+The stages, one type each: an authenticated :class:`Update` (:meth:`Admission.open` for an
+envelope, :meth:`Admission.read` for a frame the inbox opened), then :meth:`Admission.check`,
+the one call live and replay both admit through, gives the :class:`Admitted` update.
 """
 
 from __future__ import annotations
@@ -11,16 +17,19 @@ from dataclasses import dataclass, field
 
 from fedjet.codecs.crypto import Boxes, ReplayGuard
 from fedjet.codecs.frame import Limits
-from fedjet.codecs.messages import Update, open_sealed_update, read_opened_update
+from fedjet.codecs.messages import Update, UpdateHeader, open_sealed_update, read_opened_update
 from fedjet.coordinator.aggregate import Contribution, Weights
+from fedjet.coordinator.privacy_check import PrivacyBudget
 from fedjet.coordinator.strategies import Applied, strategy_for
-from fedjet.coordinator.validate import to_contribution
-from fedjet.errors import AuthenticationError
+from fedjet.coordinator.validate import check_claims, to_contribution
+from fedjet.errors import AuthenticationError, ValidationError
 from fedjet.spec import JobSpec
 
 
 @dataclass(frozen=True)
 class Admitted:
+    """An update that passed every check: as it was sent, and as the aggregator will apply it."""
+
     update: Update
     applied: Applied
 
@@ -47,16 +56,16 @@ class Admission:
         weights: Weights,
         staleness_of: Callable[[int], int],
         guard: ReplayGuard | None = None,
+        budget: PrivacyBudget | None = None,
     ) -> Admitted:
-        """An update that arrived on ``subject_cloud``'s subject, ready to batch, or a typed
-        :class:`~fedjet.errors.FedjetError` saying why not. ``staleness_of`` maps its base
-        version to its staleness (raising when it must be dropped); ``guard`` None skips
-        anti-replay (replay re-admits updates that were accepted once already)."""
-        return self.check(self.open(envelope, subject_cloud, guard), subject_cloud, weights, staleness_of)
+        """:meth:`open` then :meth:`check`: an envelope that arrived on ``subject_cloud``'s
+        subject, ready to batch, or a typed :class:`~fedjet.errors.FedjetError` saying why not."""
+        return self.check(self.open(envelope, subject_cloud, guard), subject_cloud, weights, staleness_of, budget)
 
     def open(self, envelope: bytes, subject_cloud: str, guard: ReplayGuard | None = None) -> Update:
         """Authenticate (only a member cloud's key on its own subject is even tried) and check
-        the sequence number. Whatever happens next, this sequence number is spent."""
+        the sequence number. Whatever happens next, this sequence number is spent. ``guard``
+        None skips anti-replay (replay re-admits updates that were accepted once already)."""
         update = open_sealed_update(
             envelope, self.boxes, subject_cloud, self.limits, members=self.spec.clouds, legacy=self.legacy_envelopes
         )
@@ -75,9 +84,30 @@ class Admission:
         return update
 
     def check(
-        self, update: Update, subject_cloud: str, weights: Weights, staleness_of: Callable[[int], int]
+        self,
+        update: Update,
+        subject_cloud: str,
+        weights: Weights,
+        staleness_of: Callable[[int], int],
+        budget: PrivacyBudget | None = None,
     ) -> Admitted:
-        """Validate an authenticated update's claims and tensors and place it in time."""
+        """Every check of an authenticated update: its privacy claim against its cloud's
+        ``budget`` (charged when it holds), its claims and tensors, and its place in time
+        (``staleness_of`` maps its base version to its staleness, raising when it must be
+        dropped). ``budget`` None checks the claim against a budget nothing was charged to."""
+        self._charge(update.header, budget)
         kind = strategy_for(self.spec.strategy).update_kind
         contribution = to_contribution(update, subject_cloud, self.spec, kind, weights)
         return Admitted(update, Applied(contribution, staleness_of(update.header.base_version)))
+
+    def check_header(self, header: UpdateHeader, budget: PrivacyBudget | None = None) -> None:
+        """A secure round's update, of which the coordinator only sees the header (its sender
+        is checked by the round): the same checks of its kind, claims and privacy claim."""
+        spec = self.spec
+        if header.kind != spec.update_kind:
+            raise ValidationError(f"strategy {spec.strategy.name} takes {spec.update_kind} updates, got {header.kind}")
+        check_claims(header, spec)
+        self._charge(header, budget)
+
+    def _charge(self, header: UpdateHeader, budget: PrivacyBudget | None) -> None:
+        (budget if budget is not None else PrivacyBudget()).charge(header, self.spec.config.dp_config)

@@ -4,37 +4,41 @@ of each version it publishes (the typed record lives in :mod:`fedjet.codecs.reco
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedjet.codecs.messages import Update
+from fedjet.codecs.messages import UpdateHeader
 from fedjet.codecs.record import ContributionRecord, DroppedRecord, Progress, VersionRecord
-from fedjet.coordinator.strategies import Applied
 from fedjet.log import get_logger
 
 log = get_logger("fedjet.coordinator")
 MAX_DROPPED_LISTED = 64  # per version record: keeps every head far below max_payload
 
 
-@dataclass
-class Received:
-    """A decoded, validated update waiting in a batch, with the messages to ack later."""
+@dataclass(frozen=True)
+class Committed:
+    """One update as a version commits it, whichever path it came by: the header it was sent
+    with (who, and what it claimed), the staleness it was folded with, where it sat in the update
+    stream (0: it came through a secure round, not the stream), the bytes it cost on the wire,
+    when it arrived (the pacer's clock), and the messages to ack once the version is out."""
 
-    update: Update
-    applied: Applied
+    header: UpdateHeader
+    staleness: int
     stream_seq: int
     wire_bytes: int
-    msgs: list[Any]
+    arrived: float
+    msgs: tuple[Any, ...] = ()
 
     def to_record(self) -> ContributionRecord:
-        h = self.update.header
+        h = self.header
         return ContributionRecord(
             cloud=h.cloud,
             worker=h.worker,
             seq=h.seq,
             stream_seq=self.stream_seq,
             base=h.base_version,
-            staleness=self.applied.staleness,
+            staleness=self.staleness,
             samples=h.samples,
             loss=h.loss,
             wire_bytes=self.wire_bytes,
@@ -55,18 +59,10 @@ class Ledger:
     rejected: dict[str, int] = field(default_factory=dict)
     dropped: list[DroppedRecord] = field(default_factory=list)
     spent: list[tuple[int, str, int]] = field(default_factory=list)  # (stream seq, cloud/worker, seq)
-    dp_steps: dict[str, int] = field(default_factory=dict)  # DP steps each cloud claimed, in all
 
     @classmethod
     def resume(cls, progress: Progress) -> Ledger:
-        return cls(
-            progress.applied_total, progress.applied_through, dict(progress.guard), dict(progress.rejected),
-            dp_steps=dict(progress.dp_steps),
-        )  # fmt: skip
-
-    def dp_claimed(self, cloud: str, steps: int) -> None:
-        """A cloud's checked privacy claim: the steps it has spent in all, from now on its floor."""
-        self.dp_steps[cloud] = max(steps, self.dp_steps.get(cloud, 0))
+        return cls(progress.applied_total, progress.applied_through, dict(progress.guard), dict(progress.rejected))
 
     def authenticated(self, stream_seq: int, cloud: str, worker: str, seq: int) -> None:
         """An update that authenticated has spent its sequence number, whatever its fate. The
@@ -80,13 +76,12 @@ class Ledger:
             self.dropped.append(DroppedRecord(stream_seq=seq, cloud=cloud, reason=reason))
         log.warning("update_rejected", reason=reason, cloud=cloud, stream_seq=seq, detail=detail[:300])
 
-    def applied_batch(self, received: list[Received]) -> None:
-        self.applied += len(received)
-        for r in received:
-            h = r.update.header
-            key = f"{h.cloud}/{h.worker}"
-            self.guard[key] = max(h.seq, self.guard.get(key, 0))
-            self.applied_through = max(self.applied_through, r.stream_seq)
+    def applied_batch(self, committed: Sequence[Committed]) -> None:
+        self.applied += len(committed)
+        for c in committed:
+            key = f"{c.header.cloud}/{c.header.worker}"
+            self.guard[key] = max(c.header.seq, self.guard.get(key, 0))
+            self.applied_through = max(self.applied_through, c.stream_seq)
         settled = [s for s in self.spent if s[0] <= self.applied_through]
         self.spent = [s for s in self.spent if s[0] > self.applied_through]
         for _, key, seq in settled:
@@ -102,17 +97,19 @@ class Ledger:
     def record(
         self,
         strategy: str,
-        received: list[Received],
+        committed: Sequence[Committed],
         *,
         waiting: list[int],
         assignment: dict[str, int],
         seen_through: int = 0,
+        dp_steps: Mapping[str, int],
     ) -> VersionRecord:
-        """The record of a version made from ``received`` (in the order they were folded);
+        """The record of a version made from ``committed`` (in the order they were folded);
         ``waiting`` are stream seqs still undecided (where a restart must read from), and every
-        other seq up to ``seen_through`` (the last one the coordinator took in) is decided."""
-        samples = sum(r.update.header.samples for r in received)
-        loss = sum(r.update.header.loss * r.update.header.samples for r in received)
+        other seq up to ``seen_through`` (the last one the coordinator took in) is decided;
+        ``dp_steps`` is the privacy budget's snapshot (the DP steps each cloud claimed, in all)."""
+        samples = sum(c.header.samples for c in committed)
+        loss = sum(c.header.loss * c.header.samples for c in committed)
         seen_through = max(seen_through, self.applied_through)
         progress = Progress(
             applied_total=self.applied,
@@ -123,13 +120,13 @@ class Ledger:
             seen_through=seen_through,
             waiting=tuple(sorted({s for s in waiting if self.applied_through < s <= seen_through})),
             spent=self.spent_max(),
-            dp_steps=dict(self.dp_steps),
+            dp_steps=dict(dp_steps),
         )
         record = VersionRecord(
             strategy=strategy,
-            contributions=tuple(r.to_record() for r in received),
+            contributions=tuple(c.to_record() for c in committed),
             train_loss=loss / samples if samples else None,
-            bytes_up=sum(r.wire_bytes for r in received),
+            bytes_up=sum(c.wire_bytes for c in committed),
             published_unix=time.time(),
             rejected_total=sum(self.rejected.values()),
             dropped=tuple(self.dropped),

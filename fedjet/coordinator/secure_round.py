@@ -90,6 +90,7 @@ class SecureOutcome:
     transcript: Transcript
     member_bytes: dict[str, int] = field(default_factory=dict)
     masked_seq: dict[str, int] = field(default_factory=dict)
+    arrived: dict[str, float] = field(default_factory=dict)  # when each advertisement came (monotonic)
 
 
 class SecureRound:
@@ -133,6 +134,7 @@ class SecureRound:
         self.headers: dict[str, UpdateHeader] = {}
         self.member_bytes: dict[str, int] = {}
         self.masked_seq: dict[str, int] = {}
+        self.arrived: dict[str, float] = {}
 
     def _step(self, kind: str, body: dict[str, object] | None = None, **extra: object) -> Step:
         return Step(
@@ -190,6 +192,7 @@ class SecureRound:
             transcript=transcript,
             member_bytes=dict(self.member_bytes),
             masked_seq=dict(self.masked_seq),
+            arrived=dict(self.arrived),
         )
 
     async def abort_members(self, reason: str) -> None:
@@ -221,6 +224,7 @@ class SecureRound:
             )
         self.server.receive_advert(advert)
         self.headers[arrived.sender] = header
+        self.arrived[arrived.sender] = time.monotonic()
 
     def _masked(self, arrived: Arrived) -> None:
         self.server.receive_masked(MaskedInput.from_wire(arrived.step.body))

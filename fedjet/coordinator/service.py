@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -24,7 +25,7 @@ from fedjet.channel.kv import publish_spec, read_spec
 from fedjet.channel.updates import Arrival, UpdateInbox, stream_seqs
 from fedjet.codecs.crypto import COORDINATOR, ReplayGuard, envelope_limit
 from fedjet.codecs.frame import Limits
-from fedjet.codecs.messages import RETIRE, GlobalHead, Update
+from fedjet.codecs.messages import RETIRE, GlobalHead
 from fedjet.codecs.record import Progress, SecureRecord
 from fedjet.codecs.withheld import withhold
 from fedjet.config.codec import CodecSpec
@@ -34,11 +35,11 @@ from fedjet.coordinator.checkpoint import Checkpoint, last_checkpoint
 from fedjet.coordinator.config import CoordinatorConfig
 from fedjet.coordinator.local_state import LocalState, Published, check_not_behind
 from fedjet.coordinator.pacing import Pacer
-from fedjet.coordinator.privacy_check import check_claim
-from fedjet.coordinator.record import Ledger, Received
+from fedjet.coordinator.privacy_check import PrivacyBudget
+from fedjet.coordinator.record import Committed, Ledger
 from fedjet.coordinator.rounds import Batcher
 from fedjet.coordinator.secure_service import SecureRounds
-from fedjet.coordinator.strategies import Aggregator, strategy_for
+from fedjet.coordinator.strategies import Aggregator, Applied, strategy_for
 from fedjet.errors import ConfigError, FedjetError, NonFiniteError, StaleUpdateError
 from fedjet.log import get_logger
 from fedjet.observe.metrics import CoordinatorMetrics
@@ -46,11 +47,16 @@ from fedjet.spec import JobSpec
 
 log = get_logger("fedjet.coordinator")
 __all__ = ["Coordinator", "CoordinatorConfig"]
+Batched = tuple[Applied, Committed]  # an admitted update waiting in a batch: what to fold, what to commit
 
 
 class Coordinator:
     """``await Coordinator(cfg).run(initial_weights)``; ``stop()`` stops taking work (the job
-    resumes with the same command), ``finish()`` ends the job with a final version."""
+    resumes with the same command), ``finish()`` ends the job with a final version.
+
+    Plain, asynchronous and FedBuff batches (:meth:`_fold`) and secure rounds
+    (:class:`SecureRounds`, which sees this class as a :class:`~fedjet.coordinator.committer.Committer`)
+    all end in the one :meth:`commit`."""
 
     def __init__(self, config: CoordinatorConfig) -> None:
         self.config = config
@@ -58,16 +64,17 @@ class Coordinator:
         self.subjects = JobSubjects(spec.job)
         self.ledger = Ledger()
         self.aggregator: Aggregator | None = None
-        self.stopping = asyncio.Event()
+        self._stop = asyncio.Event()
         self._finish = False
         strategy = strategy_for(spec.strategy)
-        self._batcher: Batcher[Received] = Batcher(
+        self._batcher: Batcher[Batched] = Batcher(
             synchronous=strategy.synchronous,
             clouds=spec.clouds,
             policy=spec.config.round,
             size=strategy.batch_size(len(spec.clouds)),
         )
         self._guard = ReplayGuard()
+        self.budget = PrivacyBudget()  # DP steps each cloud claimed: admission checks and charges it
         self.pacer = Pacer(spec)  # dynamic partitioning: speeds and step assignments
         self.metrics = config.metrics or CoordinatorMetrics()  # a private registry unless served
         self.limits = config.limits or Limits()
@@ -75,7 +82,6 @@ class Coordinator:
         self._state = LocalState(config.state_dir, spec.job) if config.state_dir else None
         self._resume_from = 1  # the first stream seq not yet decided
         self._spent_floor: Progress | None = None  # after a restart, until the re-read passes seen_through
-        self._dp = spec.config.dp_config
         self._retire_msgs: list[Any] = []  # acked once a record says who retired
         self.inbox: UpdateInbox | None = None
         self.publisher: GlobalPublisher | None = None
@@ -87,12 +93,16 @@ class Coordinator:
 
     def stop(self) -> None:
         """Stop taking work; safe to call twice (the lifecycle contract)."""
-        self.stopping.set()
+        self._stop.set()
 
     def finish(self) -> None:
         """End the job early: stop, then announce the current version as final."""
         self._finish = True
-        self.stopping.set()
+        self._stop.set()
+
+    def stopping(self) -> bool:
+        """Stop taking work: asked to, or the job's stop condition is reached."""
+        return self._stop.is_set() or self.done()
 
     async def run(self, initial: Weights) -> Ledger:
         spec = self.config.spec
@@ -116,12 +126,15 @@ class Coordinator:
                 checkpoint = await self._prepare(js)
                 if checkpoint is None:
                     self.aggregator = Aggregator(spec.strategy, initial, clouds=len(spec.clouds))
-                    await self.publish_version([])
+                    await self._publish([])
                 else:
                     self._restore(checkpoint)
                 self.serving.set()
                 if spec.config.secure_agg is not None:
-                    await SecureRounds(self, nc, js).run()
+                    await SecureRounds(
+                        self, nc, js, admission=self._admission, budget=self.budget,
+                        idle_timeout_s=self.config.idle_timeout_s,
+                    ).run()  # fmt: skip
                     if self._finish and not self.done():
                         await self.publisher.publish_final_marker()
                 else:
@@ -158,6 +171,7 @@ class Coordinator:
         self.aggregator = Aggregator(spec.strategy, checkpoint.weights, head.version, clouds=len(spec.clouds))
         self.aggregator.preload(checkpoint.history)
         self.ledger = Ledger.resume(record.progress)
+        self.budget = PrivacyBudget.restore(record.progress)
         self._guard = ReplayGuard(dict(record.progress.guard))
         self.pacer.assignment.update(record.assignment)
         assert self.publisher is not None and self.inbox is not None
@@ -174,16 +188,16 @@ class Coordinator:
         await self.inbox.open(self._resume_from)
         self._batcher.start_round(time.monotonic())
         last_activity = time.monotonic()
-        while not self.stopping.is_set() and not self.done():
+        while not self.stopping():
             msgs = await self.inbox.fetch(timeout=0.25)
             if msgs:
                 last_activity = time.monotonic()
             for expired in self.inbox.evicted(time.monotonic()):
-                await self._reject(expired)
+                await self._refuse(expired)
             for msg in msgs:
                 arrival = await self.inbox.receive(msg, time.monotonic())
                 for evicted in self.inbox.evicted():
-                    await self._reject(evicted)
+                    await self._refuse(evicted)
                 if arrival is not None:
                     await self._on_arrival(arrival)
                 await self._fold_ready()
@@ -207,36 +221,34 @@ class Coordinator:
 
     async def _on_arrival(self, arrival: Arrival) -> None:
         if arrival.error is not None or arrival.blob is None:
-            await self._reject(arrival)
+            await self._refuse(arrival)
             return
-        assert self.aggregator is not None
+        agg, admission, blob = self.aggregator, self._admission, arrival.blob
+        assert agg is not None
         self._raise_guard(arrival.seq)
         with structlog.contextvars.bound_contextvars(cloud=arrival.cloud, stream_seq=arrival.seq):
             try:
-                agg, admission = self.aggregator, self._admission
-                update = await asyncio.to_thread(admission.read, arrival.blob.data, arrival.cloud, self._guard)
-                self.ledger.authenticated(arrival.seq, update.header.cloud, update.header.worker, update.header.seq)
-                if update.header.kind == RETIRE:
-                    self._retire(update.header.cloud, arrival)
+                update = await asyncio.to_thread(admission.read, blob.data, arrival.cloud, self._guard)
+                h = update.header
+                self.ledger.authenticated(arrival.seq, h.cloud, h.worker, h.seq)
+                if h.kind == RETIRE:
+                    self._retire(h.cloud, arrival)
                     return
-                self.check_privacy(update)
-                admitted = await asyncio.to_thread(admission.check, update, arrival.cloud, agg.weights, agg.admissible)
-                received = Received(
-                    admitted.update, admitted.applied, arrival.seq, arrival.blob.wire_bytes, arrival.msgs
+                admitted = await asyncio.to_thread(
+                    admission.check, update, arrival.cloud, agg.weights, agg.admissible, self.budget
                 )
-                displaced = self._batcher.offer(arrival.cloud, admitted.applied.staleness, received)
+                staleness = admitted.applied.staleness
+                committed = Committed(h, staleness, arrival.seq, blob.wire_bytes, time.monotonic(), tuple(arrival.msgs))
+                displaced = self._batcher.offer(arrival.cloud, staleness, (admitted.applied, committed))
             except FedjetError as e:
                 arrival.error = e
-                await self._reject(arrival)
+                await self._refuse(arrival)
                 return
-            h = received.update.header
-            rate = self.pacer.observe(h.cloud, h.base_version, h.tokens, h.compute_s, time.monotonic())
-            if rate is not None:
-                self.metrics.throughput(h.cloud, rate)
-            log.info("update_received", staleness=admitted.applied.staleness, base=admitted.update.header.base_version)
+            log.info("update_received", staleness=staleness, base=h.base_version)
         if displaced is not None:
+            _, stale = displaced
             error = StaleUpdateError(f"{arrival.cloud}'s carried stale update replaced by its fresh one")
-            await self._reject(Arrival(arrival.cloud, displaced.stream_seq, displaced.msgs, error=error))
+            await self._refuse(Arrival(arrival.cloud, stale.stream_seq, list(stale.msgs), error=error))
 
     def _raise_guard(self, stream_seq: int) -> None:
         """Past what the last record saw, every sequence number authenticated before the
@@ -255,16 +267,7 @@ class Coordinator:
         self._retire_msgs += arrival.msgs
         log.warning("cloud_retired", remaining=sorted(set(self.config.spec.clouds) - self._batcher.retired))
 
-    def check_privacy(self, update: Update) -> None:
-        """Refuse an update whose DP claim breaks the job's budget, and count its steps. The
-        count is per cloud (all its workers spend one budget: the records are the cloud's) and
-        lives in the ledger, so every version's record carries it and a restart keeps it."""
-        h = update.header
-        check_claim(h.dp, self._dp, self.ledger.dp_steps.get(h.cloud, 0))
-        if h.dp is not None:
-            self.ledger.dp_claimed(h.cloud, h.dp.steps)
-
-    async def _reject(self, arrival: Arrival) -> None:
+    async def _refuse(self, arrival: Arrival) -> None:
         """A rejected message becomes data: counted, logged, acked (it will never be valid)."""
         assert arrival.error is not None and self.inbox is not None
         self.ledger.reject(arrival.error.reason, arrival.cloud, arrival.seq, str(arrival.error))
@@ -273,44 +276,56 @@ class Coordinator:
 
     async def _fold_ready(self) -> None:
         while self._batcher.ready(time.monotonic()) and not self.done():
-            await self._fold([r for _, r in self._batcher.take()])
+            await self._fold([item for _, item in self._batcher.take()])
 
-    async def _fold(self, received: list[Received]) -> None:
-        agg, inbox = self.aggregator, self.inbox
-        assert agg is not None and inbox is not None
-        unfit = await asyncio.to_thread(agg.apply_finite, [r.applied for r in received])
-        for r in (received[i] for i in unfit):  # the last good version stays
-            error = NonFiniteError(f"{r.update.header.cloud}'s update would make the global non-finite")
-            await self._reject(Arrival(r.update.header.cloud, r.stream_seq, r.msgs, error=error))
-        received = [r for i, r in enumerate(received) if i not in unfit]
-        if not received:
-            self._batcher.start_round(time.monotonic())
-            return
-        self.ledger.applied_batch(received)
-        for r in received:
-            h = r.update.header
-            log.info("update_applied", cloud=h.cloud, seq=h.seq, stream_seq=r.stream_seq, version=agg.version)
-            self.metrics.applied(h.cloud, r.applied.staleness)
-            self.metrics.bytes("in", h.cloud, r.wire_bytes)
-        self.pacer.after_version(agg.version)
-        await self.publish_version(received)
-        for r in received:
-            await inbox.ack(r.msgs)
+    async def _fold(self, batch: list[Batched]) -> None:
+        """Apply a batch; updates that would make the global non-finite are refused, the rest committed."""
+        agg = self.aggregator
+        assert agg is not None
+        unfit = await asyncio.to_thread(agg.apply_finite, [applied for applied, _ in batch])
+        for _, c in (batch[i] for i in unfit):  # the last good version stays
+            error = NonFiniteError(f"{c.header.cloud}'s update would make the global non-finite")
+            await self._refuse(Arrival(c.header.cloud, c.stream_seq, list(c.msgs), error=error))
+        committed = [c for i, (_, c) in enumerate(batch) if i not in unfit]
+        if committed:
+            await self.commit(committed)
         self._batcher.start_round(time.monotonic())
 
-    def reject_step(self, reason: str, cloud: str, detail: str) -> None:
+    async def commit(self, committed: Sequence[Committed], *, secure: SecureRecord | None = None) -> None:
+        """The one commit path, for every kind of round: the aggregator made a new version from
+        ``committed``; count it, meter it, feed the pacer each update's speed, publish the version
+        with its record (``secure``: the round that made it), then ack what made it."""
+        agg, inbox = self.aggregator, self.inbox
+        assert agg is not None and inbox is not None
+        self.ledger.applied_batch(committed)
+        for c in committed:
+            h = c.header
+            log.info("update_applied", cloud=h.cloud, seq=h.seq, stream_seq=c.stream_seq, version=agg.version)
+            self.metrics.applied(h.cloud, c.staleness)
+            self.metrics.bytes("in", h.cloud, c.wire_bytes)
+            rate = self.pacer.observe(h.cloud, h.base_version, h.tokens, h.compute_s, c.arrived)
+            if rate is not None:
+                self.metrics.throughput(h.cloud, rate)
+        self.pacer.after_version(agg.version)
+        await self._publish(committed, secure=secure)
+        for c in committed:
+            await inbox.ack(list(c.msgs))
+
+    def reject(self, reason: str, cloud: str, detail: str) -> None:
         """A secure-aggregation message or round that failed: counted like a rejected update."""
         self.ledger.reject(reason, cloud, 0, detail)
         self.metrics.rejected(reason)
 
-    async def publish_version(self, received: list[Received], *, secure: SecureRecord | None = None) -> None:
-        """Publish the aggregator's newest version with the record of what made it (``received``)."""
+    async def _publish(self, committed: Sequence[Committed], *, secure: SecureRecord | None = None) -> None:
+        """Publish the aggregator's newest version with the record of what made it."""
         agg, inbox, publisher = self.aggregator, self.inbox, self.publisher
         assert agg is not None and inbox is not None and publisher is not None
-        waiting = [s for r in self._batcher.pending_items() for s in stream_seqs(r.msgs)] + inbox.pending_seqs
-        waiting += stream_seqs(self._retire_msgs)
-        pace, seen = self.pacer.assignment, inbox.seen_through
-        record = self.ledger.record(agg.strategy.name, received, waiting=waiting, assignment=pace, seen_through=seen)
+        waiting = [s for _, c in self._batcher.pending_items() for s in stream_seqs(list(c.msgs))]
+        waiting += inbox.pending_seqs + stream_seqs(self._retire_msgs)
+        record = self.ledger.record(
+            agg.strategy.name, committed, waiting=waiting, assignment=self.pacer.assignment,
+            seen_through=inbox.seen_through, dp_steps=self.budget.snapshot(),
+        )  # fmt: skip
         record = replace(record, retired=tuple(sorted(self._batcher.retired)), secure=secure)
         record = withhold(record, self.config.boxes.me.public.box, noise_key=agg.last_noise_key)
         with structlog.contextvars.bound_contextvars(version=agg.version):

@@ -31,6 +31,7 @@ from fedjet.codecs.withheld import coordinator_only
 from fedjet.config.job import StrategyConfig
 from fedjet.coordinator.admission import Admission
 from fedjet.coordinator.aggregate import Contribution, Weights
+from fedjet.coordinator.privacy_check import PrivacyBudget
 from fedjet.coordinator.replay import Counterfactual, RecordedVersion, Verifier, VerifyResult, counterfactual_batches
 from fedjet.coordinator.secure_sum import members_of, read_transcript_blob, recorded_average, secure_contribution
 from fedjet.errors import BlobError, ConfigError, FedjetError, ValidationError
@@ -132,6 +133,9 @@ class _Session:
         self.start = await self._weights(self.first)
         self.updates = _UpdateReader(self.js, self.subjects, self.limits)
         self.admission = Admission(recording.spec, self.boxes, self.limits, legacy_envelopes=True)
+        # the DP steps claimed by the updates applied up to the first version; each one re-admitted adds its own
+        before = [c for v in recording.versions if v.version <= self.first for c in v.contributions]
+        self.budget = PrivacyBudget.claimed_in(before)
 
     async def close(self) -> None:
         await self.updates.close()
@@ -163,15 +167,18 @@ class _Session:
     async def _contributions(
         self, recorded: tuple[ContributionRecord, ...] | list[ContributionRecord], template: Weights
     ) -> list[Contribution]:
+        """Each recorded update, authenticated and admitted again through the live coordinator's
+        own call (its privacy claim against the clouds' budgets included)."""
         out = []
         for c in recorded:
             blob = await self.updates.take(c.stream_seq)
-            admitted = await asyncio.to_thread(
-                self.admission.admit, blob.data, JobSubjects.cloud_of(blob.subject), template, lambda _base: 0
-            )
-            h = admitted.update.header
+            cloud = JobSubjects.cloud_of(blob.subject)
+            update = await asyncio.to_thread(self.admission.open, blob.data, cloud)
+            h = update.header
             if h.seq != c.seq or h.cloud != c.cloud:
                 raise ValidationError(f"stream seq {c.stream_seq} holds {h.cloud}/{h.seq}, not the recorded one")
+            check = self.admission.check
+            admitted = await asyncio.to_thread(check, update, cloud, template, lambda _base: 0, self.budget)
             out.append(admitted.contribution)
         return out
 
