@@ -52,14 +52,6 @@ class SecureAggConfig:
         if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
             raise ConfigError(f"--secure-agg timeout must be > 0 seconds, got {self.timeout_s}")
 
-    @property
-    def fixed_point(self) -> Any:
-        """The encoding these parameters define (being moved to ``fedjet.secagg``: callers will
-        build it there, so that the config layer imports nothing above it)."""
-        from fedjet.secagg.fixedpoint import FixedPoint
-
-        return FixedPoint(scale=self.scale, bound=self.bound)
-
     def threshold_for(self, members: int) -> int:
         """T of n: more than half (so no member's two secrets can both be gathered), at most n."""
         threshold = members // 2 + 1 if self.threshold is None else self.threshold

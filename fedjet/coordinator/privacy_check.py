@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 from fedjet.codecs.messages import DPClaim, UpdateHeader
 from fedjet.codecs.record import ContributionRecord, Progress
+from fedjet.config.privacy import DPConfig
 from fedjet.errors import PrivacyError
 from fedjet.privacy.accounting import epsilon_for
-from fedjet.privacy.config import DPConfig
 
 RELATIVE_TOLERANCE = 1e-6
 

@@ -28,6 +28,7 @@ from nacl.signing import VerifyKey
 
 from fedjet.channel.secagg import Arrived, SecAggLink
 from fedjet.codecs.messages import UpdateHeader
+from fedjet.config.secure_agg import SecureAggConfig
 from fedjet.errors import FedjetError, SchemaError, Terminated, ValidationError
 from fedjet.log import get_logger
 from fedjet.secagg import (
@@ -42,7 +43,7 @@ from fedjet.secagg import (
     WeightRule,
     average,
 )
-from fedjet.secagg.config import SecureAggConfig
+from fedjet.secagg.fixedpoint import FixedPoint
 from fedjet.secagg.steps import Step, round_id
 from fedjet.secagg.unmask import survivor_weights
 
@@ -175,7 +176,7 @@ class SecureRound:
         )
         total = self.server.finish()
         transcript = self.server.transcript
-        mean = average(transcript, total, self.config.fixed_point)  # the members' own signed weights
+        mean = average(transcript, total, FixedPoint.for_job(self.config))  # the members' own signed weights
         own = survivor_weights(transcript)
         units = sum(w.units for w in own.values())
         log.info(

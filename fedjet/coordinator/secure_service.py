@@ -32,6 +32,7 @@ from fedjet.coordinator.strategies import Aggregator, Applied
 from fedjet.errors import BlobError, Terminated
 from fedjet.log import get_logger
 from fedjet.secagg import SecAggError
+from fedjet.secagg.fixedpoint import FixedPoint
 from fedjet.secagg.steps import ATTEMPTS
 
 log = get_logger("fedjet.coordinator")
@@ -64,7 +65,7 @@ class SecureRounds:
         )  # fmt: skip
         self.verify_keys = {c: admission.boxes.public_of(c).verify for c in spec.clouds}
         strategy = spec.strategy
-        max_weight = config.fixed_point.max_weight(len(spec.clouds))
+        max_weight = FixedPoint.for_job(config).max_weight(len(spec.clouds))
         if strategy.name == "fedbuff":
             self.weighing = by_staleness(strategy.staleness, strategy.max_staleness, strategy.buffer_size, max_weight)
         else:

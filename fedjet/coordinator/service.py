@@ -42,7 +42,7 @@ from fedjet.coordinator.secure_service import SecureRounds
 from fedjet.coordinator.strategies import Aggregator, Applied, strategy_for
 from fedjet.errors import ConfigError, FedjetError, NonFiniteError, StaleUpdateError
 from fedjet.log import get_logger
-from fedjet.observe.metrics import CoordinatorMetrics
+from fedjet.metrics import CoordinatorMetrics
 from fedjet.spec import JobSpec
 
 log = get_logger("fedjet.coordinator")

@@ -21,6 +21,7 @@ from fedjet.broker.blobs import Blob, BlobAssembler
 from fedjet.broker.jetstream import read_range
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower
+from fedjet.channel.recorded import coordinator_view, keys_dir_for, only_job, recorded_jetstream
 from fedjet.channel.secagg import secagg_max_bytes
 from fedjet.codecs.crypto import COORDINATOR, open_secagg
 from fedjet.codecs.frame import Limits
@@ -36,7 +37,6 @@ from fedjet.coordinator.replay import Counterfactual, RecordedVersion, Verifier,
 from fedjet.coordinator.secure_sum import members_of, read_transcript_blob, recorded_average, secure_contribution
 from fedjet.errors import BlobError, ConfigError, FedjetError, ValidationError
 from fedjet.report import Report, RoundRecord, round_line, summarize
-from fedjet.runner.recorded import coordinator_view, keys_dir_for, only_job, recorded_jetstream
 from fedjet.secagg import Transcript
 from fedjet.spec import JobSpec
 
