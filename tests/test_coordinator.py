@@ -18,9 +18,9 @@ from fedjet.codecs.pipeline import CodecSpec
 from fedjet.config.job import JobConfig, StopConfig, TrainConfig
 from fedjet.coordinator.service import Coordinator, CoordinatorConfig
 from fedjet.spec import JobSpec
+from tests.conftest import WEIGHTS
 
 CLOUDS = ("aws", "gcp")
-WEIGHTS = {"w": torch.ones(50, 20), "b": torch.zeros(20)}
 
 
 def make_parties():

@@ -26,10 +26,9 @@ from fedjet.coordinator.strategies import Aggregator, Applied
 from fedjet.coordinator.validate import max_loss, max_samples, max_tokens, norm, plausible_rate
 from fedjet.errors import ConfigError, ValidationError
 from fedjet.spec import JobSpec
-from tests.conftest import make_parties
+from tests.conftest import WEIGHTS, make_parties
 
 CLOUDS = ("aws", "gcp")
-WEIGHTS = {"w": torch.ones(50, 20), "b": torch.zeros(20)}
 PARTIES = make_parties(CLOUDS)
 
 

@@ -24,10 +24,9 @@ from fedjet.coordinator.record import Committed, Ledger
 from fedjet.coordinator.service import Coordinator, CoordinatorConfig
 from fedjet.errors import ConfigError, ReplayError, ValidationError
 from fedjet.spec import JobSpec
-from tests.conftest import make_parties, until_version
+from tests.conftest import WEIGHTS, make_parties, until_version
 
 CLOUDS = ("aws", "gcp")
-WEIGHTS = {"w": torch.ones(50, 20), "b": torch.zeros(20)}
 CODEC = "topk:0.5+int8"
 
 

@@ -24,9 +24,9 @@ from fedjet.keystore import coordinator_boxes, generate, member_boxes
 from fedjet.privacy.accounting import epsilon_for
 from fedjet.runner.replay import ReplayConfig, verify_recording
 from fedjet.spec import JobSpec
+from tests.conftest import WEIGHTS
 
 CLOUDS = ("aws", "gcp")
-WEIGHTS = {"w": torch.ones(50, 20), "b": torch.zeros(20)}
 NOISE, RATE, DELTA, STEPS = 1.0, 0.01, 1e-5, 4
 BUDGET = epsilon_for(NOISE, RATE, 2 * STEPS, DELTA)  # two updates of 4 steps each, and no more
 # (cloud, seq, base, DP steps claimed in all): gcp's one update claims 12 steps, over the budget
