@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
-from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
 import torch
-from nacl.signing import SigningKey, VerifyKey
 
-from fedjet.errors import AuthenticationError, ConfigError, ReplayError
+from fedjet.errors import AuthenticationError, ReplayError
 from fedjet.secagg import (
-    EncodingError,
-    FixedPoint,
-    MemberRound,
-    OutOfRangeError,
     Phase,
     RevealRefused,
-    RoundConfig,
     SecAggAbort,
     SecAggAuthError,
     SecAggProtocolError,
-    SecAggSchemaError,
-    ServerRound,
-    ShareDelivery,
     ShareError,
     StaleRoundError,
     StaleShareError,
@@ -35,117 +24,13 @@ from fedjet.secagg import (
     Weight,
     average,
     fedavg_weights,
-    from_wire,
     gather,
     random_k_indices,
     recompute_sum,
     scatter,
 )
-from fedjet.secagg.prg import expand
-from fedjet.secagg.shamir import Share, combine, split
-
-FP = FixedPoint()
-
-
-def hop(msg: Any) -> Any:
-    """Through msgpack and back, as the broker would carry it."""
-    return from_wire(msgpack.unpackb(msgpack.packb(msg.to_wire(), use_bin_type=True), raw=False))
-
-
-@dataclasses.dataclass
-class Job:
-    """Long-term identities of a roster; rounds are built fresh from it."""
-
-    names: tuple[str, ...]
-    signing: dict[str, SigningKey]
-
-    @classmethod
-    def of(cls, n: int) -> Job:
-        names = tuple(f"cloud{i}" for i in range(n))
-        return cls(names, {m: SigningKey.generate() for m in names})
-
-    @property
-    def verify(self) -> dict[str, VerifyKey]:
-        return {m: k.verify_key for m, k in self.signing.items()}
-
-    def round(
-        self, threshold: int, numel: int, round_id: int = 1, weights: Mapping[str, Weight] | None = None
-    ) -> tuple[ServerRound, dict[str, MemberRound]]:
-        cfg = RoundConfig(job="job", round_id=round_id, threshold=threshold, members=self.names, numel=numel)
-        members = {
-            m: MemberRound(config=cfg, member=m, signing_key=self.signing[m], verify_keys=self.verify,
-                           weight=(weights or {}).get(m))
-            for m in self.names
-        }  # fmt: skip
-        return ServerRound(config=cfg, verify_keys=self.verify), members
-
-
-def to_shares(server: ServerRound, members: Mapping[str, MemberRound], skip: Iterable[str] = ()) -> dict:
-    """Rounds 0 and 1; returns the deliveries (members in ``skip`` stop after advertising)."""
-    for m in members.values():
-        server.receive_advert(hop(m.advertise()))
-    adverts = hop(server.close_adverts())
-    for name, m in members.items():
-        keys = m.share_keys(adverts)
-        if name not in skip:
-            server.receive_shares(hop(keys))
-    return server.close_shares()
-
-
-def run(
-    server: ServerRound,
-    members: Mapping[str, MemberRound],
-    inputs: Mapping[str, np.ndarray],
-    *,
-    skip_shares: Iterable[str] = (),
-    skip_mask: Iterable[str] = (),
-    skip_confirm: Iterable[str] = (),
-    skip_reveal: Iterable[str] = (),
-) -> np.ndarray:
-    """A whole round; members in ``skip_*`` go silent at that step."""
-    deliveries = to_shares(server, members, skip_shares)
-    alive = [m for m in members if m in deliveries]
-    for name in alive:
-        members[name].receive_shares(hop(deliveries[name]))
-        if name not in skip_mask:
-            server.receive_masked(hop(members[name].mask(inputs[name])))
-    request = hop(server.close_masked())
-    confirm_and_reveal(server, members, request, skip_confirm=skip_confirm, skip_reveal=skip_reveal)
-    return server.finish()
-
-
-def confirm_and_reveal(
-    server: ServerRound,
-    members: Mapping[str, MemberRound],
-    request: UnmaskRequest,
-    *,
-    skip_confirm: Iterable[str] = (),
-    skip_reveal: Iterable[str] = (),
-) -> None:
-    """Rounds 3 and 4: the survivors sign the request, then reveal once they hold the signatures."""
-    for name in request.survivors:
-        if name not in skip_confirm:
-            server.receive_confirm(hop(members[name].confirm(request)))
-    confirmations = hop(server.close_confirms())
-    for name in server.confirmed:
-        if name not in skip_reveal:
-            server.receive_reveal(hop(members[name].reveal(confirmations)))
-
-
-def encoded_inputs(names: Iterable[str], numel: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {m: FP.encode(rng.normal(0, 0.1, numel).astype(np.float32)) for m in names}
-
-
-def ring_sum(vectors: Iterable[np.ndarray]) -> np.ndarray:
-    items = list(vectors)
-    total = np.zeros_like(items[0])
-    for v in items:
-        total += v
-    return total
-
-
-# --- the protocol ---------------------------------------------------------------------------
+from fedjet.secagg.shamir import Share
+from tests.secagg_helpers import FP, Job, encoded_inputs, ring_sum, run, to_shares
 
 
 def test_three_members_unmasked_sum_equals_plain_sum_and_weighted_fedavg() -> None:
@@ -403,96 +288,3 @@ def test_sparse_rounds_mask_the_agreed_coordinates_only() -> None:
     expected = np.zeros(numel)
     expected[idx] = sum(x[idx].astype(np.float64) for x in dense.values())
     np.testing.assert_allclose(total, expected, rtol=0, atol=3 / FP.scale)
-
-
-# --- the parts ------------------------------------------------------------------------------
-
-
-def test_shamir_any_threshold_subset_reconstructs_and_bad_sets_are_typed_errors() -> None:
-    secret = bytes(range(32))
-    shares = split(secret, 3, [1, 2, 3, 4, 5])
-    assert combine([shares[5], shares[1], shares[3]], 3) == secret
-    assert combine(shares.values(), 3) == secret
-    with pytest.raises(ShareError, match="cannot reconstruct"):
-        combine([shares[1], shares[2]], 3)
-    with pytest.raises(ShareError, match="duplicate"):
-        combine([shares[1], shares[1], shares[2]], 3)
-    bad = Share(x=4, y=(shares[4].y + 1))
-    with pytest.raises(ShareError, match="inconsistent"):
-        combine([shares[1], shares[2], shares[3], bad], 3)
-    assert Share.from_bytes(shares[2].to_bytes()) == shares[2]
-    with pytest.raises(ShareError):
-        Share.from_bytes(b"\x00" * 10)
-
-
-def test_fixed_point_round_trip_overflow_bound_range_check_and_refusals() -> None:
-    fp = FixedPoint(scale=1024.0, bound=2.0)
-    x = np.array([-3.0, -1.5, 0.0, 0.001, 1.999, 5.0], dtype=np.float32)
-    np.testing.assert_allclose(fp.decode(fp.encode(x)), np.clip(x, -2, 2), atol=0.5 / 1024)
-    np.testing.assert_allclose(fp.decode(fp.encode(x, weight=7), weight_total=7, unit_total=7), np.clip(x, -2, 2),
-                               atol=0.5 / 1024)  # fmt: skip
-    n = 1000
-    top = fp.max_weight(n)
-    worst = [fp.encode(np.full(4, 2.0), weight=top) for _ in range(n)]  # every member at the bound
-    total = np.zeros(4, dtype=np.uint64)
-    for v in worst:
-        total += v
-    np.testing.assert_allclose(fp.decode(total, weight_total=n * top, unit_total=n * top), 2.0)  # no wrap
-    fp.check_members(fp.max_members)
-    with pytest.raises(ConfigError):
-        fp.check_members(fp.max_members + 1)
-    with pytest.raises(ValueError):
-        FixedPoint(scale=2.0**60, bound=1.0)
-    with pytest.raises(EncodingError):
-        fp.encode(np.array([np.nan]))
-    for bad in (0, 1.5, fp.max_weight(1) + 1):
-        with pytest.raises(EncodingError):
-            fp.encode(x, weight=bad)
-    with pytest.raises(OutOfRangeError):  # more than two inputs clipped to 2 can add up to
-        fp.decode(fp.encode(np.full(3, 5.0), weight=3) + fp.encode(np.full(3, 5.0)), weight_total=2)
-    as_bf16 = torch.tensor(x, dtype=torch.bfloat16)
-    np.testing.assert_array_equal(fp.encode(as_bf16), fp.encode(as_bf16.float().numpy()))
-
-
-def test_prg_is_deterministic_and_domain_separated() -> None:
-    seed = b"\x07" * 32
-    a = expand(seed, 1000, purpose="pair", round_id=1, context=("job", "a", "b"))
-    np.testing.assert_array_equal(a, expand(seed, 1000, purpose="pair", round_id=1, context=("job", "a", "b")))
-    np.testing.assert_array_equal(a[:10], expand(seed, 10, purpose="pair", round_id=1, context=("job", "a", "b")))
-    for other in (
-        expand(seed, 1000, purpose="self", round_id=1, context=("job", "a", "b")),
-        expand(seed, 1000, purpose="pair", round_id=2, context=("job", "a", "b")),
-        expand(seed, 1000, purpose="pair", round_id=1, context=("job", "a", "c")),
-    ):
-        assert (other == a).mean() < 0.01
-
-
-def test_random_k_indices_are_deterministic_distinct_and_sorted() -> None:
-    seed = b"\x01" * 32
-    for numel, k in ((1000, 10), (1000, 900), (10, 10), (10, 0), (1 << 30, 1000)):
-        idx = random_k_indices(seed, numel, k)
-        assert len(idx) == k and len(np.unique(idx)) == k and np.all(np.diff(idx) > 0)
-        assert idx.min(initial=0) >= 0 and idx.max(initial=0) < numel
-        np.testing.assert_array_equal(idx, random_k_indices(seed, numel, k))
-    assert not np.array_equal(random_k_indices(seed, 1000, 10), random_k_indices(b"\x02" * 32, 1000, 10))
-
-
-def test_wire_tolerates_unknown_keys_and_is_strict_on_types() -> None:
-    request = UnmaskRequest(round_id=3, survivors=("a", "b"), dropped=())
-    raw = {**request.to_wire(), "future": 1}
-    assert from_wire(raw) == request
-    with pytest.raises(SecAggSchemaError):
-        from_wire({**raw, "round": True})
-    with pytest.raises(SecAggSchemaError):
-        from_wire({**raw, "survivors": [1]})
-    with pytest.raises(SecAggSchemaError):
-        from_wire({**raw, "v": 99})
-    with pytest.raises(SecAggSchemaError):
-        ShareDelivery.from_wire(raw)
-
-
-def test_round_config_refuses_thresholds_at_or_below_half() -> None:
-    with pytest.raises(ConfigError):
-        RoundConfig(job="j", round_id=0, threshold=2, members=("a", "b", "c", "d"), numel=1)
-    with pytest.raises(ConfigError):
-        RoundConfig(job="j", round_id=0, threshold=2, members=("b", "a"), numel=1)
