@@ -56,7 +56,7 @@ from fedjet.broker.subjects import JobSubjects
 from fedjet.deploy import Topology, TopologyConfig
 from fedjet.deploy.files import write_file, write_secret
 from fedjet.deploy.topology import hostport
-from tests.test_deploy_topology import CLOUDS, JOB, Cluster, _config, _retry, running, session
+from tests.topology_helpers import CLOUDS, JOB, Cluster, _config, _retry, running, session
 
 SUBJECTS = JobSubjects(JOB)
 ADVERSARY = "aws"

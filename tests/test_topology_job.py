@@ -15,7 +15,7 @@ import pytest
 
 from fedjet.keystore import generate as generate_keys
 from tests.conftest import REPO, run_fedjet
-from tests.test_deploy_topology import CLOUDS, JOB, _config, _wait_leaves, running
+from tests.topology_helpers import CLOUDS, JOB, _config, _wait_leaves, running
 
 pytestmark = pytest.mark.e2e
 
