@@ -36,6 +36,23 @@ def sealed_update(boxes: Boxes, cloud: str, seq: int, value: float) -> bytes:
     return crypto.seal_update(encode_update(Update(header, tensors), CodecSpec.parse("topk:0.5+int8")), boxes)
 
 
+async def attack_then_behave(nc, coordinator: Coordinator, subjects: JobSubjects, members) -> None:
+    """Junk, a swapped cloud, a replayed and a second aws update around one good update from each cloud."""
+    js = nc.jetstream()
+    await asyncio.wait_for(coordinator.serving.wait(), 30)  # the streams and v0 exist
+
+    async def send(subject_cloud: str, data: bytes, blob_id: str) -> None:
+        await publish_blob(js, subjects.update(subject_cloud), data, blob_id=blob_id, max_payload=nc.max_payload)
+
+    await js.publish(subjects.update("aws"), b"no chunk headers at all")
+    await send("aws", b"\x00garbage", "g1")
+    await send("gcp", sealed_update(members["aws"], "aws", 5, 1.0), "moved")  # swapped cloud
+    await send("aws", sealed_update(members["aws"], "aws", 10, 0.5), "a10")
+    await send("aws", sealed_update(members["aws"], "aws", 10, 9.0), "replay")
+    await send("aws", sealed_update(members["aws"], "aws", 11, 9.0), "a11")
+    await send("gcp", sealed_update(members["gcp"], "gcp", 3, -0.5), "g3")
+
+
 def test_hostile_traffic_is_rejected_counted_and_the_round_still_completes(nats_url):
     coord, members = make_parties()
     job = JobConfig(
@@ -46,26 +63,11 @@ def test_hostile_traffic_is_rejected_counted_and_the_round_still_completes(nats_
     coordinator = Coordinator(CoordinatorConfig(nats_url=nats_url, spec=spec, boxes=coord, idle_timeout_s=30))
     subjects = JobSubjects("live")
 
-    async def attack_then_behave(nc):
-        js = nc.jetstream()
-        await asyncio.wait_for(coordinator.serving.wait(), 30)  # the streams and v0 exist
-
-        async def send(subject_cloud: str, data: bytes, blob_id: str) -> None:
-            await publish_blob(js, subjects.update(subject_cloud), data, blob_id=blob_id, max_payload=nc.max_payload)
-
-        await js.publish(subjects.update("aws"), b"no chunk headers at all")
-        await send("aws", b"\x00garbage", "g1")
-        await send("gcp", sealed_update(members["aws"], "aws", 5, 1.0), "moved")  # swapped cloud
-        await send("aws", sealed_update(members["aws"], "aws", 10, 0.5), "a10")
-        await send("aws", sealed_update(members["aws"], "aws", 10, 9.0), "replay")
-        await send("aws", sealed_update(members["aws"], "aws", 11, 9.0), "a11")
-        await send("gcp", sealed_update(members["gcp"], "gcp", 3, -0.5), "g3")
-
     async def scenario():
         nc = await connect(nats_url, "attacker")
         try:
             task = asyncio.create_task(coordinator.run(dict(WEIGHTS)))
-            await attack_then_behave(nc)
+            await attack_then_behave(nc, coordinator, subjects, members)
             ledger = await asyncio.wait_for(task, 60)
             info = await nc.jetstream().consumer_info(subjects.update_stream, subjects.coordinator_durable)
         finally:
