@@ -90,12 +90,10 @@ def heldout_loss(model_dir: Path, eval_dir: Path) -> float:
         return float(model(input_ids=windows, labels=windows).loss)
 
 
-def test_separate_processes_train_a_local_llama_on_each_clouds_own_files_and_export_it(
-    nats_url, tmp_path, checkpoints, cloud_data
-):
-    job, keys, out = f"own-{uuid.uuid4().hex[:6]}", tmp_path / "keys", tmp_path / "trained"
-    assert run_fedjet("keys", "generate", "--out", str(keys), "--clouds", "aws,gcp,azure").returncode == 0
-    model = str(checkpoints["llama"])
+def start_job(
+    nats_url: str, keys: Path, job: str, model: str, cloud_data: dict
+) -> tuple[subprocess.Popen[str], list[subprocess.Popen[str]]]:
+    """The coordinator and one worker per cloud, each a ``fedjet`` process of its own."""
     coordinator = fedjet_process(
         "coordinator", "--nats", nats_url, "--keys", str(keys), "--job", job, "--model", model,
         "--rounds", "3", "--codec", "dense", *TRAIN,
@@ -118,6 +116,27 @@ def test_separate_processes_train_a_local_llama_on_each_clouds_own_files_and_exp
         )
         for cloud in ("aws", "gcp", "azure")
     ]
+    return coordinator, workers
+
+
+def forge_tokenizer(model: str, forged: Path) -> Path:
+    """A copy of ``model`` whose tokenizer has two ids swapped: same size, other meanings."""
+    shutil.copytree(model, forged)
+    tok = json.loads((forged / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # same size, two ids swapped: other meanings
+    (forged / "tokenizer.json").write_text(json.dumps(tok))
+    return forged
+
+
+def test_separate_processes_train_a_local_llama_on_each_clouds_own_files_and_export_it(
+    nats_url, tmp_path, checkpoints, cloud_data
+):
+    job, keys, out = f"own-{uuid.uuid4().hex[:6]}", tmp_path / "keys", tmp_path / "trained"
+    assert run_fedjet("keys", "generate", "--out", str(keys), "--clouds", "aws,gcp,azure").returncode == 0
+    model = str(checkpoints["llama"])
+    coordinator, workers = start_job(nats_url, keys, job, model, cloud_data)
     finish(coordinator)
     logs = [finish(w) for w in workers]
     assert '"skipped": {"empty file": 1}' in logs[0]
@@ -143,13 +162,7 @@ def test_separate_processes_train_a_local_llama_on_each_clouds_own_files_and_exp
     sample = run_fedjet("generate", "--model", str(out), "--prompt", "The game", "--max-new-tokens", "8")
     assert sample.returncode == 0 and sample.stdout.startswith("The game") and len(sample.stdout.strip()) > 8
 
-    forged = tmp_path / "forged"
-    shutil.copytree(model, forged)
-    tok = json.loads((forged / "tokenizer.json").read_text())
-    vocab = tok["model"]["vocab"]
-    a, b = sorted(vocab, key=vocab.get)[300:302]
-    vocab[a], vocab[b] = vocab[b], vocab[a]  # same size, two ids swapped: other meanings
-    (forged / "tokenizer.json").write_text(json.dumps(tok))
+    forged = forge_tokenizer(model, tmp_path / "forged")
     refused = run_fedjet(
         "worker", "--nats", nats_url, "--keys", str(keys), "--job", job, "--cloud", "aws", "--worker-id", "7",
         "--model", str(forged), "--data", str(cloud_data["aws"]), timeout=120,
