@@ -10,6 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import nats.js.errors
 import torch
@@ -29,6 +32,7 @@ from tests.conftest import REPO
 
 JOB = "ledger"
 CLOUDS = ("aws", "gcp")
+SUBJECTS = JobSubjects(JOB)
 NOISE, RATE, DELTA, STEPS = 1.0, 0.01, 1e-5, 4
 BUDGET = epsilon_for(NOISE, RATE, 2 * STEPS, DELTA)  # two updates of 4 steps each, and no more
 
@@ -55,75 +59,90 @@ def worker(url: str, keys, cloud: str, data_dir) -> subprocess.Popen:
     )
 
 
-def test_a_restarted_coordinator_and_worker_keep_the_clouds_privacy_ledger(tmp_path, nats_server, data_dir):
-    keys = tmp_path / "keys"
-    generate(keys, [*CLOUDS, "eval"])
-    template = parameter_tensors(initial_model("tiny", vocab_size=257, eos_id=256, seed=3))
-    subjects = JobSubjects(JOB)
+@dataclass
+class Broker:
+    """The test's side of the broker: sealed updates in as a cloud would send them, verified heads out."""
 
-    def envelope(cloud: str, seq: int, base: int, steps: int) -> bytes:
+    keys: Path
+    template: dict[str, torch.Tensor]
+    nc: Any
+    js: Any
+
+    def envelope(self, cloud: str, seq: int, base: int, steps: int) -> bytes:
         header = UpdateHeader(
             job=JOB, cloud=cloud, worker="0", seq=seq, base_version=base, samples=8, loss=0.0, dp=claim(steps),
         )  # fmt: skip
-        delta = {n: torch.full(t.shape, 1e-4) for n, t in template.items()}
+        delta = {n: torch.full(t.shape, 1e-4) for n, t in self.template.items()}
         frame = encode_update(Update(header, delta), CodecSpec.parse("dense"))
-        return crypto.seal_update(frame, member_boxes(keys, cloud))
+        return crypto.seal_update(frame, member_boxes(self.keys, cloud))
 
-    async def head(js) -> GlobalHead | None:
+    async def head(self) -> GlobalHead | None:
         try:
-            raw = await js.get_last_msg(subjects.global_stream, subjects.global_head)
+            raw = await self.js.get_last_msg(SUBJECTS.global_stream, SUBJECTS.global_head)
         except nats.js.errors.NotFoundError:  # no version yet
             return None
-        return GlobalHead.verify(raw.data, load_public(keys, "coordinator"))
+        return GlobalHead.verify(raw.data, load_public(self.keys, "coordinator"))
 
-    async def wait_for(js, version: int, proc) -> GlobalHead:
+    async def wait_for(self, version: int, proc) -> GlobalHead:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             assert proc.poll() in (None, 0), proc.stderr.read().decode()[-2000:]
-            found = await head(js)
+            found = await self.head()
             if found is not None and found.version >= version:
                 return found
             await asyncio.sleep(0.1)
         raise AssertionError(f"version {version} never appeared")
 
-    async def publish(js, nc, cloud: str, seq: int, base: int, steps: int) -> None:
-        data = envelope(cloud, seq, base, steps)
-        await publish_blob(js, subjects.update(cloud), data, blob_id=f"{cloud}/0/{seq}", max_payload=nc.max_payload)
+    async def publish(self, cloud: str, seq: int, base: int, steps: int) -> None:
+        data = self.envelope(cloud, seq, base, steps)
+        await publish_blob(self.js, SUBJECTS.update(cloud), data, blob_id=f"{cloud}/0/{seq}",
+                           max_payload=self.nc.max_payload)  # fmt: skip
+
+
+def output_of(proc: subprocess.Popen) -> bytes:
+    """What ``proc`` wrote before it exited on its own (within 180 s)."""
+    try:
+        output, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        tail = proc.communicate()[0][-3000:]
+        raise AssertionError(f"the restarted worker kept running: {tail!r}") from None
+    return output
+
+
+def test_a_restarted_coordinator_and_worker_keep_the_clouds_privacy_ledger(tmp_path, nats_server, data_dir):
+    keys = tmp_path / "keys"
+    generate(keys, [*CLOUDS, "eval"])
+    template = parameter_tensors(initial_model("tiny", vocab_size=257, eos_id=256, seed=3))
 
     async def scenario() -> None:
         first = coordinator(nats_server.url, keys)
         nc = await connect(nats_server.url, "test-workers")
-        js = nc.jetstream()
+        broker = Broker(keys, template, nc, nc.jetstream())
         try:
-            await wait_for(js, 0, first)
-            await publish(js, nc, "aws", 1, 0, STEPS)
-            await wait_for(js, 1, first)
-            await publish(js, nc, "aws", 2, 1, 2 * STEPS)  # aws's budget is now spent
-            await wait_for(js, 2, first)
+            await broker.wait_for(0, first)
+            await broker.publish("aws", 1, 0, STEPS)
+            await broker.wait_for(1, first)
+            await broker.publish("aws", 2, 1, 2 * STEPS)  # aws's budget is now spent
+            await broker.wait_for(2, first)
             os.kill(first.pid, signal.SIGKILL)
             first.wait()
             second = coordinator(nats_server.url, keys)
             # aws "restarts" and claims 4 steps again: within the budget on its own, but a rewind
-            await publish(js, nc, "aws", 3, 2, STEPS)
-            await publish(js, nc, "gcp", 1, 2, STEPS)
-            latest = await wait_for(js, 3, second)
-            follower = GlobalFollower(js, subjects, coordinator_boxes(keys, [*CLOUDS, "eval"]), Limits())
+            await broker.publish("aws", 3, 2, STEPS)
+            await broker.publish("gcp", 1, 2, STEPS)
+            latest = await broker.wait_for(3, second)
+            follower = GlobalFollower(broker.js, SUBJECTS, coordinator_boxes(keys, [*CLOUDS, "eval"]), Limits())
             record = follower.record(latest)
             assert [c.cloud for c in record.contributions] == ["gcp"], "aws's rewound claim was applied"
             assert record.progress.rejected == {"PrivacyError": 1}
             assert record.progress.dp_steps == {"aws": 2 * STEPS, "gcp": STEPS}
             # A real aws worker started now (a restart on a new machine) starts from the 8 steps
             # the record holds for aws: its next update would overspend, so it retires unsent.
-            restarted = worker(nats_server.url, keys, "aws", data_dir)
-            try:
-                output, _ = restarted.communicate(timeout=180)
-            except subprocess.TimeoutExpired:
-                restarted.kill()
-                tail = restarted.communicate()[0][-3000:]
-                raise AssertionError(f"the restarted worker kept running: {tail!r}") from None
+            output = output_of(worker(nats_server.url, keys, "aws", data_dir))
             assert b"privacy_ledger_resumed" in output and b"privacy_budget_spent" in output, output[-3000:]
-            await publish(js, nc, "gcp", 2, 3, 2 * STEPS)
-            last = follower.record(await wait_for(js, 4, second))
+            await broker.publish("gcp", 2, 3, 2 * STEPS)
+            last = follower.record(await broker.wait_for(4, second))
             assert last.retired == ("aws",) and [c.cloud for c in last.contributions] == ["gcp"]
             assert last.progress.rejected == {"PrivacyError": 1}, "the restarted worker sent an update"
             second.send_signal(signal.SIGTERM)
