@@ -10,6 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import nats.js.errors
 import torch
@@ -28,6 +31,8 @@ from tests.conftest import REPO, run_fedjet
 
 JOB = "resume"
 CLOUDS = ("aws", "gcp")
+SUBJECTS = JobSubjects(JOB)
+CODEC = CodecSpec.parse("topk:0.2+int8")
 
 
 def coordinator(url: str, keys) -> subprocess.Popen:
@@ -43,16 +48,18 @@ def delta_for(cloud: str, round_: int, template) -> dict[str, torch.Tensor]:
     return {n: torch.randn(t.shape, generator=gen) * 1e-3 for n, t in template.items()}
 
 
-def test_killed_coordinator_resumes_exactly_once(tmp_path, nats_server):
-    keys = tmp_path / "keys"
-    generate(keys, [*CLOUDS, "eval"])
-    boxes = {c: member_boxes(keys, c) for c in CLOUDS}
-    template = parameter_tensors(initial_model("tiny", vocab_size=257, eos_id=256, seed=3))
-    subjects = JobSubjects(JOB)
-    spec = CodecSpec.parse("topk:0.2+int8")
-    sent: dict[tuple[str, int], bytes] = {}
+@dataclass
+class Broker:
+    """The test's side of the broker: each cloud's sealed updates in (kept in ``sent``), heads out."""
 
-    def envelope(cloud: str, round_: int) -> bytes:
+    keys: Path
+    boxes: dict[str, Any]
+    template: dict[str, torch.Tensor]
+    nc: Any
+    js: Any
+    sent: dict[tuple[str, int], bytes]
+
+    def envelope(self, cloud: str, round_: int) -> bytes:
         header = UpdateHeader(
             job=JOB,
             cloud=cloud,
@@ -62,63 +69,42 @@ def test_killed_coordinator_resumes_exactly_once(tmp_path, nats_server):
             samples=8 + len(cloud),
             loss=3.0 - 0.1 * round_,
         )
-        sent[cloud, round_] = encode_update(Update(header, delta_for(cloud, round_, template)), spec)
-        return crypto.seal_update(sent[cloud, round_], boxes[cloud])
+        self.sent[cloud, round_] = encode_update(Update(header, delta_for(cloud, round_, self.template)), CODEC)
+        return crypto.seal_update(self.sent[cloud, round_], self.boxes[cloud])
 
-    async def head_version(js) -> int:
-        raw = await js.get_last_msg(subjects.global_stream, subjects.global_head)
-        return GlobalHead.verify(raw.data, load_public(keys, "coordinator")).version
+    async def head_version(self) -> int:
+        raw = await self.js.get_last_msg(SUBJECTS.global_stream, SUBJECTS.global_head)
+        return GlobalHead.verify(raw.data, load_public(self.keys, "coordinator")).version
 
-    async def wait_for(js, version: int, proc) -> None:
+    async def wait_for(self, version: int, proc) -> None:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             assert proc.poll() in (None, 0), proc.stderr.read().decode()[-2000:]
             try:
-                if await head_version(js) >= version:
+                if await self.head_version() >= version:
                     return
             except nats.js.errors.NotFoundError:  # the coordinator has not made the stream yet
                 pass
             await asyncio.sleep(0.1)
         raise AssertionError(f"version {version} never appeared")
 
-    async def publish(js, nc, cloud: str, round_: int) -> None:
-        data = envelope(cloud, round_)
-        await publish_blob(js, subjects.update(cloud), data, blob_id=f"{cloud}/0/{round_}", max_payload=nc.max_payload)
+    async def publish(self, cloud: str, round_: int) -> None:
+        data = self.envelope(cloud, round_)
+        await publish_blob(self.js, SUBJECTS.update(cloud), data, blob_id=f"{cloud}/0/{round_}",
+                           max_payload=self.nc.max_payload)  # fmt: skip
 
-    async def scenario() -> None:
-        first = coordinator(nats_server.url, keys)
-        nc = await connect(nats_server.url, "test-workers")
-        js = nc.jetstream()
-        try:
-            await wait_for(js, 0, first)
-            for cloud in CLOUDS:
-                await publish(js, nc, cloud, 1)
-            await wait_for(js, 1, first)
-            await publish(js, nc, "aws", 2)  # read by the first coordinator, never acked ...
-            for _ in range(200):
-                info = await js.consumer_info(subjects.update_stream, subjects.coordinator_durable)
-                if info.num_ack_pending >= 1:
-                    break
-                await asyncio.sleep(0.05)
-            assert info.num_ack_pending == 1, "the first coordinator never held aws's round-2 update"
-            os.kill(first.pid, signal.SIGKILL)  # ... because it dies mid-round
-            first.wait()
-            await publish(js, nc, "gcp", 2)
-            second = coordinator(nats_server.url, keys)
-            await wait_for(js, 2, second)
-            for cloud in CLOUDS:
-                await publish(js, nc, cloud, 3)
-            await wait_for(js, 3, second)
-            assert second.wait(timeout=60) == 0
-            third = coordinator(nats_server.url, keys)  # the job is over: a clean exit, with a message
-            _, err = third.communicate(timeout=120)
-            assert third.returncode == 0 and b"has finished" in err
-        finally:
-            await close_quietly(nc)
+    async def coordinator_consumer(self) -> Any:
+        """The coordinator's consumer once it holds an update unacked (or after 10 s)."""
+        for _ in range(200):
+            info = await self.js.consumer_info(SUBJECTS.update_stream, SUBJECTS.coordinator_durable)
+            if info.num_ack_pending >= 1:
+                break
+            await asyncio.sleep(0.05)
+        return info
 
-    asyncio.run(scenario())
 
-    # the same updates folded once each, in order, by the pure aggregation code
+def folded_once_each(template: dict[str, torch.Tensor], sent: dict[tuple[str, int], bytes]) -> Aggregator:
+    """The same updates folded once each, in order, by the pure aggregation code."""
     from fedjet.codecs.frame import Limits
     from fedjet.codecs.messages import decode_update
 
@@ -130,18 +116,58 @@ def test_killed_coordinator_resumes_exactly_once(tmp_path, nats_server):
             h = update.header
             batch.append(Applied(Contribution(cloud, h.base_version, h.samples, h.loss, update.tensors), 0))
         expected.apply(batch)
+    return expected
+
+
+async def final_hash(url: str, keys: Path) -> str:
+    nc = await connect(url, "check")
+    try:
+        raw = await nc.jetstream().get_last_msg(SUBJECTS.global_stream, SUBJECTS.global_head)
+        return GlobalHead.verify(raw.data, load_public(keys, "coordinator")).hash
+    finally:
+        await close_quietly(nc)
+
+
+def test_killed_coordinator_resumes_exactly_once(tmp_path, nats_server):
+    keys = tmp_path / "keys"
+    generate(keys, [*CLOUDS, "eval"])
+    boxes = {c: member_boxes(keys, c) for c in CLOUDS}
+    template = parameter_tensors(initial_model("tiny", vocab_size=257, eos_id=256, seed=3))
+    sent: dict[tuple[str, int], bytes] = {}
+
+    async def scenario() -> None:
+        first = coordinator(nats_server.url, keys)
+        nc = await connect(nats_server.url, "test-workers")
+        broker = Broker(keys, boxes, template, nc, nc.jetstream(), sent)
+        try:
+            await broker.wait_for(0, first)
+            for cloud in CLOUDS:
+                await broker.publish(cloud, 1)
+            await broker.wait_for(1, first)
+            await broker.publish("aws", 2)  # read by the first coordinator, never acked ...
+            info = await broker.coordinator_consumer()
+            assert info.num_ack_pending == 1, "the first coordinator never held aws's round-2 update"
+            os.kill(first.pid, signal.SIGKILL)  # ... because it dies mid-round
+            first.wait()
+            await broker.publish("gcp", 2)
+            second = coordinator(nats_server.url, keys)
+            await broker.wait_for(2, second)
+            for cloud in CLOUDS:
+                await broker.publish(cloud, 3)
+            await broker.wait_for(3, second)
+            assert second.wait(timeout=60) == 0
+            third = coordinator(nats_server.url, keys)  # the job is over: a clean exit, with a message
+            _, err = third.communicate(timeout=120)
+            assert third.returncode == 0 and b"has finished" in err
+        finally:
+            await close_quietly(nc)
+
+    asyncio.run(scenario())
+
+    expected = folded_once_each(template, sent)
     result = run_fedjet(
         "replay", "--nats", nats_server.url, "--job", JOB, "--keys", str(keys), "--verify", "--no-progress"
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["mismatches"] == 0
-
-    async def final_hash() -> str:
-        nc = await connect(nats_server.url, "check")
-        try:
-            raw = await nc.jetstream().get_last_msg(subjects.global_stream, subjects.global_head)
-            return GlobalHead.verify(raw.data, load_public(keys, "coordinator")).hash
-        finally:
-            await close_quietly(nc)
-
-    assert asyncio.run(final_hash()) == expected.hash
+    assert asyncio.run(final_hash(nats_server.url, keys)) == expected.hash
