@@ -32,6 +32,40 @@ def start(*args: str, log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-m", "fedjet", *args], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
 
 
+def start_workers(topology, keys: Path, data_dir: Path, tmp_path: Path) -> list[subprocess.Popen[bytes]]:
+    """A worker per cloud, each on its own cloud's leaf, logging to ``<cloud>.log``."""
+    return [
+        start(
+            "worker",
+            "--nats",
+            topology.leaf[cloud],
+            *identity(topology, cloud),
+            "--keys",
+            str(keys),
+            "--job",
+            JOB,
+            "--cloud",
+            cloud,
+            "--deal",
+            "--data",
+            str(data_dir),
+            log=tmp_path / f"{cloud}.log",
+        )
+        for cloud in CLOUDS
+    ]
+
+
+def wait_for_version_1(status: list[str], coordinator: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    """Until ``fedjet status`` shows version 1 (at most 120 s), the coordinator alive meanwhile."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # kill a hub node once version 1 is out
+        shown = run_fedjet(*status, "--json", timeout=60)
+        if shown.returncode == 0 and (json.loads(shown.stdout).get("head") or {}).get("version", 0) >= 1:
+            break
+        assert coordinator.poll() is None, (tmp_path / "coordinator.log").read_text()[-3000:]
+        time.sleep(1)
+
+
 def test_a_job_across_hub_and_leaves_survives_a_hub_node_and_replays(tmp_path, data_dir):
     import asyncio
 
@@ -47,35 +81,11 @@ def test_a_job_across_hub_and_leaves_survives_a_hub_node_and_replays(tmp_path, d
             "--clouds", ",".join(CLOUDS), "--rounds", "4", *train, log=tmp_path / "coordinator.log",
         )  # fmt: skip
         procs = [coordinator]
-        workers = [
-            start(
-                "worker",
-                "--nats",
-                topology.leaf[cloud],
-                *identity(topology, cloud),
-                "--keys",
-                str(keys),
-                "--job",
-                JOB,
-                "--cloud",
-                cloud,
-                "--deal",
-                "--data",
-                str(data_dir),
-                log=tmp_path / f"{cloud}.log",
-            )
-            for cloud in CLOUDS
-        ]
+        workers = start_workers(topology, keys, data_dir, tmp_path)
         procs += workers
         try:
             status = ["status", "--nats", hub, *identity(topology, "coordinator"), "--keys", str(keys), "--job", JOB]
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:  # kill a hub node once version 1 is out
-                shown = run_fedjet(*status, "--json", timeout=60)
-                if shown.returncode == 0 and (json.loads(shown.stdout).get("head") or {}).get("version", 0) >= 1:
-                    break
-                assert coordinator.poll() is None, (tmp_path / "coordinator.log").read_text()[-3000:]
-                time.sleep(1)
+            wait_for_version_1(status, coordinator, tmp_path)  # then kill a hub node
             hub_nodes = [s.name for s in topology.servers if s.role == "hub"]
             cluster.stop(hub_nodes[-1], signal.SIGKILL)
             for name, proc in [("coordinator", coordinator), *zip(CLOUDS, workers, strict=True)]:
