@@ -1,23 +1,20 @@
-"""Privacy randomness on real processes: whoever holds the job spec cannot redraw the noise.
+"""Central DP's randomness on real processes: whoever holds the job spec cannot redraw the noise.
 
-Two ``fedjet up`` jobs with the same seed and data must export different models under DP-SGD
-or central DP (the noise is fresh CSPRNG output), and the very same model without DP (training
-stays deterministic). Central DP's noise key is recorded sealed to the coordinator: ``replay
---verify`` reproduces every version with the coordinator's key, and a member's key opens the
-record without any cloud's loss or the noise key.
+Two ``fedjet up`` jobs with the same seed and data must export different models (the noise is
+fresh CSPRNG output). The noise key is recorded sealed to the coordinator: ``replay --verify``
+reproduces every version with the coordinator's key, and a member's key opens the record without
+any cloud's loss or the noise key. (DP-SGD's twin runs are in test_privacy_job.py, the plain
+twins that stay identical in test_e2e_up.py.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from fedjet.broker.jetstream import close_quietly, connect
 from fedjet.broker.server import EmbeddedNatsServer
@@ -27,7 +24,8 @@ from fedjet.codecs.frame import Limits
 from fedjet.codecs.withheld import coordinator_only
 from fedjet.errors import AuthenticationError
 from fedjet.keystore import member_boxes
-from tests.conftest import REPO, run_fedjet
+from tests.conftest import run_fedjet
+from tests.twin_runs import FLOAT_ORDER, largest_difference, run_side_by_side
 
 pytestmark = pytest.mark.e2e
 
@@ -39,43 +37,12 @@ def run_pair(tmp_path: Path, data_dir: Path, name: str, *extra: str, first_job: 
     """Two jobs with the same seed, data and flags, run side by side; their exported models.
     ``first_job``: more arguments for the first one only (e.g. ``--job J --store DIR``)."""
     saved = [tmp_path / f"{name}-{i}" for i in range(2)]
-    procs = []
+    runs = []
     for out in saved:
         job = ("--job", f"{name}-{uuid.uuid4().hex[:6]}") if out is not saved[0] or not first_job else first_job
-        argv = [sys.executable, "-m", "fedjet", "up", *job, "--data", str(data_dir), "--save", str(out)]
-        output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
-        procs.append(subprocess.Popen([*argv, *TINY, *extra], cwd=REPO, **output))
-    for proc in procs:
-        try:
-            output, _ = proc.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output, _ = proc.communicate()
-            pytest.fail(f"fedjet up {' '.join(extra)} did not finish within 240 s:\n{output[-3000:]}")
-        assert proc.returncode == 0, output[-3000:]
+        runs.append(["up", *job, "--data", str(data_dir), "--save", str(out), *TINY, *extra])
+    run_side_by_side(runs, timeout=240)
     return saved
-
-
-def largest_difference(a: Path, b: Path) -> float:
-    """The largest coordinate difference of two exported models."""
-    left, right = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert left.keys() == right.keys()
-    return max(float((left[n].float() - right[n].float()).abs().max()) for n in left)
-
-
-# Plain runs may differ in float summation order only (updates of a round arrive in any order);
-# noise differs at the size of the noise, orders of magnitude above that.
-FLOAT_ORDER = 1e-5
-
-
-def test_plain_training_stays_deterministic(tmp_path, data_dir):
-    first, second = run_pair(tmp_path, data_dir, "plain")
-    assert largest_difference(first, second) < FLOAT_ORDER
-
-
-def test_dp_sgd_noise_is_not_determined_by_the_spec(tmp_path, data_dir):
-    first, second = run_pair(tmp_path, data_dir, "dpsgd", "--dp", "epsilon=8,delta=1e-5,clip=1,updates=1")
-    assert largest_difference(first, second) > 100 * FLOAT_ORDER
 
 
 def test_central_dp_noise_is_fresh_recorded_for_the_coordinator_and_hidden_from_members(tmp_path, data_dir):

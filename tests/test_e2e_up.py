@@ -13,6 +13,7 @@ import uuid
 import pytest
 
 from tests.conftest import REPO, processes_tagged, run_fedjet, tagged, wait_until_gone
+from tests.twin_runs import FLOAT_ORDER, largest_difference, run_side_by_side
 
 pytestmark = pytest.mark.e2e
 
@@ -31,8 +32,32 @@ def up(tmp_path_factory, data_dir, *flags: str) -> tuple[str, dict, str]:
 
 
 @pytest.fixture(scope="module")
-def dense_run(tmp_path_factory, data_dir):
-    return up(tmp_path_factory, data_dir, "--rounds", "2", "--codec", "dense")
+def dense_runs(tmp_path_factory, data_dir):
+    """Two dense jobs with the same seed and data, side by side (the second: a twin to compare)."""
+    out = tmp_path_factory.mktemp("dense")
+    jobs = [f"e2e-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    flags = ["--data", str(data_dir), *SMALL, "--rounds", "2", "--codec", "dense", "--seed", "0"]
+    runs = [["up", "--job", job, "--report", str(out / f"{job}.json"), "--save", str(out / job), *flags]
+            for job in jobs]  # fmt: skip
+    stdout = run_side_by_side(runs, envs=[tagged(job) for job in jobs])
+    return [
+        (job, json.loads((out / f"{job}.json").read_text()), text, out / job)
+        for job, text in zip(jobs, stdout, strict=True)
+    ]
+
+
+@pytest.fixture(scope="module")
+def dense_run(dense_runs):
+    job, report, stdout, _ = dense_runs[0]
+    return job, report, stdout
+
+
+def test_two_plain_runs_with_the_same_seed_and_data_export_the_same_model(dense_runs):
+    """Without DP, nothing but the seed and the data decides a run (to float summation order:
+    a round's updates may arrive in any order); DP runs differ by their noise (test_privacy_job)."""
+    (_, first, _, first_model), (_, second, _, second_model) = dense_runs
+    assert largest_difference(first_model, second_model) < FLOAT_ORDER
+    assert first["summary"]["final_eval_loss"] == pytest.approx(second["summary"]["final_eval_loss"], abs=1e-4)
 
 
 @pytest.fixture(scope="module")

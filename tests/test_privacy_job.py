@@ -12,7 +12,7 @@ from fedjet.config.privacy import parse_dp
 from fedjet.coordinator.privacy_check import check_claim
 from fedjet.errors import PrivacyError
 from fedjet.privacy.accounting import epsilon_for
-from tests.conftest import run_fedjet
+from tests.twin_runs import FLOAT_ORDER, largest_difference, run_side_by_side
 
 JOB_DP = parse_dp("epsilon=4,delta=1e-5,clip=1.0")
 
@@ -50,15 +50,18 @@ def test_the_coordinator_refuses_missing_or_foreign_privacy_claims(bad, match):
 @pytest.mark.e2e
 def test_a_dp_job_learns_and_stops_when_the_budget_is_spent(tmp_path, data_dir):
     """σ is calibrated for 2 updates at ε = 8; the job asks for 4 rounds, so every cloud retires
-    after its second update and the run ends cleanly at version 2 with ε ≤ 8 per cloud."""
-    report_path, saved = tmp_path / "report.json", tmp_path / "model"
-    result = run_fedjet(
-        "up", "--job", f"dp-{uuid.uuid4().hex[:6]}", "--data", str(data_dir), "--report", str(report_path),
-        "--dp", "epsilon=8,delta=1e-5,clip=1,updates=2", "--rounds", "4", "--local-steps", "8",
-        "--batch-size", "16", "--seq-len", "64", "--lr", "0.005", "--eval-tokens", "4096", "--quiet",
-        "--save", str(saved),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
+    after its second update and the run ends cleanly at version 2 with ε ≤ 8 per cloud. A twin
+    job with the same seed and data runs beside it: the noise is not determined by the spec, so
+    the two export different models (two plain twins stay identical: test_e2e_up.py)."""
+    report_path, saved, twin = tmp_path / "report.json", tmp_path / "model", tmp_path / "twin"
+    flags = ["--data", str(data_dir), "--dp", "epsilon=8,delta=1e-5,clip=1,updates=2", "--rounds", "4",
+             "--local-steps", "8", "--batch-size", "16", "--seq-len", "64", "--lr", "0.005", "--eval-tokens", "4096",
+             "--quiet", "--seed", "0"]  # fmt: skip
+    run_side_by_side([
+        ["up", "--job", f"dp-{uuid.uuid4().hex[:6]}", "--report", str(report_path), "--save", str(saved), *flags],
+        ["up", "--job", f"dp-{uuid.uuid4().hex[:6]}", "--save", str(twin), *flags],
+    ])  # fmt: skip
+    assert largest_difference(saved, twin) > 100 * FLOAT_ORDER
     report = json.loads(report_path.read_text())
     privacy = report["privacy"]
     assert report["summary"]["versions"] == 2 and report["summary"]["updates_applied"] == 6
