@@ -61,11 +61,6 @@ class Verifier:
         self.aggregator = Aggregator(strategy, start, start_version, clouds=clouds)
         self.result = VerifyResult()
 
-    def missing_bases(self, contributions: Sequence[Contribution]) -> set[int]:
-        if not self.aggregator.strategy.needs_stale_bases:
-            return set()
-        return {c.base_version for c in contributions if not self.aggregator.holds(c.base_version)}
-
     def check(self, record: RecordedVersion, contributions: Sequence[Contribution]) -> Mismatch | None:
         got, reason = self._reapply(record, contributions)
         self.result.versions += 1
@@ -138,11 +133,6 @@ class Counterfactual:
 
     def __init__(self, strategy: StrategyConfig, start: Weights, start_version: int, clouds: int = 1) -> None:
         self.aggregator = Aggregator(strategy, start, start_version, bases_from_record=True, clouds=clouds)
-
-    def missing_bases(self, contributions: Sequence[Contribution]) -> set[int]:
-        if not self.aggregator.strategy.needs_stale_bases:
-            return set()
-        return {c.base_version for c in contributions if not self.aggregator.holds(c.base_version)}
 
     def apply(self, batch: Sequence[ContributionRecord], contributions: Sequence[Contribution]) -> Weights:
         applied = [Applied(c, r.staleness) for r, c in zip(batch, contributions, strict=True)]
