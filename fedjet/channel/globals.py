@@ -116,16 +116,11 @@ class GlobalPublisher:
             encode_global, GlobalVersion(header, weights), base, version - 1 if base is not None else -1
         )
         self._published = weights
-        sealed, blob_id, blob = await self._seal_and_publish(payload, record.to_bytes(), f"g/{version}")
+        sealed, where, blob = await self._seal_and_publish(payload, record.to_bytes(), f"g/{version}")
         view = await self.views.publish(version, hash_, weights) if self.views is not None else None
         head = GlobalHead(
             header=header,
-            first_seq=blob.first_seq,
-            last_seq=blob.last_seq,
-            size=len(sealed.ciphertext),
-            sha256=digest(sealed.ciphertext),
-            blob_id=blob_id,
-            keys=sealed.keys,
+            **where.blob_wire(),
             meta=sealed.meta,
             prev_head_seq=self._last_head_seq,
             view=view,
@@ -134,16 +129,23 @@ class GlobalPublisher:
         log.info("version_published", version=version, hash=hash_[:12], bytes=blob.wire_bytes, final=final)
         return head
 
-    async def _seal_and_publish(self, frame: bytes, meta: bytes, name: str) -> tuple[SealedGlobal, str, PublishedBlob]:
+    async def _seal_and_publish(
+        self, frame: bytes, meta: bytes, name: str
+    ) -> tuple[SealedGlobal, BlobRef, PublishedBlob]:
         """Encrypt ``frame`` (and ``meta``) to every member and publish it as chunks under a
-        blob id that is fresh after a restart too."""
+        blob id that is fresh after a restart too; where it went is the one :class:`BlobRef`
+        that a head and a view both carry."""
         sealed = await asyncio.to_thread(seal_global, frame, meta, self.boxes, self.members)
         blob_id = f"{self.subjects.job}/{name}/{secrets.token_hex(6)}"
         blob = await publish_blob(
             self._js, self.subjects.global_data, sealed.ciphertext, blob_id=blob_id, max_payload=self.max_payload,
             refuse_duplicate=True,
         )  # fmt: skip
-        return sealed, blob_id, blob
+        where = BlobRef(
+            first_seq=blob.first_seq, last_seq=blob.last_seq, size=len(sealed.ciphertext),
+            sha256=digest(sealed.ciphertext), blob_id=blob_id, keys=sealed.keys,
+        )  # fmt: skip
+        return sealed, where, blob
 
     async def publish_final_marker(self) -> None:
         """Stopped early: re-announce the current version as final so workers exit."""

@@ -16,8 +16,9 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from fedjet.broker.blobs import PublishedBlob
-from fedjet.codecs.crypto import SealedGlobal, digest
+from fedjet.codecs.crypto import SealedGlobal
 from fedjet.codecs.downlink import decode_view, next_view_frame
+from fedjet.codecs.heads import BlobRef
 from fedjet.codecs.messages import GlobalHead, GlobalHeader, GlobalVersion, ViewRef
 from fedjet.codecs.tensors import weights_hash
 from fedjet.config.codec import CodecSpec
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from fedjet.channel.globals import GlobalFollower
 
 log = get_logger("fedjet.channel")
-SealAndPublish = Callable[[bytes, bytes, str], Awaitable[tuple[SealedGlobal, str, PublishedBlob]]]
+SealAndPublish = Callable[[bytes, bytes, str], Awaitable[tuple[SealedGlobal, BlobRef, PublishedBlob]]]
 
 
 class ViewPublisher:
@@ -58,19 +59,10 @@ class ViewPublisher:
             return ViewRef.without_blob(self._view_hash, base)
         header = GlobalHeader(job=self.job, version=version, hash=hash_, delta_from=base)
         frame, new_view, view_hash = await asyncio.to_thread(next_view_frame, weights, view, self.downlink, header)
-        sealed, blob_id, blob = await self._seal_and_publish(frame, b"", f"v/{version}")
+        _, where, blob = await self._seal_and_publish(frame, b"", f"v/{version}")
         self._view, self._view_hash, self._view_changed = (version, new_view), view_hash, version
         log.info("view_published", version=version, base=base, bytes=blob.wire_bytes)
-        return ViewRef(
-            hash=view_hash,
-            base=base,
-            first_seq=blob.first_seq,
-            last_seq=blob.last_seq,
-            size=len(sealed.ciphertext),
-            sha256=digest(sealed.ciphertext),
-            blob_id=blob_id,
-            keys=sealed.keys,
-        )
+        return ViewRef(hash=view_hash, base=base, **where.blob_wire())
 
 
 class ViewReader:
