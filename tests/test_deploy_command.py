@@ -155,3 +155,14 @@ def test_leaf_hosts_give_each_leaf_its_own_host_and_a_bad_pair_fails_before_anyt
     with pytest.raises(ConfigError, match="not one of the clouds"):
         deploy_command(parse("--clouds", "aws", "--job", "j", "--out", str(tmp_path / "y"), "--leaf-hosts", "gcp=h"))
     assert not (tmp_path / "y" / "topology.json").exists()
+
+
+def test_public_keys_missing_a_party_fail_before_anything_is_written(tmp_path):
+    collected = tmp_path / "collected"
+    generate_one(collected, "aws")
+    generate_one(collected, COORDINATOR)
+    out = tmp_path / "t"
+    with pytest.raises(ConfigError, match=r"lacks gcp\.pub"):
+        deploy_command(parse("--clouds", "aws,gcp", "--job", "j", "--out", str(out), "--observers", "eval",
+                             "--public-keys", str(collected)))  # fmt: skip
+    assert not out.exists() or not any(out.iterdir())

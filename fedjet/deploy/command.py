@@ -134,6 +134,8 @@ def deploy_command(args: Any) -> int:
     )
     if opt["with_keys"] and opt["public_keys"] is not None:
         raise ConfigError("--with-keys makes every key here; --public-keys takes the parties' own: give one")
+    if opt["public_keys"] is not None:  # a missing or foreign .pub fails before anything is written
+        read_public_keys(Path(opt["public_keys"]), (*config.clouds, *config.observers))
     topology = generate(config)
     if opt["with_keys"]:
         write_fedjet_keys(topology, config.clouds, config.observers)
@@ -181,6 +183,16 @@ def write_fedjet_keys(topology: Topology, clouds: tuple[str, ...], observers: tu
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def read_public_keys(source: Path, members: tuple[str, ...]) -> dict[str, Any]:
+    """Every party's ``.pub`` from ``source``, read and checked (before anything is generated)."""
+    missing = [f"{n}.pub" for n in (COORDINATOR, *members) if not (source / f"{n}.pub").is_file()]
+    if missing:
+        raise ConfigError(
+            f"{source} lacks {', '.join(missing)}: each party runs 'fedjet keys generate' and hands it out"
+        )
+    return {name: load_public(source, name) for name in (COORDINATOR, *members)}
+
+
 def write_public_keys(
     topology: Topology, clouds: tuple[str, ...], observers: tuple[str, ...], source: Path
 ) -> list[Path]:
@@ -188,12 +200,7 @@ def write_public_keys(
     ``source``; every one is read and checked before any is written, and no secret is touched."""
     members = (*clouds, *observers)
     folders = {name: entry.nkey.parent for name, entry in topology.identities.items()}
-    missing = [f"{n}.pub" for n in (COORDINATOR, *members) if not (source / f"{n}.pub").is_file()]
-    if missing:
-        raise ConfigError(
-            f"{source} lacks {', '.join(missing)}: each party runs 'fedjet keys generate' and hands it out"
-        )
-    keys = {name: load_public(source, name) for name in (COORDINATOR, *members)}
+    keys = read_public_keys(source, members)
     written = []
     for name in (COORDINATOR, *members):
         for peer in public_keys_needed(name, clouds, observers):
