@@ -1,5 +1,4 @@
-import sys
+from fedjet.cli import run
 
-from fedjet.cli import main
-
-sys.exit(main())
+if __name__ == "__main__":
+    run()

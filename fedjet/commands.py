@@ -178,10 +178,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         keys=args.keys,
         quiet=args.quiet,
     )
-    from fedjet.models.job_model import validate_model_source
-    from fedjet.runner.up import run_up
+    from fedjet.models.presets import validate_model_source
+    from fedjet.runner.processes import start_launcher
 
     validate_model_source(job)
+    start_launcher()  # it imports torch and transformers for the children while this process does
+    from fedjet.runner.up import run_up
+
     run_up(config)
     return 0
 

@@ -151,8 +151,16 @@ WEIGHTS = {"w": torch.ones(50, 20), "b": torch.zeros(20)}
 
 
 def sealed_update(
-    boxes: Boxes, job: str, cloud: str, seq: int, base: int = 0, *, value: float = 0.01, codec: str = "dense",
-    tensors: dict | None = None, **header: object,
+    boxes: Boxes,
+    job: str,
+    cloud: str,
+    seq: int,
+    base: int = 0,
+    *,
+    value: float = 0.01,
+    codec: str = "dense",
+    tensors: dict | None = None,
+    **header: object,
 ) -> bytes:
     """An update as a cloud seals it: every tensor of ``WEIGHTS`` filled with ``value`` (or
     ``tensors``), a header with 8 samples and loss 2 unless ``header`` says otherwise."""

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from pathlib import Path
 
 from tests.conftest import REPO, processes_tagged, tagged, wait_until_gone
 
@@ -24,8 +25,8 @@ PARENT = textwrap.dedent(
     url = EmbeddedNatsServer(work / "js").start()
     generate(work / "keys", ["aws", "eval"])
     args = ["coordinator", "--nats", url, "--keys", str(work / "keys"), "--job", "orphans", "--clouds", "aws"]
-    spawn("coordinator", args, work)
-    print("ready", flush=True)
+    coordinator = spawn("coordinator", args, work)
+    print("ready", coordinator.proc.pid, flush=True)
     time.sleep(600)
     """
 )
@@ -39,9 +40,12 @@ def test_a_sigkilled_parent_takes_its_nats_server_and_fedjet_children_with_it(tm
     )
     children: list[int] = []
     try:
-        assert parent.stdout.readline().strip() == "ready"
+        ready, coordinator = parent.stdout.readline().split()
+        assert ready == "ready"
         children = [pid for pid in processes_tagged(tag) if pid != parent.pid]
-        assert len(children) == 2, "the nats-server and the coordinator should be running"
+        commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children]
+        assert int(coordinator) in children, "the coordinator should be running"
+        assert any(b"nats-server" in command.split(b"\0")[0] for command in commands), "so should the nats-server"
         parent.kill()  # SIGKILL: no finally, no atexit, no signal handler runs
         parent.wait(timeout=10)
         assert wait_until_gone(children, timeout=30) == [], "children outlived their SIGKILLed parent"

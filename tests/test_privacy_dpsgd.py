@@ -116,9 +116,7 @@ def test_noise_has_std_sigma_times_clip_over_expected_batch():
     model = tiny_gpt2().eval()
     batch, clip, sigma, expected = windows(4), 0.5, 1.3, 3.0
     exact, _ = private_gradient(model, batch, clip, 0.0, SecureRandom(), expected_batch=expected)
-    noisy, stats = private_gradient(
-        model, batch, clip, sigma, SecureRandom(bytes([7]) * 32), expected_batch=expected
-    )
+    noisy, stats = private_gradient(model, batch, clip, sigma, SecureRandom(bytes([7]) * 32), expected_batch=expected)
     target = sigma * clip / expected
     assert stats.noise_std == pytest.approx(target)
     noise = (noisy["transformer.wte.weight"] - exact["transformer.wte.weight"]).ravel()  # 257 x 32 coordinates
@@ -149,6 +147,7 @@ def test_dropout_in_train_mode_draws_its_own_mask_per_example():
 
 def test_lora_adapters_are_the_only_parameters_that_get_gradients():
     import peft
+
     model = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
     adapters = {n for n, p in model.named_parameters() if p.requires_grad}
     assert adapters and all("lora_" in n for n in adapters)

@@ -25,7 +25,7 @@ from fedjet.codecs.messages import GlobalHead
 from fedjet.config.flags import add_config_flags, config_from_args, to_toml
 from fedjet.config.job import JobConfig
 from fedjet.errors import BrokerError, FedjetError
-from fedjet.runner.processes import Child, spawn, stop_all
+from fedjet.runner.processes import Child, spawn, stop_all, stop_launcher
 
 
 def chaos_job(config: ChaosConfig) -> tuple[JobConfig, list[str]]:
@@ -139,6 +139,7 @@ class Cluster:
 
     def stop(self) -> None:
         stop_all(self.children())
+        stop_launcher()
         self.stop_nats()
 
 

@@ -44,21 +44,22 @@ def find_nats_server() -> str:
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def die_with_parent() -> Callable[[], None] | None:
+def die_with_parent(parent: int | None = None) -> Callable[[], None] | None:
     """A ``preexec_fn`` after which the child gets SIGTERM when its parent dies, even by
     SIGKILL or the OOM killer (Linux ``prctl(PR_SET_PDEATHSIG)``); None where there is none.
-    The signal follows the *thread* that started the child: start children from the main one."""
+    The signal follows the *thread* that started the child: start children from the main one.
+    ``parent`` is the caller's PID unless given (a forked child names its own parent)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork, not in the child
     except (OSError, AttributeError):
         return None
-    parent = os.getpid()
+    watched = os.getpid() if parent is None else parent
 
     def preexec() -> None:
         prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the request took effect
+        if os.getppid() != watched:  # the parent died before the request took effect
             os.kill(os.getpid(), signal.SIGTERM)
 
     return preexec

@@ -17,17 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
 from fedjet.errors import ConfigError, ValidationError
-
-PRESETS: dict[str, dict[str, int]] = {
-    # ~1.3 M parameters with the byte vocabulary: trains at a useful speed on 2 CPU cores.
-    "tiny": {"n_embd": 160, "n_layer": 4, "n_head": 4, "n_positions": 128},
-    # ~5 M parameters.
-    "small": {"n_embd": 256, "n_layer": 6, "n_head": 8, "n_positions": 256},
-    # ~12 M parameters; its dense update is larger than 8 MB (tests chunking).
-    "medium": {"n_embd": 384, "n_layer": 6, "n_head": 6, "n_positions": 256},
-    # ~85 M parameters (GPT-2 small's body): the GPU check of `fedjet bench gpu`.
-    "base": {"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024},
-}
+from fedjet.models.presets import PRESETS
 
 
 def pick_device(requested: str | None = None) -> torch.device:

@@ -9,7 +9,6 @@ added under the job's seed, and only the adapters are exchanged; otherwise every
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
@@ -38,6 +37,7 @@ from fedjet.models.lora import (
     load_exchanged,
     trainable_parameters,
 )
+from fedjet.models.presets import validate_model_source
 from fedjet.spec import JobSpec
 from fedjet.weights import Weights
 
@@ -64,14 +64,6 @@ class JobModel:
         if self.lora:
             return trainable_parameters(self.model)
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-
-
-def validate_model_source(job: JobConfig) -> None:
-    """Refuse a bad ``--model`` before any process starts (``--peft`` was parsed with the config)."""
-    if job.model not in PRESETS and not (Path(job.model) / "config.json").is_file():
-        raise ConfigError(
-            f"--model {job.model}: neither a preset {sorted(PRESETS)} nor a local checkpoint directory with config.json"
-        )
 
 
 def initial_job_model(job: JobConfig) -> JobModel:

@@ -232,7 +232,11 @@ async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child
         await follower.start()
         on_round, live, server = _round_sink(config, lambda: collector.last_record)
         collector = Collector(
-            follower, evaluator, clouds=len(opts.clouds), eval_every=config.eval_every, on_round=on_round,
+            follower,
+            evaluator,
+            clouds=len(opts.clouds),
+            eval_every=config.eval_every,
+            on_round=on_round,
             coordinator=load_identity(keys, COORDINATOR).box,  # fedjet up made every key: it may read the losses
         )
         try:

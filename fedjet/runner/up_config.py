@@ -8,6 +8,7 @@ from pathlib import Path
 from fedjet.broker.proxy import LinkShape
 from fedjet.config.job import JobConfig
 from fedjet.errors import ConfigError
+from fedjet.models.presets import PRESETS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,8 +35,6 @@ class UpConfig:
     @property
     def model_path(self) -> str | None:
         """The local checkpoint every process here shares (None for a preset)."""
-        from fedjet.models.build import PRESETS  # torch and transformers: only once the run starts
-
         return None if self.job.model in PRESETS else self.job.model
 
     def __post_init__(self) -> None:
