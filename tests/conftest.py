@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +18,7 @@ import torch
 from fedjet.broker.blobs import H_BLOB, H_PART, H_SIZE, MSG_ID
 from fedjet.broker.server import EmbeddedNatsServer
 from fedjet.codecs.crypto import COORDINATOR, Boxes, Identity
+from fedjet.runner.processes import launch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,16 +74,65 @@ async def publish_part(js, subject: str, payload: bytes, blob_id: str, index: in
     return await js.publish(subject, payload[index * step : (index + 1) * step], headers=headers)
 
 
+class FedjetProcess:
+    """``fedjet <args>`` in a process of its own, as ``python -m fedjet`` would run in the
+    repository with this environment plus ``env``, forked from the launcher that ``fedjet up``
+    uses (torch and transformers imported once for the session, not once per process). It
+    offers the calls of ``subprocess.Popen`` the tests use; output goes to files (``log``: both
+    streams to that one file), read as text."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, log: Path | None = None) -> None:
+        self._dir = tempfile.mkdtemp(prefix="fedjet-proc-")
+        self.stdout_path = log or Path(self._dir) / "stdout"
+        self.stderr_path = None if log else Path(self._dir) / "stderr"
+        self._proc = launch(list(args), self.stdout_path, self.stderr_path, env=env, cwd=REPO)
+        self.pid, self.args = self._proc.pid, self._proc.args
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.poll()
+
+    def poll(self) -> int | None:
+        return self._proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self._proc.wait(timeout)
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def output(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    def errors(self) -> str:
+        return "" if self.stderr_path is None else self.stderr_path.read_text(errors="replace")
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Wait for the exit (``subprocess.TimeoutExpired`` past ``timeout``: the process runs
+        on), then both streams."""
+        self.wait(timeout)
+        return self.output(), self.errors()
+
+
 def run_fedjet(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI as a user would."""
-    return subprocess.run(
-        [sys.executable, "-m", "fedjet", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env={**os.environ, **(env or {})},
-    )
+    """Run the real CLI to its end (see :class:`FedjetProcess`); killed past ``timeout``."""
+    proc = FedjetProcess(*args, env=env)
+    try:
+        code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    result = subprocess.CompletedProcess([sys.executable, "-m", "fedjet", *args], code, proc.output(), proc.errors())
+    shutil.rmtree(proc._dir, ignore_errors=True)
+    return result
 
 
 TAG_ENV = "FEDJET_TEST_TAG"

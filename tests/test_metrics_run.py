@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -13,7 +10,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import REPO
+from tests.conftest import FedjetProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -46,10 +43,9 @@ def scrape(port: int) -> dict[str, float]:
 
 def test_coordinator_and_worker_metrics_are_scraped_during_a_run(data_dir, tmp_path):
     port = free_ports(5)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedjet", "up", "--data", str(data_dir), "--rounds", "4", "--local-steps", "4",
-         "--seq-len", "64", "--eval-tokens", "2048", "--metrics-port", str(port), "--quiet"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ},
+    proc = FedjetProcess(
+        "up", "--data", str(data_dir), "--rounds", "4", "--local-steps", "4", "--seq-len", "64",
+        "--eval-tokens", "2048", "--metrics-port", str(port), "--quiet",
     )  # fmt: skip
     coordinator, worker = {}, {}
     try:

@@ -13,7 +13,6 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.kv import read_stats
 from fedjet.data.wikitext import load_directory
 from fedjet.models.tiny import save_tiny_gpt2, save_tiny_llama, train_bpe_tokenizer
-from tests.conftest import REPO, run_fedjet
+from tests.conftest import FedjetProcess, run_fedjet
 
 pytestmark = pytest.mark.e2e
 TRAIN = ["--local-steps", "8", "--batch-size", "8", "--seq-len", "32", "--lr", "0.005"]
@@ -63,13 +62,11 @@ def cloud_data(tmp_path_factory, data_dir):
     return {"aws": aws, "gcp": gcp, "azure": azure, "eval": held_out}
 
 
-def fedjet_process(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "fedjet", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+def fedjet_process(*args: str) -> FedjetProcess:
+    return FedjetProcess(*args)
 
 
-def finish(proc: subprocess.Popen[str], timeout: float = 240) -> str:
+def finish(proc: FedjetProcess, timeout: float = 240) -> str:
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -92,7 +89,7 @@ def heldout_loss(model_dir: Path, eval_dir: Path) -> float:
 
 def start_job(
     nats_url: str, keys: Path, job: str, model: str, cloud_data: dict
-) -> tuple[subprocess.Popen[str], list[subprocess.Popen[str]]]:
+) -> tuple[FedjetProcess, list[FedjetProcess]]:
     """The coordinator and one worker per cloud, each a ``fedjet`` process of its own."""
     coordinator = fedjet_process(
         "coordinator", "--nats", nats_url, "--keys", str(keys), "--job", job, "--model", model,

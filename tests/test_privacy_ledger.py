@@ -8,7 +8,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from fedjet.codecs.pipeline import CodecSpec
 from fedjet.keystore import coordinator_boxes, generate, load_public, member_boxes
 from fedjet.models.build import initial_model, parameter_tensors
 from fedjet.privacy.accounting import epsilon_for
-from tests.conftest import REPO
+from tests.conftest import FedjetProcess
 
 JOB = "ledger"
 CLOUDS = ("aws", "gcp")
@@ -37,13 +36,11 @@ NOISE, RATE, DELTA, STEPS = 1.0, 0.01, 1e-5, 4
 BUDGET = epsilon_for(NOISE, RATE, 2 * STEPS, DELTA)  # two updates of 4 steps each, and no more
 
 
-def coordinator(url: str, keys) -> subprocess.Popen:
+def coordinator(url: str, keys) -> FedjetProcess:
     args = ["coordinator", "--nats", url, "--keys", str(keys), "--job", JOB, "--clouds", ",".join(CLOUDS)]
     args += ["--strategy", "async", "--max-updates", "4", "--codec", "dense", "--model", "tiny", "--seed", "3"]
     args += ["--local-steps", str(STEPS), "--observers", "eval", "--dp", f"epsilon={BUDGET},delta={DELTA},clip=1.0"]
-    return subprocess.Popen(
-        [sys.executable, "-m", "fedjet", *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    return FedjetProcess(*args)
 
 
 def claim(steps: int) -> DPClaim:
@@ -51,12 +48,10 @@ def claim(steps: int) -> DPClaim:
     return DPClaim(epsilon=epsilon, delta=DELTA, noise=NOISE, sample_rate=RATE, clip=1.0, steps=steps)
 
 
-def worker(url: str, keys, cloud: str, data_dir) -> subprocess.Popen:
+def worker(url: str, keys, cloud: str, data_dir, log: Path) -> FedjetProcess:
     args = ["worker", "--nats", url, "--keys", str(keys), "--job", JOB, "--cloud", cloud]
     args += ["--data", str(data_dir), "--deal", "--wait-spec", "60"]
-    return subprocess.Popen(
-        [sys.executable, "-m", "fedjet", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    return FedjetProcess(*args, log=log)
 
 
 @dataclass
@@ -86,7 +81,7 @@ class Broker:
     async def wait_for(self, version: int, proc) -> GlobalHead:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
-            assert proc.poll() in (None, 0), proc.stderr.read().decode()[-2000:]
+            assert proc.poll() in (None, 0), proc.errors()[-2000:]
             found = await self.head()
             if found is not None and found.version >= version:
                 return found
@@ -99,7 +94,7 @@ class Broker:
                            max_payload=self.nc.max_payload)  # fmt: skip
 
 
-def output_of(proc: subprocess.Popen) -> bytes:
+def output_of(proc: FedjetProcess) -> str:
     """What ``proc`` wrote before it exited on its own (within 180 s)."""
     try:
         output, _ = proc.communicate(timeout=180)
@@ -139,8 +134,8 @@ def test_a_restarted_coordinator_and_worker_keep_the_clouds_privacy_ledger(tmp_p
             assert record.progress.dp_steps == {"aws": 2 * STEPS, "gcp": STEPS}
             # A real aws worker started now (a restart on a new machine) starts from the 8 steps
             # the record holds for aws: its next update would overspend, so it retires unsent.
-            output = output_of(worker(nats_server.url, keys, "aws", data_dir))
-            assert b"privacy_ledger_resumed" in output and b"privacy_budget_spent" in output, output[-3000:]
+            output = output_of(worker(nats_server.url, keys, "aws", data_dir, tmp_path / "worker-aws.log"))
+            assert "privacy_ledger_resumed" in output and "privacy_budget_spent" in output, output[-3000:]
             await broker.publish("gcp", 2, 3, 2 * STEPS)
             last = follower.record(await broker.wait_for(4, second))
             assert last.retired == ("aws",) and [c.cloud for c in last.contributions] == ["gcp"]

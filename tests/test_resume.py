@@ -7,8 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ from fedjet.coordinator.aggregate import Contribution
 from fedjet.coordinator.strategies import Aggregator, Applied, StrategyConfig
 from fedjet.keystore import generate, load_public, member_boxes
 from fedjet.models.build import initial_model, parameter_tensors
-from tests.conftest import REPO, run_fedjet
+from tests.conftest import FedjetProcess, run_fedjet
 
 JOB = "resume"
 CLOUDS = ("aws", "gcp")
@@ -35,12 +33,10 @@ SUBJECTS = JobSubjects(JOB)
 CODEC = CodecSpec.parse("topk:0.2+int8")
 
 
-def coordinator(url: str, keys) -> subprocess.Popen:
+def coordinator(url: str, keys) -> FedjetProcess:
     args = ["coordinator", "--nats", url, "--keys", str(keys), "--job", JOB, "--clouds", ",".join(CLOUDS)]
     args += ["--rounds", "3", "--codec", "topk:0.2+int8", "--model", "tiny", "--seed", "3", "--observers", "eval"]
-    return subprocess.Popen(
-        [sys.executable, "-m", "fedjet", *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    return FedjetProcess(*args)
 
 
 def delta_for(cloud: str, round_: int, template) -> dict[str, torch.Tensor]:
@@ -79,7 +75,7 @@ class Broker:
     async def wait_for(self, version: int, proc) -> None:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
-            assert proc.poll() in (None, 0), proc.stderr.read().decode()[-2000:]
+            assert proc.poll() in (None, 0), proc.errors()[-2000:]
             try:
                 if await self.head_version() >= version:
                     return
@@ -158,7 +154,7 @@ def test_killed_coordinator_resumes_exactly_once(tmp_path, nats_server):
             assert second.wait(timeout=60) == 0
             third = coordinator(nats_server.url, keys)  # the job is over: a clean exit, with a message
             _, err = third.communicate(timeout=120)
-            assert third.returncode == 0 and b"has finished" in err
+            assert third.returncode == 0 and "has finished" in err
         finally:
             await close_quietly(nc)
 

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from fedjet.keystore import generate as generate_keys
-from tests.conftest import REPO, run_fedjet
+from tests.conftest import FedjetProcess, run_fedjet
 from tests.topology_helpers import CLOUDS, JOB, _config, _wait_leaves, running
 
 pytestmark = pytest.mark.e2e
@@ -27,12 +25,11 @@ def identity(topology, name: str) -> list[str]:
     ]  # fmt: skip
 
 
-def start(*args: str, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as fh:
-        return subprocess.Popen([sys.executable, "-m", "fedjet", *args], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+def start(*args: str, log: Path) -> FedjetProcess:
+    return FedjetProcess(*args, log=log)
 
 
-def start_workers(topology, keys: Path, data_dir: Path, tmp_path: Path) -> list[subprocess.Popen[bytes]]:
+def start_workers(topology, keys: Path, data_dir: Path, tmp_path: Path) -> list[FedjetProcess]:
     """A worker per cloud, each on its own cloud's leaf, logging to ``<cloud>.log``."""
     return [
         start(
@@ -55,7 +52,7 @@ def start_workers(topology, keys: Path, data_dir: Path, tmp_path: Path) -> list[
     ]
 
 
-def wait_for_version_1(status: list[str], coordinator: subprocess.Popen[bytes], tmp_path: Path) -> None:
+def wait_for_version_1(status: list[str], coordinator: FedjetProcess, tmp_path: Path) -> None:
     """Until ``fedjet status`` shows version 1 (at most 120 s), the coordinator alive meanwhile."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # kill a hub node once version 1 is out

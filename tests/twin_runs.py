@@ -3,16 +3,15 @@ their exported models ended: the test of whether anything but the noise decided 
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import REPO
+from tests.conftest import FedjetProcess
 
 # Plain runs may differ in float summation order only (updates of a round arrive in any order);
 # noise differs at the size of the noise, orders of magnitude above that.
@@ -25,11 +24,8 @@ def run_side_by_side(
     """Run each argument list as ``fedjet ...`` at the same time (``envs``: extra environment per
     run); their outputs, all succeeded."""
     extra = envs or [{} for _ in runs]
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "fedjet", *argv], cwd=REPO, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, env={**os.environ, **env})
-        for argv, env in zip(runs, extra, strict=True)
-    ]  # fmt: skip
+    procs = [FedjetProcess(*argv, env=env, log=Path(tempfile.mkdtemp(prefix="fedjet-twin-")) / "output")
+             for argv, env in zip(runs, extra, strict=True)]  # fmt: skip
     outputs = []
     for proc, argv in zip(procs, runs, strict=True):
         try:

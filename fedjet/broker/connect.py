@@ -26,6 +26,7 @@ import nats.errors
 from nats.aio.client import Client
 
 from fedjet.broker.auth import ClientAuth
+from fedjet.broker.socket_bytes import CountingClient
 from fedjet.broker.urls import NATS_USERINFO_ENV, redact_url, with_userinfo
 from fedjet.errors import BrokerError, ConfigError
 from fedjet.log import get_logger
@@ -81,7 +82,7 @@ async def connect_client(
 
     extra: dict[str, Any] = auth.connect_kwargs() if auth is not None else {}
     connecting = asyncio.ensure_future(
-        nats.connect(
+        _connect(
             urls,
             name=name,
             connect_timeout=timeout,
@@ -94,6 +95,13 @@ async def connect_client(
         )
     )
     return await _first_connection(connecting, refused, urls)
+
+
+async def _connect(urls: list[str], **options: Any) -> Client:
+    """What ``nats.connect`` does, with a client that counts its socket bytes."""
+    nc = CountingClient()
+    await nc.connect(urls, **options)
+    return nc
 
 
 async def _first_connection(

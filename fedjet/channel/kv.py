@@ -26,15 +26,17 @@ async def publish_spec(js: Any, subjects: JobSubjects, spec: JobSpec, coordinato
     await kv.put(subjects.spec_key, sign_spec(spec, coordinator))
 
 
-async def read_spec(js: Any, subjects: JobSubjects, coordinator: PublicIdentity) -> JobSpec | None:
-    """The recorded spec, or None when the job has none yet."""
+async def read_spec(
+    js: Any, subjects: JobSubjects, coordinator: PublicIdentity, *, deadline: float | None = None
+) -> JobSpec | None:
+    """The recorded spec, or None when the job has none yet (retries end by ``deadline``)."""
 
     async def read() -> bytes:
         kv = await js.key_value(subjects.kv_bucket)
         return bytes((await kv.get(subjects.spec_key)).value)
 
     try:
-        return verify_spec(await retrying(read, "reading the job spec"), coordinator)
+        return verify_spec(await retrying(read, "reading the job spec", deadline=deadline), coordinator)
     except nats.js.errors.NotFoundError:  # bucket or key not there yet
         return None
 
@@ -53,7 +55,7 @@ async def await_spec(
         if check is not None:
             check()
         try:
-            spec = await read_spec(js, subjects, coordinator)
+            spec = await read_spec(js, subjects, coordinator, deadline=deadline)
         except BrokerError as e:
             if isinstance(e.__cause__, TRANSIENT):  # nobody answered, not a refusal
                 raise BrokerError(

@@ -75,12 +75,30 @@ def spawn(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None 
     command line (visible to every user of the machine); the child gets SIGTERM if this
     process dies, however it dies."""
     log_path = log_dir / f"{name}.log"
-    log_path.write_bytes(b"")
     args, secret_env = without_credentials(args)
-    child_env = {**os.environ, **(env or {}), **secret_env}
-    process = _launcher().Process(target=_run_child, args=(args, str(log_path), child_env), name=name)
+    return Child(name, launch(args, log_path, env={**(env or {}), **secret_env}, name=name), log_path)
+
+
+def launch(
+    args: list[str],
+    stdout: Path,
+    stderr: Path | None = None,
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    name: str = "fedjet",
+) -> LaunchedProcess:
+    """Run ``fedjet <args>`` in a child of the launcher, as ``python -m fedjet`` would run in
+    ``cwd`` with this environment plus ``env``: standard output to the file ``stdout``,
+    standard error to ``stderr`` (or with the output)."""
+    for path in {stdout, stderr or stdout}:
+        path.write_bytes(b"")
+    streams = (str(stdout), str(stderr or stdout))
+    child_env = {**os.environ, **(env or {})}
+    where = str(cwd or Path.cwd())
+    process = _launcher().Process(target=_run_child, args=(args, streams, child_env, where), name=name)
     process.start()
-    return Child(name, LaunchedProcess(process, args), log_path)
+    return LaunchedProcess(process, args)
 
 
 def start_launcher() -> None:
@@ -117,12 +135,14 @@ def _let_the_launcher_exit() -> None:
         server._forkserver_alive_fd = None  # type: ignore[attr-defined]
 
 
-def _run_child(args: list[str], log_path: str, env: dict[str, str]) -> None:
-    """The child's side: its own session, its own log, its environment, then the CLI."""
-    log = os.open(log_path, os.O_WRONLY | os.O_APPEND)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(log)
+def _run_child(args: list[str], streams: tuple[str, str], env: dict[str, str], cwd: str) -> None:
+    """The child's side: its own session, its own output files, its environment and working
+    directory, then the CLI."""
+    for fd, path in zip((1, 2), streams, strict=True):
+        log = os.open(path, os.O_WRONLY | os.O_APPEND)
+        os.dup2(log, fd)
+        os.close(log)
+    os.chdir(cwd)
     os.setsid()  # a session of its own: Ctrl-C on the terminal reaches ``fedjet up`` only
     _let_the_launcher_exit()
     preexec = die_with_parent(parent=os.getppid())
