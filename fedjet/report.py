@@ -54,11 +54,10 @@ class Report:
         target.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-def summarize(rounds: list[RoundRecord], clouds: dict[str, dict[str, Any]], rejected: int) -> dict[str, Any]:
+def summarize(rounds: list[RoundRecord], rejected: int) -> dict[str, Any]:
+    """The run's headline figures apart from bytes (see :func:`run_bytes`)."""
     evaluated = [r for r in rounds if r.eval_loss is not None]
     last = evaluated[-1] if evaluated else None
-    measured_up = sum(int(c.get("bytes_up", 0)) for c in clouds.values())
-    measured_down = sum(int(c.get("bytes_down", 0)) for c in clouds.values())
     return {
         "versions": rounds[-1].version if rounds else 0,
         "initial_eval_loss": evaluated[0].eval_loss if evaluated else None,
@@ -66,10 +65,22 @@ def summarize(rounds: list[RoundRecord], clouds: dict[str, dict[str, Any]], reje
         "final_eval_ppl": last.eval_ppl if last else None,
         "final_eval_acc": last.eval_acc if last else None,
         "wall_s": rounds[-1].wall_s if rounds else 0.0,
-        "bytes_up": measured_up or sum(r.bytes_up for r in rounds),
-        "bytes_down": measured_down or sum(r.bytes_down for r in rounds),
         "updates_applied": rounds[-1].applied_total if rounds else 0,
         "updates_rejected": rejected,
+    }
+
+
+def run_bytes(clouds: dict[str, dict[str, Any]], processes: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """A live run's bytes, from the processes' own counters: ``bytes_up`` and ``bytes_down`` are
+    the update and version payloads the workers counted, ``socket_bytes`` every byte each
+    process's NATS connection read and wrote. A missing figure raises :class:`KeyError`
+    rather than becoming 0."""
+    per_process = {name: int(p["socket_in"]) + int(p["socket_out"]) for name, p in processes.items()}
+    return {
+        "bytes_up": sum(int(c["bytes_up"]) for c in clouds.values()),
+        "bytes_down": sum(int(c["bytes_down"]) for c in clouds.values()),
+        "socket_bytes": sum(per_process.values()),
+        "socket_bytes_by_process": per_process,
     }
 
 

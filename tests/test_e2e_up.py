@@ -11,6 +11,7 @@ import time
 import uuid
 
 import pytest
+from safetensors.torch import load_file
 
 from tests.conftest import REPO, processes_tagged, run_fedjet, tagged, wait_until_gone
 from tests.twin_runs import FLOAT_ORDER, largest_difference, run_side_by_side
@@ -67,8 +68,8 @@ def topk_run(tmp_path_factory, data_dir):
     return up(tmp_path_factory, data_dir, "--config", example, "--rounds", "2", "--codec", "topk:0.01+int8")
 
 
-def test_three_clouds_two_rounds_lower_eval_loss_and_leave_nothing_running(dense_run):
-    job, report, stdout = dense_run
+def test_three_clouds_two_rounds_lower_eval_loss_and_leave_nothing_running(dense_runs):
+    job, report, stdout, model = dense_runs[0]
     assert "training on valid, evaluating on test" in stdout
     rounds = report["rounds"]
     assert [r["version"] for r in rounds] == [0, 1, 2]
@@ -81,6 +82,16 @@ def test_three_clouds_two_rounds_lower_eval_loss_and_leave_nothing_running(dense
     assert all(c["bytes_up"] > 0 and c["bytes_down"] > 0 for c in clouds)
     assert summary["bytes_up"] == sum(c["bytes_up"] for c in clouds)
     assert summary["bytes_down"] == sum(c["bytes_down"] for c in clouds)
+    for c in clouds:  # a socket carries the payloads and the protocol around them
+        assert c["socket_out"] > c["bytes_up"] and c["socket_in"] > c["bytes_down"]
+        assert c["idle_frac"] == pytest.approx(1 - c["compute_s"] / c["lifetime_s"])
+        assert c["lifetime_s"] > c["compute_s"] + c["wait_s"] and 0 < c["idle_frac"] < 1
+    by_process = summary["socket_bytes_by_process"]
+    assert set(by_process) == {"worker-aws", "worker-gcp", "worker-azure", "coordinator", "observer"}
+    assert summary["socket_bytes"] == sum(by_process.values())
+    # the coordinator publishes the exact dense version on every version: its socket shows them
+    exact = sum(t.numel() * t.element_size() for t in load_file(model / "model.safetensors").values())
+    assert by_process["coordinator"] > 2 * exact and by_process["observer"] > 2 * exact
     for key in ("final_eval_loss", "final_eval_ppl", "wall_s"):
         assert summary[key] > 0
     assert set(report["clouds"]) == {"aws", "gcp", "azure"}

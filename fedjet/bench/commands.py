@@ -43,7 +43,7 @@ def _add_frontier(bench_commands: Any) -> None:
     frontier.add_argument("--seq-len", type=int, default=128)
     frontier.add_argument("--batch-size", type=int, default=8)
     frontier.add_argument("--model", default="tiny")
-    frontier.add_argument("--seed", type=int, default=0)
+    frontier.add_argument("--seeds", type=_ints, default=(0, 1, 2), help="comma-separated, at least three")
     frontier.add_argument("--data", default=None)
     frontier.add_argument("--eval-tokens", type=int, default=16384)
     frontier.add_argument("--strategy", default="fedavg")
@@ -173,7 +173,7 @@ def cmd_bench_frontier(args: argparse.Namespace) -> int:
 
     config = FrontierConfig(
         out=Path(args.out), codecs=tuple(args.codecs), rounds=args.rounds, local_steps=args.local_steps,
-        seq_len=args.seq_len, batch_size=args.batch_size, model=args.model, seed=args.seed, data=args.data,
+        seq_len=args.seq_len, batch_size=args.batch_size, model=args.model, seeds=tuple(args.seeds), data=args.data,
         eval_tokens=args.eval_tokens, strategy=args.strategy, server_opt=args.server_opt,
         schedules=tuple(args.schedules), link=args.link,
     )  # fmt: skip

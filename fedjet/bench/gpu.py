@@ -73,7 +73,7 @@ def fedjet_run(config: GpuBenchConfig) -> dict[str, Any]:
     return {
         "tokens_per_s": tokens / wall if wall else 0.0,
         "compute_tokens_per_s": sum(float(c.get("tokens_per_s", 0.0)) for c in clouds),
-        "idle_frac": float(np.mean([float(c.get("idle_frac", 0.0)) for c in clouds])),
+        "idle_frac": float(np.mean([float(c["idle_frac"]) for c in clouds])),
         "bytes_up": s["bytes_up"],
         "bytes_down": s["bytes_down"],
         "initial_eval_loss": s["initial_eval_loss"],

@@ -69,6 +69,7 @@ class JobSubjects:
 
     # Keys of the KV bucket, named once.
     spec_key = "spec"
+    coordinator_stats_key = "coordinator.stats"  # the coordinator's own figures (socket bytes, lifetime)
 
     @staticmethod
     def stats_key(cloud: str) -> str:

@@ -87,11 +87,31 @@ async def put_stats(
 
 
 async def read_stats(js: Any, subjects: JobSubjects, clouds: tuple[str, ...]) -> dict[str, Any]:
+    """Every cloud's figures; a cloud that reported none fails the read (a report built on a
+    missing figure would show 0 bytes and 0 idle for it)."""
     kv = await js.key_value(subjects.kv_bucket)
     stats: dict[str, Any] = {}
     for cloud in clouds:
         try:
             stats[cloud] = json.loads((await kv.get(subjects.stats_key(cloud))).value)
         except nats.js.errors.NotFoundError:
-            stats[cloud] = {}
+            raise BrokerError(f"{cloud} reported no figures to {subjects.kv_bucket}: its stats are missing") from None
     return stats
+
+
+async def put_coordinator_stats(js: Any, subjects: JobSubjects, stats: dict[str, Any]) -> None:
+    """The coordinator's own figures, at its exit (best effort, as a worker's)."""
+    try:
+        kv = await js.key_value(subjects.kv_bucket)
+        await kv.put(subjects.coordinator_stats_key, json.dumps(stats).encode())
+    except (nats.errors.Error, nats.js.errors.Error) as e:
+        log.warning("stats_not_reported", process="coordinator", error=str(e))
+
+
+async def read_coordinator_stats(js: Any, subjects: JobSubjects) -> dict[str, Any]:
+    """The coordinator's figures; none reported fails the read."""
+    kv = await js.key_value(subjects.kv_bucket)
+    try:
+        return dict(json.loads((await kv.get(subjects.coordinator_stats_key)).value))
+    except nats.js.errors.NotFoundError:
+        raise BrokerError(f"the coordinator reported no figures to {subjects.kv_bucket}") from None

@@ -19,9 +19,10 @@ import structlog
 
 from fedjet.broker.connect import default_replicas, open_target
 from fedjet.broker.jetstream import close_quietly, ensure_job_streams
+from fedjet.broker.socket_bytes import socket_bytes_of
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower, GlobalPublisher
-from fedjet.channel.kv import publish_spec, read_spec
+from fedjet.channel.kv import publish_spec, put_coordinator_stats, read_spec
 from fedjet.channel.updates import Arrival, UpdateInbox, stream_seqs
 from fedjet.codecs.crypto import COORDINATOR, ReplayGuard, envelope_limit
 from fedjet.codecs.frame import Limits
@@ -41,6 +42,7 @@ from fedjet.coordinator.rounds import Batcher
 from fedjet.coordinator.secure_service import SecureRounds
 from fedjet.coordinator.strategies import Aggregator, Applied, strategy_for
 from fedjet.errors import ConfigError, FedjetError, NonFiniteError, StaleUpdateError
+from fedjet.lifetime import process_lifetime_s
 from fedjet.log import get_logger
 from fedjet.metrics import CoordinatorMetrics
 from fedjet.spec import JobSpec
@@ -142,8 +144,18 @@ class Coordinator:
         finally:
             if self.inbox is not None:
                 await self.inbox.close()
+            await self._report_stats(nc, js)
             await close_quietly(nc)
         return self.ledger
+
+    async def _report_stats(self, nc: Any, js: Any) -> None:
+        """This process's socket bytes and lifetime, for the run report (the put itself, a few
+        hundred bytes, is the one exchange they leave out)."""
+        if nc.is_closed:
+            return
+        counted = socket_bytes_of(nc)
+        stats = {"socket_in": counted.received, "socket_out": counted.sent, "lifetime_s": process_lifetime_s()}
+        await put_coordinator_stats(js, self.subjects, stats)
 
     async def _prepare(self, js: object) -> Checkpoint | None:
         """Streams and spec; the last checkpoint when this job ran before (a restart)."""

@@ -285,7 +285,8 @@ class _Session:
             rounds=rounds,
             notes=[COUNTERFACTUAL_NOTE, *evaluator.notes],
         )
-        report.summary = summarize(rounds, {}, rejected=0)
+        recorded = {"bytes_up": sum(r.bytes_up for r in rounds), "bytes_down": sum(r.bytes_down for r in rounds)}
+        report.summary = {**summarize(rounds, rejected=0), **recorded}  # payloads as recorded: no socket here
         if self.config.report:
             report.write(self.config.report)
         return report

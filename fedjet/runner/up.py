@@ -21,9 +21,10 @@ from urllib.parse import urlsplit
 from fedjet.broker.jetstream import close_quietly, connect, redact_url
 from fedjet.broker.proxy import LinkShape, ShapingProxy
 from fedjet.broker.server import EmbeddedNatsServer
+from fedjet.broker.socket_bytes import socket_bytes_of
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower
-from fedjet.channel.kv import await_spec, read_stats
+from fedjet.channel.kv import await_spec, read_coordinator_stats, read_stats
 from fedjet.codecs.crypto import COORDINATOR
 from fedjet.codecs.frame import Limits
 from fedjet.config.flags import to_toml
@@ -36,7 +37,7 @@ from fedjet.log import get_logger
 from fedjet.metrics import ObserverMetrics, serve_metrics
 from fedjet.models.build import quiet_transformers
 from fedjet.observe.live import LiveView
-from fedjet.report import Report, summarize
+from fedjet.report import Report, run_bytes, summarize
 from fedjet.runner.collect import Collector, print_round
 from fedjet.runner.evaluate import Evaluator
 from fedjet.runner.processes import Child, spawn, stop_all
@@ -247,7 +248,7 @@ async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child
             if server is not None:
                 server.close()
         await follower.stop()
-        clouds = await _cloud_stats(js, subjects, opts.clouds, children)
+        clouds, processes = await _process_stats(js, subjects, opts.clouds, children, observer=nc)
     finally:
         await close_quietly(nc)
     rejected = collector.last_record.rejected_total if collector.last_record else 0
@@ -256,7 +257,7 @@ async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child
     central = config.job.strategy.central_dp_config
     if central is not None and collector.rounds:
         report.privacy = {**(report.privacy or {}), "central": central_report(central, collector.rounds[-1].version)}
-    report.summary = summarize(collector.rounds, clouds, rejected)
+    report.summary = {**summarize(collector.rounds, rejected), **run_bytes(clouds, processes)}
     report.summary["run_s"] = time.perf_counter() - started
     if corpus is not None and corpus.note:
         report.notes.append(corpus.note)
@@ -289,16 +290,30 @@ def _check_children(children: list[Child]) -> None:
             raise RunFailed(f"{child.name} exited with {code}:\n{child.log_tail()}")
 
 
-async def _cloud_stats(
-    js: Any, subjects: JobSubjects, clouds: tuple[str, ...], children: list[Child]
-) -> dict[str, Any]:
-    """Wait for the workers to finish, then read their own figures from the KV bucket."""
-    workers = [c for c in children if c.name.startswith("worker-")]
+async def _process_stats(
+    js: Any, subjects: JobSubjects, clouds: tuple[str, ...], children: list[Child], *, observer: Any
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Wait for the workers and the coordinator to finish, then read their own figures from the
+    KV bucket: each cloud's, and the socket bytes of every process of the job (workers,
+    coordinator and this observer). A process that reported none fails the run."""
     deadline = time.monotonic() + 60
-    while any(c.returncode is None for c in workers) and time.monotonic() < deadline:
+    while any(c.returncode is None for c in children) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     _check_children(children)
-    return await read_stats(js, subjects, clouds)
+    clouds_stats = await read_stats(js, subjects, clouds)
+    coordinator = await read_coordinator_stats(js, subjects)
+    counted = socket_bytes_of(observer)
+    processes = {f"worker-{cloud}": _socket_figures(clouds_stats[cloud], f"worker-{cloud}") for cloud in clouds}
+    processes["coordinator"] = _socket_figures(coordinator, "coordinator")
+    processes["observer"] = {"socket_in": counted.received, "socket_out": counted.sent}
+    return clouds_stats, processes
+
+
+def _socket_figures(stats: dict[str, Any], process: str) -> dict[str, int]:
+    try:
+        return {"socket_in": int(stats["socket_in"]), "socket_out": int(stats["socket_out"])}
+    except (KeyError, TypeError, ValueError):
+        raise RunFailed(f"{process} reported no socket bytes: the run's byte count would be short") from None
 
 
 def _config_dict(config: UpConfig, corpus: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import structlog
 from fedjet.broker.auth import ClientAuth
 from fedjet.broker.connect import RECONNECT_WINDOW_S, NatsTarget, check_reconnect_window, open_target
 from fedjet.broker.jetstream import close_quietly
+from fedjet.broker.socket_bytes import socket_bytes_of
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower
 from fedjet.channel.kv import await_spec, put_stats
@@ -28,6 +29,7 @@ from fedjet.config.names import check_token
 from fedjet.data.batches import BatchSampler
 from fedjet.errors import ConfigError
 from fedjet.keystore import load_public, member_boxes
+from fedjet.lifetime import process_lifetime_s
 from fedjet.log import get_logger
 from fedjet.metrics import WorkerMetrics
 from fedjet.models.build import pick_device
@@ -188,6 +190,10 @@ class Worker:
 
     async def _report_stats(self) -> None:
         """Per-cloud figures for the report, in the job's KV bucket (best effort)."""
+        self.stats.lifetime_s = process_lifetime_s()
+        if self._nc is not None:
+            counted = socket_bytes_of(self._nc)
+            self.stats.socket_in, self.stats.socket_out = counted.received, counted.sent
         if self.follower is not None:
             self.metrics.received(self.follower.bytes_down - self.stats.bytes_down)
             self.stats.bytes_down = self.follower.bytes_down

@@ -49,8 +49,8 @@ class TrainingLoops:
             await self._wait_schedule()
 
     def _count_idle(self, since: float) -> None:
-        """Time since ``since`` (a ``perf_counter`` reading) was spent waiting, not training."""
-        self.stats.idle_s += time.perf_counter() - since
+        """Time since ``since`` (a ``perf_counter`` reading) was spent waiting for a version."""
+        self.stats.wait_s += time.perf_counter() - since
 
     async def _wait_schedule(self) -> None:
         """Sync: wait for each new global. Async: take the newest between local rounds, if any."""

@@ -27,14 +27,25 @@ log = get_logger("fedjet.worker")
 
 @dataclass
 class WorkerStats:
+    """One worker's figures for the report. ``compute_s`` is time inside the local training
+    steps of phases whose update was sent (a phase trained and thrown away does not count);
+    ``lifetime_s`` is the worker process's whole life up to the report, start-up and the wait
+    for the final version included; idle is everything else: ``1 - compute_s / lifetime_s``.
+    ``wait_s`` is the part of it spent waiting for a global version. ``bytes_up``/``bytes_down``
+    are update and version payloads; ``socket_in``/``socket_out`` every byte the process's NATS
+    connection read and wrote (protocol, headers, acknowledgements, stats included)."""
+
     cloud: str
     updates_sent: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    socket_in: int = 0
+    socket_out: int = 0
     tokens: int = 0
     compute_s: float = 0.0
-    idle_s: float = 0.0
+    wait_s: float = 0.0
     wall_s: float = 0.0
+    lifetime_s: float = 0.0
     data_documents: int = 0
     data_tokens: int = 0
     heldout_loss: float | None = None
@@ -49,8 +60,15 @@ class WorkerStats:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["tokens_per_s"] = self.tokens_per_s
-        out["idle_frac"] = self.idle_s / self.wall_s if self.wall_s else 0.0
+        out["idle_frac"] = idle_fraction(self.compute_s, self.lifetime_s)
         return out
+
+
+def idle_fraction(training_s: float, lifetime_s: float) -> float:
+    """``1 - training_s / lifetime_s``: the one definition of idle for every schedule."""
+    if not lifetime_s > 0:
+        raise ValueError(f"a process lifetime must be positive, got {lifetime_s}")
+    return max(0.0, 1.0 - training_s / lifetime_s)
 
 
 @dataclass(frozen=True)
