@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from fedjet.bench.chaos import ChaosConfig, describe, run
+from fedjet.bench.chaos_audit import acknowledged_sends, healthy
 from fedjet.broker.blobs import publish_blob
 from fedjet.broker.jetstream import close_quietly, connect, ensure_job_streams
 from fedjet.broker.subjects import JobSubjects
@@ -63,6 +64,29 @@ def test_a_few_kills_lose_nothing(tmp_path, data_dir, monkeypatch):
     assert result["applied"] == result["applied_total_recorded"], result
     assert result["applied"] + result["rejected_total"] + result["undecided_at_end"] == result["sent"], result
     assert result["rejected_recounted"] == 0 and result["undecided_at_end"] <= 3, result
+    # cross-checked against the workers' own logs: every acknowledged send is in the stream
+    assert result["acknowledged"] > 0 and result["acknowledged_missing"] == 0, result
+    assert result["unauthenticated"] == 0 and result["partial_blobs"] <= 1 and healthy(result), summary
     resumed = sum(p.read_text().count('"coordinator_resumed"') for p in (out / "logs").glob("coordinator-*.log"))
     assert resumed >= 1, "no restarted coordinator resumed the job"
     assert wait_until_gone(processes_tagged(tag), timeout=10) == []
+
+
+def test_the_workers_acknowledged_sends_are_read_from_their_logs_and_a_missing_one_is_unhealthy(tmp_path):
+    (tmp_path / "worker-aws-1.log").write_text(
+        '{"event": "update_sent", "cloud": "aws", "worker": "0", "seq": 17, "bytes": 10}\n'
+        '{"event": "broker_retry", "cloud": "aws"}\n'
+        '{"event": "update_sent", "cloud": "aws", "worker": "0", "se'  # cut short by a SIGKILL
+    )
+    (tmp_path / "worker-gcp-1.log").write_text('{"event": "update_sent", "cloud": "gcp", "worker": "0", "seq": 4}\n')
+    (tmp_path / "coordinator-1.log").write_text('{"event": "update_sent", "cloud": "x", "worker": "0", "seq": 1}\n')
+    assert acknowledged_sends(tmp_path) == {("aws", "0", 17), ("gcp", "0", 4)}
+    fine = {
+        "final": True, "lost": 0, "doubled": 0, "replay_mismatches": 0, "rejected_recounted": 0,
+        "acknowledged_missing": 0, "unauthenticated": 0, "partial_blobs": 1, "worker_kills": 1, "applied": 5,
+        "applied_total_recorded": 5, "crashes": [], "forked_versions": 0,
+    }  # fmt: skip
+    assert healthy(fine)
+    assert not healthy(fine | {"acknowledged_missing": 1})  # the broker lost an acknowledged update
+    assert not healthy(fine | {"unauthenticated": 1})  # something nobody signed reached the stream
+    assert not healthy(fine | {"partial_blobs": 2})  # more partial blobs than killed workers

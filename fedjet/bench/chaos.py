@@ -71,7 +71,7 @@ async def _run(config: ChaosConfig, root: Path) -> dict[str, Any]:
         finally:
             await watcher.close()
         job_s = time.monotonic() - started
-        result = await audit(cluster.url, subjects, str(cluster.keys))
+        result = await audit(cluster.url, subjects, str(cluster.keys), cluster.logs)
         replay = await asyncio.to_thread(
             verify_by_replay, cluster.url, config.job, str(cluster.keys), cli=config.replay_cli
         )

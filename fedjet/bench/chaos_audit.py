@@ -26,6 +26,7 @@ import subprocess
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fedjet.bench.chaos_config import ChaosFailed
@@ -89,6 +90,7 @@ class Sent:
     by_seq: dict[int, tuple[str, str, int]] = field(default_factory=dict)  # stream seq -> (cloud, worker, seq)
     unauthenticated: int = 0
     partial_chunks: int = 0  # chunks of blobs that never completed (a worker killed mid-publish)
+    partial_blobs: int = 0
 
 
 async def read_sent(js: Any, subjects: JobSubjects, admission: Admission) -> Sent:
@@ -112,11 +114,29 @@ async def read_sent(js: Any, subjects: JobSubjects, admission: Admission) -> Sen
         h = update.header
         out.by_seq[blob.last_seq] = (h.cloud, h.worker, h.seq)
     out.partial_chunks = len(assembler.pending_seqs)
+    out.partial_blobs = assembler.pending_blobs
     return out
 
 
-async def audit(url: str, subjects: JobSubjects, keys: str) -> dict[str, Any]:
-    """Read the recording of a finished job and account for every update sent."""
+def acknowledged_sends(logs: Path) -> set[tuple[str, str, int]]:
+    """(cloud, worker, seq) of every update a worker logged as sent: JetStream acknowledged
+    each of its chunks before the worker logs ``update_sent``."""
+    acked: set[tuple[str, str, int]] = set()
+    for path in sorted(logs.glob("worker-*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if '"update_sent"' not in line:
+                continue
+            try:
+                event = json.loads(line)
+                acked.add((str(event["cloud"]), str(event["worker"]), int(event["seq"])))
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a SIGKILL
+    return acked
+
+
+async def audit(url: str, subjects: JobSubjects, keys: str, logs: Path) -> dict[str, Any]:
+    """Read the recording of a finished job and account for every update sent, cross-checked
+    against what each worker's own log says JetStream acknowledged."""
     nc = await connect(url, "fedjet-chaos-audit")
     try:
         js = nc.jetstream()
@@ -128,11 +148,12 @@ async def audit(url: str, subjects: JobSubjects, keys: str) -> dict[str, Any]:
         await close_quietly(nc)
     if not recorded.records:
         raise ChaosFailed("the job recorded no versions")
-    return account(recorded, sent)
+    return account(recorded, sent, acknowledged_sends(logs))
 
 
-def account(recorded: Records, sent: Sent) -> dict[str, Any]:
-    """The numbers of the module docstring, from the records and the stream."""
+def account(recorded: Records, sent: Sent, acknowledged: set[tuple[str, str, int]]) -> dict[str, Any]:
+    """The numbers of the module docstring, from the records and the stream; an update a worker
+    saw acknowledged that the stream does not hold was lost by the broker."""
     records = [recorded.records[v] for v in sorted(recorded.records)]
     newest = records[-1]
     applied = Counter((c.cloud, c.worker, c.seq) for r in records for c in r.contributions)
@@ -155,6 +176,9 @@ def account(recorded: Records, sent: Sent) -> dict[str, Any]:
         "undecided_at_end": sum(1 for s in open_ if s >= resume_from),
         "unauthenticated": sent.unauthenticated,
         "partial_chunks": sent.partial_chunks,
+        "partial_blobs": sent.partial_blobs,
+        "acknowledged": len(acknowledged),
+        "acknowledged_missing": len(acknowledged - set(sent.by_seq.values())),
         "forked_versions": recorded.forked,
     }
 
@@ -166,7 +190,9 @@ def describe(result: dict[str, Any]) -> str:
     return (
         f"chaos {verdict}: {r['versions']} versions{' (final)' if r['final'] else ''}, "
         f"{r['sent']} updates sent, {r['applied']} applied, {r['rejected_total']} rejected ({rejected}); "
-        f"lost {r['lost']}, doubled {r['doubled']}, replay mismatches {r['replay_mismatches']}, "
+        f"lost {r['lost']} (acknowledged yet missing {r['acknowledged_missing']} of {r['acknowledged']}), "
+        f"doubled {r['doubled']}, unauthenticated {r['unauthenticated']}, partial blobs {r['partial_blobs']}, "
+        f"replay mismatches {r['replay_mismatches']}, "
         f"crashes {len(r['crashes'])}; killed the coordinator {r['coordinator_kills']}x, "
         f"restarted nats {r['nats_restarts']}x, killed workers {r['worker_kills']}x "
         f"(planned {r['planned']['coordinator']}/{r['planned']['nats']}/{r['planned']['worker']}); {r['wall_s']:.0f}s"
@@ -174,11 +200,15 @@ def describe(result: dict[str, Any]) -> str:
 
 
 def healthy(result: dict[str, Any]) -> bool:
-    """Nothing lost, nothing doubled, every version replays, nothing crashed."""
+    """Nothing lost (by the records or by the workers' acknowledged sends), nothing doubled,
+    nothing unauthenticated in the stream, no partial blob but one per killed worker, every
+    version replays, nothing crashed."""
     r = result
     return (
         r["final"]
         and r["lost"] == r["doubled"] == r["replay_mismatches"] == r["rejected_recounted"] == 0
+        and r["acknowledged_missing"] == r["unauthenticated"] == 0
+        and r["partial_blobs"] <= r["worker_kills"]
         and r["applied"] == r["applied_total_recorded"]
         and not r["crashes"]
         and r["forked_versions"] == 0

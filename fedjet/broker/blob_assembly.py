@@ -136,6 +136,10 @@ class BlobAssembler:
     def pending_seqs(self) -> list[int]:
         return [s for p in self._pending.values() for s in p.seqs]
 
+    @property
+    def pending_blobs(self) -> int:
+        return len(self._pending)
+
     def is_pending(self, key: BlobKey) -> bool:
         return key in self._pending
 

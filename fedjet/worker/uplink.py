@@ -222,6 +222,8 @@ class Uplink:
         self.stats.compute_s += result.compute_s
         log.info(
             "update_sent",
+            worker=header.worker,
+            seq=header.seq,
             base=header.base_version,
             steps=steps,
             loss=round(result.mean_loss, 4),
