@@ -162,7 +162,14 @@ def start_up(job: str, data_dir) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, **tagged(job)},
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    """Ctrl-C as a terminal sends it: a harness started in the background (where the shell
+    ignores SIGINT, and children inherit that) must not make the test meaningless."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_round(proc: subprocess.Popen, round_: int, timeout: float = 300) -> None:

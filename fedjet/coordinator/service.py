@@ -151,7 +151,8 @@ class Coordinator:
     async def _report_stats(self, nc: Any, js: Any) -> None:
         """This process's socket bytes and lifetime, for the run report (the put itself, a few
         hundred bytes, is the one exchange they leave out)."""
-        if nc.is_closed:
+        if not nc.is_connected:  # the broker is gone: a put would only wait out its timeouts
+            log.warning("stats_not_reported", process="coordinator", error="not connected to NATS")
             return
         counted = socket_bytes_of(nc)
         stats = {"socket_in": counted.received, "socket_out": counted.sent, "lifetime_s": process_lifetime_s()}

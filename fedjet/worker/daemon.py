@@ -200,4 +200,7 @@ class Worker:
         self.metrics.throughput(self.stats.tokens_per_s, self.stats.to_dict()["idle_frac"])
         if self._nc is None or self._nc.is_closed or self.spec is None:
             return  # no job was found: there is no bucket to report to
+        if not self._nc.is_connected:  # the broker is gone (or coming back): a put would wait out its timeouts
+            log.warning("stats_not_reported", cloud=self.config.cloud, error="not connected to NATS")
+            return
         await put_stats(self._js, self.subjects, self.config.cloud, self.stats.to_dict(), domain=self.config.js_domain)
