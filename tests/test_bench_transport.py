@@ -9,17 +9,20 @@ from tests.conftest import run_fedjet
 
 
 def test_bench_transport_prints_same_run_ratios_and_the_update_arrives_intact():
-    result = run_fedjet("bench", "transport", "--mb", "2", "--json", timeout=300)
+    result = run_fedjet("bench", "transport", "--mb", "2", "--repeats", "1", "--json", timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["intact"] is True and out["mb"] == 2.0
-    assert out["mb_s"] > 0 and out["raw_mb_s"] > 0 and out["ratio_to_raw"] > 0  # both legs moved the 2 MB
-    assert out["peak_rss_mb"] >= out["baseline_rss_mb"] > 0
+    assert out["intact"] is True and out["mb"] == 2.0  # every leg's reader hashed all 2 MB
+    assert len(out["runs"]["raw"]) == len(out["runs"]["fedjet"]) == 1  # one run of each leg
+    assert all(r > 0 for leg in out["runs"].values() for r in leg) and out["ratio_to_raw"] > 0
+    assert out["peak_rss_mb"] >= out["baseline_rss_mb"] > 0 and out["raw_reader_peak_rss_mb"] > 0
 
 
 def test_bench_transport_refuses_a_size_below_one_mb():
     result = run_fedjet("bench", "transport", "--mb", "0", timeout=60)
     assert result.returncode != 0 and "--mb" in result.stderr
+    result = run_fedjet("bench", "transport", "--repeats", "0", timeout=60)
+    assert result.returncode != 0 and "--repeats" in result.stderr
 
 
 def test_one_fetch_never_asks_for_more_bytes_than_the_client_keeps_pending():
