@@ -5,17 +5,26 @@ from __future__ import annotations
 
 import json
 
+from fedjet.models.build import initial_model, parameter_tensors
 from tests.conftest import run_fedjet
 
 
 def test_bench_transport_prints_same_run_ratios_and_the_update_arrives_intact():
-    result = run_fedjet("bench", "transport", "--mb", "2", "--repeats", "1", "--json", timeout=300)
+    result = run_fedjet(
+        "bench", "transport", "--mb", "2", "--repeats", "1", "--coordinator-model", "tiny", "--json", timeout=300
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["intact"] is True and out["mb"] == 2.0  # every leg's reader hashed all 2 MB
     assert len(out["runs"]["raw"]) == len(out["runs"]["fedjet"]) == 1  # one run of each leg
     assert all(r > 0 for leg in out["runs"].values() for r in leg) and out["ratio_to_raw"] > 0
     assert out["peak_rss_mb"] >= out["baseline_rss_mb"] > 0 and out["raw_reader_peak_rss_mb"] > 0
+    # the second figure: a real coordinator took one dense update of the tiny model to version 1
+    coordinator = out["coordinator"]
+    tiny = parameter_tensors(initial_model("tiny", vocab_size=257, eos_id=256, seed=0))
+    numel = sum(t.numel() for t in tiny.values())
+    assert coordinator["model"] == "tiny" and coordinator["update_mb"] > 4 * numel / 1e6  # float32 and the envelope
+    assert coordinator["peak_rss_mb"] > 0 and coordinator["seconds_to_version_1"] > 0
 
 
 def test_bench_transport_refuses_a_size_below_one_mb():

@@ -57,6 +57,9 @@ def _add_transport(bench_commands: Any) -> None:
     transport = bench_commands.add_parser("transport", help="one big update through JetStream vs raw publishes")
     transport.add_argument("--mb", type=int, default=400, help="update size in MB (default 400)")
     transport.add_argument("--repeats", type=int, default=2, help="runs of each leg, alternated (default 2)")
+    transport.add_argument(
+        "--coordinator-model", default="base", help="a real coordinator aggregates one dense update of it (none: skip)"
+    )
     transport.add_argument("--json", action="store_true", help="print one JSON object")
     transport.set_defaults(func=cmd_bench_transport)
 
@@ -147,7 +150,8 @@ def cmd_bench_transport(args: argparse.Namespace) -> int:
         raise ConfigError("--mb must be >= 1")
     if args.repeats < 1:
         raise ConfigError("--repeats must be >= 1")
-    result = run(args.mb, args.repeats)
+    model = None if args.coordinator_model == "none" else args.coordinator_model
+    result = run(args.mb, args.repeats, model)
     if args.json:
         print(json.dumps(result))
     else:

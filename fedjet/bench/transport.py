@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from fedjet.bench.coordinator_memory import coordinator_receives
 from fedjet.broker.blob_publish import PUBLISH_WINDOW_BYTES
 from fedjet.broker.blobs import chunk_size_for
 from fedjet.broker.connect import connect_client
@@ -156,15 +157,17 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
-def run(mb: int = 400, repeats: int = 2) -> dict[str, Any]:
-    """Both legs ``repeats`` times each, alternated, on one server; medians and every run."""
+def run(mb: int = 400, repeats: int = 2, coordinator_model: str | None = "base") -> dict[str, Any]:
+    """Both legs ``repeats`` times each, alternated, each on a fresh server; medians and every
+    run; then (unless ``coordinator_model`` is None) a real coordinator receiving and
+    aggregating one dense update of that model (:mod:`fedjet.bench.coordinator_memory`)."""
     data = payload_of(mb)
     expected = hashlib.sha256(data).hexdigest()
     size_mb = len(data) / 1e6
     legs: dict[str, list[dict[str, Any]]] = {"raw": [], "fedjet": []}
     with tempfile.TemporaryDirectory(prefix="fedjet-transport-") as work:
         keys = str(Path(work) / "keys")
-        generate(keys, ["aws"])
+        generate(keys, ["aws", "eval"])  # the coordinator of the second figure seals versions to an observer too
         for attempt in range(repeats):
             for leg in ("raw", "fedjet"):
                 server = EmbeddedNatsServer(Path(work) / f"js-{leg}-{attempt}", max_payload=8 << 20)
@@ -173,6 +176,14 @@ def run(mb: int = 400, repeats: int = 2) -> dict[str, Any]:
                     legs[leg].append(_leg(leg, url, keys, data, server.max_payload))
                 finally:
                     server.stop()
+        coordinator = None
+        if coordinator_model is not None:
+            server = EmbeddedNatsServer(Path(work) / "js-coordinator", max_payload=8 << 20)
+            url = server.start()
+            try:
+                coordinator = coordinator_receives(url, keys, Path(work), coordinator_model)
+            finally:
+                server.stop()
     raw_s = statistics.median(r["seconds"] for r in legs["raw"])
     fedjet_s = statistics.median(r["seconds"] for r in legs["fedjet"])
     fedjet_peak = max(r["peak_rss_mb"] for r in legs["fedjet"])
@@ -189,6 +200,7 @@ def run(mb: int = 400, repeats: int = 2) -> dict[str, Any]:
         "raw_reader_peak_rss_mb": max(r["peak_rss_mb"] for r in legs["raw"]),
         "memory_of": "the reader processes: fedjet's is the coordinator's inbox, raw's a plain pull consumer",
         "intact": all(r["sha256"] == expected for rows in legs.values() for r in rows),
+        "coordinator": coordinator,
     }
 
 
