@@ -44,7 +44,10 @@ from fedjet.log import get_logger
 log = get_logger("fedjet.channel")
 PENDING_BLOBS_PER_SUBJECT = 2  # x the largest blob: one subject's reassembly budget
 FETCH_BATCH = 64
-FETCH_BYTES = 64 << 20  # a quarter of nats-py's default pending-bytes limit per subscription
+# Half of nats-server's default per-client max_pending (64 MiB): a fetch of that much, with a
+# head or an ack beside it, got the coordinator disconnected as a slow consumer while it was busy
+# sealing a large version; well under nats-py's own 256 MiB per subscription, too.
+FETCH_BYTES = 32 << 20
 MIN_CHUNK_BYTES = 1 << 16  # chunks of the largest blobs are at least this (servers take 1 MiB by default)
 
 

@@ -204,6 +204,8 @@ def delta_entries(new: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -
     that is not at least twice as small as sending everything."""
     if set(new) != set(base):
         return None
+    if not _changes_fit(new, base):  # most elements changed: no entry is built, no copy made
+        return None
     entries, size, dense = [], 0, 0
     for name in sorted(new):
         after, before = as_numpy(new[name]), as_numpy(base[name])
@@ -217,6 +219,19 @@ def delta_entries(new: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -
         entry = {"n": name, "s": list(new[name].shape), "d": dtype_name(new[name]), "k": int(changed.size)}
         entries.append(entry | {"e": "sparse", "q": "raw", "ix": kind, "i": payload, "v": values})
     return entries if size * 2 <= dense else None
+
+
+def _changes_fit(new: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> bool:
+    """Whether the changed values alone (4 bytes each, indices not yet counted) could come to
+    half of the dense size: counted tensor by tensor, without building any entry."""
+    changed_bytes, dense = 0, 0
+    for name, tensor in new.items():
+        after, before = as_numpy(tensor), as_numpy(base[name])
+        if after.shape != before.shape or after.dtype != before.dtype:
+            return False
+        changed_bytes += int(np.count_nonzero(after.view(np.uint32) != before.view(np.uint32))) * after.itemsize
+        dense += after.nbytes
+    return changed_bytes * 2 <= dense
 
 
 def peek_global_header(data: bytes, limits: Limits) -> GlobalHeader:
