@@ -108,6 +108,23 @@ def confirm_and_reveal(
             server.receive_reveal(hop(members[name].reveal(confirmations)))
 
 
+def mask_all(
+    server: ServerRound, members: Mapping[str, MemberRound], deliveries: Mapping[str, Any], inputs: Mapping[str, Any]
+) -> UnmaskRequest:
+    """Round 2 for every member: take its shares, send its masked input; the unmask request."""
+    for name, m in members.items():
+        m.receive_shares(deliveries[name])
+        server.receive_masked(m.mask(inputs[name]))
+    return server.close_masked()
+
+
+def confirm_all(server: ServerRound, members: Mapping[str, MemberRound], request: UnmaskRequest) -> Any:
+    """Round 3 for every member: each signs ``request``; the confirmations it gets back."""
+    for m in members.values():
+        server.receive_confirm(m.confirm(request))
+    return server.close_confirms()
+
+
 def encoded_inputs(names: Iterable[str], numel: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {m: FP.encode(rng.normal(0, 0.1, numel).astype(np.float32)) for m in names}

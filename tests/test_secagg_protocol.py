@@ -30,7 +30,7 @@ from fedjet.secagg import (
     scatter,
 )
 from fedjet.secagg.shamir import Share
-from tests.secagg_helpers import FP, Job, encoded_inputs, ring_sum, run, to_shares
+from tests.secagg_helpers import FP, Job, confirm_all, encoded_inputs, mask_all, ring_sum, run, to_shares
 
 
 def test_three_members_unmasked_sum_equals_plain_sum_and_weighted_fedavg() -> None:
@@ -147,13 +147,7 @@ def test_tampered_revealed_share_is_caught_and_nothing_is_reconstructed() -> Non
     inputs = encoded_inputs(job.names, numel)
     server, members = job.round(3, numel)
     deliveries = to_shares(server, members)
-    for name, m in members.items():
-        m.receive_shares(deliveries[name])
-        server.receive_masked(m.mask(inputs[name]))
-    request = server.close_masked()
-    for m in members.values():
-        server.receive_confirm(m.confirm(request))
-    confirmations = server.close_confirms()
+    confirmations = confirm_all(server, members, mask_all(server, members, deliveries, inputs))
     reveals = {name: m.reveal(confirmations) for name, m in members.items()}
     liar = reveals["cloud1"]
     share = Share.from_bytes(liar.b_shares["cloud2"])
@@ -177,13 +171,7 @@ def test_inconsistent_extra_share_is_caught_by_interpolation() -> None:
     inputs = encoded_inputs(job.names, numel)
     server, members = job.round(3, numel)
     deliveries = to_shares(server, members)
-    for name, m in members.items():
-        m.receive_shares(deliveries[name])
-        server.receive_masked(m.mask(inputs[name]))
-    request = server.close_masked()
-    for m in members.values():
-        server.receive_confirm(m.confirm(request))
-    confirmations = server.close_confirms()
+    confirmations = confirm_all(server, members, mask_all(server, members, deliveries, inputs))
     for name, m in members.items():
         reveal = m.reveal(confirmations)
         if name == "cloud4":
@@ -221,13 +209,7 @@ def test_shares_replayed_from_an_earlier_round_are_typed_errors() -> None:
     )
     with pytest.raises(ShareError):  # right round on the outside, an old round's box inside
         members["cloud0"].receive_shares(spliced)
-    for name, m in members.items():
-        m.receive_shares(deliveries[name])
-        server.receive_masked(m.mask(inputs[name]))
-    request = server.close_masked()
-    for m in members.values():
-        server.receive_confirm(m.confirm(request))
-    confirmations = server.close_confirms()
+    confirmations = confirm_all(server, members, mask_all(server, members, deliveries, inputs))
     with pytest.raises(StaleRoundError):
         members["cloud0"].reveal(dataclasses.replace(confirmations, round_id=1))
     reveal = members["cloud0"].reveal(confirmations)
@@ -242,10 +224,7 @@ def test_a_request_to_reveal_both_secrets_of_one_member_is_refused() -> None:
     inputs = encoded_inputs(job.names, numel)
     server, members = job.round(2, numel)
     deliveries = to_shares(server, members)
-    for name, m in members.items():
-        m.receive_shares(deliveries[name])
-        server.receive_masked(m.mask(inputs[name]))
-    honest = server.close_masked()
+    honest = mask_all(server, members, deliveries, inputs)
     greedy = UnmaskRequest(round_id=honest.round_id, survivors=honest.survivors, dropped=("cloud2",))
     with pytest.raises(RevealRefused):
         members["cloud0"].confirm(greedy)

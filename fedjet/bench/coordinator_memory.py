@@ -15,18 +15,19 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import nats.js.errors
 import torch
 
 from fedjet.broker.blobs import publish_blob
 from fedjet.broker.connect import connect_client
 from fedjet.broker.jetstream import close_quietly
 from fedjet.broker.subjects import JobSubjects
+from fedjet.channel.globals import GlobalFollower
 from fedjet.codecs import crypto
+from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import GlobalHead, Update, UpdateHeader, encode_update
 from fedjet.codecs.pipeline import CodecSpec
 from fedjet.errors import BrokerError
-from fedjet.keystore import load_public, member_boxes
+from fedjet.keystore import member_boxes
 from fedjet.models.build import initial_model, parameter_tensors
 from fedjet.runner.processes import spawn, stop_all
 
@@ -47,21 +48,22 @@ async def _feed(url: str, keys: str, job: str, model: str, child: Any) -> dict[s
     subjects = JobSubjects(job)
     nc = await connect_client(url, "transport-cloud")
     js = nc.jetstream()
-    coordinator = load_public(keys, "coordinator")
+    boxes = member_boxes(keys, "aws")
+    follower = GlobalFollower(js, subjects, boxes, Limits())  # reads and verifies heads only
     try:
-        await _version(js, subjects, coordinator, 0, child)
+        await _version(follower, 0, child)
         template = parameter_tensors(initial_model(model, vocab_size=257, eos_id=256, seed=0))
         delta = {n: torch.full(t.shape, 1e-4) for n, t in template.items()}
         header = UpdateHeader(job=job, cloud="aws", worker="0", seq=time.time_ns() // 1000, base_version=0,
                               samples=8, loss=1.0)  # fmt: skip
         frame = encode_update(Update(header, delta), CodecSpec.parse("dense"))
-        sealed = crypto.seal_update(frame, member_boxes(keys, "aws"))
+        sealed = crypto.seal_update(frame, boxes)
         del template, delta, frame
         before = await asyncio.to_thread(_reset_peak, child.proc.pid)
         started = time.perf_counter()
         blob_id = f"aws/0/{header.seq}"
         await publish_blob(js, subjects.update("aws"), sealed, blob_id=blob_id, max_payload=nc.max_payload)
-        await _version(js, subjects, coordinator, 1, child)
+        await _version(follower, 1, child)
         seconds = time.perf_counter() - started
         after = await asyncio.to_thread(_status, child.proc.pid)
     finally:
@@ -77,18 +79,14 @@ async def _feed(url: str, keys: str, job: str, model: str, child: Any) -> dict[s
     }
 
 
-async def _version(js: Any, subjects: JobSubjects, coordinator: Any, version: int, child: Any) -> GlobalHead:
+async def _version(follower: GlobalFollower, version: int, child: Any) -> GlobalHead:
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if child.returncode is not None:
             raise BrokerError(f"the coordinator exited with {child.returncode}: {child.log_tail()}")
-        try:
-            raw = await js.get_last_msg(subjects.global_stream, subjects.global_head)
-            head = GlobalHead.verify(raw.data, coordinator)
-            if head.version >= version:
-                return head
-        except nats.js.errors.NotFoundError:
-            pass
+        latest = await follower.read_latest()
+        if latest is not None and latest.head.version >= version:
+            return latest.head
         await asyncio.sleep(0.2)
     raise BrokerError(f"the coordinator published no version {version} within 600 s")
 

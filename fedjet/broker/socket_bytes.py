@@ -27,6 +27,10 @@ class SocketBytes:
     def total(self) -> int:
         return self.received + self.sent
 
+    def figures(self) -> dict[str, int]:
+        """As a process reports them: ``socket_in`` and ``socket_out``."""
+        return {"socket_in": self.received, "socket_out": self.sent}
+
 
 class CountingClient(Client):
     """A nats-py client whose transport counts the bytes that cross it (see module doc)."""

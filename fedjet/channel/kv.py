@@ -75,43 +75,42 @@ async def put_stats(
 ) -> None:
     """Best effort: a failure is logged, the worker goes on. Behind a leaf node (``domain``)
     the put goes through the hub's domain-qualified KV subject, the only one a leaf forwards."""
-    body = json.dumps(stats).encode()
-    try:
-        if domain:
-            await js.publish(kv_put_subject(subjects.kv_bucket, subjects.stats_key(cloud), domain), body)
-            return
-        kv = await js.key_value(subjects.kv_bucket)
-        await kv.put(subjects.stats_key(cloud), body)
-    except (nats.errors.Error, nats.js.errors.Error) as e:
-        log.warning("stats_not_reported", cloud=cloud, error=str(e))
+    await _put_figures(js, subjects, subjects.stats_key(cloud), stats, domain=domain, process=cloud)
+
+
+async def put_coordinator_stats(js: Any, subjects: JobSubjects, stats: dict[str, Any]) -> None:
+    """The coordinator's own figures, at its exit (best effort, as a worker's)."""
+    await _put_figures(js, subjects, subjects.coordinator_stats_key, stats, domain=None, process="coordinator")
 
 
 async def read_stats(js: Any, subjects: JobSubjects, clouds: tuple[str, ...]) -> dict[str, Any]:
     """Every cloud's figures; a cloud that reported none fails the read (a report built on a
     missing figure would show 0 bytes and 0 idle for it)."""
-    kv = await js.key_value(subjects.kv_bucket)
-    stats: dict[str, Any] = {}
-    for cloud in clouds:
-        try:
-            stats[cloud] = json.loads((await kv.get(subjects.stats_key(cloud))).value)
-        except nats.js.errors.NotFoundError:
-            raise BrokerError(f"{cloud} reported no figures to {subjects.kv_bucket}: its stats are missing") from None
-    return stats
-
-
-async def put_coordinator_stats(js: Any, subjects: JobSubjects, stats: dict[str, Any]) -> None:
-    """The coordinator's own figures, at its exit (best effort, as a worker's)."""
-    try:
-        kv = await js.key_value(subjects.kv_bucket)
-        await kv.put(subjects.coordinator_stats_key, json.dumps(stats).encode())
-    except (nats.errors.Error, nats.js.errors.Error) as e:
-        log.warning("stats_not_reported", process="coordinator", error=str(e))
+    return {cloud: await _read_figures(js, subjects, subjects.stats_key(cloud), cloud) for cloud in clouds}
 
 
 async def read_coordinator_stats(js: Any, subjects: JobSubjects) -> dict[str, Any]:
     """The coordinator's figures; none reported fails the read."""
+    return await _read_figures(js, subjects, subjects.coordinator_stats_key, "the coordinator")
+
+
+async def _put_figures(
+    js: Any, subjects: JobSubjects, key: str, stats: dict[str, Any], *, domain: str | None, process: str
+) -> None:
+    body = json.dumps(stats).encode()
+    try:
+        if domain:
+            await js.publish(kv_put_subject(subjects.kv_bucket, key, domain), body)
+            return
+        kv = await js.key_value(subjects.kv_bucket)
+        await kv.put(key, body)
+    except (nats.errors.Error, nats.js.errors.Error) as e:
+        log.warning("stats_not_reported", process=process, error=str(e))
+
+
+async def _read_figures(js: Any, subjects: JobSubjects, key: str, who: str) -> dict[str, Any]:
     kv = await js.key_value(subjects.kv_bucket)
     try:
-        return dict(json.loads((await kv.get(subjects.coordinator_stats_key)).value))
+        return dict(json.loads((await kv.get(key)).value))
     except nats.js.errors.NotFoundError:
-        raise BrokerError(f"the coordinator reported no figures to {subjects.kv_bucket}") from None
+        raise BrokerError(f"{who} reported no figures to {subjects.kv_bucket}: its stats are missing") from None

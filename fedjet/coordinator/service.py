@@ -154,8 +154,7 @@ class Coordinator:
         if not nc.is_connected:  # the broker is gone: a put would only wait out its timeouts
             log.warning("stats_not_reported", process="coordinator", error="not connected to NATS")
             return
-        counted = socket_bytes_of(nc)
-        stats = {"socket_in": counted.received, "socket_out": counted.sent, "lifetime_s": process_lifetime_s()}
+        stats = {**socket_bytes_of(nc).figures(), "lifetime_s": process_lifetime_s()}
         await put_coordinator_stats(js, self.subjects, stats)
 
     async def _prepare(self, js: object) -> Checkpoint | None:

@@ -302,10 +302,9 @@ async def _process_stats(
     _check_children(children)
     clouds_stats = await read_stats(js, subjects, clouds)
     coordinator = await read_coordinator_stats(js, subjects)
-    counted = socket_bytes_of(observer)
     processes = {f"worker-{cloud}": _socket_figures(clouds_stats[cloud], f"worker-{cloud}") for cloud in clouds}
     processes["coordinator"] = _socket_figures(coordinator, "coordinator")
-    processes["observer"] = {"socket_in": counted.received, "socket_out": counted.sent}
+    processes["observer"] = socket_bytes_of(observer).figures()
     return clouds_stats, processes
 
 
