@@ -188,9 +188,11 @@ def test_every_generated_config_is_accepted_by_nats_server(topology_dir):
         assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_leaf_configs_run_no_jetstream_and_hubs_route_to_each_other(topology_dir):
+def test_leaf_configs_run_jetstream_in_their_clouds_domain_and_hubs_route_to_each_other(topology_dir):
     leaf = (topology_dir / "servers" / "leaf-aws" / "nats.conf").read_text()
-    assert "jetstream" not in leaf and 'include "leaf-seed.conf"' in leaf
+    assert 'domain: "aws"' in leaf and 'include "leaf-seed.conf"' in leaf
+    assert str(topology_dir / "servers" / "leaf-aws" / "jetstream") in leaf
+    assert load_topology(topology_dir).leaf_domains == {"aws": "aws", "gcp": "gcp", "azure": "azure"}
     assert leaf.count("nats-leaf://127.0.0.1:") == 3
     hub = (topology_dir / "servers" / "hub-0" / "nats.conf").read_text()
     assert "nats-route://127.0.0.1:30004" in hub and "nats-route://127.0.0.1:30005" in hub

@@ -62,6 +62,29 @@ class JobSubjects:
     def global_stream(self) -> str:
         return f"FEDJET_{self.job}_GLOBALS"
 
+    # Island mode: a cloud's leaf node runs JetStream in a domain named after the cloud.
+    def island_update(self, cloud: str) -> str:
+        """Where an island-capable cloud's worker publishes its updates: a subject of its own
+        leaf only (the leaf may not publish it to the hub), stored in :meth:`island_stream`."""
+        return f"fedjet.{self.job}.island.{check_token('cloud', cloud)}"
+
+    def island_stream(self, cloud: str) -> str:
+        """The stream on ``cloud``'s leaf holding its updates; the hub's updates stream sources it."""
+        return f"FEDJET_{self.job}_ISLAND_{check_token('cloud', cloud)}"
+
+    def mirror_deliver(self, cloud: str) -> str:
+        """Delivery prefix of the hub-to-leaf mirrors of ``cloud`` (its leaf receives only these)."""
+        return f"fedjet.{self.job}.mirror.{check_token('cloud', cloud)}"
+
+    def source_deliver(self, cloud: str) -> str:
+        """Delivery prefix of the hub's sourcing of ``cloud``'s island stream (leaf to hub)."""
+        return f"fedjet.{self.job}.source.{check_token('cloud', cloud)}"
+
+    @staticmethod
+    def island_key(cloud: str) -> str:
+        """KV key by which a cloud's worker says its leaf holds an island stream to source."""
+        return f"island.{check_token('cloud', cloud)}"
+
     @property
     def kv_bucket(self) -> str:
         """Job spec, per-cloud stats and heartbeats."""

@@ -5,7 +5,7 @@
     fedjet deploy nats --clouds aws,gcp,azure --job J --out DIR
                        [--host H] [--leaf-hosts aws=H1,gcp=H2] [--base-port P] [--hub-size N]
                        [--observers eval]
-                       [--client-certs] [--js-domain hub]
+                       [--client-certs] [--js-domain hub] [--no-islands]
                        [--with-keys | --public-keys KDIR] [--bundles BDIR] [--if-missing]
 
 ``--clouds``        the clouds; each gets a leaf node and one NKEY user (required)
@@ -20,6 +20,8 @@
 ``--observers``     read-only identities such as ``fedjet status`` (default eval)
 ``--client-certs``  servers also require a client certificate from the CA
 ``--js-domain``     the hub's JetStream domain, used by every client (default hub)
+``--no-islands``    leaves without JetStream (by default each leaf runs JetStream in a domain
+                    named after its cloud, so its worker trains on through a cut link: island mode)
 ``--with-keys``     also make every party's fedjet key pair here (``fedjet keys generate``) and put
                     them in the identity folders: a cloud gets its ``NAME.key`` and ``NAME.pub``,
                     ``coordinator.pub`` and every other cloud's ``.pub`` (``--secure-agg`` checks
@@ -65,6 +67,7 @@ DEFAULTS: dict[str, Any] = {
     "observers": ("eval",),
     "client_certs": False,
     "js_domain": "hub",
+    "no_islands": False,
     "with_keys": False,
     "public_keys": None,
     "bundles": None,
@@ -86,6 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--observers", type=parse_names, default=DEFAULTS["observers"], help="read-only identities")
     parser.add_argument("--client-certs", action="store_true", help="servers require client certificates too")
     parser.add_argument("--js-domain", default=DEFAULTS["js_domain"], help="the hub's JetStream domain")
+    parser.add_argument(
+        "--no-islands", action="store_true", help="leaves without JetStream (no island mode: a cut link stops a cloud)"
+    )
     keys = parser.add_mutually_exclusive_group()
     keys.add_argument(
         "--with-keys",
@@ -131,6 +137,7 @@ def deploy_command(args: Any) -> int:
         hub_size=int(opt["hub_size"]),
         client_certs=bool(opt["client_certs"]),
         jetstream_domain=opt["js_domain"],
+        islands=not opt["no_islands"],
     )
     if opt["with_keys"] and opt["public_keys"] is not None:
         raise ConfigError("--with-keys makes every key here; --public-keys takes the parties' own: give one")
@@ -243,4 +250,9 @@ def describe(topology: Topology, *, with_keys: bool) -> str:
         url = ",".join(topology.urls_for(name))
         lines.append(f"  {name:<12} --nats {url} --nkey DIR/user.nk --tls-ca {topology.ca}{keys}")
     lines.append(f"every client uses the JetStream domain {topology.jetstream_domain!r}")
+    if topology.leaf_domains:
+        lines.append(
+            "island mode: each leaf runs JetStream in its cloud's domain "
+            f"({', '.join(f'{c}={d}' for c, d in topology.leaf_domains.items())}); workers find it themselves"
+        )
     return "\n".join(lines)

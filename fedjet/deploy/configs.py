@@ -1,7 +1,9 @@
 """nats-server configuration text for hub nodes and leaf nodes (pure: data in, text out).
 
-Hub nodes run JetStream in the domain ``jetstream_domain``. Leaf nodes run no JetStream: a
-leaf server always denies the plain JetStream API (``$JS.API.>``, ``$KV.>``) across its
+Hub nodes run JetStream in the domain ``jetstream_domain``. An island-capable leaf (the
+default) runs JetStream in a domain of its own, named after its cloud: its cloud's updates wait
+in it while the link to the hub is down (see :mod:`fedjet.deploy.permissions`). A leaf server
+always denies the plain JetStream API (``$JS.API.>``, ``$KV.>``) across its
 connection to the hub, so clients behind a leaf reach the hub's JetStream through the
 domain-qualified API, ``$JS.<domain>.API.>``, which the hub maps back onto its own API.
 
@@ -95,6 +97,8 @@ class LeafNode:
     tls: TlsFiles  # what the leaf's own clients see
     remote_cert: KeyPair | None  # a client certificate presented to the hub, where the hub requires one
     users: tuple[User, ...]
+    store_dir: Path | None = None  # island mode: the leaf's own JetStream store ...
+    jetstream_domain: str | None = None  # ... in this domain (the cloud's name)
 
 
 def hub_config(node: HubNode) -> str:
@@ -149,7 +153,11 @@ def leaf_config(node: LeafNode) -> str:
         "authorization": {"users": [user_block(user) for user in node.users]},
         "leafnodes": {"remotes": [remote]},
     }
-    header = f"# leaf node {node.name} (no JetStream): start with  nats-server -c THIS_FILE\n"
+    kind = "no JetStream"
+    if node.store_dir is not None and node.jetstream_domain is not None:
+        body["jetstream"] = {"store_dir": node.store_dir, "domain": node.jetstream_domain}
+        kind = f"island-capable, JetStream domain {node.jetstream_domain}"
+    header = f"# leaf node {node.name} ({kind}): start with  nats-server -c THIS_FILE\n"
     return f"{header}include {json.dumps(node.seed_include)}\n{render(body)}"
 
 

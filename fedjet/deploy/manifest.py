@@ -5,7 +5,8 @@
     {"job": J, "servers": [{"name", "config", "role": "hub"|"leaf", "cloud", "url"}],
      "hub": [client URLs], "leaf": {cloud: client URL}, "ca": path,
      "identities": {name: {"nkey": seed path, "public_key", "inbox_prefix", ["cert", "key"]}},
-     "jetstream_domain": D, "replicas": R, "tls": true, "client_certs": bool}
+     "jetstream_domain": D, "replicas": R, "tls": true, "client_certs": bool,
+     "leaf_domains": {cloud: its leaf's JetStream domain (island mode; absent: no JetStream)}}
 
 URLs are ``tls://HOST:PORT`` (nats-py then insists on TLS; hand ``nats.connect`` a list, as
 ``urls_for`` gives, not a tuple). Paths are absolute. Clients use the JetStream API of
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ class Topology:
     replicas: int
     tls: bool = True
     client_certs: bool = False
+    leaf_domains: Mapping[str, str] = field(default_factory=dict)  # island-capable leaves
 
     def urls_for(self, identity: str) -> list[str]:
         """Where ``identity`` connects: its cloud's leaf for a cloud, the hub for everyone else."""
@@ -89,6 +91,7 @@ class Topology:
             "replicas": self.replicas,
             "tls": self.tls,
             "client_certs": self.client_certs,
+            "leaf_domains": dict(self.leaf_domains),
         }
 
 
@@ -147,4 +150,5 @@ def _topology_from_json(body: dict[str, Any]) -> Topology:
         replicas=int(body["replicas"]),
         tls=bool(body.get("tls", True)),
         client_certs=bool(body.get("client_certs", False)),
+        leaf_domains=dict(body.get("leaf_domains", {})),
     )

@@ -16,6 +16,15 @@ therefore published to ``$JS.<domain>.API.$KV.<bucket>.<key>``.
 - an **observer** reads global versions, the KV bucket (spec, stats) and stream info;
 - the **coordinator** does anything under the job's subjects, the JetStream API and the bucket;
 - a cloud's **leaf node** is held on the hub to what that cloud's workers may do.
+
+**Island mode** (``island=True``): the leaf runs JetStream in a domain named after the cloud.
+On its leaf the cloud may also create and read its island stream (its own updates, on a
+subject its leaf never forwards) and the mirrors of the hub's global versions and of the job
+spec. On the hub the leaf may additionally carry the mirrors' traffic (consumer requests from
+the leaf, deliveries under :meth:`~fedjet.broker.subjects.JobSubjects.mirror_deliver` to it)
+and the hub's sourcing of the island stream (consumer requests in the cloud's domain to it,
+deliveries under ``source_deliver`` from it): only under its own cloud's names, so a leaf can
+neither read another cloud's deliveries nor answer in another cloud's domain.
 """
 
 from __future__ import annotations
@@ -43,14 +52,21 @@ class Permissions:
     subscribe: tuple[str, ...]
 
 
-def permissions_for(role: Role, job: str, *, inbox: str, domain: str, cloud: str | None = None) -> Permissions:
-    """The allow lists of one identity of ``job`` whose inbox prefix is ``inbox``."""
+def permissions_for(
+    role: Role, job: str, *, inbox: str, domain: str, cloud: str | None = None, island: bool = False
+) -> Permissions:
+    """The allow lists of one identity of ``job`` whose inbox prefix is ``inbox``; ``island``:
+    the cloud's leaf runs JetStream in the domain named after the cloud (see the module doc)."""
     subjects = JobSubjects(job)
     api = js_api(domain)
     if role in (Role.CLOUD, Role.LEAF):
         if cloud is None:
             raise ValueError(f"the {role.value} role needs a cloud")
-        return _cloud(subjects, check_token("cloud", cloud), inbox, api)
+        base = _cloud(subjects, check_token("cloud", cloud), inbox, api)
+        if not island:
+            return base
+        extra = _island_cloud(subjects, cloud, api) if role is Role.CLOUD else _island_leaf(subjects, cloud, api)
+        return Permissions(publish=base.publish + extra.publish, subscribe=base.subscribe + extra.subscribe)
     if role is Role.OBSERVER:
         return _observer(subjects, inbox, api)
     return _coordinator(subjects, inbox, api)
@@ -102,6 +118,56 @@ def _cloud(subjects: JobSubjects, cloud: str, inbox: str, api: str) -> Permissio
         *_spec_read(subjects, api),
     ]
     return Permissions(publish=tuple(publish), subscribe=(f"{inbox}.>",))
+
+
+def _island_cloud(subjects: JobSubjects, cloud: str, api: str) -> Permissions:
+    """On its own leaf: its island stream and the two mirrors, through the leaf's own API;
+    the hub's KV key that says its island stream is there to source."""
+    own = [subjects.island_stream(cloud), subjects.global_stream, _kv_stream(subjects)]
+    manage = [f"{LOCAL_API}.{verb}.{stream}" for stream in own for verb in ("STREAM.CREATE", "STREAM.UPDATE")]
+    publish = [
+        subjects.island_update(cloud),
+        f"{LOCAL_API}.INFO",
+        *manage,
+        f"{LOCAL_API}.STREAM.INFO.{subjects.island_stream(cloud)}",
+        *_stream_read(subjects.global_stream, LOCAL_API),
+        *_spec_read(subjects, LOCAL_API),
+        f"{api}.$KV.{subjects.kv_bucket}.{subjects.island_key(cloud)}",
+    ]
+    return Permissions(publish=tuple(publish), subscribe=())
+
+
+def _island_leaf(subjects: JobSubjects, cloud: str, api: str) -> Permissions:
+    """On the hub, what an island-capable leaf carries besides its cloud's own traffic.
+
+    Mirrors (leaf asks, hub delivers): consumer requests on the global stream (already a
+    cloud's) and on the bucket filtered to the spec key; their replies (``$JSC.R``), deliveries
+    under the cloud's mirror prefix, flow-control answers. Sourcing (hub asks, leaf delivers):
+    requests in the cloud's domain for its island stream only, deliveries under the cloud's
+    source prefix, flow control back to the leaf's consumer.
+    """
+    island, kv = subjects.island_stream(cloud), _kv_stream(subjects)
+    domain_api = js_api(cloud)
+    publish = [
+        f"{api}.CONSUMER.CREATE.{kv}.*.$KV.{subjects.kv_bucket}.{subjects.spec_key}",
+        f"{api}.CONSUMER.DELETE.{kv}.*",
+        *(f"$JS.FC.*.*.{stream}.>" for stream in (subjects.global_stream, kv)),
+        f"$JS.FC.{kv}.>",
+        "$JSC.R.*",  # answers to the hub's consumer requests
+        f"{subjects.source_deliver(cloud)}.>",
+        f"{api}.$KV.{subjects.kv_bucket}.{subjects.island_key(cloud)}",  # its worker's announcement
+    ]
+    subscribe = [
+        "$JSC.R.*",  # answers to the leaf's consumer requests
+        f"{subjects.mirror_deliver(cloud)}.>",
+        f"{domain_api}.CONSUMER.CREATE.{island}",
+        f"{domain_api}.CONSUMER.CREATE.{island}.>",
+        f"{domain_api}.CONSUMER.DELETE.{island}.*",
+        f"{domain_api}.STREAM.INFO.{island}",
+        f"$JS.FC.{island}.>",
+        f"$JS.FC.*.*.{island}.>",
+    ]
+    return Permissions(publish=tuple(publish), subscribe=tuple(subscribe))
 
 
 def _observer(subjects: JobSubjects, inbox: str, api: str) -> Permissions:

@@ -10,7 +10,8 @@
     servers/hub-<i>/server{,-key}.pem    the hub node's listening certificate (client CA, server use)
     servers/hub-<i>/route{,-key}.pem     its route certificate (routes CA), with ``routes-ca.pem``
     servers/hub-<i>/jetstream/           each hub node's JetStream store
-    servers/leaf-<cloud>/nats.conf       a cloud's leaf node (no JetStream)
+    servers/leaf-<cloud>/nats.conf       a cloud's leaf node: JetStream in the domain <cloud> (island mode)
+    servers/leaf-<cloud>/jetstream/      its store: the cloud's queued updates, mirrors of the hub's
     servers/leaf-<cloud>/server{,-key}.pem  the leaf's listening certificate (client CA, server use)
     servers/leaf-<cloud>/client{,-key}.pem  what the leaf presents to the hub, with ``client_certs=True``
     servers/leaf-<cloud>/leaf-seed.conf  the leaf's NKEY seed (0600), included by its nats.conf
@@ -27,8 +28,12 @@ Ports, from ``base_port`` B with ``n = hub_size`` hub nodes and clouds c_0, c_1,
     B + 3n + j     client port of leaf-<c_j>
 
 Every connection is TLS. Clients authenticate with their NKEY; cloud workers connect to their
-own cloud's leaf, the coordinator and observers to the hub. JetStream lives on the hub only and
-every client reaches it through the domain API (``nats.jetstream(domain=jetstream_domain)``).
+own cloud's leaf, the coordinator and observers to the hub. The job's JetStream lives on the hub
+and every client reaches it through the domain API (``nats.jetstream(domain=jetstream_domain)``).
+With ``islands`` (the default) each leaf also runs JetStream in a domain named after its cloud:
+the worker keeps its updates there and reads mirrors of the hub's versions and spec, so a cut
+link to the hub costs no training (``fedjet.channel.island``); ``islands=False`` writes leaves
+without JetStream (every read and write of a worker crosses the link).
 
 What a cloud holds (its leaf's folder, its identity folder, ``ca/ca.pem``) never passes the hub's
 route port: routes trust only the routes CA, whose certificates exist only in the hub nodes'
@@ -86,6 +91,7 @@ class TopologyConfig:
     client_certs: bool = False
     jetstream_domain: str = "hub"
     leaf_hosts: Mapping[str, str] = field(default_factory=dict, hash=False)  # cloud -> its leaf's host (else ``host``)
+    islands: bool = True  # each leaf runs JetStream in a domain named after its cloud
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "clouds", tuple(self.clouds))
@@ -101,6 +107,8 @@ class TopologyConfig:
             check_token("identity", name)
         if len(set(names)) != len(names):
             raise ConfigError(f"cloud, observer and coordinator names must all differ: {names}")
+        if self.islands and self.jetstream_domain in self.clouds:
+            raise ConfigError(f"a cloud may not be named like the hub's JetStream domain {self.jetstream_domain!r}")
         if self.hub_size < 1:
             raise ConfigError(f"hub_size must be at least 1, got {self.hub_size}")
         _check_host(self.host)
@@ -127,6 +135,10 @@ class TopologyConfig:
 
     def leaf_port(self, cloud: str) -> int:
         return self.base_port + 3 * self.hub_size + self.clouds.index(cloud)
+
+    def leaf_domain(self, cloud: str) -> str | None:
+        """The JetStream domain of ``cloud``'s leaf: the cloud's name in island mode, else none."""
+        return cloud if self.islands else None
 
     def leaf_host(self, cloud: str) -> str:
         """Where ``cloud``'s leaf listens and its workers reach it."""
@@ -171,16 +183,18 @@ class _Plan:
         cloud = name if role is Role.CLOUD else None
         inbox = self.users[name].inbox_prefix
         permissions = permissions_for(
-            role, self.config.job, inbox=inbox, domain=self.config.jetstream_domain, cloud=cloud
-        )
+            role, self.config.job, inbox=inbox, domain=self.config.jetstream_domain, cloud=cloud,
+            island=self.config.islands,
+        )  # fmt: skip
         return User(public_key=self.users[name].public_key, permissions=permissions)
 
     def leaf_user(self, cloud: str) -> User:
         """On the hub a leaf is held to what its cloud's workers may do (and receives only their inbox)."""
         inbox = self.users[cloud].inbox_prefix
         permissions = permissions_for(
-            Role.LEAF, self.config.job, inbox=inbox, domain=self.config.jetstream_domain, cloud=cloud
-        )
+            Role.LEAF, self.config.job, inbox=inbox, domain=self.config.jetstream_domain, cloud=cloud,
+            island=self.config.islands,
+        )  # fmt: skip
         return User(public_key=self.leaf_users[cloud].public_key, permissions=permissions)
 
 
@@ -211,6 +225,7 @@ def generate(config: TopologyConfig) -> Topology:
         jetstream_domain=config.jetstream_domain,
         replicas=config.replicas,
         client_certs=config.client_certs,
+        leaf_domains={c: d for c in config.clouds if (d := config.leaf_domain(c)) is not None},
     )
     write_file(out / TOPOLOGY_FILE, json.dumps(topology.to_json(), indent=2) + "\n")
     return topology
@@ -293,6 +308,8 @@ def _write_leaf(plan: _Plan, cloud: str) -> ServerEntry:
         tls=plan.server_tls(name, host),
         remote_cert=remote,
         users=(plan.user(cloud),),
+        store_dir=plan.out / "servers" / name / "jetstream" if config.islands else None,
+        jetstream_domain=config.leaf_domain(cloud),
     )
     path = write_file(plan.out / "servers" / name / "nats.conf", leaf_config(node))
     return ServerEntry(name=name, config=path, role="leaf", cloud=cloud, url=f"tls://{hostport(host, port)}")
