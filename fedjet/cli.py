@@ -121,6 +121,13 @@ def _add_replay(commands: Any) -> None:
     replay.add_argument("--eval-data", default=None, help="counterfactual: held-out text (any --data format)")
     replay.add_argument("--model", default=None, help="counterfactual: the job's checkpoint (tokenizer, LoRA base)")
     replay.add_argument("--eval-tokens", type=int, default=16384)
+    replay.add_argument(
+        "--without",
+        type=parse_names,
+        default=(),
+        metavar="CLOUDS",
+        help="counterfactual: leave these clouds' updates out",
+    )
     replay.add_argument("--device", default=None)
     replay.add_argument("--no-progress", action="store_true")
     add_config_flags(replay, only=AGGREGATION_FLAGS, with_file=False)

@@ -67,6 +67,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         auth=identity_from(args),
         js_domain=args.js_domain,
+        without=tuple(args.without),
     )
     if config.verify:
         result = verify_recording(config).to_dict()

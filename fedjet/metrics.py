@@ -18,6 +18,10 @@ Metric names (``fedjet_`` prefix; counters get ``_total`` on the wire)::
     fedjet_idle_fraction{cloud}                share of wall time spent waiting for a global
     fedjet_reassembly_bytes                    bytes held by partial chunked blobs
     fedjet_dp_epsilon{cloud}                   privacy spent so far (differential privacy)
+    fedjet_link_up{cloud}                      1 while the hub hears from the cloud's island stream, else 0
+    fedjet_island_seconds{cloud}               seconds since the hub last heard from it (0 while linked)
+    fedjet_island_queued{cloud}                messages on its leaf the hub knows it has not yet sourced
+    fedjet_island_updates_waiting{cloud}       a worker's updates sent while cut off, not yet seen at the hub
 """
 
 from __future__ import annotations
@@ -61,6 +65,21 @@ class FedjetMetrics:
         )
         self.reassembly_bytes = Gauge("fedjet_reassembly_bytes", "Bytes held by partial chunked blobs", registry=r)
         self.dp_epsilon = Gauge("fedjet_dp_epsilon", "Differential-privacy epsilon spent so far", ["cloud"], registry=r)
+        self.link_up = Gauge(
+            "fedjet_link_up", "1 while the hub hears from the cloud's island stream", ["cloud"], registry=r
+        )
+        self.island_seconds = Gauge(
+            "fedjet_island_seconds", "Seconds since the hub last heard from the cloud's leaf", ["cloud"], registry=r
+        )
+        self.island_queued = Gauge(
+            "fedjet_island_queued", "Messages on the cloud's leaf not yet sourced by the hub", ["cloud"], registry=r
+        )
+        self.island_updates_waiting = Gauge(
+            "fedjet_island_updates_waiting",
+            "Updates a worker sent while cut off, not yet at the hub",
+            ["cloud"],
+            registry=r,
+        )
 
     def add_bytes(self, direction: str, cloud: str, n: int) -> None:
         if direction not in DIRECTIONS:
@@ -100,6 +119,13 @@ class CoordinatorMetrics:
         """The rate a cloud's update headers claim (the coordinator's view; workers report their own)."""
         self.metrics.tokens_per_s.labels(cloud=cloud).set(tokens_per_s)
 
+    def link(self, cloud: str, *, up: bool, since_contact_s: float | None, lag: int | None) -> None:
+        """A sourced cloud's link as the hub sees it (island mode)."""
+        self.metrics.link_up.labels(cloud=cloud).set(1 if up else 0)
+        self.metrics.island_seconds.labels(cloud=cloud).set(0 if up or since_contact_s is None else since_contact_s)
+        if lag is not None:
+            self.metrics.island_queued.labels(cloud=cloud).set(lag)
+
 
 class WorkerMetrics:
     """What one cloud's worker reports about itself."""
@@ -127,6 +153,11 @@ class WorkerMetrics:
 
     def dp_epsilon(self, epsilon: float) -> None:
         self.metrics.dp_epsilon.labels(cloud=self.cloud).set(epsilon)
+
+    def island(self, *, up: bool, waiting: int) -> None:
+        """This worker's own view of its link (island mode)."""
+        self.metrics.link_up.labels(cloud=self.cloud).set(1 if up else 0)
+        self.metrics.island_updates_waiting.labels(cloud=self.cloud).set(waiting)
 
 
 class ObserverMetrics:

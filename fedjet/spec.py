@@ -14,7 +14,7 @@ from typing import Any
 
 from fedjet.codecs import crypto
 from fedjet.codecs.crypto import Identity, PublicIdentity
-from fedjet.config.job import JobConfig, PartitionConfig, StopConfig, StrategyConfig, TrainConfig
+from fedjet.config.job import ISLAND_PHASES, JobConfig, PartitionConfig, StopConfig, StrategyConfig, TrainConfig
 from fedjet.config.wire import WireError, from_wire, to_wire
 from fedjet.errors import ConfigError, SchemaError
 
@@ -49,6 +49,22 @@ class JobSpec:
     @property
     def strategy(self) -> StrategyConfig:
         return self.config.strategy
+
+    @property
+    def island_policy(self) -> str:
+        """What a cut-off cloud contributes: ``--island``, or by default ``queue`` where every
+        update is applied on its own with a staleness weight (async, fedbuff) and ``accumulate``
+        where a round takes one update per cloud (the synchronous rules)."""
+        chosen = self.config.train.island
+        if chosen is not None:
+            return chosen
+        return "accumulate" if self.synchronous and self.update_kind == "delta" else "queue"
+
+    @property
+    def island_max_steps(self) -> int:
+        """Local steps an island trains past its newest version before it waits for the link."""
+        train = self.config.train
+        return train.island_max_steps if train.island_max_steps is not None else ISLAND_PHASES * train.local_steps
 
     def cloud_index(self, cloud: str) -> int:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,7 +19,7 @@ from fedjet.broker.blobs import H_BLOB, BlobAssembler
 from fedjet.broker.connect import connect_client
 from fedjet.broker.subjects import JobSubjects
 from fedjet.broker.urls import redact_url
-from fedjet.errors import BlobError, BrokerError
+from fedjet.errors import BlobError, BrokerError, ConfigError
 from fedjet.log import get_logger
 
 log = get_logger("fedjet.broker")
@@ -30,6 +31,25 @@ async def connect(url: str, name: str, *, timeout: float = 10.0) -> Client:
     return await connect_client(url, name, timeout=timeout)
 
 
+DUPLICATE_WINDOW_ENV = "FEDJET_DUPLICATE_WINDOW_S"
+
+
+def duplicate_window_s(default: float) -> float:
+    """JetStream's duplicate window for the streams fedjet creates: ``default``, or seconds from
+    ``FEDJET_DUPLICATE_WINDOW_S`` (tests shrink it so a short cut outlasts it: exactly-once must
+    not rest on it)."""
+    text = os.environ.get(DUPLICATE_WINDOW_ENV)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{DUPLICATE_WINDOW_ENV}={text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise ConfigError(f"{DUPLICATE_WINDOW_ENV} must be > 0 seconds, got {value}")
+    return value
+
+
 async def ensure_job_streams(js: Any, subjects: JobSubjects, *, replicas: int = 1, secure_agg: bool = False) -> None:
     """Create (or update) the job's streams and KV bucket with ``replicas`` copies each (3 on a
     cluster: losing a node loses nothing); safe to call from every process. A secure-aggregation
@@ -39,7 +59,7 @@ async def ensure_job_streams(js: Any, subjects: JobSubjects, *, replicas: int = 
         "storage": api.StorageType.FILE,
         "retention": api.RetentionPolicy.LIMITS,
         "discard": api.DiscardPolicy.OLD,
-        "duplicate_window": 300.0,
+        "duplicate_window": duplicate_window_s(300.0),
         "allow_direct": True,
     }
     await _add_or_update(js, api.StreamConfig(name=subjects.update_stream, subjects=[subjects.updates], **common))
@@ -55,9 +75,14 @@ async def ensure_job_streams(js: Any, subjects: JobSubjects, *, replicas: int = 
 
 
 async def _add_or_update(js: Any, config: api.StreamConfig) -> None:
+    """Create, or bring an existing stream to ``config``, keeping the sources it was given
+    since (the island streams the coordinator added: another process must not drop them)."""
     try:
         await js.add_stream(config)
     except nats.js.errors.BadRequestError:
+        if not config.sources:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                config.sources = (await js.stream_info(config.name)).config.sources
         await js.update_stream(config)
 
 

@@ -34,6 +34,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
+from fedjet.broker.jetstream import duplicate_window_s
 from fedjet.broker.subjects import JobSubjects, js_api
 from fedjet.errors import ConfigError
 from fedjet.log import get_logger
@@ -120,7 +121,7 @@ class IslandLink:
                 storage=api.StorageType.FILE,
                 retention=api.RetentionPolicy.LIMITS,
                 discard=api.DiscardPolicy.OLD,
-                duplicate_window=ISLAND_DUPLICATE_WINDOW_S,
+                duplicate_window=duplicate_window_s(ISLAND_DUPLICATE_WINDOW_S),
             ),
             api.StreamConfig(
                 name=s.global_stream,
@@ -223,3 +224,62 @@ def link_states(info: Any, subjects: JobSubjects, clouds: tuple[str, ...], *, st
         up = since is not None and since <= stale_s and error is None
         states.append(LinkState(cloud=cloud, up=up, since_contact_s=since, lag=source.lag, error=error))
     return states
+
+
+class IslandSourcer:
+    """The coordinator's side: sources each cloud whose worker announced an island stream, and
+    keeps the link gauges from the hub's view of each source."""
+
+    def __init__(self, js: Any, subjects: JobSubjects, clouds: tuple[str, ...], metrics: Any = None) -> None:
+        self.js = js
+        self.subjects = subjects
+        self.clouds = clouds
+        self.metrics = metrics
+        self.sourced: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    async def poll(self) -> None:
+        """Once: add announced islands, then read every sourced cloud's link state."""
+        kv = await self.js.key_value(self.subjects.kv_bucket)
+        for cloud in self.clouds:
+            if cloud in self.sourced:
+                continue
+            try:
+                entry = await kv.get(self.subjects.island_key(cloud))
+            except nats.js.errors.NotFoundError:
+                continue
+            if not _announces(entry.value, cloud):
+                log.warning("island_announcement_refused", cloud=cloud, value=bytes(entry.value or b"")[:200])
+                continue
+            await add_island_source(self.js, self.subjects, cloud)
+            self.sourced.add(cloud)
+        if self.sourced and self.metrics is not None:
+            info = await self.js.stream_info(self.subjects.update_stream)
+            for state in link_states(info, self.subjects, self.clouds):
+                self.metrics.link(state.cloud, up=state.up, since_contact_s=state.since_contact_s, lag=state.lag)
+
+    def start(self, every_s: float = ANNOUNCE_EVERY_S) -> None:
+        self._task = asyncio.create_task(self._run(every_s))
+
+    async def _run(self, every_s: float) -> None:
+        while True:
+            try:
+                await self.poll()
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
+                log.debug("island_poll_failed", error=f"{type(e).__name__}: {e}")
+            await asyncio.sleep(every_s)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+def _announces(value: bytes | None, cloud: str) -> bool:
+    """An announcement names the cloud's own domain (the hub's permissions pin it there anyway)."""
+    try:
+        body = json.loads(value or b"")
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("domain") == cloud

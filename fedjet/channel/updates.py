@@ -55,9 +55,19 @@ class UpdateSender:
     """Seals a framed update to the coordinator and publishes it on this cloud's subject;
     each chunk is sealed just before it is sent, so sealing overlaps the publishing."""
 
-    def __init__(self, js: Any, subjects: JobSubjects, boxes: Boxes, cloud: str, worker: str, *, max_payload: int):
+    def __init__(
+        self,
+        js: Any,
+        subjects: JobSubjects,
+        boxes: Boxes,
+        cloud: str,
+        worker: str,
+        *,
+        max_payload: int,
+        subject: str | None = None,
+    ):
         self._js = js
-        self.subject = subjects.update(cloud)
+        self.subject = subject if subject is not None else subjects.update(cloud)  # island: the leaf's subject
         self.boxes = boxes
         self.cloud = cloud
         self.worker = worker

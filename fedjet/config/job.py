@@ -29,6 +29,8 @@ OPTIMIZERS = ("sgd", "nesterov", "adam")
 LATE_POLICIES = ("drop", "carry")
 PARTITIONS = ("fixed", "noniid", "dynamic")
 SCHEDULES = ("wait", "overlap")
+ISLAND_POLICIES = ("queue", "accumulate")
+ISLAND_PHASES = 10  # default --island-max-steps: this many local phases past the newest version
 DEFAULT_CODEC = "lowrank:24+int4+down=lowrank:16+int4"  # see the README's frontier
 DEFAULT_ROUNDS = 5
 
@@ -177,9 +179,31 @@ class TrainConfig:
         ),
     )
 
+    island: str | None = field(
+        default=None,
+        metadata=flag(
+            "--island",
+            "what a cloud cut off from the hub contributes: queue (every phase's update waits on its leaf) or "
+            "accumulate (its phases fold into one update, sent when the link returns); default: queue for "
+            "async and fedbuff, accumulate for the synchronous rules",
+            choices=ISLAND_POLICIES,
+        ),
+    )
+    island_max_steps: int | None = field(
+        default=None,
+        metadata=flag(
+            "--island-max-steps",
+            f"local steps a cut-off cloud trains past its newest version, then waits (default {ISLAND_PHASES} phases)",
+        ),
+    )
+
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.island is not None and self.island not in ISLAND_POLICIES:
+            raise ConfigError(f"--island must be one of {ISLAND_POLICIES}, got {self.island!r}")
+        if self.island_max_steps is not None and self.island_max_steps < 0:
+            raise ConfigError(f"--island-max-steps must be >= 0, got {self.island_max_steps}")
         if self.local_steps < 1 or self.batch_size < 1 or self.seq_len < 2:
             raise ConfigError("--local-steps and --batch-size must be >= 1 and --seq-len >= 2")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -297,6 +321,8 @@ class JobConfig:
                 buffer_size=self.strategy.buffer_size,
             )
         rule = traits_of(self.strategy.name)
+        if self.train.island == "accumulate" and rule.update_kind == "gradient":
+            raise ConfigError("--island accumulate folds model moves; gradient sends one gradient a phase: use queue")
         overlappable = rule.synchronous and rule.update_kind == "delta"
         if self.train.schedule == "overlap" and (not overlappable or self.secure_agg):
             raise ConfigError(

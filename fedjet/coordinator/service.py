@@ -22,6 +22,7 @@ from fedjet.broker.jetstream import close_quietly, ensure_job_streams
 from fedjet.broker.socket_bytes import socket_bytes_of
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower, GlobalPublisher
+from fedjet.channel.island import IslandSourcer
 from fedjet.channel.kv import publish_spec, put_coordinator_stats, read_spec
 from fedjet.channel.updates import Arrival, UpdateInbox, stream_seqs
 from fedjet.codecs.crypto import COORDINATOR, ReplayGuard, envelope_limit
@@ -112,6 +113,7 @@ class Coordinator:
             self.limits = Limits.for_model(sum(t.numel() for t in initial.values()), len(initial))
             self._admission = Admission(spec, self.config.boxes, self.limits)
         nc, js = await open_target(self.config.target, f"fedjet-coordinator-{spec.job}")
+        islands: IslandSourcer | None = None
         try:
             with structlog.contextvars.bound_contextvars(job=spec.job):
                 self._replicas = self.config.replicas or default_replicas(nc)
@@ -126,6 +128,8 @@ class Coordinator:
                     clouds=spec.clouds, max_payload=nc.max_payload, boxes=self.config.boxes,
                 )  # fmt: skip
                 checkpoint = await self._prepare(js)
+                islands = IslandSourcer(js, self.subjects, spec.clouds, self.metrics)
+                islands.start()  # sources the clouds whose leaves keep their updates (island mode)
                 if checkpoint is None:
                     self.aggregator = Aggregator(spec.strategy, initial, clouds=len(spec.clouds))
                     await self._publish([])
@@ -142,6 +146,8 @@ class Coordinator:
                 else:
                     await self._consume()
         finally:
+            if islands is not None:
+                await islands.stop()
             if self.inbox is not None:
                 await self.inbox.close()
             await self._report_stats(nc, js)
@@ -288,7 +294,22 @@ class Coordinator:
 
     async def _fold_ready(self) -> None:
         while self._batcher.ready(time.monotonic()) and not self.done():
-            await self._fold([item for _, item in self._batcher.take()])
+            batch = [item for _, item in self._batcher.take()]
+            self._log_missing(batch)
+            await self._fold(batch)
+
+    def _log_missing(self, batch: list[Batched]) -> None:
+        """A synchronous round that closes without some clouds (deadline and quorum: a cloud cut
+        off, an island, or just slow) says which, in the round log."""
+        if not self._batcher.synchronous:
+            return
+        reported = {c.header.cloud for _, c in batch}
+        missing = sorted(set(self.config.spec.clouds) - reported - self._batcher.retired)
+        if missing:
+            assert self.aggregator is not None
+            log.warning(
+                "round_closed_without", version=self.aggregator.version + 1, missing=missing, quorum=len(reported)
+            )
 
     async def _fold(self, batch: list[Batched]) -> None:
         """Apply a batch; updates that would make the global non-finite are refused, the rest committed."""

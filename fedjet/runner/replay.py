@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
@@ -65,6 +65,7 @@ class ReplayConfig:
     progress: bool = True
     auth: ClientAuth | None = None
     js_domain: str | None = None
+    without: tuple[str, ...] = ()  # counterfactual: these clouds' updates left out (what an island added)
 
     def __post_init__(self) -> None:
         if (self.store is None) == (self.nats_url is None):
@@ -75,6 +76,8 @@ class ReplayConfig:
             raise ConfigError("say what to do: --verify, or --strategy NAME for a counterfactual")
         if self.from_version < 0:
             raise ConfigError("--from-version must be >= 0")
+        if self.without and self.verify:
+            raise ConfigError("--without is a counterfactual: drop --verify and name the --strategy")
 
     @property
     def keys_dir(self) -> str:
@@ -256,9 +259,16 @@ class _Session:
             )
         )
         print(f"note: {COUNTERFACTUAL_NOTE}", flush=True)
+        unknown = sorted(set(self.config.without) - set(spec.clouds))
+        if unknown:
+            raise ConfigError(f"--without {','.join(unknown)}: not a cloud of job {spec.job} {spec.clouds}")
+        versions = [
+            replace(v, contributions=tuple(c for c in v.contributions if c.cloud not in self.config.without))
+            for v in self.versions
+        ]
         folding = Counterfactual(strategy, self.start, self.first, len(spec.clouds))
         rounds = [await asyncio.to_thread(_record, 0, self.first, self.start, evaluator, [], 0)]
-        for batch in counterfactual_batches(self.versions, strategy, spec.strategy, spec.clouds):
+        for batch in counterfactual_batches(versions, strategy, spec.strategy, spec.clouds):
             contributions = await self._contributions(batch, self.start)
             await self._provide_bases(folding.aggregator, batch)
             weights = await asyncio.to_thread(folding.apply, batch, contributions)
@@ -281,6 +291,7 @@ class _Session:
                 "until_version": self.versions[-1].version if self.versions else self.first,
                 "data": evaluator.source,
                 "eval_tokens": self.config.eval_tokens,
+                "without": list(self.config.without),
             },
             rounds=rounds,
             notes=[COUNTERFACTUAL_NOTE, *evaluator.notes],

@@ -19,6 +19,7 @@ from fedjet.broker.jetstream import close_quietly
 from fedjet.broker.socket_bytes import socket_bytes_of
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower
+from fedjet.channel.island import IslandLink
 from fedjet.channel.kv import await_spec, put_stats
 from fedjet.channel.secagg import SecAggLink, secagg_max_bytes
 from fedjet.channel.updates import UpdateSender
@@ -93,6 +94,7 @@ class Worker:
         self.job: LocalJob | None = None
         self.follower: GlobalFollower | None = None
         self.secure: SecureMember | None = None
+        self.island: IslandLink | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -116,28 +118,42 @@ class Worker:
             if self.secure is not None:
                 await self.secure.link.stop()
             await self._report_stats()
+            if self.island is not None:
+                await self.island.stop()
             await close_quietly(self._nc)
         return self.stats
 
     async def _serve(self) -> None:
         cfg = self.config
-        spec = await await_spec(self._js, self.subjects, self.boxes.public_of(COORDINATOR), cfg.spec_timeout_s)
+        island = self.island = await IslandLink.detect(self._nc, self._js, self.subjects, cfg.cloud, cfg.js_domain)
+        if island is not None:  # the leaf's own JetStream: updates wait there, versions and spec are mirrored
+            await island.prepare()
+            self.stats.island = True
+        reads = island.local if island is not None else self._js
+        spec = await await_spec(reads, self.subjects, self.boxes.public_of(COORDINATOR), cfg.spec_timeout_s)
         spec.cloud_index(cfg.cloud)
         self.spec = spec
+        if island is not None:
+            island.start_announcing()  # the coordinator then sources this leaf's updates
         job = self.job = await asyncio.to_thread(self._prepare, spec)
         sender = UpdateSender(
-            self._js, self.subjects, self.boxes, cfg.cloud, cfg.worker_id, max_payload=self._nc.max_payload
-        )
+            reads, self.subjects, self.boxes, cfg.cloud, cfg.worker_id, max_payload=self._nc.max_payload,
+            subject=None if island is None else island.update_subject,
+        )  # fmt: skip
         own = job.trainer.weights()  # frame limits sized from the model, not 1 GiB
         limits = Limits.for_model(sum(t.numel() for t in own.values()), len(own))
-        follower = self.follower = GlobalFollower(self._js, self.subjects, self.boxes, limits, views=True)
+        follower = self.follower = GlobalFollower(reads, self.subjects, self.boxes, limits, views=True)
         await follower.start()
         await self._start_secure(spec, own)
         uplink = Uplink(
             job, sender, worker_id=cfg.worker_id, follower=follower, secure=self.secure, stopping=self._stop,
             stats=self.stats, metrics=self.metrics, report=self._report_stats,
         )  # fmt: skip
-        loops = TrainingLoops(job, follower, uplink, stats=self.stats, metrics=self.metrics, stopping=self._stop)
+        # Secure rounds need every member online: a cut-off cloud of a secure job waits instead.
+        trains_on = island if spec.config.secure_agg is None and spec.config.train.schedule == "wait" else None
+        loops = TrainingLoops(
+            job, follower, uplink, stats=self.stats, metrics=self.metrics, stopping=self._stop, island=trains_on
+        )
         await loops.run()
 
     async def _start_secure(self, spec: JobSpec, own: dict[str, Any]) -> None:
@@ -202,5 +218,8 @@ class Worker:
             return  # no job was found: there is no bucket to report to
         if not self._nc.is_connected:  # the broker is gone (or coming back): a put would wait out its timeouts
             log.warning("stats_not_reported", cloud=self.config.cloud, error="not connected to NATS")
+            return
+        if self.island is not None and not await self.island.link_up():  # an island: the hub's bucket is away
+            log.info("stats_not_reported", cloud=self.config.cloud, error="cut off from the hub (island)")
             return
         await put_stats(self._js, self.subjects, self.config.cloud, self.stats.to_dict(), domain=self.config.js_domain)

@@ -1,6 +1,13 @@
 """When a worker trains and when it sends: the ``wait`` schedule (each phase from the newest
 global) and the ``overlap`` schedule (the next phase trains while the last update uploads).
-What is sent, and how, is the :class:`~fedjet.worker.uplink.Uplink`'s."""
+What is sent, and how, is the :class:`~fedjet.worker.uplink.Uplink`'s.
+
+Island mode (``wait`` schedule, a worker on an island-capable leaf): where the worker would wait
+for a version and its leaf has lost the hub, it trains on from where it is instead, up to
+``--island-max-steps`` local steps past its newest version. ``--island queue`` sends each phase's
+update as usual (it waits durably in the leaf's stream); ``accumulate`` folds the phases into one
+update, sent as soon as the link answers again. Either way the update claims the newest version
+the worker had, so the coordinator's staleness rules weigh it."""
 
 from __future__ import annotations
 
@@ -11,15 +18,17 @@ from typing import Any
 import structlog
 
 from fedjet.channel.globals import GlobalFollower
+from fedjet.channel.island import IslandLink
 from fedjet.codecs.messages import GlobalHead, GlobalVersion
 from fedjet.metrics import WorkerMetrics
 from fedjet.worker.job import LocalJob
-from fedjet.worker.train import evaluate
+from fedjet.worker.train import StepsResult, evaluate
 from fedjet.worker.uplink import Phase, Uplink, WorkerStats
 
 # Phases that would start before this version wait for it: the first updates are the largest
 # and most diverse, and a phase trained from a cloud's own estimate of the global costs most there.
 OVERLAP_FROM_VERSION = 1
+ISLAND_CHECK_S = 2.0  # while waiting for a version, how often the link to the hub is asked
 
 
 class TrainingLoops:
@@ -34,6 +43,7 @@ class TrainingLoops:
         stats: WorkerStats,
         metrics: WorkerMetrics,
         stopping: asyncio.Event,
+        island: IslandLink | None = None,
     ) -> None:
         self.job = job
         self.follower = follower
@@ -41,6 +51,10 @@ class TrainingLoops:
         self.stats = stats
         self.metrics = metrics
         self.stopping = stopping
+        self.island = island
+        self.island_steps = 0  # local steps trained past the newest version while cut off
+        self.held: tuple[Phase, int] | None = None  # accumulate: the folded phases and their steps
+        self.waiting = 0  # updates sent while this island has been cut off
 
     async def run(self) -> None:
         if self.job.spec.config.train.schedule == "overlap":
@@ -64,13 +78,21 @@ class TrainingLoops:
             if base is None or spec.synchronous or sends_on_base >= spec.strategy.max_staleness:
                 # sync rounds wait for each version; an async worker that sent max_staleness
                 # updates on one base pauses, since more would arrive too stale to be applied
-                head: GlobalHead | None = await follower.newer_than(-1 if base is None else base.version)
+                head: GlobalHead | None = await self._await_version(base)
+                if head is None:  # cut off from the hub: an island trains on
+                    self._count_idle(wait_from)
+                    assert base is not None
+                    await self._island_phase(base, steps)
+                    continue
             else:
                 latest = follower.latest
                 head = latest if latest is not None and latest.version > base.version else None
             if follower.final is not None:
                 break
             if head is not None:
+                if self.held is not None and base is not None:  # an island's work, before it is overwritten
+                    await self._send_held(base)
+                self.island_steps = 0
                 await self._load(head, local_v0)
                 base, sends_on_base = head, 0
                 steps = self._assigned_steps(head, steps)
@@ -82,6 +104,62 @@ class TrainingLoops:
             with structlog.contextvars.bound_contextvars(version=base.version):
                 await self.uplink.send_phase(base.version, steps, await self._train(steps))
             sends_on_base += 1
+
+    async def _await_version(self, base: GlobalHead | None) -> GlobalHead | None:
+        """The next version after ``base``; None when this worker is an island with steps left
+        to train (its leaf has lost the hub). Work held by ``--island accumulate`` is sent as
+        soon as the link answers again, before waiting on."""
+        after = -1 if base is None else base.version
+        island, spec = self.island, self.job.spec
+        if island is None or base is None:
+            return await self.follower.newer_than(after)
+        waiting = asyncio.ensure_future(self.follower.newer_than(after))
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=ISLAND_CHECK_S)
+                if done:
+                    return waiting.result()
+                up = await island.link_up()
+                self.waiting = 0 if up else self.waiting
+                self.metrics.island(up=up, waiting=self.waiting)
+                if up and self.held is not None:
+                    await self._send_held(base)
+                elif not up and self.island_steps < spec.island_max_steps and not self.stopping.is_set():
+                    return None
+        finally:
+            if not waiting.done():
+                waiting.cancel()
+
+    async def _island_phase(self, base: GlobalHead, steps: int) -> None:
+        """One local phase trained while cut off, from where the model is (the newest version
+        plus this cloud's progress since): sent (queue) or folded into the held update."""
+        steps = min(steps, self.job.spec.island_max_steps - self.island_steps)
+        private = self.job.private
+        if private is not None and not private.affordable(steps):
+            self.island_steps = self.job.spec.island_max_steps  # wait for the link, train no more
+            return
+        with structlog.contextvars.bound_contextvars(version=base.version, island=True):
+            phase = await self._train(steps)
+            self.island_steps += steps
+            self.stats.island_steps += steps
+            if self.job.spec.island_policy == "queue":
+                await self.uplink.send_phase(base.version, steps, phase)
+                self.stats.island_updates += 1
+                self.waiting += 1
+            else:
+                held_phase, held_steps = self.held if self.held is not None else (None, 0)
+                self.held = (phase if held_phase is None else _folded(held_phase, phase), held_steps + steps)
+            structlog.get_logger("fedjet.worker").info(
+                "island_phase", steps=steps, island_steps=self.island_steps, policy=self.job.spec.island_policy
+            )
+
+    async def _send_held(self, base: GlobalHead) -> None:
+        """``--island accumulate``: the phases trained while cut off, as one update on ``base``."""
+        assert self.held is not None
+        (phase, steps), self.held = self.held, None
+        with structlog.contextvars.bound_contextvars(version=base.version, island=True):
+            await self.uplink.send_phase(base.version, steps, phase)
+        self.stats.island_updates += 1
 
     async def _load(self, head: GlobalHead, local_v0: dict[str, Any]) -> None:
         """Train from version ``head`` from now on, and measure updates from it."""
@@ -232,3 +310,19 @@ class TrainingLoops:
         loss = evaluate(trainer.model, data.heldout, trainer.device).loss
         self.stats.heldout_loss = loss
         return loss
+
+
+def _folded(first: Phase, then: Phase) -> Phase:
+    """Two phases as one: the model moved through both (no gradient is kept: accumulate is for
+    the delta rules), their figures summed, the later held-out loss."""
+    a, b = first.result, then.result
+    tokens = a.tokens + b.tokens
+    loss = (a.mean_loss * a.tokens + b.mean_loss * b.tokens) / tokens if tokens else b.mean_loss
+    result = StepsResult(
+        mean_loss=loss,
+        sequences=a.sequences + b.sequences,
+        tokens=tokens,
+        compute_s=a.compute_s + b.compute_s,
+        wall_s=a.wall_s + b.wall_s,
+    )
+    return Phase(None, result, then.heldout)

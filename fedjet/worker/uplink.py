@@ -52,6 +52,9 @@ class WorkerStats:
     initial_weights: str = ""  # "local" when version 0 came from this cloud's own copy
     retired: bool = False  # out of privacy budget
     dp_epsilon: float | None = None  # a DP job's ε spent so far
+    island: bool = False  # its leaf keeps its updates and mirrors (island mode)
+    island_steps: int = 0  # local steps trained while cut off from the hub
+    island_updates: int = 0  # updates sent while cut off (they waited on the leaf)
 
     @property
     def tokens_per_s(self) -> float:
