@@ -126,15 +126,17 @@ class Worker:
     async def _serve(self) -> None:
         cfg = self.config
         island = self.island = await IslandLink.detect(self._nc, self._js, self.subjects, cfg.cloud, cfg.js_domain)
-        if island is not None:  # the leaf's own JetStream: updates wait there, versions and spec are mirrored
-            await island.prepare()
-            self.stats.island = True
-        reads = island.local if island is not None else self._js
-        spec = await await_spec(reads, self.subjects, self.boxes.public_of(COORDINATOR), cfg.spec_timeout_s)
+        # The spec from the hub; from this leaf's mirror of it when a restart finds the link cut.
+        hub_away = island is not None and not await island.link_up()
+        spec_from = island.local if island is not None and hub_away else self._js
+        spec = await await_spec(spec_from, self.subjects, self.boxes.public_of(COORDINATOR), cfg.spec_timeout_s)
         spec.cloud_index(cfg.cloud)
         self.spec = spec
-        if island is not None:
+        if island is not None:  # the leaf's own JetStream: updates wait there, versions and spec are mirrored
+            await island.prepare()  # after the spec: the hub's streams exist, so the mirrors start at once
             island.start_announcing()  # the coordinator then sources this leaf's updates
+            self.stats.island = True
+        reads = island.local if island is not None else self._js
         job = self.job = await asyncio.to_thread(self._prepare, spec)
         sender = UpdateSender(
             reads, self.subjects, self.boxes, cfg.cloud, cfg.worker_id, max_payload=self._nc.max_payload,

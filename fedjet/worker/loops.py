@@ -75,14 +75,15 @@ class TrainingLoops:
         sends_on_base = 0
         while not self.stopping.is_set():
             wait_from = time.perf_counter()
+            if base is not None and await self._cut_off_with_steps_left(base):
+                self._count_idle(wait_from)
+                await self._island_phase(base, steps)  # an island trains on from where it is
+                continue
             if base is None or spec.synchronous or sends_on_base >= spec.strategy.max_staleness:
                 # sync rounds wait for each version; an async worker that sent max_staleness
                 # updates on one base pauses, since more would arrive too stale to be applied
                 head: GlobalHead | None = await self._await_version(base)
-                if head is None:  # cut off from the hub: an island trains on
-                    self._count_idle(wait_from)
-                    assert base is not None
-                    await self._island_phase(base, steps)
+                if head is None:  # the link dropped while waiting
                     continue
             else:
                 latest = follower.latest
@@ -105,13 +106,26 @@ class TrainingLoops:
                 await self.uplink.send_phase(base.version, steps, await self._train(steps))
             sends_on_base += 1
 
+    async def _cut_off_with_steps_left(self, base: GlobalHead) -> bool:
+        """Island mode: is the hub out of reach while this worker may still train past ``base``?
+        Held work goes out as soon as the link answers again."""
+        if self.island is None:
+            return False
+        up = await self.island.link_up()
+        self.waiting = 0 if up else self.waiting
+        self.metrics.island(up=up, waiting=self.waiting)
+        if up:
+            if self.held is not None:
+                await self._send_held(base)
+            return False
+        return self.island_steps < self.job.spec.island_max_steps and not self.stopping.is_set()
+
     async def _await_version(self, base: GlobalHead | None) -> GlobalHead | None:
         """The next version after ``base``; None when this worker is an island with steps left
         to train (its leaf has lost the hub). Work held by ``--island accumulate`` is sent as
         soon as the link answers again, before waiting on."""
         after = -1 if base is None else base.version
-        island, spec = self.island, self.job.spec
-        if island is None or base is None:
+        if self.island is None or base is None:
             return await self.follower.newer_than(after)
         waiting = asyncio.ensure_future(self.follower.newer_than(after))
         try:
@@ -119,12 +133,7 @@ class TrainingLoops:
                 done, _ = await asyncio.wait({waiting}, timeout=ISLAND_CHECK_S)
                 if done:
                     return waiting.result()
-                up = await island.link_up()
-                self.waiting = 0 if up else self.waiting
-                self.metrics.island(up=up, waiting=self.waiting)
-                if up and self.held is not None:
-                    await self._send_held(base)
-                elif not up and self.island_steps < spec.island_max_steps and not self.stopping.is_set():
+                if await self._cut_off_with_steps_left(base):
                     return None
         finally:
             if not waiting.done():
