@@ -93,8 +93,11 @@ class Sent:
     partial_blobs: int = 0
 
 
-async def read_sent(js: Any, subjects: JobSubjects, admission: Admission) -> Sent:
-    """Every update blob in the stream, opened as the coordinator opens it (no anti-replay)."""
+async def read_sent(
+    js: Any, subjects: JobSubjects, admission: Admission, *, stream: str | None = None, subject: str | None = None
+) -> Sent:
+    """Every update blob in the updates stream (or ``stream``/``subject``: an island's stream on
+    its leaf), opened as the coordinator opens it (no anti-replay)."""
     limits = admission.limits
     assembler = BlobAssembler(
         max_blob_bytes=envelope_limit(limits.max_frame_bytes),
@@ -102,7 +105,7 @@ async def read_sent(js: Any, subjects: JobSubjects, admission: Admission) -> Sen
         max_blobs_per_subject=1024,
     )
     out = Sent()
-    async for msg in read_range(js, subjects.update_stream, subjects.updates, 1):
+    async for msg in read_range(js, stream or subjects.update_stream, subject or subjects.updates, 1):
         try:
             blob = assembler.add(msg.subject, msg.headers, msg.data, msg.metadata.sequence.stream)
             if blob is None:

@@ -129,7 +129,7 @@ def _island_cloud(subjects: JobSubjects, cloud: str, api: str) -> Permissions:
         subjects.island_update(cloud),
         f"{LOCAL_API}.INFO",
         *manage,
-        f"{LOCAL_API}.STREAM.INFO.{subjects.island_stream(cloud)}",
+        *_stream_read(subjects.island_stream(cloud), LOCAL_API),  # what waits there (status, audits)
         *_stream_read(subjects.global_stream, LOCAL_API),
         *_spec_read(subjects, LOCAL_API),
         f"{api}.$KV.{subjects.kv_bucket}.{subjects.island_key(cloud)}",
