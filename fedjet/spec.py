@@ -52,13 +52,17 @@ class JobSpec:
 
     @property
     def island_policy(self) -> str:
-        """What a cut-off cloud contributes: ``--island``, or by default ``queue`` where every
-        update is applied on its own with a staleness weight (async, fedbuff) and ``accumulate``
-        where a round takes one update per cloud (the synchronous rules)."""
+        """What a cut-off cloud contributes: ``--island``, or by default ``queue`` where updates
+        are deltas summed onto the current global (fedbuff) or gradients (gradient), and
+        ``accumulate`` where a round takes one update per cloud (the synchronous delta rules) or
+        an update is a model mixed into the global (async: each stale model estimate pulls the
+        global back towards its old base, so an island's phases go in once)."""
         chosen = self.config.train.island
         if chosen is not None:
             return chosen
-        return "accumulate" if self.synchronous and self.update_kind == "delta" else "queue"
+        if self.update_kind == "gradient" or self.delta_reference == "last_send":
+            return "queue"
+        return "accumulate"
 
     @property
     def island_max_steps(self) -> int:

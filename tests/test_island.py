@@ -1,6 +1,7 @@
 """Island mode on real servers: a hub and three island-capable leaves from ``fedjet deploy nats``,
 aws's leaf reaching the hub through a relay the test cuts for longer than the streams' duplicate
-window (shrunk to 3 s) in the middle of an asynchronous job, its leaf server restarted during the
+window (shrunk to 3 s) in the middle of a FedBuff job (its default, --island queue: every phase's
+update waits on the leaf), its leaf server restarted during the
 cut. The other clouds keep making versions; aws's worker keeps training and does not exit; when
 the link returns its queued updates reach the coordinator, each once (counted from the worker's
 own acknowledged sends, from its leaf's stream and from the hub's, not only from the records);
@@ -32,7 +33,7 @@ from tests.topology_helpers import CLOUDS, JOB, SUBJECTS, _free_base_port, _wait
 pytestmark = pytest.mark.e2e
 
 ISLAND = "aws"
-CUT_S = 14.0  # longer than the duplicate window below, with a leaf restart inside
+CUT_S = 10.0  # longer than the duplicate window below, with a leaf restart inside
 TRAIN = ["--local-steps", "3", "--batch-size", "4", "--seq-len", "64"]
 
 
@@ -74,7 +75,7 @@ def test_an_island_trains_through_a_cut_and_its_queued_updates_arrive_once(tmp_p
         hub = ",".join(topology.hub)
         coordinator = FedjetProcess(
             "coordinator", "--nats", hub, *identity(topology, "coordinator"), "--keys", str(keys), "--job", JOB,
-            "--clouds", ",".join(CLOUDS), "--strategy", "async", "--max-updates", "36", "--max-staleness", "200",
+            "--clouds", ",".join(CLOUDS), "--strategy", "fedbuff", "--max-updates", "30", "--max-staleness", "200",
             *TRAIN, env=env, log=logs / "coordinator.log",
         )  # fmt: skip
         workers = {
@@ -156,13 +157,13 @@ async def _audit(topology, keys: Path, logs: Path) -> tuple[dict, set]:
 
 
 def _counterfactual_loss(hub: str, topology, keys: Path, data_dir: Path, report: Path, without: tuple[str, ...]) -> float:
-    """Final held-out loss of the recorded updates re-aggregated (async, as recorded), with or
+    """Final held-out loss of the recorded updates re-aggregated (FedBuff, as recorded), with or
     without the island's, on text the island trained on none of (WikiText test)."""
     args = ["--without", ",".join(without)] if without else []
     done = run_fedjet(
         "replay", "--nats", hub, *identity(topology, "coordinator"), "--keys", str(keys), "--job", JOB,
-        "--strategy", "async", "--max-staleness", "200", "--eval-data", str(data_dir / "wiki.test.tokens"),
-        "--eval-tokens", "4096", "--report", str(report), "--no-progress", *args, timeout=180,
+        "--strategy", "fedbuff", "--max-staleness", "200", "--eval-data", str(data_dir / "wiki.test.tokens"),
+        "--eval-tokens", "2048", "--report", str(report), "--no-progress", *args, timeout=180,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return float(json.loads(report.read_text())["summary"]["final_eval_loss"])

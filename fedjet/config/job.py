@@ -185,7 +185,7 @@ class TrainConfig:
             "--island",
             "what a cloud cut off from the hub contributes: queue (every phase's update waits on its leaf) or "
             "accumulate (its phases fold into one update, sent when the link returns); default: queue for "
-            "async and fedbuff, accumulate for the synchronous rules",
+            "fedbuff and gradient, accumulate for async and the synchronous delta rules",
             choices=ISLAND_POLICIES,
         ),
     )

@@ -113,7 +113,9 @@ def hub_config(node: HubNode) -> str:
         if node.route_tls is None:
             raise ValueError(f"{node.name} has routes but no route certificate")
         body["cluster"] = _cluster(node, node.route_tls)
-    body["leafnodes"] = {"host": node.host, "port": node.leaf_port, "tls": _tls(node.tls)}
+    # no_advertise: a leaf's remote lists every hub node already, and an advertised address (the
+    # hub's own view of itself) may be one the leaf cannot or must not reach (a relay, a NAT)
+    body["leafnodes"] = {"host": node.host, "port": node.leaf_port, "no_advertise": True, "tls": _tls(node.tls)}
     body["authorization"] = {"users": [user_block(user) for user in node.users]}
     return f"# hub node {node.name}: start with  nats-server -c THIS_FILE\n{render(body)}"
 
