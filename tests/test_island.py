@@ -54,6 +54,25 @@ def versions(status: list[str]) -> int:
     return int((json.loads(shown.stdout).get("head") or {}).get("version", -1)) if shown.returncode == 0 else -1
 
 
+def island_sends_logged(log: Path) -> set[int]:
+    """Sequence numbers of the updates the worker sent while cut off (acknowledged by its leaf)."""
+    events = [json.loads(line) for line in log.read_text(errors="replace").splitlines() if '"update_sent"' in line]
+    return {int(e["seq"]) for e in events if e.get("island")}
+
+
+def _wait_until_applied(seqs: set[int], coordinator_log: Path, coordinator: FedjetProcess) -> None:
+    """Until the coordinator has applied every one of the island's queued updates (at most 90 s)."""
+    assert seqs, "the island sent nothing while cut off"
+    deadline = time.monotonic() + 90
+    while True:
+        lines = coordinator_log.read_text(errors="replace").splitlines()
+        applied = {int(json.loads(line)["seq"]) for line in lines if '"update_applied"' in line and ISLAND in line}
+        if seqs <= applied:
+            return
+        assert coordinator.poll() is None and time.monotonic() < deadline, f"not applied: {sorted(seqs - applied)}"
+        time.sleep(0.5)
+
+
 def island_phases(log: Path) -> int:
     return log.read_text(errors="replace").count('"island_phase"')
 
@@ -75,7 +94,7 @@ def test_an_island_trains_through_a_cut_and_its_queued_updates_arrive_once(tmp_p
         hub = ",".join(topology.hub)
         coordinator = FedjetProcess(
             "coordinator", "--nats", hub, *identity(topology, "coordinator"), "--keys", str(keys), "--job", JOB,
-            "--clouds", ",".join(CLOUDS), "--strategy", "fedbuff", "--max-updates", "30", "--max-staleness", "200",
+            "--clouds", ",".join(CLOUDS), "--strategy", "fedbuff", "--max-updates", "1000", "--max-staleness", "200",
             *TRAIN, env=env, log=logs / "coordinator.log",
         )  # fmt: skip
         workers = {
@@ -104,8 +123,10 @@ def test_an_island_trains_through_a_cut_and_its_queued_updates_arrive_once(tmp_p
             phases = island_phases(island_log)
             assert workers[ISLAND].poll() is None, island_log.read_text()[-3000:]
             link.restore()
-            for name, proc in [("coordinator", coordinator), *workers.items()]:
-                proc.wait(timeout=240)
+            _wait_until_applied(island_sends_logged(island_log), logs / "coordinator.log", coordinator)
+            for name, proc in [("coordinator", coordinator), *workers.items()]:  # the job would go on
+                proc.terminate()
+                proc.wait(timeout=60)
                 log = logs / ("coordinator.log" if name == "coordinator" else f"worker-{name}.log")
                 assert proc.returncode == 0, log.read_text()[-3000:]
         finally:
@@ -117,7 +138,7 @@ def test_an_island_trains_through_a_cut_and_its_queued_updates_arrive_once(tmp_p
         assert during >= before + 3, "the other clouds kept making versions during the cut"
         assert phases >= 2, "the island kept training while cut off"
         result, island_sends = asyncio.run(_audit(topology, keys, logs))
-        assert result["final"] and result["lost"] == result["doubled"] == 0, result
+        assert result["lost"] == result["doubled"] == 0, result
         assert result["acknowledged_missing"] == result["unauthenticated"] == result["partial_blobs"] == 0, result
         acknowledged = {s for s in acknowledged_sends(logs) if s[0] == ISLAND}
         assert island_sends == acknowledged, "the island's leaf stream holds exactly what its worker saw acknowledged"
@@ -129,9 +150,6 @@ def test_an_island_trains_through_a_cut_and_its_queued_updates_arrive_once(tmp_p
         assert json.loads(verify.stdout.strip().splitlines()[-1])["mismatches"] == 0
         with_island = _counterfactual_loss(hub, topology, keys, data_dir, tmp_path / "with.json", ())
         without = _counterfactual_loss(hub, topology, keys, data_dir, tmp_path / "without.json", (ISLAND,))
-    applied_from_island = sum(1 for line in (logs / "coordinator.log").read_text().splitlines()
-                              if '"update_applied"' in line and f'"cloud": "{ISLAND}"' in line)  # fmt: skip
-    assert applied_from_island >= phases
     assert with_island < without, (with_island, without)
 
 
