@@ -7,9 +7,15 @@ check inside fedjet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
+import shutil
 import signal
 import ssl
+import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -19,9 +25,13 @@ import pytest
 from nats.js import api
 
 from fedjet.broker.auth import ClientAuth
+from fedjet.broker.server import find_nats_server
 from fedjet.broker.subjects import kv_put_subject
+from fedjet.channel.island import add_island_source
+from fedjet.deploy.configs import LeafNode, TlsFiles, User, leaf_config
 from fedjet.deploy.files import write_secret
 from fedjet.deploy.identities import new_user_seed
+from fedjet.deploy.permissions import Permissions
 from tests.conftest import until
 from tests.topology_helpers import (
     CHUNK_BYTES,
@@ -31,6 +41,7 @@ from tests.topology_helpers import (
     SUBJECTS,
     Cluster,
     _config,
+    _free_base_port,
     _retry,
     _set_up_job,
     _wait_leaves,
@@ -141,6 +152,13 @@ def test_cloud_publishing_another_clouds_update_is_refused_by_the_server(cluster
         f"$JS.hub.API.STREAM.DELETE.{SUBJECTS.update_stream}",
         f"$JS.hub.API.CONSUMER.CREATE.{SUBJECTS.update_stream}",  # no reading the other clouds' updates
         f"$KV.{SUBJECTS.kv_bucket}.spec",
+        # island mode: not another cloud's island subject, stream, domain, deliveries or announcement
+        SUBJECTS.island_update("aws"),
+        f"$JS.API.STREAM.CREATE.{SUBJECTS.island_stream('aws')}",
+        f"$JS.API.STREAM.DELETE.{SUBJECTS.island_stream('gcp')}",  # nor drop its own queued updates
+        "$JS.aws.API.INFO",
+        f"{SUBJECTS.source_deliver('aws')}.S.forged",
+        kv_put_subject(SUBJECTS.kv_bucket, SUBJECTS.island_key("aws"), "hub"),
     ],
 )
 def test_worker_cannot_publish_globals_the_spec_or_manage_streams(cluster, subject):
@@ -225,3 +243,93 @@ def test_r3_streams_keep_accepting_updates_after_a_hub_node_dies(cluster):
     before, acks, after = asyncio.run(scenario())
     assert all(ack.stream == SUBJECTS.update_stream for ack in acks)
     assert after.state.messages == before + 3
+
+
+@pytest.mark.parametrize("credentials, arrives", [("aws", False), ("gcp", True)])
+def test_a_leaf_cannot_pose_as_another_clouds_island(cluster, tmp_path, credentials, arrives):
+    """gcp's leaf is down; a leaf server holding ``credentials``' leaf seed runs JetStream in the
+    domain ``gcp`` with an island stream of forged "gcp" updates, and the hub sources gcp's island.
+    With aws's seed the hub never asks it (its leaf may only hear its own domain): nothing arrives.
+    The control, gcp's own seed, shows the forged update would have arrived otherwise."""
+    topology = cluster.topology
+    cluster.stop("leaf-gcp")
+    rogue = _rogue_island(topology, tmp_path, credentials, domain="gcp")
+    try:
+
+        async def scenario() -> int:
+            await _retry(lambda: _forge_island_update(rogue.url, topology), 30, "the rogue leaf's island stream")
+            async with session(topology, "coordinator") as co:
+                js = co.nc.jetstream(timeout=5.0)
+                await add_island_source(js, SUBJECTS, "gcp")
+                try:
+                    deadline = asyncio.get_running_loop().time() + (20 if arrives else 8)
+                    while asyncio.get_running_loop().time() < deadline:
+                        with contextlib.suppress(nats.js.errors.NotFoundError):
+                            msg = await js.get_last_msg(SUBJECTS.update_stream, SUBJECTS.update("gcp"))
+                            return 1 if msg.data == b"forged gcp update" else 0
+                        await asyncio.sleep(0.5)
+                    return 0
+                finally:
+                    info = await js.stream_info(SUBJECTS.update_stream)
+                    info.config.sources = [
+                        s for s in info.config.sources or [] if s.name != SUBJECTS.island_stream("gcp")
+                    ]
+                    await js.update_stream(info.config)
+                    if arrives:
+                        await js.purge_stream(SUBJECTS.update_stream, subject=SUBJECTS.update("gcp"))
+
+        assert asyncio.run(scenario()) == int(arrives)
+    finally:
+        rogue.stop()
+        cluster.start("leaf-gcp")
+        cluster.wait_listening()
+        asyncio.run(_wait_leaves(topology))
+
+
+@dataclass
+class _Rogue:
+    proc: subprocess.Popen[bytes]
+    url: str
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def _rogue_island(topology: Any, tmp_path: Path, credentials: str, *, domain: str) -> _Rogue:
+    """A leaf server its operator configured freely: ``credentials``' leaf seed towards the hub,
+    JetStream in ``domain``, a local user (aws's NKEY) allowed everything."""
+    leaf = next(s for s in topology.servers if s.cloud == credentials)
+    directory = tmp_path / "rogue"
+    directory.mkdir()
+    shutil.copy(leaf.config.parent / "leaf-seed.conf", directory / "leaf-seed.conf")
+    hub_leaf_urls = tuple(re.findall(r"nats-leaf://([0-9.:]+)", leaf.config.read_text()))
+    port = _free_base_port(1)
+    everything = Permissions(publish=(">",), subscribe=(">",))
+    node = LeafNode(
+        name="rogue", host="127.0.0.1", client_port=port, hub_leaf_urls=hub_leaf_urls, seed_include="leaf-seed.conf",
+        tls=TlsFiles(cert=leaf.config.parent / "server.pem", key=leaf.config.parent / "server-key.pem",
+                     ca=topology.ca, verify=False),
+        remote_cert=None, users=(User(public_key=topology.identities["aws"].public_key, permissions=everything),),
+        store_dir=directory / "jetstream", jetstream_domain=domain,
+    )  # fmt: skip
+    conf = directory / "nats.conf"
+    conf.write_text(leaf_config(node))
+    log = (directory / "rogue.log").open("ab")
+    proc = subprocess.Popen([find_nats_server(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    return _Rogue(proc, f"tls://127.0.0.1:{port}")
+
+
+async def _forge_island_update(url: str, topology: Any) -> None:
+    nc = await nats.connect(
+        [url], connect_timeout=3, max_reconnect_attempts=1, **topology.client_auth("aws").connect_kwargs()
+    )
+    try:
+        js = nc.jetstream(timeout=3.0)
+        config = api.StreamConfig(name=SUBJECTS.island_stream("gcp"), subjects=[SUBJECTS.island_update("gcp")])
+        with contextlib.suppress(nats.js.errors.BadRequestError):
+            await js.add_stream(config)
+        await js.publish(SUBJECTS.island_update("gcp"), b"forged gcp update")
+    finally:
+        await nc.close()

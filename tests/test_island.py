@@ -99,10 +99,22 @@ def test_an_island_trains_through_a_cut_and_its_queued_updates_arrive_once(tmp_p
         )  # fmt: skip
         workers = {
             cloud: FedjetProcess(
-                "worker", "--nats", topology.leaf[cloud], *identity(topology, cloud), "--keys", str(keys),
-                "--job", JOB, "--cloud", cloud, "--deal", "--data", str(data_dir),
-                env=env, log=logs / f"worker-{cloud}.log",
-            )  # fmt: skip
+                "worker",
+                "--nats",
+                topology.leaf[cloud],
+                *identity(topology, cloud),
+                "--keys",
+                str(keys),
+                "--job",
+                JOB,
+                "--cloud",
+                cloud,
+                "--deal",
+                "--data",
+                str(data_dir),
+                env=env,
+                log=logs / f"worker-{cloud}.log",
+            )
             for cloud in CLOUDS
         }
         procs = [coordinator, *workers.values()]
@@ -111,7 +123,9 @@ def test_an_island_trains_through_a_cut_and_its_queued_updates_arrive_once(tmp_p
         try:
             deadline = time.monotonic() + 120
             while versions(status) < 2:
-                assert time.monotonic() < deadline and coordinator.poll() is None, (logs / "coordinator.log").read_text()
+                assert time.monotonic() < deadline and coordinator.poll() is None, (
+                    logs / "coordinator.log"
+                ).read_text()
                 time.sleep(1)
             link.cut()
             cut_at, before = time.monotonic(), versions(status)
@@ -174,7 +188,9 @@ async def _audit(topology, keys: Path, logs: Path) -> tuple[dict, set]:
     return account(recorded, sent, acknowledged_sends(logs)), island_sends
 
 
-def _counterfactual_loss(hub: str, topology, keys: Path, data_dir: Path, report: Path, without: tuple[str, ...]) -> float:
+def _counterfactual_loss(
+    hub: str, topology, keys: Path, data_dir: Path, report: Path, without: tuple[str, ...]
+) -> float:
     """Final held-out loss of the recorded updates re-aggregated (FedBuff, as recorded), with or
     without the island's, on text the island trained on none of (WikiText test)."""
     args = ["--without", ",".join(without)] if without else []

@@ -93,7 +93,7 @@ class Cluster:
 
     def wait_listening(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
-        for server in self.topology.servers:
+        for server in (s for s in self.topology.servers if s.name in self.procs):  # the ones started
             while True:
                 proc = self.procs[server.name]
                 if proc.poll() is not None:
