@@ -49,9 +49,18 @@ def route_leaf_through(topology, cloud: str, link: CuttableLink, hub_leaf_port: 
     conf.write_text(text.replace(f"127.0.0.1:{hub_leaf_port}", f"127.0.0.1:{link.port}"))
 
 
+def shown(status: list[str]) -> dict:
+    done = run_fedjet(*status, "--json", timeout=60)
+    return json.loads(done.stdout) if done.returncode == 0 else {}
+
+
 def versions(status: list[str]) -> int:
-    shown = run_fedjet(*status, "--json", timeout=60)
-    return int((json.loads(shown.stdout).get("head") or {}).get("version", -1)) if shown.returncode == 0 else -1
+    return int((shown(status).get("head") or {}).get("version", -1))
+
+
+def island_link(status: list[str]) -> dict:
+    """What ``fedjet status`` says of the island's link (the hub's view of its leaf)."""
+    return (shown(status).get("clouds", {}).get(ISLAND) or {}).get("link") or {}
 
 
 def island_sends_logged(log: Path) -> set[int]:
@@ -134,10 +143,12 @@ def test_an_island_trains_through_a_cut_and_its_queued_updates_arrive_once(tmp_p
             cluster.start(f"leaf-{ISLAND}")
             time.sleep(max(0.0, CUT_S - (time.monotonic() - cut_at)))
             during = versions(status)
+            cut_off = island_link(status)
             phases = island_phases(island_log)
             assert workers[ISLAND].poll() is None, island_log.read_text()[-3000:]
             link.restore()
             _wait_until_applied(island_sends_logged(island_log), logs / "coordinator.log", coordinator)
+            linked = island_link(status)
             for name, proc in [("coordinator", coordinator), *workers.items()]:  # the job would go on
                 proc.terminate()
                 proc.wait(timeout=60)
@@ -151,6 +162,8 @@ def test_an_island_trains_through_a_cut_and_its_queued_updates_arrive_once(tmp_p
                     proc.wait()
         assert during >= before + 3, "the other clouds kept making versions during the cut"
         assert phases >= 2, "the island kept training while cut off"
+        assert cut_off["link"] == "island" and cut_off["since_contact_s"] >= 5, cut_off
+        assert linked["link"] == "up", linked
         result, island_sends = asyncio.run(_audit(topology, keys, logs))
         assert result["lost"] == result["doubled"] == 0, result
         assert result["acknowledged_missing"] == result["unauthenticated"] == result["partial_blobs"] == 0, result

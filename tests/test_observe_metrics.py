@@ -99,3 +99,32 @@ def test_mistakes_are_config_errors():
             serve_metrics(metrics.registry, server.port)  # taken
     finally:
         server.close()
+
+
+def test_island_links_from_the_hubs_source_info_reach_prometheus():
+    """The hub's stream info names each source's last contact (ns) and lag: a cloud heard from
+    within 5 s is up, one silent for longer (or with a source error) is an island."""
+    from types import SimpleNamespace
+
+    from fedjet.broker.subjects import JobSubjects
+    from fedjet.channel.island import link_states
+    from fedjet.metrics import CoordinatorMetrics
+
+    subjects = JobSubjects("j")
+    sources = [
+        SimpleNamespace(name=subjects.island_stream("aws"), active=42_000_000_000, lag=7, error=None),
+        SimpleNamespace(name=subjects.island_stream("gcp"), active=800_000_000, lag=0, error=None),
+        SimpleNamespace(name=subjects.island_stream("azure"), active=1_000, lag=None, error={"description": "gone"}),
+        SimpleNamespace(name="SOMETHING_ELSE", active=1, lag=0, error=None),
+    ]
+    states = {s.cloud: s for s in link_states(SimpleNamespace(sources=sources), subjects, ("aws", "gcp", "azure"))}
+    assert (states["aws"].up, states["aws"].since_contact_s, states["aws"].lag) == (False, 42.0, 7)
+    assert states["gcp"].up and not states["azure"].up and states["azure"].error == "gone"
+    metrics = CoordinatorMetrics()
+    for s in states.values():
+        metrics.link(s.cloud, up=s.up, since_contact_s=s.since_contact_s, lag=s.lag)
+    value = metrics.registry.get_sample_value
+    assert value("fedjet_link_up", {"cloud": "aws"}) == 0 and value("fedjet_link_up", {"cloud": "gcp"}) == 1
+    assert value("fedjet_island_seconds", {"cloud": "aws"}) == 42.0
+    assert value("fedjet_island_seconds", {"cloud": "gcp"}) == 0
+    assert value("fedjet_island_queued", {"cloud": "aws"}) == 7

@@ -148,7 +148,7 @@ def test_status_json_is_one_object_with_the_documented_shape(recorded, capsys):
     assert set(body) == {"job", "updates", "globals", "head", "record", "clouds", "notes"}
     assert body["head"]["version"] == 2 and body["record"]["rejected"] == {"BlobError": 1}
     assert set(body["clouds"]) == set(CLOUDS)
-    assert set(body["clouds"]["aws"]) == {"last_version", "staleness", "behind", "applied", "stats"}
+    assert set(body["clouds"]["aws"]) == {"last_version", "staleness", "behind", "applied", "stats", "link"}
     assert set(body["updates"]) == {"name", "messages", "bytes", "first_seq", "last_seq"}
 
 

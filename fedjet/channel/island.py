@@ -208,10 +208,15 @@ async def add_island_source(js: Any, subjects: JobSubjects, cloud: str) -> bool:
     return True
 
 
-def link_states(info: Any, subjects: JobSubjects, clouds: tuple[str, ...], *, stale_s: float = 10.0) -> list[LinkState]:
+LINK_STALE_S = 5.0  # a source's heartbeat comes every second: five missed, and the cloud is an island
+
+
+def link_states(
+    info: Any, subjects: JobSubjects, clouds: tuple[str, ...], *, stale_s: float = LINK_STALE_S
+) -> list[LinkState]:
     """Each sourced cloud's link as the hub's updates stream info reports it. A source is up
-    while the hub has heard from it within ``stale_s`` (the source's heartbeats come every few
-    seconds) and it reports no error."""
+    while the hub has heard from it within ``stale_s`` (nats-server sends a sourcing heartbeat
+    every second) and it reports no error."""
     by_name = {source.name: source for source in (getattr(info, "sources", None) or [])}
     states = []
     for cloud in clouds:

@@ -25,6 +25,7 @@ import nats.js.errors
 from fedjet.broker.auth import ClientAuth
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower, LatestHead
+from fedjet.channel.island import link_states
 from fedjet.channel.kv import read_spec
 from fedjet.channel.recorded import only_job, recorded_jetstream
 from fedjet.codecs.crypto import COORDINATOR, Boxes, Identity
@@ -78,6 +79,7 @@ class CloudStatus:
     behind: int | None = None  # head version minus last_version
     applied: int = 0  # its updates in the versions walked
     stats: Mapping[str, Any] = field(default_factory=dict)  # the worker's own figures
+    link: Mapping[str, Any] | None = None  # island mode: the hub's view of its leaf (link, since_contact_s, lag)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +107,7 @@ async def job_status(js: Any, subjects: JobSubjects, boxes: Boxes | None, *, dep
     globals_ = await stream_status(js, subjects.global_stream)
     clouds = await _known_clouds(js, subjects, boxes, notes)
     stats = await read_worker_stats(js, subjects, clouds, notes)
+    links = await _island_links(js, subjects, tuple(dict.fromkeys([*clouds, *stats])))
     head: HeadStatus | None = None
     records: list[tuple[int, VersionRecord]] = []
     if boxes is None:
@@ -117,7 +120,7 @@ async def job_status(js: Any, subjects: JobSubjects, boxes: Boxes | None, *, dep
         globals=globals_,
         head=head,
         record=_record_status(records),
-        clouds=_clouds(tuple(dict.fromkeys([*clouds, *stats])), stats, head, records),
+        clouds=_clouds(tuple(dict.fromkeys([*clouds, *stats])), stats, head, records, links),
         notes=tuple(notes),
     )
 
@@ -134,6 +137,18 @@ async def stream_status(js: Any, name: str) -> StreamStatus | None:
     return StreamStatus(
         name=name, messages=state.messages, bytes=state.bytes, first_seq=state.first_seq, last_seq=state.last_seq
     )
+
+
+async def _island_links(js: Any, subjects: JobSubjects, clouds: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Island mode: each sourced cloud's link as the hub's updates stream reports it: up or an
+    island, seconds since the hub last heard from its leaf, messages there not yet sourced."""
+    try:
+        info = await js.stream_info(subjects.update_stream)
+    except nats.js.errors.NotFoundError:
+        return {}
+    except NATS_ERRORS as e:
+        raise BrokerError(f"stream info of {subjects.update_stream}: {type(e).__name__}: {e}") from e
+    return {state.cloud: state.to_dict() for state in link_states(info, subjects, clouds)}
 
 
 async def _known_clouds(js: Any, subjects: JobSubjects, boxes: Boxes | None, notes: list[str]) -> list[str]:
@@ -242,6 +257,7 @@ def _clouds(
     stats: dict[str, dict[str, Any]],
     head: HeadStatus | None,
     records: list[tuple[int, VersionRecord]],
+    links: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> tuple[CloudStatus, ...]:
     """Per cloud: its newest applied update among the records walked (newest first)."""
     last: dict[str, tuple[int, int]] = {}  # cloud -> (version, staleness)
@@ -263,6 +279,7 @@ def _clouds(
                 behind=behind,
                 applied=applied.get(cloud, 0),
                 stats=stats.get(cloud, {}),
+                link=(links or {}).get(cloud),
             )
         )
     return tuple(out)

@@ -19,12 +19,14 @@ DASH = "-"
 def render_status(status: JobStatus) -> Table:
     """A row per cloud under a title that says the version and a caption with the counters."""
     table = Table(title=_title(status), caption=_caption(status), caption_justify="left")
-    for column in ("cloud", "last update", "staleness", "behind", "sent", "tokens/s", "idle", "up", "down", "ε"):
+    columns = ("cloud", "link", "last update", "staleness", "behind", "sent", "tokens/s", "idle", "up", "down", "ε")
+    for column in columns:
         table.add_column(column, justify="left" if column == "cloud" else "right")
     for cloud in status.clouds:
         stats = cloud.stats
         table.add_row(
             cloud.cloud,
+            _link(cloud.link),
             DASH if cloud.last_version is None else f"v{cloud.last_version}",
             _int(cloud.staleness),
             _int(cloud.behind),
@@ -48,6 +50,17 @@ def print_status(status: JobStatus, json: bool = False, console: Console | None 
             console.out(text, highlight=False)
         return
     (console or Console()).print(render_status(status))
+
+
+def _link(link: Mapping[str, Any] | None) -> str:
+    """Island mode: "up", or "island 42s" (since the hub last heard from the leaf) and what waits."""
+    if link is None:
+        return DASH
+    if link["link"] == "up":
+        return "up"
+    since = link.get("since_contact_s")
+    waiting = "" if link.get("lag") is None else f", {link['lag']} msgs waiting"
+    return f"island {DASH if since is None else f'{since:.0f}s'}{waiting}"
 
 
 def _title(status: JobStatus) -> str:
