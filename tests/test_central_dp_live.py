@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import torch
+from structlog.testing import capture_logs
 
 from fedjet.broker.blobs import publish_blob
 from fedjet.broker.jetstream import close_quietly, connect
@@ -52,8 +53,11 @@ def test_a_round_without_one_cloud_divides_by_the_clouds_expected_not_by_those_t
         finally:
             await close_quietly(nc)
 
-    asyncio.run(scenario())
+    with capture_logs() as logged:
+        asyncio.run(scenario())
     assert service.aggregator.version == 1
+    closed = [e for e in logged if e["event"] == "round_closed_without"]  # the round log says who was missing
+    assert [(e["version"], e["missing"], e["quorum"]) for e in closed] == [(1, ["azure"], 2)]
     moved = service.aggregator.weights["w"] - WEIGHTS["w"]
     each = CLIP / NUMEL**0.5  # one clipped update, per coordinate
     expected = 2 * each / len(CLOUDS)  # two clipped updates over the 3 the round expected (not over 2)
