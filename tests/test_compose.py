@@ -212,3 +212,22 @@ def test_identity_flags_parse_once_the_cli_has_them():
         assert parsed.nkey == f"{OUT}/identities/{identity}/user.nk"
         assert parsed.tls_ca == f"{OUT}/ca/ca.pem"
         assert parsed.js_domain == "hub"
+
+
+def test_every_jetstream_store_is_on_a_writable_mount(generated):
+    """Hub nodes and, in island mode, every leaf keep a JetStream store: nats-server must be able
+    to write it (a read-only mount would stop the leaf at start)."""
+    out, _, topology = generated
+    stores = 0
+    for name, service in services().items():
+        if not is_nats_server(service):
+            continue
+        config = Path(service["command"][1].replace(OUT, str(out), 1)).read_text()
+        found = re.search(r'store_dir: "([^"]+)"', config)
+        if found is None:
+            continue
+        stores += 1
+        inside = OUT + found.group(1)[len(str(out)) :]
+        writable = [spec.split(":")[1] for spec in service["volumes"] if not spec.split("#")[0].strip().endswith(":ro")]
+        assert any(inside.startswith(target + "/") for target in writable), f"{name}: {inside} is read-only"
+    assert stores == 3 + len(topology.leaf)  # three hub nodes and a leaf per cloud
