@@ -63,10 +63,10 @@ class Versions:
 
 
 class Sent:
-    def __init__(self, versions: Versions, release_after: int) -> None:
+    """The uplink: what was sent, on which base, with how many steps and how much compute."""
+
+    def __init__(self) -> None:
         self.calls: list[tuple[int, int, float]] = []
-        self.versions = versions
-        self.release_after = release_after
 
     async def send_phase(self, base_version: int, steps: int, phase) -> None:
         self.calls.append((base_version, steps, phase.result.compute_s))
@@ -101,7 +101,7 @@ def _loops(strategy: str, island: str | None, link: Link, *, max_steps: int | No
         delta_reference="last_send" if strategy == "fedbuff" else "base",
     )  # fmt: skip
     versions, trainer = Versions(), Trainer()
-    sent = Sent(versions, 0)
+    sent = Sent()
     job = SimpleNamespace(
         spec=spec, trainer=trainer, private=None, data=SimpleNamespace(heldout=None),
         tracker=SimpleNamespace(rebase=lambda tensors, version: None),
@@ -136,7 +136,7 @@ def test_accumulate_folds_the_phases_of_a_cut_into_one_update_sent_when_the_link
     # the first phase is sent with the link up; then three probes find it down (the first while
     # waiting for version 1, which ends the wait; the next two each start an island phase); then back
     link = Link([True, False, False, False, True])
-    loops, versions, sent, trainer = _loops("fedavg", None, link)
+    loops, versions, sent, _ = _loops("fedavg", None, link)
     assert loops.job.spec.island_policy == "accumulate"  # the default of the synchronous rules
     asyncio.run(_run_until(loops, versions, lambda: len(sent.calls) >= 2))
     first, held = sent.calls[:2]
@@ -147,7 +147,7 @@ def test_accumulate_folds_the_phases_of_a_cut_into_one_update_sent_when_the_link
 
 def test_queue_sends_every_phase_of_a_cut_and_stops_training_at_the_cap():
     link = Link([True] + [False] * 50)
-    loops, versions, sent, trainer = _loops("fedavg", "queue", link, max_steps=6)
+    loops, versions, sent, _ = _loops("fedavg", "queue", link, max_steps=6)
     trained = asyncio.run(_run_until(loops, versions, lambda: link.probes > 20))
     on_version_0 = [call for call in sent.calls if call[0] == 0]
     assert on_version_0 == [(0, 2, 2.0)] * 4  # the phase before the cut, then each island phase as trained
