@@ -259,8 +259,8 @@ def test_a_leaf_cannot_pose_as_another_clouds_island(cluster, tmp_path, credenti
         async def scenario() -> int:
             await _retry(lambda: _forge_island_update(rogue.url, topology), 30, "the rogue leaf's island stream")
             async with session(topology, "coordinator") as co:
-                js = co.nc.jetstream(timeout=5.0)
-                await add_island_source(js, SUBJECTS, "gcp")
+                js = co.nc.jetstream(timeout=10.0)  # the module's hub has lost a node by now
+                await _retry(lambda: add_island_source(js, SUBJECTS, "gcp"), 30, "sourcing gcp's island")
                 try:
                     deadline = asyncio.get_running_loop().time() + (20 if arrives else 8)
                     while asyncio.get_running_loop().time() < deadline:
@@ -270,11 +270,7 @@ def test_a_leaf_cannot_pose_as_another_clouds_island(cluster, tmp_path, credenti
                         await asyncio.sleep(0.5)
                     return 0
                 finally:
-                    info = await js.stream_info(SUBJECTS.update_stream)
-                    info.config.sources = [
-                        s for s in info.config.sources or [] if s.name != SUBJECTS.island_stream("gcp")
-                    ]
-                    await js.update_stream(info.config)
+                    await _retry(lambda: _drop_island_source(js, "gcp"), 30, "dropping gcp's island source")
                     if arrives:
                         await js.purge_stream(SUBJECTS.update_stream, subject=SUBJECTS.update("gcp"))
 
@@ -333,3 +329,9 @@ async def _forge_island_update(url: str, topology: Any) -> None:
         await js.publish(SUBJECTS.island_update("gcp"), b"forged gcp update")
     finally:
         await nc.close()
+
+
+async def _drop_island_source(js: Any, cloud: str) -> None:
+    info = await js.stream_info(SUBJECTS.update_stream)
+    info.config.sources = [s for s in info.config.sources or [] if s.name != SUBJECTS.island_stream(cloud)]
+    await js.update_stream(info.config)

@@ -12,7 +12,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from fedjet.broker import jetstream
+from fedjet.broker import connect as broker_connect
 from fedjet.broker.jetstream import close_quietly, connect
 from fedjet.broker.server import find_nats_server
 from fedjet.broker.subjects import JobSubjects
@@ -35,10 +35,10 @@ def test_urls_are_redacted_wherever_they_are_quoted():
 
 
 def test_connect_errors_never_quote_credentials(monkeypatch):
-    async def refuse(url, **kwargs):
-        raise OSError(f"connect call to {url} failed")
+    async def refuse(urls, **kwargs):  # the client's own error names the URL it was given, userinfo and all
+        raise OSError(f"connect call to {urls[0]} failed")
 
-    monkeypatch.setattr(jetstream.nats, "connect", refuse)
+    monkeypatch.setattr(broker_connect, "_connect", refuse)  # the one place every connection is made
     with pytest.raises(BrokerError) as caught:
         asyncio.run(connect(f"nats://alice:{SECRET}@127.0.0.1:1", "test"))
     assert SECRET not in str(caught.value) and "***@127.0.0.1:1" in str(caught.value)
