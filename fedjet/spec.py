@@ -9,11 +9,13 @@ configured one by one, so three clouds cannot drift apart on model, codec or tra
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fedjet.codecs import crypto
 from fedjet.codecs.crypto import Identity, PublicIdentity
+from fedjet.codecs.fragments import FragmentPlan
 from fedjet.config.job import ISLAND_PHASES, JobConfig, PartitionConfig, StopConfig, StrategyConfig, TrainConfig
 from fedjet.config.wire import WireError, from_wire, to_wire
 from fedjet.errors import ConfigError, SchemaError
@@ -49,6 +51,25 @@ class JobSpec:
     @property
     def strategy(self) -> StrategyConfig:
         return self.config.strategy
+
+    @property
+    def fragment_plan(self) -> FragmentPlan | None:
+        """``--fragments F``: which tensors each fragment holds (None: the whole model each round)."""
+        raw = self.extra.get("fragments")
+        if raw is None:
+            return None
+        plan = FragmentPlan.from_wire(raw)
+        if plan.count != self.config.train.fragments:
+            raise SchemaError(
+                f"the spec plans {plan.count} fragments but says --fragments {self.config.train.fragments}"
+            )
+        return plan
+
+    def expected_tensors(self, base_version: int, names: Sequence[str]) -> tuple[str, ...]:
+        """The tensors an update on ``base_version`` carries: all ``names``, or with fragments
+        the fragment that version's round synchronises."""
+        plan = self.fragment_plan
+        return tuple(names) if plan is None else plan.names(plan.of_version(base_version))
 
     @property
     def island_policy(self) -> str:

@@ -179,6 +179,21 @@ class TrainConfig:
         ),
     )
 
+    fragments: int = field(
+        default=1,
+        metadata=flag(
+            "--fragments",
+            "streaming fragments: split the model into F parts synchronised one per round, round-robin "
+            "(1: the whole model every round)",
+        ),
+    )
+    fragment_alpha: float = field(
+        default=0.5,
+        metadata=flag(
+            "--fragment-alpha",
+            "fragments: a returning fragment becomes alpha x the local one + (1 - alpha) x the global one",
+        ),
+    )
     island: str | None = field(
         default=None,
         metadata=flag(
@@ -200,6 +215,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.fragments < 1:
+            raise ConfigError(f"--fragments must be >= 1, got {self.fragments}")
+        if not 0 <= self.fragment_alpha < 1:
+            raise ConfigError(f"--fragment-alpha must be in [0, 1), got {self.fragment_alpha}")
         if self.island is not None and self.island not in ISLAND_POLICIES:
             raise ConfigError(f"--island must be one of {ISLAND_POLICIES}, got {self.island!r}")
         if self.island_max_steps is not None and self.island_max_steps < 0:
@@ -321,6 +340,7 @@ class JobConfig:
                 buffer_size=self.strategy.buffer_size,
             )
         rule = traits_of(self.strategy.name)
+        self._check_fragments(rule)
         if self.train.island == "accumulate" and rule.update_kind == "gradient":
             raise ConfigError("--island accumulate folds model moves; gradient sends one gradient a phase: use queue")
         overlappable = rule.synchronous and rule.update_kind == "delta"
@@ -329,6 +349,27 @@ class JobConfig:
                 "--schedule overlap is for the synchronous delta rules (fedavg, dynamic) without --secure-agg: "
                 "async and fedbuff workers never wait for a version, gradient steps need the newest weights, "
                 "and secure rounds mask an update against its round's base"
+            )
+
+    def _check_fragments(self, rule: Any) -> None:
+        """Streaming fragments run, for now, in synchronous delta rounds under a plain server step."""
+        if self.train.fragments == 1:
+            return
+        unsupported = [
+            (not (rule.synchronous and rule.update_kind == "delta"), f"--strategy {self.strategy.name}"),
+            (self.secure_agg is not None, "--secure-agg"),
+            (self.dp is not None, "--dp"),
+            (self.strategy.central_dp is not None, "--central-dp"),
+            (self.train.schedule != "wait", f"--schedule {self.train.schedule}"),
+            (self.strategy.server.name != "sgd", f"--server-opt {self.strategy.server.name}"),
+            (self.codec_spec.down is not None, f"--codec {self.codec} (a +down= view)"),
+            (self.peft is not None, "--peft"),
+        ]
+        named = [what for bad, what in unsupported if bad]
+        if named:
+            raise ConfigError(
+                f"--fragments {self.train.fragments} runs in synchronous fedavg/dynamic rounds with a plain "
+                f"server step and an update codec without a view; not yet with {', '.join(named)}"
             )
 
     def _check_privacy(self) -> None:

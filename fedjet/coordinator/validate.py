@@ -38,7 +38,9 @@ def to_contribution(
     if h.kind != update_kind:
         raise ValidationError(f"strategy {spec.strategy.name} takes {update_kind} updates, got {h.kind}")
     check_claims(h, spec)
-    check_tensors(update.tensors, weights, dense=spec.config.codec_spec.density is None)
+    expected = spec.expected_tensors(h.base_version, list(weights))  # with fragments: that round's fragment
+    carried = weights if len(expected) == len(weights) else {n: weights[n] for n in expected}
+    check_tensors(update.tensors, carried, dense=spec.config.codec_spec.density is None)
     tensors = {n: t.float() if isinstance(t, torch.Tensor) else t for n, t in update.tensors.items()}
     return Contribution(h.cloud, h.base_version, h.samples, h.loss, tensors)
 

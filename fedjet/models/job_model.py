@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from fedjet.codecs.fragments import plan_fragments
 from fedjet.codecs.tensors import weights_hash
 from fedjet.config.job import JobConfig
 from fedjet.config.strategy_traits import traits_of
@@ -85,6 +86,10 @@ def spec_for(job: JobConfig, jm: JobModel) -> JobSpec:
     strategy = traits_of(job.strategy.name)
     sha = jm.tokenizer.sha256 if isinstance(jm.tokenizer, HFTokenizer) else ""
     config = jm.model.get_base_model().config if jm.lora else jm.model.config  # type: ignore[operator]
+    extra: dict[str, object] = {}
+    if job.train.fragments > 1:  # stated in the spec, so every party agrees on the fragments
+        sizes = {n: t.numel() for n, t in jm.exchanged().items()}
+        extra["fragments"] = plan_fragments(sizes, job.train.fragments).to_wire()
     return JobSpec(
         config=job,
         model_config=config.to_dict(),
@@ -94,6 +99,7 @@ def spec_for(job: JobConfig, jm: JobModel) -> JobSpec:
         synchronous=strategy.synchronous,
         update_kind=strategy.update_kind,
         delta_reference=strategy.delta_reference,
+        extra=extra,
     )
 
 

@@ -22,6 +22,7 @@ from fedjet.channel.island import IslandLink
 from fedjet.codecs.messages import GlobalHead, GlobalVersion
 from fedjet.metrics import WorkerMetrics
 from fedjet.worker.job import LocalJob
+from fedjet.worker.streaming import StreamingSchedule
 from fedjet.worker.train import StepsResult, evaluate
 from fedjet.worker.uplink import Phase, Uplink, WorkerStats
 
@@ -57,7 +58,10 @@ class TrainingLoops:
         self.waiting = 0  # updates sent while this island has been cut off
 
     async def run(self) -> None:
-        if self.job.spec.config.train.schedule == "overlap":
+        plan = self.job.spec.fragment_plan
+        if plan is not None:  # --fragments: one fragment a round (fedjet.worker.streaming)
+            await StreamingSchedule(self, plan).run()
+        elif self.job.spec.config.train.schedule == "overlap":
             await self._overlap_schedule()
         else:
             await self._wait_schedule()
