@@ -50,7 +50,7 @@ def test_a_plan_refuses_empty_fragments_and_foreign_models():
     [
         ({"strategy": StrategyConfig(name="async")}, "--strategy async"),
         ({"dp": "epsilon=8,delta=1e-5,clip=1"}, "--dp"),
-        ({"strategy": StrategyConfig(server=ServerOptConfig(name="nesterov"))}, "--server-opt nesterov"),
+        ({"strategy": StrategyConfig(server=ServerOptConfig(name="adam"))}, "--server-opt adam"),
         ({"codec": "lowrank:24+int4+down=lowrank:16+int4"}, "+down="),
     ],
 )
@@ -101,3 +101,20 @@ def test_a_fragment_run_learns_sends_a_fragment_a_round_and_replays_bit_for_bit(
         "mismatches": 0,
         "first_mismatch": None,
     }
+
+
+def test_a_fragment_round_moves_its_fragment_only_and_keeps_the_other_tensors_themselves():
+    """No copy of the tensors a round does not synchronise: the coordinator's memory per round is
+    the fragment's; their server-optimizer state (Nesterov, per fragment) is left alone too."""
+    from fedjet.coordinator.aggregate import Contribution
+    from fedjet.coordinator.strategies import Aggregator, Applied
+
+    weights = {"a.weight": torch.ones(4), "b.weight": torch.ones(4)}
+    strategy = StrategyConfig(name="fedavg", server=ServerOptConfig(name="nesterov", lr=0.7))
+    aggregator = Aggregator(strategy, dict(weights), clouds=2)
+    for cloud in ("aws", "gcp"):
+        part = Contribution(cloud, 0, 8, 2.0, {"a.weight": torch.full((4,), 0.5)})
+        aggregator.apply([Applied(part, 0)])
+    assert aggregator.weights["b.weight"] is weights["b.weight"]
+    assert not torch.equal(aggregator.weights["a.weight"], weights["a.weight"])
+    assert set(aggregator.optimizer.state) == {"a.weight"}

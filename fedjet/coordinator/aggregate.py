@@ -50,10 +50,13 @@ def zeros_like(weights: Weights) -> Weights:
 
 
 def combine(template: Weights, parts: Sequence[Contribution], coefs: Sequence[float]) -> Weights:
-    """``sum_i coefs[i] * parts[i].tensors``, in order, as dense tensors shaped like ``template``."""
+    """``sum_i coefs[i] * parts[i].tensors``, in order, as dense tensors shaped like ``template``,
+    for the tensors some part carries (a fragment round's parts carry one fragment: the sum, and
+    the memory it takes, stay that fragment's)."""
     if len(parts) != len(coefs):
         raise AggregationError("one coefficient per contribution")
-    acc = zeros_like(template)
+    present = {name for part in parts for name in part.tensors}
+    acc = {n: torch.zeros_like(t) for n, t in template.items() if n in present}
     for part, coef in zip(parts, coefs, strict=True):
         for name, tensor in part.tensors.items():
             add_scaled_(acc[name], tensor, coef)

@@ -20,11 +20,16 @@ class ServerOptimizer:
         self.state: dict[str, dict[str, torch.Tensor]] = {}
 
     def step(self, weights: Weights, pseudo_grad: Weights) -> Weights:
+        """A tensor the pseudo-gradient does not name (another fragment's) is kept as it is, the
+        same tensor, and so is its optimizer state."""
         self.steps += 1
         c = self.config
         out: Weights = {}
         for name, w in weights.items():
-            g = pseudo_grad[name]
+            g = pseudo_grad.get(name)
+            if g is None:
+                out[name] = w
+                continue
             if c.name == "sgd":
                 direction = g
             elif c.name == "nesterov":

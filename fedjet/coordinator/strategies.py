@@ -234,7 +234,7 @@ class Aggregator:
         one = [Applied(clipped(applied.contribution, bound), applied.staleness)]
         grad = self.strategy.pseudo_gradient(self.weights, one, self.base_weights)
         lr = self.config.server.step_size
-        return all(bool(torch.isfinite(w - lr * grad[n]).all()) for n, w in self.weights.items())
+        return all(bool(torch.isfinite(self.weights[n] - lr * g).all()) for n, g in grad.items())
 
     def base_weights(self, version: int) -> Weights:
         if version in self._history and not self.bases_from_record:
