@@ -81,6 +81,8 @@ def run_bytes(clouds: dict[str, dict[str, Any]], processes: dict[str, dict[str, 
         "bytes_down": sum(int(c["bytes_down"]) for c in clouds.values()),
         "socket_bytes": sum(per_process.values()),
         "socket_bytes_by_process": per_process,
+        # the highest rate any cloud wrote at, over 1-second windows of its own socket counter
+        "peak_up_mb_s": max(float(c["peak_up_bytes_per_s"]) for c in clouds.values()) / 1e6,
     }
 
 

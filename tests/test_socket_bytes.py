@@ -11,7 +11,7 @@ import pytest
 from fedjet.broker.connect import connect_client
 from fedjet.broker.jetstream import close_quietly, ensure_job_streams
 from fedjet.broker.server import EmbeddedNatsServer
-from fedjet.broker.socket_bytes import socket_bytes_of
+from fedjet.broker.socket_bytes import PeakRate, SocketBytes, socket_bytes_of
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.kv import put_stats, read_coordinator_stats, read_stats
 from fedjet.errors import BrokerError
@@ -117,7 +117,10 @@ def test_a_cloud_or_coordinator_without_figures_fails_the_read(nats_url):
 
 
 def test_run_bytes_sums_every_process_and_refuses_a_missing_counter():
-    clouds = {"aws": {"bytes_up": 10, "bytes_down": 20}, "gcp": {"bytes_up": 1, "bytes_down": 2}}
+    clouds = {
+        "aws": {"bytes_up": 10, "bytes_down": 20, "peak_up_bytes_per_s": 3e6},
+        "gcp": {"bytes_up": 1, "bytes_down": 2, "peak_up_bytes_per_s": 5e6},
+    }
     processes = {
         "worker-aws": {"socket_in": 25, "socket_out": 14},
         "worker-gcp": {"socket_in": 5, "socket_out": 3},
@@ -128,6 +131,7 @@ def test_run_bytes_sums_every_process_and_refuses_a_missing_counter():
     assert (figures["bytes_up"], figures["bytes_down"]) == (11, 22)
     assert figures["socket_bytes"] == 39 + 8 + 500 + 307
     assert figures["socket_bytes_by_process"]["coordinator"] == 500
+    assert figures["peak_up_mb_s"] == 5.0  # the fastest any one cloud wrote
     with pytest.raises(KeyError):
         run_bytes({"aws": {"bytes_up": 10}}, processes)
     with pytest.raises(KeyError):
@@ -145,3 +149,23 @@ def test_idle_is_the_share_of_the_process_lifetime_not_spent_training():
 
 def test_the_process_lifetime_counts_from_the_process_start():
     assert 0.0 < process_lifetime_s() < 24 * 3600
+
+
+def test_peak_rate_is_the_most_written_in_one_window():
+    """Bytes written in bursts: the peak is the burst's window, not the mean over the run."""
+
+    class Client:
+        socket_bytes = SocketBytes()
+
+    async def scenario() -> float:
+        client = Client()
+        peak = PeakRate(client, window_s=0.05)
+        sampling = asyncio.create_task(peak.run())
+        for burst in (1000, 0, 0, 50_000, 0):
+            client.socket_bytes.sent += burst
+            await asyncio.sleep(0.05)
+        sampling.cancel()
+        return peak.peak
+
+    peak = asyncio.run(scenario())
+    assert 50_000 / 0.05 * 0.4 <= peak <= 50_000 / 0.05  # the burst over its window (late loops stretch it)

@@ -9,6 +9,8 @@ reconnects, for every connection fedjet opens.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -80,3 +82,22 @@ def _count(transport: Any, counted: SocketBytes) -> None:
     transport.write, transport.writelines = counted_write, counted_writelines
     transport.read, transport.readline = reading(read), reading(readline)
     transport._fedjet_counted = True
+
+
+class PeakRate:
+    """The most bytes a client wrote in any window of ``window_s`` seconds, sampled from its
+    counter (:func:`socket_bytes_of`) by :meth:`run` until cancelled. A window over which the
+    event loop was late counts its bytes over its true length: a rate, never more than written."""
+
+    def __init__(self, client: Any, window_s: float = 1.0) -> None:
+        self.client = client
+        self.window_s = window_s
+        self.peak = 0.0
+
+    async def run(self) -> None:
+        last_bytes, last_t = socket_bytes_of(self.client).sent, time.monotonic()
+        while True:
+            await asyncio.sleep(self.window_s)
+            now_bytes, now_t = socket_bytes_of(self.client).sent, time.monotonic()
+            self.peak = max(self.peak, (now_bytes - last_bytes) / max(now_t - last_t, self.window_s))
+            last_bytes, last_t = now_bytes, now_t

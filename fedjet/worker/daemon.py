@@ -16,7 +16,7 @@ import structlog
 from fedjet.broker.auth import ClientAuth
 from fedjet.broker.connect import RECONNECT_WINDOW_S, NatsTarget, check_reconnect_window, open_target
 from fedjet.broker.jetstream import close_quietly
-from fedjet.broker.socket_bytes import socket_bytes_of
+from fedjet.broker.socket_bytes import PeakRate, socket_bytes_of
 from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.globals import GlobalFollower
 from fedjet.channel.island import IslandLink
@@ -90,6 +90,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._nc: Any = None
         self._js: Any = None
+        self._peak_up: PeakRate | None = None
         self.spec: JobSpec | None = None  # read and checked: the job's bucket exists to report stats to
         self.job: LocalJob | None = None
         self.follower: GlobalFollower | None = None
@@ -108,10 +109,13 @@ class Worker:
             url=cfg.nats_url, auth=cfg.auth, domain=cfg.js_domain, reconnect_window_s=cfg.reconnect_window_s
         )
         self._nc, self._js = await open_target(target, f"fedjet-worker-{cfg.job}-{cfg.cloud}")
+        self._peak_up = PeakRate(self._nc)
+        sampling = asyncio.create_task(self._peak_up.run())
         try:
             with structlog.contextvars.bound_contextvars(job=cfg.job, cloud=cfg.cloud):
                 await self._serve()
         finally:
+            sampling.cancel()
             self.stats.wall_s = time.perf_counter() - started
             if self.follower is not None:
                 await self.follower.stop()
@@ -212,6 +216,7 @@ class Worker:
         if self._nc is not None:
             counted = socket_bytes_of(self._nc)
             self.stats.socket_in, self.stats.socket_out = counted.received, counted.sent
+            self.stats.peak_up_bytes_per_s = self._peak_up.peak if self._peak_up is not None else 0.0
         if self.follower is not None:
             self.metrics.received(self.follower.bytes_down - self.stats.bytes_down)
             self.stats.bytes_down = self.follower.bytes_down

@@ -52,6 +52,7 @@ class WorkerStats:
     initial_weights: str = ""  # "local" when version 0 came from this cloud's own copy
     retired: bool = False  # out of privacy budget
     dp_epsilon: float | None = None  # a DP job's ε spent so far
+    peak_up_bytes_per_s: float = 0.0  # the most its socket wrote in any 1-second window
     island: bool = False  # its leaf keeps its updates and mirrors (island mode)
     island_steps: int = 0  # local steps trained while cut off from the hub
     island_updates: int = 0  # updates sent while cut off (they waited on the leaf)
