@@ -118,3 +118,17 @@ def test_a_fragment_round_moves_its_fragment_only_and_keeps_the_other_tensors_th
     assert aggregator.weights["b.weight"] is weights["b.weight"]
     assert not torch.equal(aggregator.weights["a.weight"], weights["a.weight"])
     assert set(aggregator.optimizer.state) == {"a.weight"}
+
+
+@pytest.mark.e2e
+def test_bench_fragments_prints_one_object_per_f_from_a_real_coordinator():
+    done = run_fedjet(
+        "bench", "fragments", "--params", "2000000", "--fragments", "1,2", "--compute-s", "1", "--json", timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["fragments"] for r in rows] == [1, 2]
+    for r in rows:
+        assert set(r) >= {"fragments", "model_mb", "coordinator_peak_rss_mb", "peak_up_mb_s"}
+        assert r["coordinator_peak_rss_mb"] >= r["coordinator_rss_before_mb"] > r["model_mb"] > 0
+        assert 0 < r["peak_up_mb_s"] * 1e6 <= 3 * r["model_mb"] * 1e6 * 1.2  # never more than was sent

@@ -20,7 +20,9 @@ def add_bench(commands: Any) -> None:
     """``fedjet bench`` and its sub-commands, in the order ``--help`` lists them."""
     bench = commands.add_parser("bench", help="benchmarks (speed targets live here, not in tests)")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
-    for add in (_add_codec, _add_frontier, _add_transport, _add_secagg, _add_chaos, _add_gpu, _add_experiment):
+    for add in (
+        _add_codec, _add_frontier, _add_transport, _add_fragments, _add_secagg, _add_chaos, _add_gpu, _add_experiment,
+    ):  # fmt: skip
         add(bench_commands)
 
 
@@ -51,6 +53,19 @@ def _add_frontier(bench_commands: Any) -> None:
     frontier.add_argument("--schedules", type=parse_clouds, default=("wait",), help="wait,overlap: rows per schedule")
     frontier.add_argument("--link", default="", help="every cloud behind this link, e.g. 20mbit/80ms")
     frontier.set_defaults(func=cmd_bench_frontier)
+
+
+def _add_fragments(bench_commands: Any) -> None:
+    fragments = bench_commands.add_parser(
+        "fragments", help="coordinator memory and upload rate per --fragments F, synthetic updates of N parameters"
+    )
+    fragments.add_argument("--params", type=int, default=100_000_000, help="model parameters (default 1e8)")
+    fragments.add_argument("--fragments", type=_ints, default=(1, 8), help="values of F (default 1,8)")
+    fragments.add_argument(
+        "--compute-s", type=float, default=8.0, help="training seconds per whole-model synchronisation (default 8)"
+    )
+    fragments.add_argument("--json", action="store_true", help="one JSON object per F, one per line")
+    fragments.set_defaults(func=cmd_bench_fragments)
 
 
 def _add_transport(bench_commands: Any) -> None:
@@ -141,6 +156,23 @@ def _ints(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r:.40}") from None
+
+
+def cmd_bench_fragments(args: argparse.Namespace) -> int:
+    from fedjet.bench.fragments import run
+
+    for row in run(args.params, tuple(args.fragments), args.compute_s):
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            print(
+                f"F={row['fragments']}: {row['params']:,} parameters ({row['model_mb']:.0f} MB fp32); coordinator peak "
+                f"RSS {row['coordinator_peak_rss_mb']:.0f} MB ({row['peak_vs_model']:.2f}x the model; "
+                f"{row['coordinator_rss_before_mb']:.0f} MB before the rounds); peak upload "
+                f"{row['peak_up_mb_s']:.1f} MB/s over 1-s windows; {row['seconds']:.1f} s",
+                flush=True,
+            )
+    return 0
 
 
 def cmd_bench_transport(args: argparse.Namespace) -> int:
