@@ -1,30 +1,36 @@
-"""``--fragments F``: Streaming DiLoCo's schedule in synchronous rounds.
+"""``--fragments F``: Streaming DiLoCo's schedule in synchronous rounds, overlapped with compute.
 
 The model is split into F fragments (the plan in the job spec). Round v synchronises fragment
 k = v mod F only: each cloud trains ``local_steps / F`` steps, sends fragment k's change since k
-was last synchronised (its own error feedback per fragment), and waits for version v+1, in which
-only fragment k moved. So each fragment is synchronised every ``local_steps`` steps, the
-fragments one after another (fragment k at offset k·H/F), and what crosses the link in a round
-is one fragment, not the model.
+was last synchronised (error feedback per fragment), and **goes on training** while the update
+uploads, the round closes and version v+1 downloads. So each fragment is synchronised every
+``local_steps`` steps, the fragments one after another (fragment k at offset k·H/F), and what
+crosses the link at a time is one fragment, not the model.
 
-The returning fragment is **merged**, not loaded: ``θ_k ← α·θ_k + (1 − α)·G_k`` (α =
-``--fragment-alpha``, Streaming DiLoCo's mixing; 0 takes the global as it is), and the other
-fragments keep the cloud's own progress. The next change of fragment k is measured from G_k.
+The returning fragment is merged between two steps, keeping what the cloud learnt since it
+sent: with S_k the fragment as sent and G_k as it came back, ``θ_k ← θ_k + (1 − α)·(G_k − S_k)``
+(α = ``--fragment-alpha``; Streaming DiLoCo's mixing, applied to the fragment as sent; with α = 0
+the fragment becomes the global plus the steps taken since). The next change of fragment k is
+measured from G_k. The worker waits only when a phase ends before the version it needs for its
+next update has arrived, or before the previous upload is done.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from fedjet.codecs.fragments import FragmentPlan
+from fedjet.codecs.messages import GlobalHead
 from fedjet.worker.delta import DeltaTracker
 
 if TYPE_CHECKING:
     from fedjet.worker.loops import TrainingLoops
+
+Arrival = tuple[GlobalHead, dict[str, Any] | None]  # the next version, its tensors (None: the job is over)
 
 
 class StreamingSchedule:
@@ -43,30 +49,51 @@ class StreamingSchedule:
         trackers = [DeltaTracker(job.codec, reference="base") for _ in range(plan.count)]
         for k, tracker in enumerate(trackers):
             tracker.rebase({n: version.tensors[n] for n in plan.names(k)}, 0)
-        while not loops.stopping.is_set():
-            k = plan.of_version(head.version)
-            with structlog.contextvars.bound_contextvars(version=head.version, fragment=k):
+        arrival: asyncio.Task[Arrival] | None = None
+        upload: asyncio.Task[None] | None = None
+        try:
+            while not loops.stopping.is_set():
                 phase = await loops._train(phase_steps)
-                current = job.trainer.weights()
-                fragment = {n: current[n] for n in plan.names(k)}
-                compressed = await asyncio.to_thread(trackers[k].compress_delta, fragment)
-                header = loops.uplink.header(head.version, phase.result, phase.heldout)
-                await loops.uplink.send_compressed(header, compressed, phase_steps, phase.result)
-            wait_from = time.perf_counter()
-            following = await loops.follower.newer_than(head.version)
-            if loops.follower.final is not None or following.final:
-                break
-            fetched = await loops.follower.fetch(following)
-            loops._count_idle(wait_from)
-            self._merge(k, fetched.tensors)
-            trackers[k].rebase({n: fetched.tensors[n] for n in plan.names(k)}, following.version)
-            loops.metrics.version(following.version)
-            head = following
+                wait_from = time.perf_counter()
+                if upload is not None:
+                    await upload  # one upload at a time: sequence numbers stay in order
+                if arrival is not None:  # the version the last fragment went into
+                    following, tensors = await arrival
+                    if tensors is None:
+                        break
+                    job.trainer.apply_corrections()  # a merge that came after the last step
+                    sent = plan.of_version(head.version)
+                    trackers[sent].rebase({n: tensors[n] for n in plan.names(sent)}, following.version)
+                    loops.metrics.version(following.version)
+                    head = following
+                loops._count_idle(wait_from)
+                k = plan.of_version(head.version)
+                with structlog.contextvars.bound_contextvars(version=head.version, fragment=k):
+                    current = job.trainer.weights()
+                    fragment = {n: current[n].detach().clone() for n in plan.names(k)}  # S_k, as sent
+                    compressed = await asyncio.to_thread(trackers[k].compress_delta, fragment)
+                    header = loops.uplink.header(head.version, phase.result, phase.heldout)
+                    upload = asyncio.create_task(
+                        loops.uplink.send_compressed(header, compressed, phase_steps, phase.result)
+                    )
+                arrival = asyncio.create_task(self._arrive(head.version, fragment))
+            if upload is not None and not upload.done():
+                await upload
+        finally:
+            for task in (upload, arrival):
+                if task is not None and not task.done():
+                    task.cancel()
 
-    def _merge(self, k: int, global_: dict[str, object]) -> None:
-        """Fragment k becomes α·local + (1 − α)·global; the other fragments stay as trained."""
-        trainer = self.loops.job.trainer
-        current = trainer.weights()
-        change = {n: (1.0 - self.alpha) * (global_[n] - current[n]) for n in self.plan.names(k)}  # type: ignore[operator]
-        trainer.correct(change)
-        trainer.apply_corrections()
+    async def _arrive(self, after: int, sent: dict[str, Any]) -> Arrival:
+        """The version after ``after``, downloaded while the worker trains on; its fragment is
+        merged into the model at the next step (see the module doc). A final marker ends the
+        phase instead: nothing will take another update."""
+        loops = self.loops
+        following = await loops.follower.newer_than(after)
+        if loops.follower.final is not None or following.final:
+            loops.job.trainer.stopping.set()
+            return following, None
+        fetched = await loops.follower.fetch(following)
+        tensors = fetched.tensors
+        loops.job.trainer.correct({n: (1.0 - self.alpha) * (tensors[n] - s) for n, s in sent.items()})
+        return following, tensors
