@@ -90,3 +90,24 @@ def test_the_workers_acknowledged_sends_are_read_from_their_logs_and_a_missing_o
     assert not healthy(fine | {"acknowledged_missing": 1})  # the broker lost an acknowledged update
     assert not healthy(fine | {"unauthenticated": 1})  # something nobody signed reached the stream
     assert not healthy(fine | {"partial_blobs": 2})  # more partial blobs than killed workers
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(480)
+def test_a_fragment_job_loses_nothing_when_a_worker_and_the_coordinator_are_killed(tmp_path, data_dir, monkeypatch):
+    """``--fragments 2``: a worker SIGKILLed mid-fragment and restarted, the coordinator killed
+    once; every update is applied once or rejected with a reason, and every version replays."""
+    tag = f"chaos-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv(TAG_ENV, tag)
+    config = ChaosConfig(
+        coordinator_kills=1, nats_restarts=0, worker_kills=1, rounds=6, seed=2, data=str(data_dir),
+        out=str(tmp_path / "chaos"), replay_cli=False, timeout_s=400.0, local_steps=4, codec="dense",
+        job_flags=("--fragments", "2"),
+    )  # fmt: skip
+    result = run(config)
+    summary = describe(result)
+    assert (result["coordinator_kills"], result["worker_kills"]) == (1, 1), summary
+    assert not result["crashes"] and result["final"] and result["versions"] == 6, summary
+    assert result["lost"] == result["doubled"] == result["replay_mismatches"] == 0, result
+    assert result["acknowledged"] > 0 and result["acknowledged_missing"] == 0 and healthy(result), summary
+    assert wait_until_gone(processes_tagged(tag), timeout=10) == []
