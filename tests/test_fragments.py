@@ -132,3 +132,132 @@ def test_bench_fragments_prints_one_object_per_f_from_a_real_coordinator():
         assert set(r) >= {"fragments", "model_mb", "coordinator_peak_rss_mb", "peak_up_mb_s"}
         assert r["coordinator_peak_rss_mb"] >= r["coordinator_rss_before_mb"] > r["model_mb"] > 0
         assert 0 < r["peak_up_mb_s"] * 1e6 <= 3 * r["model_mb"] * 1e6 * 1.2  # never more than was sent
+
+
+def test_a_live_fragment_round_applies_the_right_fragment_and_counts_every_refusal(nats_url):
+    """A real coordinator, ``--fragments 2``, round 0 (fragment 0): aws's fragment-0 update is
+    applied; gcp's of the wrong fragment, an update on gcp's subject claiming aws, and aws's
+    earlier sequence number sent after its later one are refused, each counted by its reason."""
+    import asyncio
+
+    from fedjet.broker.blobs import publish_blob
+    from fedjet.broker.jetstream import close_quietly, connect
+    from fedjet.broker.subjects import JobSubjects
+    from fedjet.codecs import crypto
+    from fedjet.codecs.messages import encode_update
+    from fedjet.codecs.pipeline import CodecSpec
+    from fedjet.config.job import RoundConfig, StopConfig
+    from fedjet.coordinator.service import Coordinator, CoordinatorConfig
+    from tests.conftest import make_parties
+
+    clouds = ("aws", "gcp", "azure")
+    coord, members = make_parties(clouds)
+    job = JobConfig(
+        job="fraglive", clouds=clouds, observers=(), codec="dense", model="tiny", stop=StopConfig(rounds=1),
+        train=TrainConfig(fragments=2), round=RoundConfig(quorum=1, deadline_s=3.0),
+    )  # fmt: skip
+    jm = initial_job_model(job)
+    spec, weights = spec_for(job, jm), jm.exchanged()
+    plan = spec.fragment_plan
+    service = Coordinator(CoordinatorConfig(nats_url=nats_url, spec=spec, boxes=coord))
+    subjects = JobSubjects("fraglive")
+
+    def sealed(sender: str, claims: str, seq: int, fragment: int) -> bytes:
+        header = UpdateHeader(job="fraglive", cloud=claims, worker="0", seq=seq, base_version=0, samples=8, loss=2.0)
+        delta = {n: torch.full_like(weights[n], 1e-3) for n in plan.names(fragment)}
+        return crypto.seal_update(encode_update(Update(header, delta), CodecSpec.parse("dense")), members[sender])
+
+    async def scenario() -> None:
+        nc = await connect(nats_url, "fragment-clouds")
+        js = nc.jetstream()
+        try:
+            task = asyncio.create_task(service.run(dict(weights)))
+            await asyncio.wait_for(service.serving.wait(), 60)
+            sends = [
+                ("gcp", sealed("gcp", "gcp", 10, fragment=1)),  # the wrong fragment for round 0
+                ("gcp", sealed("gcp", "aws", 11, fragment=0)),  # gcp's subject, claiming aws
+                ("aws", sealed("aws", "aws", 20, fragment=0)),  # the right one
+                ("aws", sealed("aws", "aws", 19, fragment=0)),  # an earlier seq after a later one
+            ]
+            for i, (subject_cloud, data) in enumerate(sends):
+                await publish_blob(
+                    js, subjects.update(subject_cloud), data, blob_id=f"b{i}", max_payload=nc.max_payload
+                )
+            await asyncio.wait_for(task, 60)
+        finally:
+            await close_quietly(nc)
+
+    asyncio.run(scenario())
+    assert service.aggregator.version == 1
+    moved = {n for n in weights if not torch.equal(service.aggregator.weights[n], weights[n])}
+    assert moved == set(plan.names(0))  # version 1 moved fragment 0, nothing else
+    assert service.ledger.applied == 1
+    rejected = service.ledger.rejected
+    assert sum(rejected.values()) == 3 and rejected.get("ValidationError") == 1, rejected
+    assert rejected.get("AuthenticationError", 0) + rejected.get("ReplayError", 0) == 2, rejected
+
+
+def test_a_fragment_round_closes_at_its_deadline_and_the_late_fragment_is_dropped_and_counted(nats_url):
+    """``--round-deadline 1 --quorum 2 --late drop``: round 0 closes with aws and gcp after the
+    grace window; azure's fragment-0 update, arriving after it, is dropped and counted; round 1
+    (fragment 1) then closes the same way."""
+    import asyncio
+
+    from fedjet.broker.blobs import publish_blob
+    from fedjet.broker.jetstream import close_quietly, connect
+    from fedjet.broker.subjects import JobSubjects
+    from fedjet.codecs import crypto
+    from fedjet.codecs.messages import encode_update
+    from fedjet.codecs.pipeline import CodecSpec
+    from fedjet.config.job import RoundConfig, StopConfig
+    from fedjet.coordinator.service import Coordinator, CoordinatorConfig
+    from tests.conftest import make_parties
+
+    clouds = ("aws", "gcp", "azure")
+    coord, members = make_parties(clouds)
+    job = JobConfig(
+        job="fraglate", clouds=clouds, observers=(), codec="dense", model="tiny", stop=StopConfig(rounds=2),
+        train=TrainConfig(fragments=2), round=RoundConfig(quorum=2, deadline_s=1.0, late="drop"),
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="--late carry"):
+        JobConfig(train=TrainConfig(fragments=2), codec="dense", round=RoundConfig(late="carry"))
+    jm = initial_job_model(job)
+    spec, weights = spec_for(job, jm), jm.exchanged()
+    plan = spec.fragment_plan
+    service = Coordinator(CoordinatorConfig(nats_url=nats_url, spec=spec, boxes=coord))
+    subjects = JobSubjects("fraglate")
+
+    def sealed(cloud: str, seq: int, base: int) -> bytes:
+        header = UpdateHeader(job="fraglate", cloud=cloud, worker="0", seq=seq, base_version=base, samples=8, loss=2.0)
+        delta = {n: torch.full_like(weights[n], 1e-3) for n in plan.names(plan.of_version(base))}
+        return crypto.seal_update(encode_update(Update(header, delta), CodecSpec.parse("dense")), members[cloud])
+
+    async def scenario() -> float:
+        nc = await connect(nats_url, "fragment-clouds")
+        js = nc.jetstream()
+
+        async def send(cloud: str, seq: int, base: int) -> None:
+            await publish_blob(js, subjects.update(cloud), sealed(cloud, seq, base), blob_id=f"{cloud}{seq}",
+                               max_payload=nc.max_payload)  # fmt: skip
+
+        try:
+            task = asyncio.create_task(service.run(dict(weights)))
+            await asyncio.wait_for(service.serving.wait(), 60)
+            started = asyncio.get_running_loop().time()
+            await send("aws", 1, 0)
+            await send("gcp", 1, 0)
+            while service.aggregator.version < 1:  # the grace window, then the quorum closes round 0
+                await asyncio.sleep(0.05)
+            closed_after = asyncio.get_running_loop().time() - started
+            await send("azure", 1, 0)  # late: version 1 is out
+            await send("aws", 2, 1)
+            await send("gcp", 2, 1)
+            await asyncio.wait_for(task, 60)
+            return closed_after
+        finally:
+            await close_quietly(nc)
+
+    closed_after = asyncio.run(scenario())
+    assert closed_after >= 1.0  # not before the grace window
+    assert service.aggregator.version == 2 and service.ledger.applied == 4
+    assert service.ledger.rejected == {"StaleUpdateError": 1}

@@ -362,6 +362,7 @@ class JobConfig:
             (self.strategy.central_dp is not None, "--central-dp"),
             (self.train.schedule != "wait", f"--schedule {self.train.schedule}"),
             (self.strategy.server.name == "adam", "--server-opt adam"),  # its bias correction counts all steps
+            (self.round.late == "carry", "--late carry"),  # a carried fragment would share another's average
             (self.codec_spec.down is not None, f"--codec {self.codec} (a +down= view)"),
             (self.peft is not None, "--peft"),
         ]
