@@ -211,7 +211,10 @@ def delta_entries(new: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -
         after, before = as_numpy(new[name]), as_numpy(base[name])
         if after.shape != before.shape or after.dtype != before.dtype:
             return None
-        changed = np.flatnonzero(after.view(np.uint32) != before.view(np.uint32))  # bits, not values
+        if new[name] is base[name]:  # the same tensor (a fragment round left it): nothing changed
+            changed = np.empty(0, dtype=np.int64)
+        else:
+            changed = np.flatnonzero(after.view(np.uint32) != before.view(np.uint32))  # bits, not values
         kind, payload = encode_indices(changed, after.size)
         values = after[changed].tobytes()
         size += len(payload) + len(values)
@@ -229,8 +232,10 @@ def _changes_fit(new: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) ->
         after, before = as_numpy(tensor), as_numpy(base[name])
         if after.shape != before.shape or after.dtype != before.dtype:
             return False
-        changed_bytes += int(np.count_nonzero(after.view(np.uint32) != before.view(np.uint32))) * after.itemsize
         dense += after.nbytes
+        if tensor is base[name]:  # the same tensor: nothing to compare
+            continue
+        changed_bytes += int(np.count_nonzero(after.view(np.uint32) != before.view(np.uint32))) * after.itemsize
     return changed_bytes * 2 <= dense
 
 
