@@ -188,7 +188,7 @@ class TrainConfig:
         ),
     )
     fragment_alpha: float = field(
-        default=0.5,
+        default=0.0,  # measured on the tiny workload: 0 beat Streaming DiLoCo's 0.5 on both seeds tried
         metadata=flag(
             "--fragment-alpha",
             "fragments: a returning fragment becomes alpha x the local one + (1 - alpha) x the global one",

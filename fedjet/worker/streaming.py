@@ -9,8 +9,8 @@ crosses the link at a time is one fragment, not the model.
 
 The returning fragment is merged between two steps, keeping what the cloud learnt since it
 sent: with S_k the fragment as sent and G_k as it came back, ``θ_k ← θ_k + (1 − α)·(G_k − S_k)``
-(α = ``--fragment-alpha``; Streaming DiLoCo's mixing, applied to the fragment as sent; with α = 0
-the fragment becomes the global plus the steps taken since). The next change of fragment k is
+(α = ``--fragment-alpha``; Streaming DiLoCo's mixing, applied to the fragment as sent; with α = 0,
+the default, the fragment becomes the global plus the steps taken since). The next change of fragment k is
 measured from G_k. The worker waits only when a phase ends before the version it needs for its
 next update has arrived, or before the previous upload is done.
 """
