@@ -1,0 +1,77 @@
+"""A cloud that is a cluster: one worker's local training on N ranks with ``torch.distributed``.
+
+The cloud stays one federated party: its ranks train one model together (DDP: gradients are
+averaged across ranks at every step, so every rank takes the same optimizer step and the
+replicas stay equal), and rank 0 alone builds the cloud's one update. The ranks train on
+disjoint slices of the cloud's data: every rank draws the same global batch of ``world × b``
+windows from the same seeded sampler and keeps its own ``b`` rows, so a worker with 2 ranks of
+batch b takes exactly the steps of one rank with batch 2b (up to float summation order).
+
+Backend gloo on CPU, nccl on CUDA. This module is the training core; it does not speak NATS.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from fedjet.data.batches import BatchSampler
+from fedjet.errors import ConfigError
+
+TIMEOUT = dt.timedelta(seconds=120)  # a rank that died ends the others' collectives within this
+
+
+@dataclass(frozen=True)
+class RankPlace:
+    """Where one process sits in its cloud's group."""
+
+    rank: int
+    world: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world:
+            raise ConfigError(f"rank {self.rank} is not in 0..{self.world - 1}")
+
+
+class RankSlice:
+    """This rank's rows of the cloud's global batch (``world × b`` windows, the same on every
+    rank): disjoint slices of the same draws."""
+
+    def __init__(self, sampler: BatchSampler, place: RankPlace) -> None:
+        if sampler.batch_size % place.world:
+            raise ConfigError(f"a global batch of {sampler.batch_size} does not split over {place.world} ranks")
+        self.sampler = sampler
+        self.place = place
+        self.batch_size = sampler.batch_size // place.world
+
+    def next_batch(self) -> np.ndarray:
+        batch = self.sampler.next_batch()
+        start = self.place.rank * self.batch_size
+        return batch[start : start + self.batch_size]
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def join_group(place: RankPlace, init_method: str, device: torch.device) -> None:
+    """Join the cloud's process group (``init_method``: a ``file://`` or ``tcp://`` rendezvous)."""
+    dist.init_process_group(
+        backend_for(device), init_method=init_method, rank=place.rank, world_size=place.world, timeout=TIMEOUT
+    )
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+    """``model`` wrapped so that its gradients are averaged across the group at every step."""
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def broadcast_weights(tensors: dict[str, torch.Tensor]) -> None:
+    """Rank 0's values into every rank's tensors of the same names, in place."""
+    for name in sorted(tensors):
+        dist.broadcast(tensors[name], src=0)

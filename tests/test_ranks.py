@@ -1,0 +1,70 @@
+"""A cloud on several ranks: two gloo ranks of batch b take the same steps as one rank of batch
+2b on the same data (the training core of ``fedjet.worker.ranks``; real processes, real model,
+real WikiText bytes)."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedjet.config.job import JobConfig, TrainConfig
+from fedjet.data.batches import BatchSampler
+from fedjet.errors import ConfigError
+from fedjet.models.job_model import initial_job_model
+from fedjet.worker.ranks import RankPlace, RankSlice, data_parallel, join_group
+from fedjet.worker.train import LocalTrainer
+
+B, SEQ, STEPS = 4, 64, 3
+
+
+def _tokens(data_dir: Path) -> np.ndarray:
+    return np.frombuffer((data_dir / "wiki.valid.tokens").read_bytes()[:300_000], dtype=np.uint8).astype(np.int64)
+
+
+def _trainer(batch: int) -> LocalTrainer:
+    job = JobConfig(model="tiny", train=TrainConfig(batch_size=batch, seq_len=SEQ, lr=2e-3))
+    return LocalTrainer(initial_job_model(job), None, job.train, torch.device("cpu"))  # type: ignore[arg-type]
+
+
+def _rank(rank: int, world: int, init: str, data_dir: Path, out: Path) -> None:
+    torch.set_num_threads(1)
+    place = RankPlace(rank, world)
+    join_group(place, init, torch.device("cpu"))
+    trainer = _trainer(B)
+    trainer.sampler = RankSlice(BatchSampler(_tokens(data_dir), SEQ, B * world, seed=7), place)  # type: ignore[assignment]
+    trainer.model = data_parallel(trainer.model, torch.device("cpu"))
+    trainer.train(STEPS)
+    torch.save({n: t.detach().clone() for n, t in trainer.weights().items()}, out / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_of_batch_b_take_the_steps_of_one_rank_of_batch_2b(tmp_path, data_dir):
+    context = multiprocessing.get_context("spawn")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    ranks = [context.Process(target=_rank, args=(r, 2, init, data_dir, tmp_path)) for r in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=180)
+        assert process.exitcode == 0
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    single = _trainer(2 * B)
+    single.sampler = BatchSampler(_tokens(data_dir), SEQ, 2 * B, seed=7)
+    start = {n: t.detach().clone() for n, t in single.weights().items()}
+    single.train(STEPS)
+    for name, expected in single.weights().items():
+        assert torch.equal(rank0[name], rank1[name]), name  # the replicas stay equal
+        assert torch.allclose(rank0[name], expected, atol=2e-6, rtol=1e-5), name
+    moved = sum(float((single.weights()[n] - start[n]).abs().sum()) for n in start)
+    assert moved > 1.0  # the steps did move the model: the comparison is not between two starts
+
+
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(data_dir):
+    with pytest.raises(ConfigError, match="does not split"):
+        RankSlice(BatchSampler(_tokens(data_dir), SEQ, 5, seed=0), RankPlace(0, 2))
+    with pytest.raises(ConfigError, match=r"not in 0\.\.1"):
+        RankPlace(2, 2)
