@@ -171,6 +171,8 @@ def _spawn_all(
             args += ["--precision", config.precision]
         if cloud in config.slowdown:
             args += ["--slowdown", str(config.slowdown[cloud])]
+        if config.nproc_per_node > 1:
+            args += ["--nproc-per-node", str(config.nproc_per_node)]
         children.append(spawn(f"worker-{cloud}", args, workdir))
 
 

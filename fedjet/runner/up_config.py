@@ -21,6 +21,7 @@ class UpConfig:
     eval_tokens: int = 16384
     eval_every: int = 1
     slowdown: dict[str, float] = field(default_factory=dict)
+    nproc_per_node: int = 1  # ranks per cloud's worker
     links: dict[str, str] = field(default_factory=dict)
     timeout_s: float = 3600.0
     device: str | None = None

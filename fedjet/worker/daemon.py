@@ -7,6 +7,7 @@ gradients are published, to this cloud's own update subject.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,11 +37,13 @@ from fedjet.metrics import WorkerMetrics
 from fedjet.models.build import pick_device
 from fedjet.models.job_model import job_model_for
 from fedjet.spec import JobSpec
+from fedjet.worker.cluster import Ranks, RankSettings, start_ranks
 from fedjet.worker.delta import DeltaTracker
 from fedjet.worker.job import LocalJob
 from fedjet.worker.local_data import dealt_share, own_data
 from fedjet.worker.loops import TrainingLoops
 from fedjet.worker.private import PrivateTraining
+from fedjet.worker.ranks import GroupTrainer, RankPlace, RankSlice, data_parallel, join_group
 from fedjet.worker.secure import SecureMember
 from fedjet.worker.train import LocalTrainer
 from fedjet.worker.uplink import Uplink, WorkerStats
@@ -67,6 +70,7 @@ class WorkerConfig:
     precision: str | None = None  # bf16 | fp32; default bf16 on CUDA, fp32 on CPU
     spec_timeout_s: float = 120.0
     limits: Limits = field(default_factory=Limits)
+    nproc_per_node: int = 1  # ranks of this cloud's group (torch.distributed); rank 0 is this process
 
     def __post_init__(self) -> None:
         check_token("job", self.job)
@@ -74,6 +78,8 @@ class WorkerConfig:
         check_token("worker", self.worker_id)
         if self.slowdown < 1.0:
             raise ConfigError(f"slowdown must be >= 1, got {self.slowdown}")
+        if self.nproc_per_node < 1:
+            raise ConfigError(f"--nproc-per-node must be >= 1, got {self.nproc_per_node}")
         check_reconnect_window(self.reconnect_window_s)
 
 
@@ -96,6 +102,7 @@ class Worker:
         self.follower: GlobalFollower | None = None
         self.secure: SecureMember | None = None
         self.island: IslandLink | None = None
+        self.ranks: Ranks | None = None  # --nproc-per-node > 1: the cloud's other ranks
 
     def stop(self) -> None:
         self._stop.set()
@@ -124,6 +131,7 @@ class Worker:
             await self._report_stats()
             if self.island is not None:
                 await self.island.stop()
+            await asyncio.to_thread(self._release_ranks)
             await close_quietly(self._nc)
         return self.stats
 
@@ -190,9 +198,17 @@ class Worker:
         else:
             data = own_data(cfg.data, tokenizer, spec)
         index = spec.cloud_index(cfg.cloud)
-        sampler = BatchSampler(data.train, job.train.seq_len, job.train.batch_size, seed=job.seed * 1000 + index)
+        world = cfg.nproc_per_node
+        sampler = BatchSampler(
+            data.train, job.train.seq_len, job.train.batch_size * world, seed=job.seed * 1000 + index
+        )
         device = pick_device(cfg.device)
-        trainer = LocalTrainer(job_model, sampler, job.train, device, slowdown=cfg.slowdown, precision=cfg.precision)
+        if world == 1:
+            trainer = LocalTrainer(
+                job_model, sampler, job.train, device, slowdown=cfg.slowdown, precision=cfg.precision
+            )
+        else:
+            trainer = self._group_trainer(spec, job_model, sampler, device)
         codec = CodecSpec.parse(job.codec)
         dp = job.dp_config
         private = None if dp is None else PrivateTraining(dp, spec, data, trainer)
@@ -209,6 +225,37 @@ class Worker:
         )
         tracker = DeltaTracker(codec, reference=spec.delta_reference)
         return LocalJob(spec, job_model, data, trainer, tracker, codec, private)
+
+    def _group_trainer(self, spec: JobSpec, job_model: Any, sampler: BatchSampler, device: Any) -> LocalTrainer:
+        """Rank 0 of ``--nproc-per-node`` ranks: the others started, the group joined, DDP."""
+        cfg, world = self.config, self.config.nproc_per_node
+        if spec.config.dp is not None or spec.update_kind == "gradient":
+            raise ConfigError("--nproc-per-node > 1 does not run with --dp or the gradient strategy yet")
+        settings = RankSettings(
+            cloud=cfg.cloud, data=cfg.data, deal=cfg.deal, model=cfg.model, device=cfg.device, precision=cfg.precision
+        )
+        self.ranks = start_ranks(world, spec.to_bytes(), settings)
+        place = RankPlace(0, world)
+        join_group(place, self.ranks.init_method, device)
+        trainer = GroupTrainer(
+            job_model, RankSlice(sampler, place), spec.config.train, device, slowdown=cfg.slowdown,  # type: ignore[arg-type]
+            precision=cfg.precision,
+        )  # fmt: skip
+        trainer.model = data_parallel(trainer.model, device)
+        return trainer
+
+    def _release_ranks(self) -> None:
+        """The other ranks leave (told so when they can still hear it), then the group ends."""
+        if self.ranks is None:
+            return
+        import torch.distributed as dist
+
+        trainer = self.job.trainer if self.job is not None else None
+        with contextlib.suppress(RuntimeError, ValueError):
+            if isinstance(trainer, GroupTrainer) and not self.ranks.lost():
+                trainer.release()
+            dist.destroy_process_group()
+        self.ranks.stop()
 
     async def _report_stats(self) -> None:
         """Per-cloud figures for the report, in the job's KV bucket (best effort)."""

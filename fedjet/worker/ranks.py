@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fedjet.data.batches import BatchSampler
 from fedjet.errors import ConfigError
+from fedjet.worker.train import LocalTrainer, StepsResult
 
 TIMEOUT = dt.timedelta(seconds=120)  # a rank that died ends the others' collectives within this
 
@@ -68,10 +69,85 @@ def join_group(place: RankPlace, init_method: str, device: torch.device) -> None
 
 def data_parallel(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
     """``model`` wrapped so that its gradients are averaged across the group at every step."""
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # no buffer broadcast: GPT-2's buffers are constant masks, and a lone forward pass (rank 0's
+    # held-out loss) must not wait for the other ranks
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
 def broadcast_weights(tensors: dict[str, torch.Tensor]) -> None:
     """Rank 0's values into every rank's tensors of the same names, in place."""
     for name in sorted(tensors):
         dist.broadcast(tensors[name], src=0)
+
+
+def command(message: list[object] | None = None) -> list[object]:
+    """Rank 0 sends ``message`` (a small list) to every rank; the others receive and return it."""
+    box: list[object] = [message]
+    dist.broadcast_object_list(box, src=0)
+    received = box[0]
+    assert isinstance(received, list)
+    return received
+
+
+class GroupTrainer(LocalTrainer):
+    """Rank 0's trainer: every phase, step and weight change is mirrored by the other ranks,
+    which run :func:`follow`. A stop asked mid-phase ends the phase on every rank at the same
+    step; a correction applied between steps reaches every replica before the next step."""
+
+    _in_phase = False
+
+    def train(self, steps: int) -> StepsResult:
+        command(["train", steps])
+        self._in_phase = True
+        try:
+            return super().train(steps)
+        finally:
+            self._in_phase = False
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().load(tensors)
+        if not self._in_phase:  # between phases: the others wait for a command
+            command(["load"])
+            broadcast_weights(self.weights())
+
+    def _before_step(self) -> bool:
+        go = not self.stopping.is_set()
+        corrected = go and self.apply_corrections()
+        command([go, corrected])
+        if corrected:
+            broadcast_weights(self.weights())
+        return go
+
+    def gradient(self, steps: int) -> tuple[dict[str, torch.Tensor], StepsResult]:
+        raise ConfigError("--nproc-per-node > 1 trains weight deltas; the gradient strategy is not supported")
+
+    def release(self) -> None:
+        """The phases are over: the other ranks leave the group."""
+        command(["stop"])
+
+
+class FollowerTrainer(LocalTrainer):
+    """A rank > 0: mirrors rank 0's steps (see :class:`GroupTrainer`)."""
+
+    def _before_step(self) -> bool:
+        go, corrected = command()
+        if corrected:
+            self._receive_weights()
+        return bool(go)
+
+    def _receive_weights(self) -> None:
+        tensors = {n: t.detach().clone() for n, t in self.weights().items()}
+        broadcast_weights(tensors)
+        LocalTrainer.load(self, tensors)
+
+    def follow(self) -> None:
+        """Until rank 0 says stop: train phases and take weight changes as it does."""
+        while True:
+            message = command()
+            if message[0] == "train":
+                self.train(int(message[1]))  # type: ignore[call-overload]
+            elif message[0] == "load":
+                self._receive_weights()
+            else:
+                return

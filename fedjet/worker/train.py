@@ -132,9 +132,8 @@ class LocalTrainer:
         self.model.train()
         losses, started, compute = [], time.perf_counter(), 0.0
         for _ in range(steps):
-            if self.stopping.is_set():
+            if not self._before_step():
                 break
-            self.apply_corrections()
             t0 = time.perf_counter()
             with self._autocast():
                 loss, _, _ = lm_loss(self.model, self._batch())
@@ -145,6 +144,13 @@ class LocalTrainer:
             losses.append(loss.detach().item())
             compute += self._pace(time.perf_counter() - t0)
         return self._result(losses, compute, started)
+
+    def _before_step(self) -> bool:
+        """Whether to take the next step (no stop asked), with any pending correction applied."""
+        if self.stopping.is_set():
+            return False
+        self.apply_corrections()
+        return True
 
     def gradient(self, steps: int) -> tuple[dict[str, torch.Tensor], StepsResult]:
         """Mean gradient over ``steps`` batches at the current weights (gradient aggregation)."""
@@ -190,6 +196,7 @@ class LocalTrainer:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, windows: np.ndarray, device: torch.device, batch_size: int = 16) -> EvalResult:
     """Loss, perplexity and next-token accuracy over fixed evaluation windows."""
+    model = getattr(model, "module", model)  # a replica of a cloud's ranks evaluates alone
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
     for start in range(0, len(windows), batch_size):

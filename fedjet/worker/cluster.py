@@ -1,0 +1,100 @@
+"""``fedjet worker --nproc-per-node N``: the worker process is rank 0 of its cloud's group and
+starts ranks 1..N-1 itself, each a fresh process that builds the same model and data and follows
+rank 0's phases (:mod:`fedjet.worker.ranks`). Rank 0 alone speaks NATS."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedjet.errors import ConfigError
+from fedjet.log import get_logger
+
+log = get_logger("fedjet.worker")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankSettings:
+    """What a rank > 0 needs to build its replica: everything else comes from the spec."""
+
+    cloud: str
+    data: str | None
+    deal: bool
+    model: str | None
+    device: str | None
+    precision: str | None
+
+
+@dataclass
+class Ranks:
+    """The other ranks of this cloud's group, and the rendezvous they met at."""
+
+    world: int
+    init_method: str
+    directory: Path
+    processes: list[Any] = field(default_factory=list)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        for process in self.processes:
+            process.join(timeout_s)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def lost(self) -> list[int]:
+        """Ranks whose process has died (a dead rank ends the group's next step)."""
+        return [rank for rank, p in enumerate(self.processes, start=1) if p.exitcode not in (None, 0)]
+
+
+def start_ranks(world: int, spec_bytes: bytes, settings: RankSettings) -> Ranks:
+    """Ranks 1..world-1 as fresh processes meeting rank 0 at a file rendezvous."""
+    if world < 2:
+        raise ConfigError(f"a group of ranks needs --nproc-per-node >= 2, got {world}")
+    directory = Path(tempfile.mkdtemp(prefix="fedjet-ranks-"))
+    ranks = Ranks(world=world, init_method=f"file://{directory / 'group'}", directory=directory)
+    context = multiprocessing.get_context("spawn")
+    for rank in range(1, world):
+        process = context.Process(
+            target=follow_main, args=(rank, world, ranks.init_method, spec_bytes, settings), daemon=True
+        )
+        process.start()
+        ranks.processes.append(process)
+    log.info("ranks_started", world=world)
+    return ranks
+
+
+def follow_main(rank: int, world: int, init_method: str, spec_bytes: bytes, settings: RankSettings) -> None:
+    """A rank > 0: the same replica as rank 0, its own slice of every batch, rank 0's phases."""
+    import torch.distributed as dist
+
+    from fedjet.data.batches import BatchSampler
+    from fedjet.models.build import pick_device
+    from fedjet.models.job_model import job_model_for
+    from fedjet.spec import JobSpec
+    from fedjet.worker.local_data import dealt_share, own_data
+    from fedjet.worker.ranks import FollowerTrainer, RankPlace, RankSlice, data_parallel, join_group
+
+    spec = JobSpec.from_bytes(spec_bytes)
+    job_model = job_model_for(spec, settings.model)
+    if settings.deal:
+        data = dealt_share(settings.data, job_model.tokenizer, spec, settings.cloud)
+    else:
+        data = own_data(settings.data, job_model.tokenizer, spec)
+    train, index = spec.config.train, spec.cloud_index(settings.cloud)
+    sampler = BatchSampler(data.train, train.seq_len, train.batch_size * world, seed=spec.config.seed * 1000 + index)
+    device = pick_device(settings.device)
+    place = RankPlace(rank, world)
+    join_group(place, init_method, device)
+    try:
+        trainer = FollowerTrainer(job_model, RankSlice(sampler, place), train, device, precision=settings.precision)  # type: ignore[arg-type]
+        trainer.model = data_parallel(trainer.model, device)
+        trainer.follow()
+    finally:
+        with contextlib.suppress(RuntimeError, ValueError):
+            dist.destroy_process_group()
