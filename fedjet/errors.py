@@ -83,3 +83,7 @@ class PrivacyError(ValidationError):
 
 class JobFinished(FedjetError):
     """The job already has its final version: there is nothing left to do (a clean exit)."""
+
+
+class RankLostError(FedjetError):
+    """A rank of this cloud's group died: the worker stops (its restart starts the group anew)."""

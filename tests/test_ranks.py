@@ -5,6 +5,7 @@ real WikiText bytes)."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +93,39 @@ def test_a_cloud_of_two_ranks_learns_in_a_real_job_and_replays_bit_for_bit(tmp_p
     verify = run_fedjet("replay", "--store", str(store), "--job", job, "--verify", "--no-progress", timeout=120)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert json.loads(verify.stdout.strip().splitlines()[-1])["mismatches"] == 0
+
+
+@pytest.mark.e2e
+def test_a_killed_rank_ends_its_clouds_worker_with_a_named_error_and_leaves_nothing_running(tmp_path, data_dir):
+    """SIGKILL one of a cloud's extra ranks mid-job: that cloud's worker stops with
+    ``rank_lost`` (not a hang, not a traceback), ``fedjet up`` reports it and exits non-zero,
+    and every process of the run is gone."""
+    import signal
+    import time
+    import uuid
+
+    from tests.conftest import TAG_ENV, FedjetProcess, processes_tagged, wait_until_gone
+
+    tag = f"ranks-{uuid.uuid4().hex[:8]}"
+    args = ["up", "--nproc-per-node", "2", "--rounds", "200", "--local-steps", "4", "--batch-size", "4"]
+    args += ["--seq-len", "64", "--codec", "dense", "--eval-tokens", "1024", "--data", str(data_dir)]
+    up = FedjetProcess(*args, env={TAG_ENV: tag}, log=tmp_path / "up.log")
+    try:
+        deadline = time.monotonic() + 180
+        while "round   2" not in (tmp_path / "up.log").read_text(errors="replace"):
+            assert up.poll() is None and time.monotonic() < deadline, (tmp_path / "up.log").read_text()[-3000:]
+            time.sleep(0.5)
+        ranks = [pid for pid in processes_tagged(tag) if b"spawn" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(ranks) == 3, ranks  # one extra rank per cloud
+        os.kill(ranks[0], signal.SIGKILL)
+        assert up.wait(timeout=120) != 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    output = (tmp_path / "up.log").read_text(errors="replace")
+    kept = output.rsplit("logs kept in ", 1)[-1].split()[0]
+    logs = "".join(p.read_text(errors="replace") for p in Path(kept).glob("worker-*.log"))
+    assert '"rank_lost"' in logs and "died; restart the worker" in logs, output[-3000:]  # named, no traceback
+    assert "Traceback" not in logs
+    assert wait_until_gone(processes_tagged(tag), timeout=30) == []

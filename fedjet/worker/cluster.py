@@ -8,6 +8,7 @@ import contextlib
 import multiprocessing
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,13 @@ class Ranks:
                 process.kill()
                 process.join(5)
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    def lost_within(self, seconds: float) -> list[int]:
+        """:meth:`lost`, waiting up to ``seconds`` for a dying rank to be seen dead."""
+        deadline = time.monotonic() + seconds
+        while not (lost := self.lost()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return lost
 
     def lost(self) -> list[int]:
         """Ranks whose process has died (a dead rank ends the group's next step)."""

@@ -29,7 +29,7 @@ from fedjet.codecs.frame import Limits
 from fedjet.config.codec import CodecSpec
 from fedjet.config.names import check_token
 from fedjet.data.batches import BatchSampler
-from fedjet.errors import ConfigError
+from fedjet.errors import ConfigError, RankLostError
 from fedjet.keystore import load_public, member_boxes
 from fedjet.lifetime import process_lifetime_s
 from fedjet.log import get_logger
@@ -121,6 +121,12 @@ class Worker:
         try:
             with structlog.contextvars.bound_contextvars(job=cfg.job, cloud=cfg.cloud):
                 await self._serve()
+        except RuntimeError as e:  # a collective of the group failed: name the rank that died
+            if self.ranks is None:
+                raise
+            lost = await asyncio.to_thread(self.ranks.lost_within, 3.0)  # its socket closes before it is reaped
+            log.error("rank_lost", ranks=lost, error=str(e)[:300])
+            raise RankLostError(f"rank(s) {lost or '?'} of cloud {cfg.cloud} died; restart the worker") from e
         finally:
             sampling.cancel()
             self.stats.wall_s = time.perf_counter() - started
