@@ -87,3 +87,7 @@ class JobFinished(FedjetError):
 
 class RankLostError(FedjetError):
     """A rank of this cloud's group died: the worker stops (its restart starts the group anew)."""
+
+
+class TrainingError(FedjetError):
+    """Local training cannot go on (it diverged again after a reset)."""

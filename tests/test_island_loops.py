@@ -164,3 +164,22 @@ def test_default_policies_follow_the_aggregation_rule():
         "accumulate", "accumulate", "accumulate", "queue",
     ]  # fmt: skip
     assert _loops("fedbuff", None, Link([]))[0].job.spec.island_max_steps == 20  # 10 phases of 2 steps
+
+
+def test_a_diverged_phase_is_trained_again_from_the_newest_global_and_a_second_one_stops_the_worker():
+    """A phase whose loss is NaN is not sent: the optimizer state is dropped, the model goes
+    back to the newest global loaded, the phase is trained again; twice in a row is an error."""
+    from fedjet.errors import TrainingError
+
+    loops, _, _, trainer = _loops("fedavg", None, Link([]))
+    losses = [float("nan"), 2.5]
+    loaded = []
+    trainer.optimizer = SimpleNamespace(state={"w": {"exp_avg": 1}})
+    trainer.load = loaded.append
+    trainer.train = lambda steps: StepsResult(losses.pop(0), steps, 10 * steps, 1.0, 1.0)
+    loops.fallback = {"w": "the newest global"}
+    phase = asyncio.run(loops._train(2))
+    assert phase.result.mean_loss == 2.5 and trainer.optimizer.state == {} and loaded == [{"w": "the newest global"}]
+    losses[:] = [float("nan"), float("nan")]
+    with pytest.raises(TrainingError, match="diverged twice"):
+        asyncio.run(loops._train(2))

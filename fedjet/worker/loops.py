@@ -12,6 +12,7 @@ the worker had, so the coordinator's staleness rules weigh it."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ import structlog
 from fedjet.channel.globals import GlobalFollower
 from fedjet.channel.island import IslandLink
 from fedjet.codecs.messages import GlobalHead, GlobalVersion
+from fedjet.errors import TrainingError
 from fedjet.metrics import WorkerMetrics
 from fedjet.worker.job import LocalJob
 from fedjet.worker.streaming import StreamingSchedule
@@ -56,6 +58,7 @@ class TrainingLoops:
         self.island_steps = 0  # local steps trained past the newest version while cut off
         self.held: tuple[Phase, int] | None = None  # accumulate: the folded phases and their steps
         self.waiting = 0  # updates sent while this island has been cut off
+        self.fallback: dict[str, Any] | None = None  # the newest global loaded: where a diverged phase restarts
 
     async def run(self) -> None:
         plan = self.job.spec.fragment_plan
@@ -180,6 +183,7 @@ class TrainingLoops:
         if head.version == 0:
             self._note_initial_weights(version, local_v0)
         self.job.trainer.load(version.tensors)
+        self.fallback = version.tensors
         self.uplink.rebase_masked(head, version.tensors)
         self.metrics.version(head.version)
         self.job.tracker.rebase(version.tensors, head.version)
@@ -245,6 +249,7 @@ class TrainingLoops:
         version = await self.follower.fetch(head)
         self._note_initial_weights(version, local_v0)
         self.job.trainer.load(version.tensors)
+        self.fallback = version.tensors
         steps = self._assigned_steps(head, self.job.spec.config.train.local_steps)
         self._count_idle(wait_from)
         return head, version, steps
@@ -303,7 +308,24 @@ class TrainingLoops:
         return head, fetched
 
     async def _train(self, steps: int) -> Phase:
-        """One local phase: ``steps`` optimizer steps (or one mean gradient), then held-out loss."""
+        """One local phase (see :meth:`_phase`). A phase whose loss is not finite diverged: the
+        optimizer state is dropped, the model goes back to the newest global it loaded, and the
+        phase is trained again; a second divergence stops the worker with a named error."""
+        phase = await self._phase(steps)
+        if math.isfinite(phase.result.mean_loss) or phase.result.sequences == 0:
+            return phase
+        structlog.get_logger("fedjet.worker").warning("phase_diverged", steps=steps, action="reset, train again")
+        trainer = self.job.trainer
+        trainer.optimizer.state.clear()
+        if self.fallback is not None:
+            trainer.load(self.fallback)
+        phase = await self._phase(steps)
+        if not math.isfinite(phase.result.mean_loss):
+            raise TrainingError(f"local training diverged twice in a row (loss {phase.result.mean_loss})")
+        return phase
+
+    async def _phase(self, steps: int) -> Phase:
+        """``steps`` optimizer steps (or one mean gradient), then held-out loss."""
         spec, trainer, private = self.job.spec, self.job.trainer, self.job.private
         gradient: dict[str, Any] | None = None
         if spec.update_kind == "gradient":
