@@ -32,6 +32,7 @@ async def connect(url: str, name: str, *, timeout: float = 10.0) -> Client:
 
 
 DUPLICATE_WINDOW_ENV = "FEDJET_DUPLICATE_WINDOW_S"
+UNAVAILABLE_RETRIES, UNAVAILABLE_WAIT_S = 60, 0.5  # a recovering stream answers 503 for a while
 
 
 def duplicate_window_s(default: float) -> float:
@@ -112,10 +113,17 @@ async def read_range(
         filter_subject=subject,
     )
     sub = await js.pull_subscribe(subject, durable=None, stream=stream, config=config)
+    unavailable = 0
     try:
         while True:
             try:
                 msgs = await sub.fetch(batch, timeout=idle_timeout)
+            except nats.js.errors.ServiceUnavailableError as e:  # a replicated stream recovering (a node died)
+                unavailable += 1
+                if unavailable > UNAVAILABLE_RETRIES:
+                    raise BrokerError(f"{stream}: JetStream unavailable for {unavailable} reads in a row") from e
+                await asyncio.sleep(UNAVAILABLE_WAIT_S)
+                continue
             except (TimeoutError, nats.errors.TimeoutError) as e:
                 if last_seq is None:
                     return
