@@ -103,11 +103,12 @@ class JobStatus:
 async def job_status(js: Any, subjects: JobSubjects, boxes: Boxes | None, *, depth: int = DEFAULT_DEPTH) -> JobStatus:
     """Read the job's state; ``boxes`` decides how much (see the module docstring)."""
     notes: list[str] = []
-    updates = await stream_status(js, subjects.update_stream)
+    updates_info = await stream_info(js, subjects.update_stream)  # counts and island links, one read
+    updates = _counts(subjects.update_stream, updates_info)
     globals_ = await stream_status(js, subjects.global_stream)
     clouds = await _known_clouds(js, subjects, boxes, notes)
     stats = await read_worker_stats(js, subjects, clouds, notes)
-    links = await _island_links(js, subjects, tuple(dict.fromkeys([*clouds, *stats])))
+    links = _island_links(updates_info, subjects, tuple(dict.fromkeys([*clouds, *stats])))
     head: HeadStatus | None = None
     records: list[tuple[int, VersionRecord]] = []
     if boxes is None:
@@ -125,29 +126,35 @@ async def job_status(js: Any, subjects: JobSubjects, boxes: Boxes | None, *, dep
     )
 
 
-async def stream_status(js: Any, name: str) -> StreamStatus | None:
-    """Message and byte counts of one stream (None when it does not exist yet)."""
+async def stream_info(js: Any, name: str) -> Any | None:
+    """One stream's info (None when it does not exist yet)."""
     try:
-        info = await js.stream_info(name)
+        return await js.stream_info(name)
     except nats.js.errors.NotFoundError:
         return None
     except NATS_ERRORS as e:
         raise BrokerError(f"stream info of {name}: {type(e).__name__}: {e}") from e
+
+
+async def stream_status(js: Any, name: str) -> StreamStatus | None:
+    """Message and byte counts of one stream (None when it does not exist yet)."""
+    return _counts(name, await stream_info(js, name))
+
+
+def _counts(name: str, info: Any | None) -> StreamStatus | None:
+    if info is None:
+        return None
     state = info.state
     return StreamStatus(
         name=name, messages=state.messages, bytes=state.bytes, first_seq=state.first_seq, last_seq=state.last_seq
     )
 
 
-async def _island_links(js: Any, subjects: JobSubjects, clouds: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """Island mode: each sourced cloud's link as the hub's updates stream reports it: up or an
-    island, seconds since the hub last heard from its leaf, messages there not yet sourced."""
-    try:
-        info = await js.stream_info(subjects.update_stream)
-    except nats.js.errors.NotFoundError:
+def _island_links(info: Any | None, subjects: JobSubjects, clouds: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Island mode: each sourced cloud's link as the hub's updates stream info reports it: up or
+    an island, seconds since the hub last heard from its leaf, messages there not yet sourced."""
+    if info is None:
         return {}
-    except NATS_ERRORS as e:
-        raise BrokerError(f"stream info of {subjects.update_stream}: {type(e).__name__}: {e}") from e
     return {state.cloud: state.to_dict() for state in link_states(info, subjects, clouds)}
 
 
