@@ -97,14 +97,21 @@ async def read_coordinator_stats(js: Any, subjects: JobSubjects) -> dict[str, An
 async def _put_figures(
     js: Any, subjects: JobSubjects, key: str, stats: dict[str, Any], *, domain: str | None, process: str
 ) -> None:
+    """Retried like a read while the broker answers transiently (a put is idempotent: the same
+    key, the same figures): under load the one put at a process's exit had timed out, and the
+    run's report then had no figures for it."""
     body = json.dumps(stats).encode()
-    try:
+
+    async def put() -> None:
         if domain:
             await js.publish(kv_put_subject(subjects.kv_bucket, key, domain), body)
             return
         kv = await js.key_value(subjects.kv_bucket)
         await kv.put(key, body)
-    except (nats.errors.Error, nats.js.errors.Error) as e:
+
+    try:
+        await retrying(put, f"{process}'s figures", attempts=5)
+    except (BrokerError, nats.errors.Error, nats.js.errors.Error) as e:
         log.warning("stats_not_reported", process=process, error=str(e))
 
 

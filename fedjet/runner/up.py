@@ -44,6 +44,7 @@ from fedjet.runner.processes import Child, spawn, stop_all
 from fedjet.runner.up_config import UpConfig
 
 log = get_logger("fedjet.up")
+FINISH_WAIT_S = 120.0  # for every process of the run to exit once the last version is out
 __all__ = ["RunFailed", "UpConfig", "run_up"]
 
 
@@ -298,10 +299,13 @@ async def _process_stats(
     """Wait for the workers and the coordinator to finish, then read their own figures from the
     KV bucket: each cloud's, and the socket bytes of every process of the job (workers,
     coordinator and this observer). A process that reported none fails the run."""
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + FINISH_WAIT_S
     while any(c.returncode is None for c in children) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     _check_children(children)
+    running = [c.name for c in children if c.returncode is None]
+    if running:  # their figures are put at their exit: reading now would call them missing
+        raise RunFailed(f"{', '.join(running)} still running {FINISH_WAIT_S:.0f} s after the last version")
     clouds_stats = await read_stats(js, subjects, clouds)
     coordinator = await read_coordinator_stats(js, subjects)
     processes = {f"worker-{cloud}": _socket_figures(clouds_stats[cloud], f"worker-{cloud}") for cloud in clouds}
