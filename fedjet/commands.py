@@ -195,13 +195,13 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from fedjet.coordinator.service import Coordinator, CoordinatorConfig
     from fedjet.keystore import coordinator_boxes
     from fedjet.lifecycle import run_until_signalled
+    from fedjet.malloc import keep_big_buffers_mapped
     from fedjet.metrics import CoordinatorMetrics
-    from fedjet.models.job_model import initial_job_model, spec_for
 
     job = config_from_args(args)
     auth = identity_from(args)
-    jm = initial_job_model(job)
-    spec, weights = spec_for(job, jm), jm.exchanged()
+    keep_big_buffers_mapped()
+    spec, weights = _version_zero(job)
     metrics = CoordinatorMetrics() if args.metrics_port is not None else None
     coordinator = Coordinator(
         CoordinatorConfig(
@@ -218,8 +218,20 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         )
     )
     with _metrics_served(metrics, args.metrics_port):
-        asyncio.run(run_until_signalled(lambda: coordinator.run(weights), coordinator.stop))
+        handed = [weights]  # the coordinator holds version 0 alone (see _version_zero)
+        del weights
+        asyncio.run(run_until_signalled(lambda: coordinator.run(handed.pop()), coordinator.stop))
     return 0
+
+
+def _version_zero(job: Any) -> tuple[Any, Any]:
+    """The spec and version 0's weights, without the model object they came from: it would
+    keep every original parameter alive as the versions replace them (a second model copy in
+    the coordinator by the time each tensor had changed once)."""
+    from fedjet.models.job_model import initial_job_model, spec_for
+
+    jm = initial_job_model(job)
+    return spec_for(job, jm), jm.exchanged()
 
 
 @contextlib.contextmanager
@@ -239,10 +251,12 @@ def _metrics_served(metrics: Any, port: int | None) -> Iterator[None]:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from fedjet.lifecycle import serve
+    from fedjet.malloc import keep_big_buffers_mapped
     from fedjet.metrics import WorkerMetrics
     from fedjet.worker.daemon import Worker, WorkerConfig
 
     job = args.job or _job_from_file(args.config)
+    keep_big_buffers_mapped()  # a daemon frees a version's and an update's buffers every round
     metrics = WorkerMetrics(args.cloud) if args.metrics_port is not None else None
     worker = Worker(
         WorkerConfig(

@@ -146,3 +146,23 @@ def test_same_inputs_give_the_same_hash_and_order_is_respected():
 
     assert run() == run()
     assert len(set(run())) == 3
+
+
+@pytest.mark.parametrize("name", ["nesterov", "adam"])
+def test_a_refused_non_finite_batch_leaves_the_server_optimizer_as_it_was(name):
+    """The state a refused step touched comes back and the state it created goes, while the
+    state of tensors it did not name (another fragment's) is never copied or changed."""
+    from fedjet.errors import NonFiniteError
+
+    server = ServerOptConfig(name=name, lr=0.1)
+    aggregator = Aggregator(StrategyConfig(server=server), {"a": t(1.0, 2.0), "b": t(0.5)}, clouds=1)
+    aggregator.apply([Applied(part("aws", 1, 1.0, t(0.1, 0.1)), 0)])  # state for "a" only
+    before = {n: {k: v.clone() for k, v in s.items()} for n, s in aggregator.optimizer.state.items()}
+    steps, weights = aggregator.optimizer.steps, dict(aggregator.weights)
+    poison = Applied(part("aws", 1, 1.0, t(0.1, 0.1), t(float("inf"))), 0)
+    with pytest.raises(NonFiniteError):
+        aggregator.apply([poison])
+    assert aggregator.optimizer.steps == steps and aggregator.weights == weights
+    assert set(aggregator.optimizer.state) == {"a"}  # "b"'s state, created by the refused step, is gone
+    for key, value in before["a"].items():
+        assert torch.equal(aggregator.optimizer.state["a"][key], value)

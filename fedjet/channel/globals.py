@@ -112,11 +112,12 @@ class GlobalPublisher:
     ) -> GlobalHead:
         header = GlobalHeader(job=self.subjects.job, version=version, hash=hash_, final=final)
         base = self._delta_base(version)
-        payload, header = await asyncio.to_thread(
-            encode_global, GlobalVersion(header, weights), base, version - 1 if base is not None else -1
-        )
+        sealed, header = await asyncio.to_thread(
+            self._encode_and_seal, GlobalVersion(header, weights), base, version - 1 if base is not None else -1,
+            record.to_bytes(),
+        )  # fmt: skip
         self._published = weights
-        sealed, where, blob = await self._seal_and_publish(payload, record.to_bytes(), f"g/{version}")
+        where, blob = await self._publish_sealed(sealed, f"g/{version}")
         view = await self.views.publish(version, hash_, weights) if self.views is not None else None
         head = GlobalHead(
             header=header,
@@ -129,13 +130,25 @@ class GlobalPublisher:
         log.info("version_published", version=version, hash=hash_[:12], bytes=blob.wire_bytes, final=final)
         return head
 
+    def _encode_and_seal(
+        self, version: GlobalVersion, base: Weights | None, base_version: int, meta: bytes
+    ) -> tuple[SealedGlobal, GlobalHeader]:
+        """The frame lives only in here: what is published (and held while it is) is the
+        ciphertext alone, one copy of the version's bytes."""
+        frame, header = encode_global(version, base, base_version)
+        return seal_global(frame, meta, self.boxes, self.members), header
+
     async def _seal_and_publish(
         self, frame: bytes, meta: bytes, name: str
     ) -> tuple[SealedGlobal, BlobRef, PublishedBlob]:
-        """Encrypt ``frame`` (and ``meta``) to every member and publish it as chunks under a
-        blob id that is fresh after a restart too; where it went is the one :class:`BlobRef`
-        that a head and a view both carry."""
+        """Encrypt ``frame`` (and ``meta``) to every member and publish it (a view's way)."""
         sealed = await asyncio.to_thread(seal_global, frame, meta, self.boxes, self.members)
+        where, blob = await self._publish_sealed(sealed, name)
+        return sealed, where, blob
+
+    async def _publish_sealed(self, sealed: SealedGlobal, name: str) -> tuple[BlobRef, PublishedBlob]:
+        """Publish sealed weights as chunks under a blob id that is fresh after a restart too;
+        where they went is the one :class:`BlobRef` that a head and a view both carry."""
         blob_id = f"{self.subjects.job}/{name}/{secrets.token_hex(6)}"
         blob = await publish_blob(
             self._js, self.subjects.global_data, sealed.ciphertext, blob_id=blob_id, max_payload=self.max_payload,
@@ -145,7 +158,7 @@ class GlobalPublisher:
             first_seq=blob.first_seq, last_seq=blob.last_seq, size=len(sealed.ciphertext),
             sha256=digest(sealed.ciphertext), blob_id=blob_id, keys=sealed.keys,
         )  # fmt: skip
-        return sealed, where, blob
+        return where, blob
 
     async def publish_final_marker(self) -> None:
         """Stopped early: re-announce the current version as final so workers exit."""

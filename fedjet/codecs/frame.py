@@ -51,6 +51,17 @@ def pack_frame(frame_type: str, header: dict[str, Any], tensors: list[dict[str, 
     return packed
 
 
+def pack_frame_view(frame_type: str, header: dict[str, Any], tensors: list[dict[str, Any]]) -> memoryview:
+    """:func:`pack_frame`'s bytes as a view of the packer's own buffer: a whole-model frame
+    is built once, not built and then copied out (entries may hold views of the tensors)."""
+    if frame_type not in FRAME_TYPES:
+        raise SchemaError(f"unknown frame type {frame_type!r}")
+    packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+    packer.pack({"fv": FORMAT_VERSION, "type": frame_type, "header": header, "tensors": tensors})
+    view: memoryview = packer.getbuffer()
+    return view
+
+
 def _no_ext(code: int, data: bytes) -> Any:
     raise DecodeError(f"msgpack extension type {code} is not allowed in fedjet frames")
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import nacl.exceptions
 import nacl.utils
+from nacl._sodium import ffi, lib  # type: ignore[import-not-found]  # libsodium, as PyNaCl binds it
 from nacl.secret import SecretBox
 
 from fedjet.codecs.identity import COORDINATOR, Boxes
@@ -21,12 +22,28 @@ class SealedGlobal:
     keys: dict[str, bytes]  # member -> version key sealed to that member
 
 
-def seal_global(payload: bytes, meta: bytes, boxes: Boxes, members: list[str]) -> SealedGlobal:
+def seal_global(payload: bytes | memoryview, meta: bytes, boxes: Boxes, members: list[str]) -> SealedGlobal:
     """One fresh key per version encrypts weights and record; each member gets it sealed."""
     key = nacl.utils.random(SecretBox.KEY_SIZE)
     box = SecretBox(key)
     sealed = {m: bytes(boxes.to(m).encrypt(key)) for m in members}
-    return SealedGlobal(bytes(box.encrypt(payload)), bytes(box.encrypt(meta)), sealed)
+    return SealedGlobal(secretbox_into(payload, key), bytes(box.encrypt(meta)), sealed)
+
+
+def secretbox_into(payload: bytes | memoryview, key: bytes) -> bytes:
+    """``SecretBox(key).encrypt(payload)`` (nonce, tag, ciphertext: the same bytes any
+    ``SecretBox`` opens) written once into its output buffer. PyNaCl's own call holds three
+    payload-sized copies at its peak (its output, a slice of it, the nonce joined in front):
+    for a whole-model version that was three model copies in the coordinator."""
+    nonce = nacl.utils.random(SecretBox.NONCE_SIZE)
+    head = SecretBox.NONCE_SIZE + SecretBox.MACBYTES
+    out = bytearray(head + len(payload))
+    out[: SecretBox.NONCE_SIZE] = nonce
+    dest = ffi.from_buffer(out)
+    if lib.crypto_secretbox_easy(dest + SecretBox.NONCE_SIZE, ffi.from_buffer(payload), len(payload), nonce, key):
+        raise AuthenticationError("encrypting a global version failed")
+    del dest  # the buffer is exported while a cdata views it
+    return out  # type: ignore[return-value]  # a bytearray: bytes-like everywhere it goes
 
 
 def open_version_key(sealed_key: bytes, boxes: Boxes) -> bytes:
@@ -37,10 +54,21 @@ def open_version_key(sealed_key: bytes, boxes: Boxes) -> bytes:
 
 
 def open_secret(ciphertext: bytes, key: bytes) -> bytes:
-    try:
-        return SecretBox(key).decrypt(ciphertext)
-    except (nacl.exceptions.CryptoError, ValueError, TypeError) as e:
-        raise AuthenticationError("global version does not decrypt (tampered or wrong key)") from e
+    """``SecretBox(key).decrypt``, written once into the plaintext buffer (PyNaCl's call holds
+    the ciphertext sliced and the plaintext twice at its peak)."""
+    head = SecretBox.NONCE_SIZE + SecretBox.MACBYTES
+    if len(key) != SecretBox.KEY_SIZE or len(ciphertext) < head:
+        raise AuthenticationError("global version does not decrypt (tampered or wrong key)")
+    out = bytearray(len(ciphertext) - head)
+    source = ffi.from_buffer(ciphertext)
+    nonce = bytes(ciphertext[: SecretBox.NONCE_SIZE])
+    failed = lib.crypto_secretbox_open_easy(
+        ffi.from_buffer(out), source + SecretBox.NONCE_SIZE, len(ciphertext) - SecretBox.NONCE_SIZE, nonce, key
+    )
+    del source
+    if failed:
+        raise AuthenticationError("global version does not decrypt (tampered or wrong key)")
+    return out  # type: ignore[return-value]  # a bytearray: bytes-like everywhere it goes
 
 
 def open_global(ciphertext: bytes, sealed_key: bytes, boxes: Boxes) -> bytes:

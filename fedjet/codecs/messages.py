@@ -13,7 +13,7 @@ import torch
 
 from fedjet.codecs import crypto
 from fedjet.codecs.crypto import Boxes
-from fedjet.codecs.frame import Limits, pack_frame, unpack_frame
+from fedjet.codecs.frame import Limits, pack_frame, pack_frame_view, unpack_frame
 from fedjet.codecs.frame import field as read
 from fedjet.codecs.heads import MAX_HEAD_BYTES as MAX_HEAD_BYTES
 from fedjet.codecs.heads import GlobalHead as GlobalHead
@@ -186,17 +186,29 @@ def read_opened_update(frame: bytes, sender: str, limits: Limits) -> Update:
 
 def encode_global(
     version: GlobalVersion, base: dict[str, torch.Tensor] | None = None, base_version: int = -1
-) -> tuple[bytes, GlobalHeader]:
-    """Dense float32 weights, or, when ``base`` is given and it is less than half the size, only
+) -> tuple[memoryview, GlobalHeader]:
+    """Dense weights, or, when ``base`` is given and it is less than half the size, only
     the values that changed since ``base`` (sent as the new values, so rebuilding is exact).
-    Returns the frame and the header it carries (which says what was decided)."""
+    Returns the frame and the header it carries (which says what was decided). The weights'
+    bytes are copied once, into the frame (a version can be the whole model)."""
     if base is not None:
         entries = delta_entries(version.tensors, base)
         if entries is not None:
             header = replace(version.header, delta_from=base_version)
-            return pack_frame("global", asdict(header), entries), header
+            return pack_frame_view("global", asdict(header), entries), header
     header = replace(version.header, delta_from=-1)
-    return pack_frame("global", asdict(header), compress(version.tensors, CodecSpec.dense()).entries), header
+    return pack_frame_view("global", asdict(header), dense_entries(version.tensors)), header
+
+
+def dense_entries(tensors: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """What ``compress(tensors, CodecSpec.dense())`` writes, with each tensor's values as a
+    view of its memory instead of a copy."""
+    entries = []
+    for name in sorted(tensors):
+        tensor, flat = tensors[name], as_numpy(tensors[name])
+        entry = {"n": name, "s": list(tensor.shape), "d": dtype_name(tensor), "k": int(flat.size)}
+        entries.append(entry | {"q": "raw", "v": flat.data.cast("B"), "e": "dense"})
+    return entries
 
 
 def delta_entries(new: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> list[dict[str, Any]] | None:
@@ -216,7 +228,7 @@ def delta_entries(new: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -
         else:
             changed = np.flatnonzero(after.view(np.uint32) != before.view(np.uint32))  # bits, not values
         kind, payload = encode_indices(changed, after.size)
-        values = after[changed].tobytes()
+        values = after[changed].data.cast("B")  # one copy (the indexing); packed as it is
         size += len(payload) + len(values)
         dense += after.nbytes
         entry = {"n": name, "s": list(new[name].shape), "d": dtype_name(new[name]), "k": int(changed.size)}

@@ -59,5 +59,5 @@ def weights_hash(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(name.encode())
         digest.update(dtype_name(tensor).encode())
         digest.update(repr(tuple(tensor.shape)).encode())
-        digest.update(as_numpy(tensor).tobytes())
+        digest.update(as_numpy(tensor).data.cast("B"))  # hashed in place, not copied
     return digest.hexdigest()

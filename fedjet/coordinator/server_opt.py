@@ -3,12 +3,21 @@ FedAdam). Pure and deterministic; the state is plain tensors so it can be checkp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from fedjet.config.job import ServerOptConfig
 from fedjet.weights import Weights
 
-__all__ = ["ServerOptConfig", "ServerOptimizer"]
+__all__ = ["Saved", "ServerOptConfig", "ServerOptimizer"]
+
+
+@dataclass(frozen=True)
+class Saved:
+    steps: int
+    names: frozenset[str]
+    state: dict[str, dict[str, torch.Tensor]]
 
 
 class ServerOptimizer:
@@ -40,6 +49,21 @@ class ServerOptimizer:
                 direction = self._adam(name, w, g)
             out[name] = w - c.step_size * direction
         return out
+
+    def saved(self, pseudo_grad: Weights) -> Saved:
+        """What a :meth:`step` on ``pseudo_grad`` may change: the step count and the state of
+        the tensors it names (a fragment's, not the whole model's), for :meth:`restore`."""
+        state = {n: {k: v.clone() for k, v in self.state[n].items()} for n in pseudo_grad if n in self.state}
+        return Saved(self.steps, frozenset(pseudo_grad), state)
+
+    def restore(self, saved: Saved) -> None:
+        """Undo a step: the state it changed comes back, the state it created goes."""
+        self.steps = saved.steps
+        for name in saved.names:
+            if name in saved.state:
+                self.state[name] = saved.state[name]
+            else:
+                self.state.pop(name, None)
 
     def _adam(self, name: str, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         c = self.config

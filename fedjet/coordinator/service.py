@@ -135,6 +135,7 @@ class Coordinator:
                     await self._publish([])
                 else:
                     self._restore(checkpoint)
+                initial = {}  # version 0's tensors go once versions replace them (the caller keeps none)
                 self.serving.set()
                 if spec.config.secure_agg is not None:
                     await SecureRounds(

@@ -200,10 +200,10 @@ class Aggregator:
             pseudo_grad = central_pseudo_gradient(self.weights, parts, discounts, central.clip, self.expected)
             key = os.urandom(KEY_BYTES) if noise_key is None else noise_key
             pseudo_grad = add_noise(pseudo_grad, central, self.expected, key)
-        saved = self.optimizer.steps, {n: {k: v.clone() for k, v in s.items()} for n, s in self.optimizer.state.items()}
+        saved = self.optimizer.saved(pseudo_grad)
         weights = self.optimizer.step(self.weights, pseudo_grad)
         if not all(bool(torch.isfinite(t).all()) for t in weights.values()):
-            self.optimizer.steps, self.optimizer.state = saved
+            self.optimizer.restore(saved)
             raise NonFiniteError(f"version {self.version + 1} would not be finite")
         self.weights = weights
         self.version += 1
