@@ -16,6 +16,7 @@ from fedjet.bench.chaos_audit import acknowledged_sends, healthy
 from fedjet.broker.blobs import publish_blob
 from fedjet.broker.jetstream import close_quietly, connect, ensure_job_streams
 from fedjet.broker.subjects import JobSubjects
+from fedjet.errors import ConfigError
 from tests.conftest import TAG_ENV, processes_tagged, wait_until_gone
 
 
@@ -111,3 +112,34 @@ def test_a_fragment_job_loses_nothing_when_a_worker_and_the_coordinator_are_kill
     assert result["lost"] == result["doubled"] == result["replay_mismatches"] == 0, result
     assert result["acknowledged"] > 0 and result["acknowledged_missing"] == 0 and healthy(result), summary
     assert wait_until_gone(processes_tagged(tag), timeout=10) == []
+
+
+def test_a_worker_whose_rank_is_killed_stops_cleanly_and_its_restart_resumes(tmp_path, data_dir, monkeypatch):
+    """Clouds of two ranks; one cloud's extra rank is SIGKILLed mid-job: its worker stops on its
+    own, naming the lost rank, and the restarted worker resumes: no update lost or doubled (by
+    the records and by the workers' acknowledged sends), every version replays, nothing else
+    crashed and nothing is left running."""
+    tag = f"chaos-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv(TAG_ENV, tag)
+    config = ChaosConfig(
+        coordinator_kills=0, nats_restarts=0, worker_kills=0, rank_kills=1, rounds=5, seed=3, data=str(data_dir),
+        out=str(tmp_path / "chaos"), replay_cli=False, timeout_s=400.0, local_steps=2, codec="dense",
+        clouds=("aws", "gcp"), worker_flags=("--nproc-per-node", "2"),
+    )  # fmt: skip
+    result = run(config)
+    summary = describe(result)
+    assert result["rank_kills"] == result["rank_lost_exits"] == 1, summary
+    assert sum(result["starts"].values()) == 1 + 2 + 1, result["starts"]  # the one worker restarted, once
+    assert not result["crashes"] and result["final"] and result["versions"] == 5, summary
+    assert result["lost"] == result["doubled"] == result["replay_mismatches"] == 0, result
+    assert result["applied"] == result["applied_total_recorded"] and result["applied"] >= 5 * 2, result
+    assert result["acknowledged"] > 0 and result["acknowledged_missing"] == 0 and healthy(result), summary
+    assert wait_until_gone(processes_tagged(tag), timeout=10) == []
+
+
+def test_rank_kills_need_workers_of_several_ranks():
+    with pytest.raises(ConfigError, match="several ranks"):
+        ChaosConfig(rank_kills=1)
+    with pytest.raises(ConfigError, match="several ranks"):
+        ChaosConfig(rank_kills=1, worker_flags=("--nproc-per-node", "1"))
+    assert ChaosConfig(rank_kills=1, worker_flags=("--nproc-per-node=2",)).counts["rank"] == 1

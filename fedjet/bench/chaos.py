@@ -82,6 +82,8 @@ async def _run(config: ChaosConfig, root: Path) -> dict[str, Any]:
         "coordinator_kills": run_.counts["coordinator"],
         "nats_restarts": run_.counts["nats"],
         "worker_kills": run_.counts["worker"],
+        "rank_kills": run_.counts["rank"],
+        "rank_lost_exits": run_.counts["rank_lost_exits"],  # workers that stopped, naming the lost rank
         "planned": config.counts,  # more than happened: the job finished first (give more --rounds)
         "crashes": cluster.crashes,
         "starts": dict(cluster.started),

@@ -197,21 +197,22 @@ def describe(result: dict[str, Any]) -> str:
         f"doubled {r['doubled']}, unauthenticated {r['unauthenticated']}, partial blobs {r['partial_blobs']}, "
         f"replay mismatches {r['replay_mismatches']}, "
         f"crashes {len(r['crashes'])}; killed the coordinator {r['coordinator_kills']}x, "
-        f"restarted nats {r['nats_restarts']}x, killed workers {r['worker_kills']}x "
-        f"(planned {r['planned']['coordinator']}/{r['planned']['nats']}/{r['planned']['worker']}); {r['wall_s']:.0f}s"
+        f"restarted nats {r['nats_restarts']}x, killed workers {r['worker_kills']}x, "
+        f"killed ranks {r.get('rank_kills', 0)}x (planned {r['planned']['coordinator']}/{r['planned']['nats']}/"
+        f"{r['planned']['worker']}/{r['planned'].get('rank', 0)}); {r['wall_s']:.0f}s"
     )
 
 
 def healthy(result: dict[str, Any]) -> bool:
     """Nothing lost (by the records or by the workers' acknowledged sends), nothing doubled,
-    nothing unauthenticated in the stream, no partial blob but one per killed worker, every
+    nothing unauthenticated in the stream, no partial blob but one per killed worker or rank, every
     version replays, nothing crashed."""
     r = result
     return (
         r["final"]
         and r["lost"] == r["doubled"] == r["replay_mismatches"] == r["rejected_recounted"] == 0
         and r["acknowledged_missing"] == r["unauthenticated"] == 0
-        and r["partial_blobs"] <= r["worker_kills"]
+        and r["partial_blobs"] <= r["worker_kills"] + r.get("rank_kills", 0)
         and r["applied"] == r["applied_total_recorded"]
         and not r["crashes"]
         and r["forked_versions"] == 0

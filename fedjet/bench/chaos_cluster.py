@@ -93,7 +93,8 @@ class Cluster:
 
     def worker_args(self, cloud: str) -> list[str]:
         args = ["worker", "--nats", self.url, "--job", self.job.job, "--cloud", cloud, "--keys", str(self.keys)]
-        return [*args, "--deal", *(["--data", self.config.data] if self.config.data else [])]
+        args += ["--deal", *(["--data", self.config.data] if self.config.data else [])]
+        return [*args, *self.config.worker_flags]
 
     def _spawn(self, name: str, args: list[str]) -> Child:
         self.started[name] += 1
@@ -111,6 +112,15 @@ class Cluster:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child.proc.pid, signal.SIGKILL)
         child.proc.wait()
+
+    @staticmethod
+    def ranks_of(child: Child) -> list[int]:
+        """The extra ranks a worker started: its child processes."""
+        pids = []
+        for task in Path(f"/proc/{child.proc.pid}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                pids += [int(pid) for pid in task.read_text().split()]
+        return sorted(pids)
 
     def children(self) -> list[Child]:
         return [c for c in (self.coordinator, *self.workers.values()) if c is not None]

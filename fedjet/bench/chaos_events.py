@@ -4,7 +4,10 @@ each kind spread over the job's versions in a task of its own, then the job's cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -61,7 +64,27 @@ async def _kill_worker(run: ChaosRun, rng: random.Random) -> None:
     run.cluster.absent.discard(cloud)
 
 
-EVENTS = {"coordinator": _kill_coordinator, "nats": _restart_nats, "worker": _kill_worker}
+async def _kill_rank(run: ChaosRun, rng: random.Random) -> None:
+    """SIGKILL one extra rank of a cloud's worker: the worker must stop on its own, naming the
+    lost rank (a hang or a traceback fails the run); then it is restarted and must resume."""
+    cloud = rng.choice(run.config.clouds)
+    cluster, worker = run.cluster, run.cluster.workers[cloud]
+    ranks = cluster.ranks_of(worker)
+    if not ranks:
+        raise ChaosFailed(f"chaos: {cloud}'s worker has no extra rank to kill (is it started with --nproc-per-node?)")
+    cluster.absent.add(cloud)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(rng.choice(ranks), signal.SIGKILL)
+    await run.until(lambda: worker.returncode is not None, f"{cloud}'s worker to stop after a rank died", 120.0)
+    tail = worker.log_tail(40)
+    if worker.returncode == 0 or '"rank_lost"' not in tail or "Traceback" in tail:
+        raise ChaosFailed(f"chaos: {cloud}'s worker did not stop cleanly on a lost rank:\n{tail}")
+    run.counts["rank_lost_exits"] += 1
+    cluster.spawn_worker(cloud)
+    cluster.absent.discard(cloud)
+
+
+EVENTS = {"coordinator": _kill_coordinator, "nats": _restart_nats, "worker": _kill_worker, "rank": _kill_rank}
 
 
 async def drive(run: ChaosRun) -> None:

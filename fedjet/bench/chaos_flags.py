@@ -13,6 +13,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--kills", type=int, default=20, help="SIGKILL the coordinator this many times")
     p.add_argument("--nats-restarts", type=int, default=3, help="stop and start the nats-server this many times")
     p.add_argument("--worker-kills", type=int, default=3, help="SIGKILL a random worker this many times")
+    p.add_argument("--rank-kills", type=int, default=0, help="SIGKILL an extra rank of a random worker this many times")
+    p.add_argument("--worker-flags", default="", help="more worker flags, e.g. '--nproc-per-node 2'")
     p.add_argument("--rounds", type=int, default=None, help="global versions (default: 2 x the largest count + 6)")
     p.add_argument("--seed", type=int, default=0, help="the job's seed and the chaos schedule's")
     p.add_argument("--data", default=None, help="WikiText directory (else $FEDJET_DATA, ./data/wikitext-2)")
