@@ -229,9 +229,13 @@ def _version_zero(job: Any) -> tuple[Any, Any]:
     keep every original parameter alive as the versions replace them (a second model copy in
     the coordinator by the time each tensor had changed once)."""
     from fedjet.models.job_model import initial_job_model, spec_for
+    from fedjet.models.presets import PRESETS
 
     jm = initial_job_model(job)
-    return spec_for(job, jm), jm.exchanged()
+    spec, weights = spec_for(job, jm), jm.exchanged()
+    if job.model not in PRESETS:  # off the checkpoint file's mapping: it is unmapped only when the
+        weights = {n: t.clone() for n, t in weights.items()}  # last tensor on it goes, not tensor by tensor
+    return spec, weights
 
 
 @contextlib.contextmanager

@@ -44,10 +44,11 @@ from fedjet.log import get_logger
 log = get_logger("fedjet.channel")
 PENDING_BLOBS_PER_SUBJECT = 2  # x the largest blob: one subject's reassembly budget
 FETCH_BATCH = 64
-# Half of nats-server's default per-client max_pending (64 MiB): a fetch of that much, with a
-# head or an ack beside it, got the coordinator disconnected as a slow consumer while it was busy
-# sealing a large version; well under nats-py's own 256 MiB per subscription, too.
-FETCH_BYTES = 32 << 20
+# A quarter of nats-server's default per-client max_pending (64 MiB). Half of it, with a head or
+# an ack beside it, got the coordinator disconnected as a slow consumer while it was busy sealing
+# a large version; so did two fetches of a half each, on a loaded machine (a fetch that timed out
+# on this side is still delivered while the next is asked for). Well under nats-py's 256 MiB.
+FETCH_BYTES = 16 << 20
 MIN_CHUNK_BYTES = 1 << 16  # chunks of the largest blobs are at least this (servers take 1 MiB by default)
 
 
