@@ -17,7 +17,7 @@ from fedjet.config.job import JobConfig, TrainConfig
 from fedjet.data.batches import BatchSampler
 from fedjet.errors import ConfigError
 from fedjet.models.job_model import initial_job_model
-from fedjet.worker.ranks import RankPlace, RankSlice, data_parallel, join_group
+from fedjet.worker.ranks import FollowerTrainer, GroupTrainer, RankPlace, RankSlice, data_parallel, join_group
 from fedjet.worker.train import LocalTrainer
 
 B, SEQ, STEPS = 4, 64, 3
@@ -27,24 +27,33 @@ def _tokens(data_dir: Path) -> np.ndarray:
     return np.frombuffer((data_dir / "wiki.valid.tokens").read_bytes()[:300_000], dtype=np.uint8).astype(np.int64)
 
 
-def _trainer(batch: int) -> LocalTrainer:
+def _trainer(batch: int, kind: type[LocalTrainer] = LocalTrainer) -> LocalTrainer:
     job = JobConfig(model="tiny", train=TrainConfig(batch_size=batch, seq_len=SEQ, lr=2e-3))
-    return LocalTrainer(initial_job_model(job), None, job.train, torch.device("cpu"))  # type: ignore[arg-type]
+    return kind(initial_job_model(job), None, job.train, torch.device("cpu"))  # type: ignore[arg-type]
 
 
 def _rank(rank: int, world: int, init: str, data_dir: Path, out: Path) -> None:
+    """Rank 0 drives the phase as a worker does (``GroupTrainer``); the others follow it."""
     torch.set_num_threads(1)
     place = RankPlace(rank, world)
     join_group(place, init, torch.device("cpu"))
-    trainer = _trainer(B)
+    trainer = _trainer(B, GroupTrainer if rank == 0 else FollowerTrainer)
     trainer.sampler = RankSlice(BatchSampler(_tokens(data_dir), SEQ, B * world, seed=7), place)  # type: ignore[assignment]
     trainer.model = data_parallel(trainer.model, torch.device("cpu"))
-    trainer.train(STEPS)
+    if isinstance(trainer, GroupTrainer):
+        result = trainer.train(STEPS)
+        trainer.release()
+        (out / "result.json").write_text(json.dumps({"loss": result.mean_loss, "tokens": result.tokens}))
+    else:
+        assert isinstance(trainer, FollowerTrainer)
+        trainer.follow()
     torch.save({n: t.detach().clone() for n, t in trainer.weights().items()}, out / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
 def test_two_ranks_of_batch_b_take_the_steps_of_one_rank_of_batch_2b(tmp_path, data_dir):
+    """Through the worker's own rank trainers: the same weights, and the phase's figures are
+    the cloud's (tokens of both ranks, their mean loss), as the update claims them."""
     context = multiprocessing.get_context("spawn")
     init = f"file://{tmp_path / 'rendezvous'}"
     ranks = [context.Process(target=_rank, args=(r, 2, init, data_dir, tmp_path)) for r in range(2)]
@@ -57,7 +66,10 @@ def test_two_ranks_of_batch_b_take_the_steps_of_one_rank_of_batch_2b(tmp_path, d
     single = _trainer(2 * B)
     single.sampler = BatchSampler(_tokens(data_dir), SEQ, 2 * B, seed=7)
     start = {n: t.detach().clone() for n, t in single.weights().items()}
-    single.train(STEPS)
+    alone = single.train(STEPS)
+    cloud = json.loads((tmp_path / "result.json").read_text())
+    assert cloud["tokens"] == alone.tokens  # the cloud's tokens, every rank's, not rank 0's share
+    assert abs(cloud["loss"] - alone.mean_loss) < 1e-5  # the mean over the ranks' slices
     for name, expected in single.weights().items():
         assert torch.equal(rank0[name], rank1[name]), name  # the replicas stay equal
         assert torch.allclose(rank0[name], expected, atol=2e-6, rtol=1e-5), name

@@ -13,7 +13,7 @@ Backend gloo on CPU, nccl on CUDA. This module is the training core; it does not
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -81,6 +81,13 @@ def broadcast_weights(tensors: dict[str, torch.Tensor]) -> None:
         dist.broadcast(tensors[name], src=0)
 
 
+def mean_over_ranks(value: float) -> float:
+    """The mean of every rank's ``value`` (each rank trained an equal slice of the batch)."""
+    values: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, float(value))
+    return sum(float(v) for v in values) / len(values)  # type: ignore[arg-type]
+
+
 def command(message: list[object] | None = None) -> list[object]:
     """Rank 0 sends ``message`` (a small list) to every rank; the others receive and return it."""
     box: list[object] = [message]
@@ -98,12 +105,19 @@ class GroupTrainer(LocalTrainer):
     _in_phase = False
 
     def train(self, steps: int) -> StepsResult:
+        """The phase on every rank; its figures are the cloud's: the sequences and tokens of
+        all ranks (equal slices) and the mean of their losses, which the update claims."""
         command(["train", steps])
         self._in_phase = True
         try:
-            return super().train(steps)
+            result = super().train(steps)
         finally:
             self._in_phase = False
+        world = dist.get_world_size()
+        return replace(
+            result, mean_loss=mean_over_ranks(result.mean_loss), sequences=result.sequences * world,
+            tokens=result.tokens * world,
+        )  # fmt: skip
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         super().load(tensors)
@@ -146,7 +160,7 @@ class FollowerTrainer(LocalTrainer):
         while True:
             message = command()
             if message[0] == "train":
-                self.train(int(message[1]))  # type: ignore[call-overload]
+                mean_over_ranks(self.train(int(message[1])).mean_loss)  # type: ignore[call-overload]
             elif message[0] == "load":
                 self._receive_weights()
             else:
