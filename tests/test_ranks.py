@@ -132,3 +132,28 @@ def test_a_cloud_of_two_ranks_learns_replays_and_a_killed_rank_ends_its_worker_c
     assert verify.returncode == 0, verify.stdout + verify.stderr
     replayed = json.loads(verify.stdout.strip().splitlines()[-1])
     assert replayed["versions"] >= 2 and replayed["mismatches"] == 0, replayed
+
+
+def test_fedjet_up_refuses_ranks_with_what_they_do_not_run_yet_before_any_process_starts():
+    from fedjet.config.flags import job_config
+    from fedjet.runner.up import UpConfig
+
+    with pytest.raises(ConfigError, match="gradient strategy"):
+        UpConfig(job=job_config(overrides={"strategy": {"name": "gradient"}}), nproc_per_node=2)
+    with pytest.raises(ConfigError, match="--dp"):
+        UpConfig(job=job_config(overrides={"dp": "1.0:1.0"}), nproc_per_node=2)
+    with pytest.raises(ConfigError, match=">= 1"):
+        UpConfig(job=job_config(), nproc_per_node=0)
+    assert UpConfig(job=job_config(), nproc_per_node=2).nproc_per_node == 2
+
+
+def test_a_rank_gets_a_device_of_its_own_and_cpu_ranks_share_the_cores(monkeypatch):
+    from fedjet.worker.ranks import rank_device
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        assert rank_device(torch.device("cpu"), RankPlace(1, 2)) == torch.device("cpu")
+        assert torch.get_num_threads() == max(1, (os.cpu_count() or 1) // 2)
+    finally:
+        torch.set_num_threads(before)

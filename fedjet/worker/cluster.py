@@ -98,7 +98,7 @@ def follow_main(rank: int, world: int, init_method: str, spec_bytes: bytes, sett
     sampler = BatchSampler(data.train, train.seq_len, train.batch_size * world, seed=spec.config.seed * 1000 + index)
     device = pick_device(settings.device)
     place = RankPlace(rank, world)
-    join_group(place, init_method, device)
+    device = join_group(place, init_method, device)
     try:
         trainer = FollowerTrainer(job_model, RankSlice(sampler, place), train, device, precision=settings.precision)  # type: ignore[arg-type]
         trainer.model = data_parallel(trainer.model, device)

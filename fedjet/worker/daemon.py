@@ -242,7 +242,7 @@ class Worker:
         )
         self.ranks = start_ranks(world, spec.to_bytes(), settings)
         place = RankPlace(0, world)
-        join_group(place, self.ranks.init_method, device)
+        device = join_group(place, self.ranks.init_method, device)
         trainer = GroupTrainer(
             job_model, RankSlice(sampler, place), spec.config.train, device, slowdown=cfg.slowdown,  # type: ignore[arg-type]
             precision=cfg.precision,

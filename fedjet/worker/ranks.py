@@ -13,6 +13,7 @@ Backend gloo on CPU, nccl on CUDA. This module is the training core; it does not
 from __future__ import annotations
 
 import datetime as dt
+import os
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -60,11 +61,28 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def join_group(place: RankPlace, init_method: str, device: torch.device) -> None:
-    """Join the cloud's process group (``init_method``: a ``file://`` or ``tcp://`` rendezvous)."""
+def join_group(place: RankPlace, init_method: str, device: torch.device) -> torch.device:
+    """Join the cloud's process group (``init_method``: a ``file://`` or ``tcp://`` rendezvous);
+    returns the device this rank trains on (:func:`rank_device`)."""
+    device = rank_device(device, place)
     dist.init_process_group(
         backend_for(device), init_method=init_method, rank=place.rank, world_size=place.world, timeout=TIMEOUT
     )
+    return device
+
+
+def rank_device(device: torch.device, place: RankPlace) -> torch.device:
+    """A CUDA rank trains on a GPU of its own (the named one plus its rank, round the GPUs: NCCL
+    refuses two ranks on one GPU); CPU ranks share the cores, cores / ranks threads each (as
+    ``torchrun`` gives each rank one thread), unless ``OMP_NUM_THREADS`` says otherwise."""
+    if device.type == "cuda":
+        count = max(1, torch.cuda.device_count())
+        device = torch.device("cuda", ((device.index or 0) + place.rank) % count)
+        torch.cuda.set_device(device)
+        return device
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // place.world))
+    return device
 
 
 def data_parallel(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
