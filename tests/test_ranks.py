@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,50 @@ def test_two_ranks_of_batch_b_take_the_steps_of_one_rank_of_batch_2b(tmp_path, d
         assert torch.allclose(rank0[name], expected, atol=2e-6, rtol=1e-5), name
     moved = sum(float((single.weights()[n] - start[n]).abs().sum()) for n in start)
     assert moved > 1.0  # the steps did move the model: the comparison is not between two starts
+
+
+def _waiting_rank(rank: int, init: str, data_dir: Path, out: Path, keep_alive: bool) -> None:
+    """Rank 0 trains a phase, then waits (for a version, in a worker) three collective timeouts
+    long, keeping the other rank alive or not, then trains again."""
+    torch.set_num_threads(1)
+    place = RankPlace(rank, 2)
+    join_group(place, init, torch.device("cpu"))
+    trainer = _trainer(2, GroupTrainer if rank == 0 else FollowerTrainer)
+    trainer.sampler = RankSlice(BatchSampler(_tokens(data_dir), SEQ, 4, seed=1), place)  # type: ignore[assignment]
+    trainer.model = data_parallel(trainer.model, torch.device("cpu"))
+    if isinstance(trainer, GroupTrainer):
+        trainer.train(1)
+        deadline = time.monotonic() + 3 * float(os.environ["FEDJET_RANK_TIMEOUT_S"])
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            if keep_alive:
+                assert trainer.keep_alive()
+        trainer.train(1)
+        trainer.release()
+    else:
+        assert isinstance(trainer, FollowerTrainer)
+        trainer.follow()
+    (out / f"done{rank}").write_text("ok")
+    torch.distributed.destroy_process_group()
+
+
+def test_the_other_ranks_outlive_a_wait_longer_than_the_collective_timeout(tmp_path, data_dir, monkeypatch):
+    """A worker waits for a version as long as the other clouds take; its ranks wait for the
+    next command in a collective that would time out: rank 0's keep-alives keep them there."""
+    monkeypatch.setenv("FEDJET_RANK_TIMEOUT_S", "3")
+    context = multiprocessing.get_context("spawn")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    ranks = [context.Process(target=_waiting_rank, args=(r, init, data_dir, tmp_path, True)) for r in range(2)]
+    try:
+        for process in ranks:
+            process.start()
+        for process in ranks:
+            process.join(timeout=120)
+    finally:
+        for process in ranks:
+            process.kill()
+    assert [p.exitcode for p in ranks] == [0, 0]
+    assert (tmp_path / "done0").exists() and (tmp_path / "done1").exists()
 
 
 def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(data_dir):

@@ -100,7 +100,7 @@ def _add_chaos(bench_commands: Any) -> None:
 
 
 def _add_gpu(bench_commands: Any) -> None:
-    gpu = bench_commands.add_parser("gpu", help="fedjet's tokens/s on one GPU against a bare loop of the same model")
+    gpu = bench_commands.add_parser("gpu", help="fedjet's steady tokens/s against bare loops of the same configuration")
     gpu.add_argument("--model", default="base", help="preset or checkpoint (default: base, 85M parameters)")
     gpu.add_argument("--rounds", type=int, default=4)
     gpu.add_argument("--local-steps", type=int, default=20)
@@ -109,6 +109,10 @@ def _add_gpu(bench_commands: Any) -> None:
     gpu.add_argument("--precision", choices=PRECISIONS, default=None)
     gpu.add_argument("--codec", default="topk:0.01+int8")
     gpu.add_argument("--data", default=None)
+    gpu.add_argument("--clouds", type=int, default=3, help="workers, against as many concurrent bare loops")
+    gpu.add_argument("--nproc-per-node", type=int, default=1, help="N ranks in one cloud, against a bare DDP loop")
+    gpu.add_argument("--bare-steps", type=int, default=30, help="timed steps of each bare loop")
+    gpu.add_argument("--device", default=None, help="cuda, cpu ... (default: CUDA when there is one)")
     gpu.set_defaults(func=cmd_bench_gpu)
 
 
@@ -226,7 +230,8 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
 
     config = GpuBenchConfig(
         model=args.model, rounds=args.rounds, local_steps=args.local_steps, batch_size=args.batch_size,
-        seq_len=args.seq_len, precision=args.precision, codec=args.codec, data=args.data,
+        seq_len=args.seq_len, precision=args.precision, codec=args.codec, data=args.data, clouds=args.clouds,
+        nproc_per_node=args.nproc_per_node, bare_steps=args.bare_steps, device=args.device,
     )  # fmt: skip
     print(json.dumps(run(config), default=str))
     return 0

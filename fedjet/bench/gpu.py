@@ -1,28 +1,32 @@
-"""``fedjet bench gpu``: fedjet's training throughput on one GPU against a bare loop.
+"""``fedjet bench gpu``: fedjet's training throughput against bare loops of the same
+configuration, measured in one run on the same machine (a GPU when there is one, else CPU).
 
-In the same run: a bare PyTorch loop of the same model, precision and batch (the physical
-reference), then ``fedjet up`` with three workers sharing the GPU. Reported: tokens/s of both
-and their ratio, the workers' idle fraction, and whole-run bytes (up + down, as the workers
-counted them, version 0 included when it crossed).
+The reference is what the same hardware does without fedjet: with ``--nproc-per-node 1``,
+``--clouds`` concurrent bare loops (one process each, as the workers are); with N ranks, one
+bare DDP loop on N ranks. Same model, batch, sequence length, precision and training step
+(the workers' own :class:`~fedjet.worker.train.LocalTrainer`), no NATS and no codecs. Each
+loop warms up, waits for the others, then times ``--bare-steps`` steps.
+
+fedjet's side is ``fedjet up`` with those clouds (or one cloud of N ranks). Steady-state tokens/s
+is each cloud's tokens over its time inside training steps, summed; start-up, waits for versions
+and the rest (held-out evaluation, encoding, sending) are reported apart, in seconds, with the
+whole-run tokens/s beside them.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from fedjet.config.flags import job_config
-from fedjet.data.batches import BatchSampler
-from fedjet.data.packing import pack_documents
-from fedjet.data.tokenizer import ByteTokenizer
-from fedjet.data.wikitext import load_corpus
-from fedjet.models.build import pick_device
-from fedjet.models.job_model import initial_job_model
-from fedjet.worker.train import LocalTrainer
+from fedjet.errors import ConfigError
+
+CLOUD_NAMES = ("aws", "gcp", "azure", "oci", "ibm", "alibaba")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,25 +40,94 @@ class GpuBenchConfig:
     codec: str = "topk:0.01+int8"
     data: str | None = None
     bare_steps: int = 30
+    clouds: int = 3
+    nproc_per_node: int = 1
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.clouds <= len(CLOUD_NAMES):
+            raise ConfigError(f"--clouds must be 1..{len(CLOUD_NAMES)}, got {self.clouds}")
+        if self.nproc_per_node < 1 or (self.nproc_per_node > 1 and self.clouds != 1):
+            raise ConfigError("--nproc-per-node N >= 2 measures one cloud of N ranks: give --clouds 1")
+        if min(self.rounds, self.local_steps, self.batch_size, self.bare_steps) < 1:
+            raise ConfigError("--rounds, --local-steps, --batch-size and --bare-steps must be >= 1")
+
+    @property
+    def cloud_names(self) -> tuple[str, ...]:
+        return CLOUD_NAMES[: self.clouds]
 
 
-def bare_tokens_per_s(config: GpuBenchConfig) -> dict[str, float]:
-    """A plain loop of the job's own trainer over the same data, no NATS, no codecs."""
-    job = job_config(overrides=_job(config, "bare"))
-    jm = initial_job_model(job)
-    tokens = pack_documents([a.text for a in load_corpus(config.data).train], ByteTokenizer(), config.seq_len).ids
-    sampler = BatchSampler(tokens, config.seq_len, config.batch_size, seed=0)
-    trainer = LocalTrainer(jm, sampler, job.train, pick_device(None), precision=config.precision)
-    trainer.train(3)  # warm-up: kernels, allocator
-    _sync()
-    started = time.perf_counter()
-    result = trainer.train(config.bare_steps)
-    _sync()
-    elapsed = time.perf_counter() - started
-    return {"tokens_per_s": result.tokens / elapsed, "precision": trainer.precision, "steps": config.bare_steps}
+def bare_reference(config: GpuBenchConfig) -> dict[str, Any]:
+    """The bare loops, started together; tokens/s summed over them (over the ranks of DDP)."""
+    world = config.nproc_per_node
+    loops = config.clouds if world == 1 else world
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    ready = context.Barrier(loops)
+    with tempfile.TemporaryDirectory(prefix="fedjet-bare-") as tmp:
+        init = f"file://{Path(tmp) / 'group'}"
+        procs = [
+            context.Process(target=_bare_loop, args=(i, world, init, config, ready, results)) for i in range(loops)
+        ]
+        for proc in procs:
+            proc.start()
+        measured = [results.get(timeout=1800) for _ in procs]
+        for proc in procs:
+            proc.join(timeout=60)
+    failed = [m for m in measured if "error" in m]
+    if failed:
+        raise RuntimeError(f"a bare loop failed: {failed[0]['error']}")
+    per_loop = [m["tokens"] / m["seconds"] for m in sorted(measured, key=lambda m: m["index"])]
+    return {
+        "tokens_per_s": sum(per_loop), "per_loop_tokens_per_s": per_loop, "loops": config.clouds if world == 1 else 1,
+        "ranks": world, "steps": config.bare_steps, "precision": measured[0]["precision"],
+        "device": measured[0]["device"],
+    }  # fmt: skip
+
+
+def _bare_loop(index: int, world: int, init: str, config: GpuBenchConfig, ready: Any, results: Any) -> None:
+    """One bare loop (``world`` 1) or one rank of a bare DDP loop: warm up, wait, time."""
+    try:
+        from fedjet.config.flags import job_config
+        from fedjet.data.batches import BatchSampler
+        from fedjet.data.packing import pack_documents
+        from fedjet.data.tokenizer import ByteTokenizer
+        from fedjet.data.wikitext import load_corpus
+        from fedjet.models.build import pick_device
+        from fedjet.models.job_model import initial_job_model
+        from fedjet.worker.ranks import RankPlace, RankSlice, data_parallel, join_group
+        from fedjet.worker.train import LocalTrainer
+
+        job = job_config(overrides=_job(config, "bare"))
+        device = pick_device(config.device)
+        tokens = pack_documents([a.text for a in load_corpus(config.data).train], ByteTokenizer(), config.seq_len).ids
+        sampler: Any = BatchSampler(tokens, config.seq_len, config.batch_size * world, seed=index)
+        if world > 1:
+            place = RankPlace(index, world)
+            device = join_group(place, init, device)
+            sampler = RankSlice(sampler, place)
+        trainer = LocalTrainer(initial_job_model(job), sampler, job.train, device, precision=config.precision)
+        if world > 1:
+            trainer.model = data_parallel(trainer.model, device)
+        trainer.train(3)  # warm-up: kernels, allocator
+        _sync()
+        ready.wait(timeout=600)  # the loops' timed steps overlap, as the workers' do
+        started = time.perf_counter()
+        result = trainer.train(config.bare_steps)
+        _sync()
+        seconds = time.perf_counter() - started
+        results.put({
+            "index": index, "tokens": result.tokens, "seconds": seconds, "precision": trainer.precision,
+            "device": str(device),
+        })  # fmt: skip
+        if world > 1:
+            torch.distributed.destroy_process_group()
+    except Exception as e:  # noqa: BLE001  # a process boundary: the parent fails the bench with it
+        results.put({"index": index, "error": f"{type(e).__name__}: {e}"})
 
 
 def fedjet_run(config: GpuBenchConfig) -> dict[str, Any]:
+    from fedjet.config.flags import job_config
     from fedjet.runner.up import UpConfig, run_up
 
     report = run_up(
@@ -62,30 +135,49 @@ def fedjet_run(config: GpuBenchConfig) -> dict[str, Any]:
             job=job_config(overrides=_job(config, f"gpu-{int(time.time())}")),
             data=config.data,
             precision=config.precision,
+            device=config.device,
+            nproc_per_node=config.nproc_per_node,
             eval_tokens=8192,
             quiet=True,
         )
     )
-    clouds = report.clouds.values()
-    tokens = sum(int(c.get("tokens", 0)) for c in clouds)
-    wall = max(float(c.get("wall_s", 0.0)) for c in clouds)
+    clouds = list(report.clouds.values())
+    missing = [k for k in ("tokens", "compute_s", "wait_s", "lifetime_s") if any(k not in c for c in clouds)]
+    if missing:
+        raise RuntimeError(f"the run's report lacks {missing}: no ratio can be made")
+    tokens = sum(int(c["tokens"]) for c in clouds)
+    compute = [float(c["compute_s"]) for c in clouds]
+    if min(compute) <= 0 or tokens <= 0:
+        raise RuntimeError("a cloud trained no tokens: no steady-state rate")
+    lifetime = max(float(c["lifetime_s"]) for c in clouds)
+    waits = [float(c["wait_s"]) for c in clouds]
     s = report.summary
     return {
-        "tokens_per_s": tokens / wall if wall else 0.0,
-        "compute_tokens_per_s": sum(float(c.get("tokens_per_s", 0.0)) for c in clouds),
-        "idle_frac": float(np.mean([float(c["idle_frac"]) for c in clouds])),
+        "steady_tokens_per_s": sum(int(c["tokens"]) / float(c["compute_s"]) for c in clouds),
+        "run_tokens_per_s": tokens / lifetime,
+        "tokens": tokens,
+        "compute_s": compute,
+        "wait_s": waits,
+        "startup_and_other_s": [float(c["lifetime_s"]) - t - w for c, t, w in zip(clouds, compute, waits, strict=True)],
+        "lifetime_s": [float(c["lifetime_s"]) for c in clouds],
+        "idle_frac": [float(c["idle_frac"]) for c in clouds],
         "bytes_up": s["bytes_up"],
         "bytes_down": s["bytes_down"],
         "initial_eval_loss": s["initial_eval_loss"],
         "final_eval_loss": s["final_eval_loss"],
-        "wall_s": s["wall_s"],
     }
 
 
 def run(config: GpuBenchConfig) -> dict[str, Any]:
-    bare = bare_tokens_per_s(config)
+    bare = bare_reference(config)
     fed = fedjet_run(config)
-    return {"config": config.__dict__, "bare": bare, "fedjet": fed, "ratio": fed["tokens_per_s"] / bare["tokens_per_s"]}
+    return {
+        "config": asdict(config),
+        "bare": bare,
+        "fedjet": fed,
+        "ratio": fed["steady_tokens_per_s"] / bare["tokens_per_s"],
+        "run_ratio": fed["run_tokens_per_s"] / bare["tokens_per_s"],
+    }
 
 
 def _job(config: GpuBenchConfig, name: str) -> dict[str, Any]:
@@ -93,6 +185,7 @@ def _job(config: GpuBenchConfig, name: str) -> dict[str, Any]:
         "job": name,
         "model": config.model,
         "codec": config.codec,
+        "clouds": list(config.cloud_names),
         "train": {"local_steps": config.local_steps, "batch_size": config.batch_size, "seq_len": config.seq_len},
         "stop": {"rounds": config.rounds},
     }

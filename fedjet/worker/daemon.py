@@ -43,7 +43,7 @@ from fedjet.worker.job import LocalJob
 from fedjet.worker.local_data import dealt_share, own_data
 from fedjet.worker.loops import TrainingLoops
 from fedjet.worker.private import PrivateTraining
-from fedjet.worker.ranks import GroupTrainer, RankPlace, RankSlice, data_parallel, join_group
+from fedjet.worker.ranks import KEEP_ALIVE_S, GroupTrainer, RankPlace, RankSlice, data_parallel, join_group
 from fedjet.worker.secure import SecureMember
 from fedjet.worker.train import LocalTrainer
 from fedjet.worker.uplink import Uplink, WorkerStats
@@ -103,6 +103,7 @@ class Worker:
         self.secure: SecureMember | None = None
         self.island: IslandLink | None = None
         self.ranks: Ranks | None = None  # --nproc-per-node > 1: the cloud's other ranks
+        self._rank_failure: RuntimeError | None = None  # a keep-alive to the other ranks failed
 
     def stop(self) -> None:
         self._stop.set()
@@ -118,9 +119,12 @@ class Worker:
         self._nc, self._js = await open_target(target, f"fedjet-worker-{cfg.job}-{cfg.cloud}")
         self._peak_up = PeakRate(self._nc)
         sampling = asyncio.create_task(self._peak_up.run())
+        keeping = asyncio.create_task(self._keep_ranks_alive())
         try:
             with structlog.contextvars.bound_contextvars(job=cfg.job, cloud=cfg.cloud):
                 await self._serve()
+            if self._rank_failure is not None:
+                raise self._rank_failure
         except RuntimeError as e:  # a collective of the group failed: name the rank that died
             if self.ranks is None:
                 raise
@@ -129,6 +133,7 @@ class Worker:
             raise RankLostError(f"rank(s) {lost or '?'} of cloud {cfg.cloud} died; restart the worker") from e
         finally:
             sampling.cancel()
+            keeping.cancel()
             self.stats.wall_s = time.perf_counter() - started
             if self.follower is not None:
                 await self.follower.stop()
@@ -249,6 +254,22 @@ class Worker:
         )  # fmt: skip
         trainer.model = data_parallel(trainer.model, device)
         return trainer
+
+    async def _keep_ranks_alive(self) -> None:
+        """While the worker waits between phases, the other ranks hear from rank 0 (see
+        :meth:`GroupTrainer.keep_alive`); a keep-alive that fails (a rank died) stops the
+        worker, which then names the lost rank."""
+        while True:
+            await asyncio.sleep(KEEP_ALIVE_S)
+            trainer = self.job.trainer if self.job is not None else None
+            if not isinstance(trainer, GroupTrainer):
+                continue
+            try:
+                await asyncio.to_thread(trainer.keep_alive)
+            except RuntimeError as e:
+                self._rank_failure = e
+                self.stop()
+                return
 
     def _release_ranks(self) -> None:
         """The other ranks leave (told so when they can still hear it), then the group ends."""

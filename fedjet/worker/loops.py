@@ -359,5 +359,6 @@ def _folded(first: Phase, then: Phase) -> Phase:
         tokens=tokens,
         compute_s=a.compute_s + b.compute_s,
         wall_s=a.wall_s + b.wall_s,
+        replicas=b.replicas,
     )
     return Phase(None, result, then.heldout)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import threading
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +27,8 @@ from fedjet.data.batches import BatchSampler
 from fedjet.errors import ConfigError
 from fedjet.worker.train import LocalTrainer, StepsResult
 
-TIMEOUT = dt.timedelta(seconds=120)  # a rank that died ends the others' collectives within this
+TIMEOUT_S = float(os.environ.get("FEDJET_RANK_TIMEOUT_S", "120"))  # a dead rank ends the others' collectives
+KEEP_ALIVE_S = TIMEOUT_S / 6  # between phases rank 0 tells the others it lives, well within the timeout
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,11 @@ def join_group(place: RankPlace, init_method: str, device: torch.device) -> torc
     returns the device this rank trains on (:func:`rank_device`)."""
     device = rank_device(device, place)
     dist.init_process_group(
-        backend_for(device), init_method=init_method, rank=place.rank, world_size=place.world, timeout=TIMEOUT
+        backend_for(device),
+        init_method=init_method,
+        rank=place.rank,
+        world_size=place.world,
+        timeout=dt.timedelta(seconds=TIMEOUT_S),
     )
     return device
 
@@ -122,26 +129,47 @@ class GroupTrainer(LocalTrainer):
 
     _in_phase = False
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._group = threading.RLock()  # one thread at a time speaks to the group
+
     def train(self, steps: int) -> StepsResult:
         """The phase on every rank; its figures are the cloud's: the sequences and tokens of
         all ranks (equal slices) and the mean of their losses, which the update claims."""
-        command(["train", steps])
-        self._in_phase = True
-        try:
-            result = super().train(steps)
-        finally:
-            self._in_phase = False
+        with self._group:
+            command(["train", steps])
+            self._in_phase = True
+            try:
+                result = super().train(steps)
+            finally:
+                self._in_phase = False
+            loss = mean_over_ranks(result.mean_loss)
         world = dist.get_world_size()
         return replace(
-            result, mean_loss=mean_over_ranks(result.mean_loss), sequences=result.sequences * world,
-            tokens=result.tokens * world,
+            result, mean_loss=loss, sequences=result.sequences * world,
+            tokens=result.tokens * world, replicas=world,
         )  # fmt: skip
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        super().load(tensors)
-        if not self._in_phase:  # between phases: the others wait for a command
-            command(["load"])
-            broadcast_weights(self.weights())
+        with self._group:
+            super().load(tensors)
+            if not self._in_phase:  # between phases: the others wait for a command
+                command(["load"])
+                broadcast_weights(self.weights())
+
+    def keep_alive(self) -> bool:
+        """Between phases, tell the other ranks that rank 0 lives: their wait for the next
+        command is a collective, which times out (``TIMEOUT_S``) while rank 0 waits for a
+        version, however long other clouds take. False when a phase holds the group."""
+        if not self._group.acquire(blocking=False):
+            return False
+        try:
+            if self._in_phase:
+                return False
+            command(["idle"])
+            return True
+        finally:
+            self._group.release()
 
     def _before_step(self) -> bool:
         go = not self.stopping.is_set()
@@ -156,7 +184,8 @@ class GroupTrainer(LocalTrainer):
 
     def release(self) -> None:
         """The phases are over: the other ranks leave the group."""
-        command(["stop"])
+        with self._group:
+            command(["stop"])
 
 
 class FollowerTrainer(LocalTrainer):
@@ -181,5 +210,7 @@ class FollowerTrainer(LocalTrainer):
                 mean_over_ranks(self.train(int(message[1])).mean_loss)  # type: ignore[call-overload]
             elif message[0] == "load":
                 self._receive_weights()
+            elif message[0] == "idle":  # rank 0 waits for a version: keep waiting
+                continue
             else:
                 return

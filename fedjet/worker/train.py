@@ -22,11 +22,20 @@ PRECISIONS = ("bf16", "fp32")
 
 @dataclass(frozen=True)
 class StepsResult:
+    """A phase's figures for the whole cloud: ``sequences`` and ``tokens`` of every replica
+    (``replicas`` ranks, each the same steps on its own slice)."""
+
     mean_loss: float
     sequences: int
     tokens: int
     compute_s: float
     wall_s: float
+    replicas: int = 1
+
+    @property
+    def tokens_per_replica(self) -> int:
+        """The steps' tokens as the job's batch counts them (steps x batch x seq_len)."""
+        return self.tokens // self.replicas
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,7 @@ class Uplink:
             loss=result.mean_loss,
             kind=spec.update_kind,
             codec="secure-agg" if self.secure is not None else job.codec.text,
-            tokens=result.tokens,
+            tokens=result.tokens_per_replica,  # pacing turns it into steps; every rank takes the same steps
             compute_s=result.compute_s,
             wall_s=result.wall_s,
             sent_unix=time.time(),
