@@ -231,3 +231,18 @@ def test_every_jetstream_store_is_on_a_writable_mount(generated):
         writable = [spec.split(":")[1] for spec in service["volumes"] if not spec.split("#")[0].strip().endswith(":ro")]
         assert any(inside.startswith(target + "/") for target in writable), f"{name}: {inside} is read-only"
     assert stores == 3 + len(topology.leaf)  # three hub nodes and a leaf per cloud
+
+
+def test_the_gpu_override_makes_aws_a_two_gpu_node_with_the_same_flags_plus_ranks():
+    """``docker compose -f docker-compose.yml -f docker-compose.gpu.yml``: compose replaces a
+    service's command wholesale, so the override repeats it; it must be the base command plus
+    the device and the ranks, parse with the real CLI, and reserve as many GPUs as ranks."""
+    override = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())["services"]
+    assert set(override) == {"worker-aws"}
+    gpu, base = override["worker-aws"]["command"], services()["worker-aws"]["command"]
+    assert gpu[: len(base)] == base and gpu[len(base) :] == ["--device=cuda", "--nproc-per-node=2"]
+    parsed, _ = parse_fedjet(gpu)
+    assert parsed.nproc_per_node == 2 and parsed.device == "cuda"
+    (devices,) = override["worker-aws"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices["count"] == parsed.nproc_per_node and "gpu" in devices["capabilities"]
+    assert 'ARG TORCH_INDEX="https://download.pytorch.org/whl/cpu"' in (REPO / "Dockerfile").read_text()
