@@ -205,3 +205,35 @@ def test_a_rank_gets_a_device_of_its_own_and_cpu_ranks_share_the_cores(monkeypat
         assert torch.get_num_threads() == max(1, (os.cpu_count() or 1) // 2)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: every thread's default is one thread")
+def test_a_phase_on_a_pool_thread_trains_with_the_processs_thread_count():
+    """OpenMP's thread count is per thread: a worker's phase runs on its event loop's pool,
+    where it started at every core while the rank's main thread had set cores / ranks."""
+    import ctypes
+    import glob
+    import threading
+
+    from fedjet.worker.train import threads_here
+
+    runtimes = glob.glob(os.path.join(torch.__path__[0], "lib", "libgomp*.so*"))
+    if not runtimes:
+        pytest.skip("this torch build has no libgomp of its own")
+    omp = ctypes.CDLL(runtimes[0])
+    before, seen = torch.get_num_threads(), {}
+
+    def on_a_fresh_thread() -> None:
+        seen["default"] = omp.omp_get_max_threads()
+        threads_here()
+        seen["applied"] = omp.omp_get_max_threads()
+
+    torch.set_num_threads(1)
+    try:
+        thread = threading.Thread(target=on_a_fresh_thread)
+        thread.start()
+        thread.join()
+    finally:
+        torch.set_num_threads(before)
+    assert seen["default"] > 1  # what the thread would have trained with
+    assert seen["applied"] == 1

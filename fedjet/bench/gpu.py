@@ -138,6 +138,7 @@ def fedjet_run(config: GpuBenchConfig) -> dict[str, Any]:
             device=config.device,
             nproc_per_node=config.nproc_per_node,
             eval_tokens=8192,
+            eval_every=config.rounds,  # version 0 and the last: the observer's forward passes share the machine
             quiet=True,
         )
     )
