@@ -182,14 +182,16 @@ def test_a_cloud_of_two_ranks_learns_replays_and_a_killed_rank_ends_its_worker_c
     assert replayed["versions"] >= 2 and replayed["mismatches"] == 0, replayed
 
 
-def test_fedjet_up_refuses_ranks_with_what_they_do_not_run_yet_before_any_process_starts():
+def test_fedjet_up_refuses_ranks_with_the_gradient_strategy_before_any_process_starts():
     from fedjet.config.flags import job_config
     from fedjet.runner.up import UpConfig
 
     with pytest.raises(ConfigError, match="gradient strategy"):
         UpConfig(job=job_config(overrides={"strategy": {"name": "gradient"}}), nproc_per_node=2)
-    with pytest.raises(ConfigError, match="--dp"):
-        UpConfig(job=job_config(overrides={"dp": "1.0:1.0"}), nproc_per_node=2)
+    assert (
+        UpConfig(job=job_config(overrides={"dp": "epsilon=8,delta=1e-5,clip=1.0"}), nproc_per_node=2).nproc_per_node
+        == 2
+    )
     with pytest.raises(ConfigError, match=">= 1"):
         UpConfig(job=job_config(), nproc_per_node=0)
     assert UpConfig(job=job_config(), nproc_per_node=2).nproc_per_node == 2
@@ -237,3 +239,49 @@ def test_a_phase_on_a_pool_thread_trains_with_the_processs_thread_count():
         torch.set_num_threads(before)
     assert seen["default"] > 1  # what the thread would have trained with
     assert seen["applied"] == 1
+
+
+def _private_rank(rank: int, init: str, data_dir: Path, out: Path) -> None:
+    """One rank of a cloud's DP-SGD gradient: its own examples clipped here, the noise added by
+    rank 0 only, the sums added over the ranks; once with noise, once without (same examples)."""
+    from fedjet.privacy.dpsgd import private_gradient
+    from fedjet.privacy.secure_random import SecureRandom
+    from fedjet.worker.ranks import sum_over_ranks
+
+    torch.set_num_threads(1)
+    join_group(RankPlace(rank, 2), init, torch.device("cpu"))
+    model = _trainer(2).model.eval()  # no dropout: the two calls see the same per-example gradients
+    tokens = _tokens(data_dir)
+    windows = torch.from_numpy(tokens[: 6 * (SEQ + 1)].reshape(6, SEQ + 1))[rank * 3 : rank * 3 + 3]
+    kwargs = {"expected_batch": 6.0, "sum_over_ranks": sum_over_ranks, "adds_noise": rank == 0}
+    noisy, _ = private_gradient(model, windows, 1.0, 1.0, SecureRandom(), **kwargs)  # type: ignore[arg-type]
+    clean, _ = private_gradient(model, windows, 1.0, 0.0, SecureRandom(), **kwargs)  # type: ignore[arg-type]
+    torch.save({"noisy": noisy, "clean": clean}, out / f"dp{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_dp_sgd_across_ranks_adds_the_noise_once_to_the_cloud_sum_and_every_rank_gets_it(tmp_path, data_dir):
+    """Per-example clipping on every rank, N(0, (σ·C)²) drawn once (on rank 0, from its CSPRNG)
+    and added to the sum over the ranks: the noise in the cloud's gradient has σ·C per
+    coordinate (noise on every rank would give √2·σ·C), and both ranks hold the same gradient."""
+    context = multiprocessing.get_context("spawn")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    ranks = [context.Process(target=_private_rank, args=(r, init, data_dir, tmp_path)) for r in range(2)]
+    try:
+        for process in ranks:
+            process.start()
+        for process in ranks:
+            process.join(timeout=180)
+    finally:
+        for process in ranks:
+            process.kill()
+    assert [p.exitcode for p in ranks] == [0, 0]
+    zero, one = (torch.load(tmp_path / f"dp{r}.pt") for r in range(2))
+    for name in zero["noisy"]:
+        assert torch.equal(zero["noisy"][name], one["noisy"][name]), name
+        assert torch.equal(zero["clean"][name], one["clean"][name]), name
+    noise = torch.cat([(zero["noisy"][n] - zero["clean"][n]).flatten() * 6.0 for n in zero["noisy"]])
+    assert noise.numel() > 100_000
+    assert abs(float(noise.std()) - 1.0) < 0.02  # σ·C = 1, once
+    clean = torch.cat([zero["clean"][n].flatten() for n in zero["clean"]])
+    assert float(clean.norm()) * 6.0 <= 6.0 + 1e-4 and float(clean.norm()) > 0  # six examples, each clipped to 1

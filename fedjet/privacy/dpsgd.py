@@ -24,7 +24,7 @@ never draws the same noise again. Floating-point attacks on the Gaussian sampler
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,6 +121,8 @@ def private_gradient(
     *,
     expected_batch: float,
     chunk: int = 8,
+    sum_over_ranks: Callable[[Tensors], None] | None = None,
+    adds_noise: bool = True,
 ) -> tuple[Tensors, GradientStats]:
     """The DP-SGD gradient: (Σ clipped per-example gradients + N(0, (σ·clip)²)) / (q·N).
 
@@ -128,6 +130,11 @@ def private_gradient(
     leaking (as Opacus does with Poisson sampling). An empty batch yields noise alone.
     ``chunk`` examples are differentiated at once: small bounds memory on a CPU; on a GPU a
     larger chunk (32–64) amortises kernel launches and is several times faster.
+
+    A cloud of several ranks: each rank sums its own examples' clipped gradients, one rank
+    (``adds_noise``) adds the noise to its sum, and ``sum_over_ranks`` (an all-reduce) adds the
+    sums in place, so the noise is drawn once for the cloud's whole batch, and every rank ends
+    with the same gradient.
     """
     if not clip > 0 or noise_multiplier < 0 or not expected_batch > 0 or chunk < 1:
         raise ConfigError("need clip > 0, noise multiplier >= 0, expected batch > 0 and chunk >= 1")
@@ -144,8 +151,13 @@ def private_gradient(
         norms_after.append(after)
         del per_example, clipped
     std = noise_multiplier * clip
+    if adds_noise:
+        for acc in total.values():
+            acc.add_(std * randomness.randn_like(acc))
+    if sum_over_ranks is not None:
+        sum_over_ranks(total)
     for name, acc in total.items():
-        total[name] = (acc + std * randomness.randn_like(acc)) / expected_batch
+        total[name] = acc / expected_batch
     stats = GradientStats(
         batch_size=int(windows.shape[0]),
         expected_batch=float(expected_batch),
@@ -180,8 +192,14 @@ class DPSGDStep:
         noise_multiplier: float,
         randomness: SecureRandom | None = None,
         chunk: int = 8,
+        cloud_records: int | None = None,
+        sum_over_ranks: Callable[[Tensors], None] | None = None,
+        adds_noise: bool = True,
     ) -> None:
-        """``randomness`` defaults to a fresh CSPRNG-keyed stream (tests pass one to compare)."""
+        """``randomness`` defaults to a fresh CSPRNG-keyed stream (tests pass one to compare).
+        On one rank of several, ``records`` are this rank's share of the cloud's
+        ``cloud_records``: it samples its share at the cloud's rate, so the ranks together draw
+        one Poisson batch of the cloud (see :func:`private_gradient` for the sum and the noise)."""
         if records.ndim != 2 or records.shape[0] == 0:
             raise ConfigError(f"records must be a non-empty (N, seq_len + 1) array, got shape {records.shape}")
         self.model = model
@@ -191,11 +209,15 @@ class DPSGDStep:
         self.clip = clip
         self.noise_multiplier = noise_multiplier
         self.chunk = chunk
+        self.cloud_records = int(records.shape[0]) if cloud_records is None else cloud_records
+        self.sum_over_ranks = sum_over_ranks
+        self.adds_noise = adds_noise
         self._randomness = randomness if randomness is not None else SecureRandom()
 
     @property
     def expected_batch(self) -> float:
-        return self.sample_rate * int(self.records.shape[0])
+        """q·N over the cloud's records (all ranks'), the divisor of every rank's sum."""
+        return self.sample_rate * self.cloud_records
 
     def step(self) -> GradientStats:
         """Draw a Poisson batch, take one optimizer step on its private gradient."""
@@ -209,6 +231,8 @@ class DPSGDStep:
             self._randomness,
             expected_batch=self.expected_batch,
             chunk=self.chunk,
+            sum_over_ranks=self.sum_over_ranks,
+            adds_noise=self.adds_noise,
         )
         apply_gradients(self.model, grads)
         self.optimizer.step()

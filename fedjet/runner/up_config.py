@@ -58,7 +58,7 @@ class UpConfig:
             LinkShape.parse(shape)
         if self.nproc_per_node < 1:
             raise ConfigError(f"--nproc-per-node must be >= 1, got {self.nproc_per_node}")
-        if self.nproc_per_node > 1 and (self.job.dp_config is not None or self.job.strategy.name == "gradient"):
-            raise ConfigError("--nproc-per-node > 1 does not run with --dp or the gradient strategy yet")
+        if self.nproc_per_node > 1 and self.job.strategy.name == "gradient":
+            raise ConfigError("--nproc-per-node > 1 does not run with the gradient strategy yet")
         if self.eval_tokens < 1 or self.eval_every < 1 or not self.timeout_s > 0:
             raise ConfigError("--eval-tokens and --eval-every must be >= 1 and --timeout > 0")

@@ -86,6 +86,7 @@ def follow_main(rank: int, world: int, init_method: str, spec_bytes: bytes, sett
     from fedjet.models.job_model import job_model_for
     from fedjet.spec import JobSpec
     from fedjet.worker.local_data import dealt_share, own_data
+    from fedjet.worker.private import follower_step
     from fedjet.worker.ranks import FollowerTrainer, RankPlace, RankSlice, data_parallel, join_group
 
     spec = JobSpec.from_bytes(spec_bytes)
@@ -102,6 +103,8 @@ def follow_main(rank: int, world: int, init_method: str, spec_bytes: bytes, sett
     try:
         trainer = FollowerTrainer(job_model, RankSlice(sampler, place), train, device, precision=settings.precision)  # type: ignore[arg-type]
         trainer.model = data_parallel(trainer.model, device)
+        if spec.config.dp_config is not None:
+            trainer.private_step = follower_step(spec, data, trainer, place)
         trainer.follow()
     finally:
         with contextlib.suppress(RuntimeError, ValueError):

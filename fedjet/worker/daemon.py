@@ -240,8 +240,8 @@ class Worker:
     def _group_trainer(self, spec: JobSpec, job_model: Any, sampler: BatchSampler, device: Any) -> LocalTrainer:
         """Rank 0 of ``--nproc-per-node`` ranks: the others started, the group joined, DDP."""
         cfg, world = self.config, self.config.nproc_per_node
-        if spec.config.dp is not None or spec.update_kind == "gradient":
-            raise ConfigError("--nproc-per-node > 1 does not run with --dp or the gradient strategy yet")
+        if spec.update_kind == "gradient":
+            raise ConfigError("--nproc-per-node > 1 does not run with the gradient strategy yet")
         settings = RankSettings(
             cloud=cfg.cloud, data=cfg.data, deal=cfg.deal, model=cfg.model, device=cfg.device, precision=cfg.precision
         )

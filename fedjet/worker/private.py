@@ -9,37 +9,52 @@ would spend more is neither trained nor sent: the cloud retires instead.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
+import numpy as np
+import torch
+import torch.distributed as dist
+
 from fedjet.codecs.messages import DPClaim
 from fedjet.config.privacy import DPConfig
+from fedjet.errors import ConfigError
 from fedjet.log import get_logger
 from fedjet.privacy.accounting import PrivacyLedger, calibrate_noise
 from fedjet.privacy.dpsgd import DPSGDStep
 from fedjet.privacy.sampling import record_windows, sample_rate_for
 from fedjet.spec import JobSpec
 from fedjet.worker.local_data import LocalData
-from fedjet.worker.train import LocalTrainer, StepsResult
+from fedjet.worker.ranks import GroupTrainer, RankPlace, command, sum_over_ranks
+from fedjet.worker.train import LocalTrainer, StepsResult, threads_here
 
 log = get_logger("fedjet.worker")
 
 
 class PrivateTraining:
+    """DP-SGD for the cloud. A cloud of several ranks draws one Poisson batch over all its
+    records (each rank samples its own share at the cloud's rate), clips every example on the
+    rank that holds it, and adds the noise once, here on rank 0, to the sum over the ranks; the
+    sample rate and the ledger are the cloud's."""
+
     def __init__(self, dp: DPConfig, spec: JobSpec, data: LocalData, trainer: LocalTrainer) -> None:
         job = spec.config
         self.dp = dp
         self.trainer = trainer
-        records = record_windows(data.train, job.train.seq_len)
-        sample_rate = sample_rate_for(min(job.train.batch_size, len(records)), len(records))
+        self.group = isinstance(trainer, GroupTrainer)
+        place = RankPlace(0, dist.get_world_size()) if self.group else None
+        records, share, sample_rate = cloud_records(spec, data, place)
         planned_steps = job.train.local_steps * planned_updates(dp, spec)
         noise = dp.noise or calibrate_noise(dp.epsilon, sample_rate, planned_steps, dp.delta, dp.accountant)
         self.ledger = PrivacyLedger(
             sample_rate=sample_rate, noise_multiplier=noise, delta=dp.delta, accountant=dp.accountant
         )
+        self.replicas = 1 if place is None else place.world
         self.step = DPSGDStep(
-            trainer.model, trainer.optimizer, records,
-            sample_rate=sample_rate, clip=dp.clip, noise_multiplier=noise,
+            replica(trainer.model), trainer.optimizer, share, sample_rate=sample_rate, clip=dp.clip,
+            noise_multiplier=noise, cloud_records=len(records), adds_noise=True,
+            sum_over_ranks=sum_over_ranks if self.group else None,
         )  # fmt: skip
 
     def catch_up(self, recorded_steps: int) -> None:
@@ -57,17 +72,27 @@ class PrivateTraining:
     def train(self, steps: int) -> StepsResult:
         """``steps`` DP-SGD steps. The reported loss is 0: a training loss is a function of the
         private records that DP-SGD does not cover."""
+        threads_here()
         self.trainer.model.train()
         started, taken = time.perf_counter(), 0
-        for _ in range(steps):
-            if self.trainer.stopping.is_set():
-                break
-            self.step.step()
-            taken += 1
+        trainer = self.trainer
+        with trainer.group_lock if isinstance(trainer, GroupTrainer) else contextlib.nullcontext():
+            if self.group:
+                command(["dp_train", steps])
+            for _ in range(steps):
+                go = not trainer.stopping.is_set()
+                if self.group:
+                    command([go])  # every rank stops at the same step
+                if not go:
+                    break
+                self.step.step()
+                taken += 1
         self.ledger = self.ledger.spend(taken)  # spent even if the update is later dropped
         compute = time.perf_counter() - started
         sequences = round(taken * self.step.expected_batch)
-        return StepsResult(0.0, sequences, sequences * self.trainer.settings.seq_len, compute, compute)
+        return StepsResult(
+            0.0, sequences, sequences * trainer.settings.seq_len, compute, compute, replicas=self.replicas
+        )
 
     def claim(self) -> DPClaim:
         return DPClaim(
@@ -91,3 +116,35 @@ def planned_updates(dp: DPConfig, spec: JobSpec) -> int:
         return stop.rounds
     assert stop.max_updates is not None
     return math.ceil(stop.max_updates / len(spec.clouds))
+
+
+def cloud_records(spec: JobSpec, data: LocalData, place: RankPlace | None) -> tuple[np.ndarray, np.ndarray, float]:
+    """The cloud's records, this rank's share of them (every ``world``-th, from its rank) and
+    the cloud's sample rate: a batch of ``batch_size`` records per rank, drawn from them all."""
+    train = spec.config.train
+    records = record_windows(data.train, train.seq_len)
+    world = 1 if place is None else place.world
+    share = records if place is None else records[place.rank :: place.world]
+    if len(share) == 0:
+        raise ConfigError(f"{len(records)} records do not give each of {world} ranks one")
+    return records, share, sample_rate_for(min(train.batch_size * world, len(records)), len(records))
+
+
+def follower_step(spec: JobSpec, data: LocalData, trainer: LocalTrainer, place: RankPlace) -> DPSGDStep:
+    """A rank > 0's DP-SGD: its share at the cloud's rate, clipped here, summed into rank 0's
+    (which alone adds the noise)."""
+    dp = spec.config.dp_config
+    assert dp is not None
+    records, share, sample_rate = cloud_records(spec, data, place)
+    return DPSGDStep(
+        replica(trainer.model), trainer.optimizer, share, sample_rate=sample_rate, clip=dp.clip,
+        noise_multiplier=0.0, cloud_records=len(records), sum_over_ranks=sum_over_ranks, adds_noise=False,
+    )  # fmt: skip
+
+
+def replica(model: torch.nn.Module) -> torch.nn.Module:
+    """The model a DDP wrapper holds: DP-SGD takes per-example gradients of it and sums them over
+    the ranks itself (DDP's own averaging would mix in un-clipped examples)."""
+    inner = getattr(model, "module", model)
+    assert isinstance(inner, torch.nn.Module)
+    return inner

@@ -106,6 +106,12 @@ def broadcast_weights(tensors: dict[str, torch.Tensor]) -> None:
         dist.broadcast(tensors[name], src=0)
 
 
+def sum_over_ranks(tensors: dict[str, torch.Tensor]) -> None:
+    """Every rank's tensors of the same names summed, in place on every rank."""
+    for name in sorted(tensors):
+        dist.all_reduce(tensors[name])
+
+
 def mean_over_ranks(value: float) -> float:
     """The mean of every rank's ``value`` (each rank trained an equal slice of the batch)."""
     values: list[object] = [None] * dist.get_world_size()
@@ -157,6 +163,11 @@ class GroupTrainer(LocalTrainer):
                 command(["load"])
                 broadcast_weights(self.weights())
 
+    @property
+    def group_lock(self) -> threading.RLock:
+        """Held while a thread speaks to the group (a DP-SGD phase takes it too)."""
+        return self._group
+
     def keep_alive(self) -> bool:
         """Between phases, tell the other ranks that rank 0 lives: their wait for the next
         command is a collective, which times out (``TIMEOUT_S``) while rank 0 waits for a
@@ -189,7 +200,21 @@ class GroupTrainer(LocalTrainer):
 
 
 class FollowerTrainer(LocalTrainer):
-    """A rank > 0: mirrors rank 0's steps (see :class:`GroupTrainer`)."""
+    """A rank > 0: mirrors rank 0's steps (see :class:`GroupTrainer`). ``private_step``: this
+    rank's DP-SGD (``fedjet.worker.private.follower_step``) when the job has ``--dp``."""
+
+    private_step: Any = None
+
+    def _private_phase(self, steps: int) -> None:
+        """Rank 0's DP-SGD phase, step for step, until it says stop."""
+        if self.private_step is None:
+            raise ConfigError("rank 0 runs DP-SGD but this rank has no DP step")
+        self.model.train()
+        for _ in range(steps):
+            (go,) = command()
+            if not go:
+                return
+            self.private_step.step()
 
     def _before_step(self) -> bool:
         go, corrected = command()
@@ -212,5 +237,7 @@ class FollowerTrainer(LocalTrainer):
                 self._receive_weights()
             elif message[0] == "idle":  # rank 0 waits for a version: keep waiting
                 continue
+            elif message[0] == "dp_train":
+                self._private_phase(int(message[1]))  # type: ignore[call-overload]
             else:
                 return

@@ -219,11 +219,12 @@ def evaluate(model: torch.nn.Module, windows: np.ndarray, device: torch.device, 
     model = getattr(model, "module", model)  # a replica of a cloud's ranks evaluates alone
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
-    for start in range(0, len(windows), batch_size):
-        batch = torch.from_numpy(windows[start : start + batch_size]).to(device)
-        loss, right, n = lm_loss(model, batch)
-        total_loss += float(loss) * n
-        correct += right
-        count += n
+    with torch.no_grad():  # grad mode is per thread: a caller's no_grad does not reach a pool thread
+        for start in range(0, len(windows), batch_size):
+            batch = torch.from_numpy(windows[start : start + batch_size]).to(device)
+            loss, right, n = lm_loss(model, batch)
+            total_loss += float(loss) * n
+            correct += right
+            count += n
     mean = total_loss / count
     return EvalResult(loss=mean, ppl=math.exp(min(mean, 50.0)), acc=correct / count, tokens=count)
