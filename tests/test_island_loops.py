@@ -183,3 +183,18 @@ def test_a_diverged_phase_is_trained_again_from_the_newest_global_and_a_second_o
     losses[:] = [float("nan"), float("nan")]
     with pytest.raises(TrainingError, match="diverged twice"):
         asyncio.run(loops._train(2))
+
+
+def test_a_phase_stopped_before_its_first_step_is_not_sent_and_the_worker_ends_cleanly():
+    """A SIGTERM that lands as a phase starts leaves it with no step and no loss (NaN): it is not
+    an update (a header with a NaN loss is refused before sending) and not a divergence."""
+    loops, versions, sent, trainer = _loops("fedavg", None, Link([]))
+
+    def stopped(steps: int) -> StepsResult:
+        loops.stopping.set()
+        return StepsResult(mean_loss=float("nan"), sequences=0, tokens=0, compute_s=0.0, wall_s=0.0)
+
+    trainer.train = stopped
+    versions.release.set()
+    asyncio.run(asyncio.wait_for(loops.run(), 10))
+    assert sent.calls == []

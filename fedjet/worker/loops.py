@@ -110,7 +110,10 @@ class TrainingLoops:
                 await self.uplink.retire(base.version)
                 break
             with structlog.contextvars.bound_contextvars(version=base.version):
-                await self.uplink.send_phase(base.version, steps, await self._train(steps))
+                phase = await self._train(steps)
+                if phase.result.sequences == 0:  # stopped before its first step: nothing to send
+                    break
+                await self.uplink.send_phase(base.version, steps, phase)
             sends_on_base += 1
 
     async def _cut_off_with_steps_left(self, base: GlobalHead) -> bool:
@@ -156,6 +159,8 @@ class TrainingLoops:
             return
         with structlog.contextvars.bound_contextvars(version=base.version, island=True):
             phase = await self._train(steps)
+            if phase.result.sequences == 0:  # stopped before its first step
+                return
             self.island_steps += steps
             self.stats.island_steps += steps
             if self.job.spec.island_policy == "queue":
@@ -219,6 +224,8 @@ class TrainingLoops:
                     if head.version < OVERLAP_FROM_VERSION:  # early phases wait for their version
                         await self._idle_until(upcoming)
                 phase = await self._train(steps)
+                if phase.result.sequences == 0:  # stopped before its first step: nothing to send
+                    break
                 wait_from = time.perf_counter()
                 if claim is None:
                     assert upcoming is not None
