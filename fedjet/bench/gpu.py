@@ -101,7 +101,8 @@ def _bare_loop(index: int, world: int, init: str, config: GpuBenchConfig, ready:
         job = job_config(overrides=_job(config, "bare"))
         device = pick_device(config.device)
         tokens = pack_documents([a.text for a in load_corpus(config.data).train], ByteTokenizer(), config.seq_len).ids
-        sampler: Any = BatchSampler(tokens, config.seq_len, config.batch_size * world, seed=index)
+        seed = index if world == 1 else 0  # the ranks of one loop draw the same global batches
+        sampler: Any = BatchSampler(tokens, config.seq_len, config.batch_size * world, seed=seed)
         if world > 1:
             place = RankPlace(index, world)
             device = join_group(place, init, device)

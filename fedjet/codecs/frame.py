@@ -44,11 +44,7 @@ class Limits:
 
 
 def pack_frame(frame_type: str, header: dict[str, Any], tensors: list[dict[str, Any]]) -> bytes:
-    if frame_type not in FRAME_TYPES:
-        raise SchemaError(f"unknown frame type {frame_type!r}")
-    body = {"fv": FORMAT_VERSION, "type": frame_type, "header": header, "tensors": tensors}
-    packed: bytes = msgpack.packb(body, use_bin_type=True)
-    return packed
+    return bytes(pack_frame_view(frame_type, header, tensors))
 
 
 def pack_frame_view(frame_type: str, header: dict[str, Any], tensors: list[dict[str, Any]]) -> memoryview:

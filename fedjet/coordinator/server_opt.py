@@ -15,6 +15,8 @@ __all__ = ["Saved", "ServerOptConfig", "ServerOptimizer"]
 
 @dataclass(frozen=True)
 class Saved:
+    """The optimizer before a step, as far as that step can change it."""
+
     steps: int
     names: frozenset[str]
     state: dict[str, dict[str, torch.Tensor]]

@@ -81,27 +81,23 @@ def follow_main(rank: int, world: int, init_method: str, spec_bytes: bytes, sett
     """A rank > 0: the same replica as rank 0, its own slice of every batch, rank 0's phases."""
     import torch.distributed as dist
 
-    from fedjet.data.batches import BatchSampler
     from fedjet.models.build import pick_device
     from fedjet.models.job_model import job_model_for
     from fedjet.spec import JobSpec
-    from fedjet.worker.local_data import dealt_share, own_data
+    from fedjet.worker.local_data import cloud_data, cloud_sampler
     from fedjet.worker.private import follower_step
     from fedjet.worker.ranks import FollowerTrainer, RankPlace, RankSlice, data_parallel, join_group
 
     spec = JobSpec.from_bytes(spec_bytes)
     job_model = job_model_for(spec, settings.model)
-    if settings.deal:
-        data = dealt_share(settings.data, job_model.tokenizer, spec, settings.cloud)
-    else:
-        data = own_data(settings.data, job_model.tokenizer, spec)
-    train, index = spec.config.train, spec.cloud_index(settings.cloud)
-    sampler = BatchSampler(data.train, train.seq_len, train.batch_size * world, seed=spec.config.seed * 1000 + index)
+    data = cloud_data(settings.data, job_model.tokenizer, spec, settings.cloud, deal=settings.deal)
+    sampler = cloud_sampler(data, spec, settings.cloud, world)
     device = pick_device(settings.device)
     place = RankPlace(rank, world)
     device = join_group(place, init_method, device)
     try:
-        trainer = FollowerTrainer(job_model, RankSlice(sampler, place), train, device, precision=settings.precision)  # type: ignore[arg-type]
+        rows: Any = RankSlice(sampler, place)  # a sampler of this rank's rows
+        trainer = FollowerTrainer(job_model, rows, spec.config.train, device, precision=settings.precision)
         trainer.model = data_parallel(trainer.model, device)
         if spec.config.dp_config is not None:
             trainer.private_step = follower_step(spec, data, trainer, place)

@@ -40,7 +40,7 @@ from fedjet.spec import JobSpec
 from fedjet.worker.cluster import Ranks, RankSettings, start_ranks
 from fedjet.worker.delta import DeltaTracker
 from fedjet.worker.job import LocalJob
-from fedjet.worker.local_data import dealt_share, own_data
+from fedjet.worker.local_data import cloud_data, cloud_sampler
 from fedjet.worker.loops import TrainingLoops
 from fedjet.worker.private import PrivateTraining
 from fedjet.worker.ranks import KEEP_ALIVE_S, GroupTrainer, RankPlace, RankSlice, data_parallel, join_group
@@ -119,7 +119,7 @@ class Worker:
         self._nc, self._js = await open_target(target, f"fedjet-worker-{cfg.job}-{cfg.cloud}")
         self._peak_up = PeakRate(self._nc)
         sampling = asyncio.create_task(self._peak_up.run())
-        keeping = asyncio.create_task(self._keep_ranks_alive())
+        keeping = asyncio.create_task(self._keep_ranks_alive()) if cfg.nproc_per_node > 1 else None
         try:
             with structlog.contextvars.bound_contextvars(job=cfg.job, cloud=cfg.cloud):
                 await self._serve()
@@ -133,7 +133,8 @@ class Worker:
             raise RankLostError(f"rank(s) {lost or '?'} of cloud {cfg.cloud} died; restart the worker") from e
         finally:
             sampling.cancel()
-            keeping.cancel()
+            if keeping is not None:
+                keeping.cancel()
             self.stats.wall_s = time.perf_counter() - started
             if self.follower is not None:
                 await self.follower.stop()
@@ -203,16 +204,9 @@ class Worker:
     def _prepare(self, spec: JobSpec) -> LocalJob:
         cfg, job = self.config, spec.config
         job_model = job_model_for(spec, cfg.model)
-        tokenizer = job_model.tokenizer
-        if cfg.deal:
-            data = dealt_share(cfg.data, tokenizer, spec, cfg.cloud)
-        else:
-            data = own_data(cfg.data, tokenizer, spec)
-        index = spec.cloud_index(cfg.cloud)
+        data = cloud_data(cfg.data, job_model.tokenizer, spec, cfg.cloud, deal=cfg.deal)
         world = cfg.nproc_per_node
-        sampler = BatchSampler(
-            data.train, job.train.seq_len, job.train.batch_size * world, seed=job.seed * 1000 + index
-        )
+        sampler = cloud_sampler(data, spec, cfg.cloud, world)
         device = pick_device(cfg.device)
         if world == 1:
             trainer = LocalTrainer(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedjet.data.batches import Tokenizer, eval_windows
+from fedjet.data.batches import BatchSampler, Tokenizer, eval_windows
 from fedjet.data.packing import pack_documents
 from fedjet.data.readers import read_documents, split_held_out
 from fedjet.data.shards import deal
@@ -38,6 +38,19 @@ class LocalData:
     def samples(self, seq_len: int) -> int:
         """Training windows this cloud holds: its n_i in formula 1."""
         return max(1, self.tokens // (seq_len + 1))
+
+
+def cloud_data(path: str | None, tokenizer: Tokenizer, spec: JobSpec, cloud: str, *, deal: bool) -> LocalData:
+    """This cloud's data, dealt (``--deal``) or its own: what every rank of the cloud reads."""
+    return dealt_share(path, tokenizer, spec, cloud) if deal else own_data(path, tokenizer, spec)
+
+
+def cloud_sampler(data: LocalData, spec: JobSpec, cloud: str, world: int) -> BatchSampler:
+    """The cloud's global batches (``world`` ranks of ``batch_size``), seeded per cloud: every
+    rank draws the same ones and keeps its own rows."""
+    train = spec.config.train
+    seed = spec.config.seed * 1000 + spec.cloud_index(cloud)
+    return BatchSampler(data.train, train.seq_len, train.batch_size * world, seed=seed)
 
 
 def own_data(path: str | None, tokenizer: Tokenizer, spec: JobSpec) -> LocalData:

@@ -9,12 +9,10 @@ would spend more is neither trained nor sent: the cloud retires instead.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 from fedjet.codecs.messages import DPClaim
@@ -26,8 +24,8 @@ from fedjet.privacy.dpsgd import DPSGDStep
 from fedjet.privacy.sampling import record_windows, sample_rate_for
 from fedjet.spec import JobSpec
 from fedjet.worker.local_data import LocalData
-from fedjet.worker.ranks import GroupTrainer, RankPlace, command, sum_over_ranks
-from fedjet.worker.train import LocalTrainer, StepsResult, threads_here
+from fedjet.worker.ranks import GroupTrainer, RankPlace, sum_over_ranks
+from fedjet.worker.train import LocalTrainer, StepsResult, threads_here, unwrapped
 
 log = get_logger("fedjet.worker")
 
@@ -42,19 +40,18 @@ class PrivateTraining:
         job = spec.config
         self.dp = dp
         self.trainer = trainer
-        self.group = isinstance(trainer, GroupTrainer)
-        place = RankPlace(0, dist.get_world_size()) if self.group else None
+        self.replicas = dist.get_world_size() if isinstance(trainer, GroupTrainer) else 1
+        place = RankPlace(0, self.replicas) if self.replicas > 1 else None
         records, share, sample_rate = cloud_records(spec, data, place)
         planned_steps = job.train.local_steps * planned_updates(dp, spec)
         noise = dp.noise or calibrate_noise(dp.epsilon, sample_rate, planned_steps, dp.delta, dp.accountant)
         self.ledger = PrivacyLedger(
             sample_rate=sample_rate, noise_multiplier=noise, delta=dp.delta, accountant=dp.accountant
         )
-        self.replicas = 1 if place is None else place.world
         self.step = DPSGDStep(
-            replica(trainer.model), trainer.optimizer, share, sample_rate=sample_rate, clip=dp.clip,
+            unwrapped(trainer.model), trainer.optimizer, share, sample_rate=sample_rate, clip=dp.clip,
             noise_multiplier=noise, cloud_records=len(records), adds_noise=True,
-            sum_over_ranks=sum_over_ranks if self.group else None,
+            sum_over_ranks=sum_over_ranks if place is not None else None,
         )  # fmt: skip
 
     def catch_up(self, recorded_steps: int) -> None:
@@ -73,20 +70,10 @@ class PrivateTraining:
         """``steps`` DP-SGD steps. The reported loss is 0: a training loss is a function of the
         private records that DP-SGD does not cover."""
         threads_here()
-        self.trainer.model.train()
-        started, taken = time.perf_counter(), 0
         trainer = self.trainer
-        with trainer.group_lock if isinstance(trainer, GroupTrainer) else contextlib.nullcontext():
-            if self.group:
-                command(["dp_train", steps])
-            for _ in range(steps):
-                go = not trainer.stopping.is_set()
-                if self.group:
-                    command([go])  # every rank stops at the same step
-                if not go:
-                    break
-                self.step.step()
-                taken += 1
+        trainer.model.train()
+        started = time.perf_counter()
+        taken = trainer.run_steps(steps, self.step.step)
         self.ledger = self.ledger.spend(taken)  # spent even if the update is later dropped
         compute = time.perf_counter() - started
         sequences = round(taken * self.step.expected_batch)
@@ -137,14 +124,6 @@ def follower_step(spec: JobSpec, data: LocalData, trainer: LocalTrainer, place: 
     assert dp is not None
     records, share, sample_rate = cloud_records(spec, data, place)
     return DPSGDStep(
-        replica(trainer.model), trainer.optimizer, share, sample_rate=sample_rate, clip=dp.clip,
+        unwrapped(trainer.model), trainer.optimizer, share, sample_rate=sample_rate, clip=dp.clip,
         noise_multiplier=0.0, cloud_records=len(records), sum_over_ranks=sum_over_ranks, adds_noise=False,
     )  # fmt: skip
-
-
-def replica(model: torch.nn.Module) -> torch.nn.Module:
-    """The model a DDP wrapper holds: DP-SGD takes per-example gradients of it and sums them over
-    the ranks itself (DDP's own averaging would mix in un-clipped examples)."""
-    inner = getattr(model, "module", model)
-    assert isinstance(inner, torch.nn.Module)
-    return inner

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -163,10 +164,16 @@ class GroupTrainer(LocalTrainer):
                 command(["load"])
                 broadcast_weights(self.weights())
 
-    @property
-    def group_lock(self) -> threading.RLock:
-        """Held while a thread speaks to the group (a DP-SGD phase takes it too)."""
-        return self._group
+    def run_steps(self, steps: int, step: Callable[[], object]) -> int:
+        """A DP-SGD phase on every rank (each runs its own share's step)."""
+        with self._group:
+            command(["dp_train", steps])
+            return super().run_steps(steps, step)
+
+    def _go(self) -> bool:
+        go = super()._go()
+        command([go])  # every rank stops at the same step
+        return go
 
     def keep_alive(self) -> bool:
         """Between phases, tell the other ranks that rank 0 lives: their wait for the next
@@ -175,8 +182,6 @@ class GroupTrainer(LocalTrainer):
         if not self._group.acquire(blocking=False):
             return False
         try:
-            if self._in_phase:
-                return False
             command(["idle"])
             return True
         finally:
@@ -210,11 +215,11 @@ class FollowerTrainer(LocalTrainer):
         if self.private_step is None:
             raise ConfigError("rank 0 runs DP-SGD but this rank has no DP step")
         self.model.train()
-        for _ in range(steps):
-            (go,) = command()
-            if not go:
-                return
-            self.private_step.step()
+        self.run_steps(steps, self.private_step.step)
+
+    def _go(self) -> bool:
+        (go,) = command()
+        return bool(go)
 
     def _before_step(self) -> bool:
         go, corrected = command()

@@ -6,6 +6,7 @@ import contextlib
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -162,6 +163,19 @@ class LocalTrainer:
         self.apply_corrections()
         return True
 
+    def run_steps(self, steps: int, step: Callable[[], object]) -> int:
+        """Up to ``steps`` calls of ``step`` (a DP-SGD step, which draws its own batch), ending
+        early on a stop as a phase does; how many were taken."""
+        taken = 0
+        while taken < steps and self._go():
+            step()
+            taken += 1
+        return taken
+
+    def _go(self) -> bool:
+        """Whether :meth:`run_steps` takes its next step (the ranks of a group agree on it)."""
+        return not self.stopping.is_set()
+
     def gradient(self, steps: int) -> tuple[dict[str, torch.Tensor], StepsResult]:
         """Mean gradient over ``steps`` batches at the current weights (gradient aggregation)."""
         threads_here()
@@ -204,7 +218,6 @@ class LocalTrainer:
         )
 
 
-@torch.no_grad()
 def threads_here() -> None:
     """The process's intra-op thread count, applied in the calling thread: a worker trains on a
     thread of its event loop's pool, where OpenMP starts from its default (every core) whatever
@@ -213,18 +226,27 @@ def threads_here() -> None:
     torch.set_num_threads(torch.get_num_threads())
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model a DDP wrapper holds (the model itself when there is none): a replica of a
+    cloud's ranks evaluates alone, and DP-SGD differentiates it per example and sums over the
+    ranks itself (DDP's averaging would mix in unclipped examples)."""
+    inner = getattr(model, "module", model)
+    assert isinstance(inner, torch.nn.Module)
+    return inner
+
+
+@torch.no_grad()
 def evaluate(model: torch.nn.Module, windows: np.ndarray, device: torch.device, batch_size: int = 16) -> EvalResult:
     """Loss, perplexity and next-token accuracy over fixed evaluation windows."""
     threads_here()
-    model = getattr(model, "module", model)  # a replica of a cloud's ranks evaluates alone
+    model = unwrapped(model)
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
-    with torch.no_grad():  # grad mode is per thread: a caller's no_grad does not reach a pool thread
-        for start in range(0, len(windows), batch_size):
-            batch = torch.from_numpy(windows[start : start + batch_size]).to(device)
-            loss, right, n = lm_loss(model, batch)
-            total_loss += float(loss) * n
-            correct += right
-            count += n
+    for start in range(0, len(windows), batch_size):
+        batch = torch.from_numpy(windows[start : start + batch_size]).to(device)
+        loss, right, n = lm_loss(model, batch)
+        total_loss += float(loss) * n
+        correct += right
+        count += n
     mean = total_loss / count
     return EvalResult(loss=mean, ppl=math.exp(min(mean, 50.0)), acc=correct / count, tokens=count)
