@@ -70,7 +70,7 @@ def test_a_true_global_frame_is_not_read_as_a_view():
     weights = {"w": torch.ones(4)}
     frame, _ = encode_global(GlobalVersion(GlobalHeader(job="j", version=1, hash="h"), weights))
     with pytest.raises(SchemaError):
-        decode_view(frame, Limits(), weights)
+        decode_view(bytes(frame), Limits(), weights)
 
 
 def view_publisher(js, nc, subjects: JobSubjects, coord, members: list[str], *, view_every: int = 1) -> GlobalPublisher:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import msgpack
 import pytest
 import torch
@@ -50,7 +52,8 @@ def test_dense_update_round_trips_exactly():
 
 def test_global_round_trips_and_its_record_too():
     version = GlobalVersion(GlobalHeader(job="j", version=4, hash="ab", final=True), tensors())
-    payload, header = encode_global(version)
+    pieces, header = encode_global(version)
+    payload = bytes(pieces)
     back = decode_global(payload, LIMITS)
     assert back.header == version.header == header
     assert all(torch.equal(back.tensors[n], t) for n, t in version.tensors.items())
@@ -139,7 +142,8 @@ def test_global_delta_carries_only_changed_values_and_rebuilds_exactly():
     new["w"].view(-1)[torch.randperm(10_000, generator=gen)[:150]] += 0.25
     new["b"][3] = -0.0  # same value as 0.0, different bits: must still count as a change
     header = GlobalHeader(job="j", version=5, hash=weights_hash(new))
-    delta, delta_header = encode_global(GlobalVersion(header, new), base, base_version=4)
+    pieces, delta_header = encode_global(GlobalVersion(header, new), base, base_version=4)
+    delta = bytes(pieces)
     full, full_header = encode_global(GlobalVersion(header, new))
     assert delta_header.delta_from == 4 and full_header.delta_from == -1
     assert len(delta) * 10 < len(full)
@@ -149,4 +153,11 @@ def test_global_delta_carries_only_changed_values_and_rebuilds_exactly():
         decode_global(delta, LIMITS, None)
     everything = {n: t + 1 for n, t in base.items()}
     assert delta_entries(everything, base) is None  # not smaller: send the full version
-    assert decode_global(full, LIMITS).header.delta_from == -1
+    assert decode_global(bytes(full), LIMITS).header.delta_from == -1
+    big = {"w": base["w"], "b": torch.zeros(50), "c": torch.zeros(20_000)}  # a fragment round's version:
+    moved = dict(big, b=big["b"] + 1)  # one tensor all changed, the others the very same tensors
+    entries = delta_entries(moved, big)
+    assert entries is not None and {e["n"]: e["e"] for e in entries} == {"b": "dense", "c": "sparse", "w": "sparse"}
+    pieces, _ = encode_global(GlobalVersion(replace(header, hash=weights_hash(moved)), moved), big, base_version=4)
+    assert len(pieces) < 50 * 4 + 1024  # the changed tensor's values and no indices
+    assert weights_hash(decode_global(bytes(pieces), LIMITS, big).tensors) == weights_hash(moved)

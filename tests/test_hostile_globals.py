@@ -131,9 +131,11 @@ def test_a_follower_reads_a_version_whose_range_holds_foreign_and_forged_chunks(
     payload, header = encode_global(
         GlobalVersion(GlobalHeader(job="junkchunk", version=0, hash=weights_hash(WEIGHTS)), WEIGHTS)
     )
-    sealed = crypto.seal_global(payload, VersionRecord(strategy="fedavg").to_bytes(), coord, [*CLOUDS, COORDINATOR])
+    sealed = crypto.seal_global_streamed(
+        payload, VersionRecord(strategy="fedavg").to_bytes(), coord, [*CLOUDS, COORDINATOR]
+    )
     blob = "junkchunk/g/0/abc"
-    data = sealed.ciphertext
+    data = bytes(sealed.payload.read(0, len(sealed.payload)))
     assert len(data) > 2048 * 2  # three real chunks
 
     async def scenario():
@@ -152,7 +154,7 @@ def test_a_follower_reads_a_version_whose_range_holds_foreign_and_forged_chunks(
             last = await publish_part(js, subject, data, blob, 2, 3)
             head = GlobalHead(
                 header=header, first_seq=first.seq, last_seq=last.seq, size=len(data),
-                sha256=crypto.digest(data), blob_id=blob, keys=sealed.keys, meta=sealed.meta,
+                sha256=crypto.digest(data), blob_id=blob, keys=sealed.keys, meta=sealed.meta, seal=crypto.STREAMED,
             )  # fmt: skip
             follower = GlobalFollower(js, subjects, members["aws"], Limits.for_model(1020, 2))
             return await follower.fetch(head)

@@ -123,24 +123,36 @@ def test_nan_and_wrong_shape_updates_are_validation_errors(parties):
         accept(crypto.seal_update(update_frame(codec="dense", tensors=wrong), members["aws"]), coord)
 
 
-def test_signed_encrypted_global_verifies_and_tampering_is_detected(parties):
+def _sealed_version(payload, record: bytes, coord, seal: int) -> tuple[bytes, dict[str, bytes], bytes]:
+    """Ciphertext, member keys and sealed record of a version under ``seal``: the streamed seal
+    the coordinator publishes, or the one box that runs recorded before it hold."""
+    if seal == crypto.STREAMED:
+        sealed = crypto.seal_global_streamed(payload, record, coord, list(CLOUDS))
+        return bytes(sealed.payload.read(0, len(sealed.payload))), sealed.keys, sealed.meta
+    old = crypto.seal_global(bytes(payload), record, coord, list(CLOUDS))
+    return bytes(old.ciphertext), old.keys, old.meta
+
+
+@pytest.mark.parametrize("seal", [crypto.STREAMED, crypto.ONE_BOX])
+def test_signed_encrypted_global_verifies_and_tampering_is_detected(parties, seal):
     coord, members = parties
     version = GlobalVersion(GlobalHeader(job="j", version=3, hash="h"), dict(WEIGHTS))
     payload, header = encode_global(version)
     record = VersionRecord(strategy="fedavg", rejected_total=3)
-    sealed = crypto.seal_global(payload, record.to_bytes(), coord, list(CLOUDS))
+    ciphertext, keys, meta = _sealed_version(payload, record.to_bytes(), coord, seal)
     head = GlobalHead(
         header=header,
         first_seq=1,
         last_seq=2,
-        size=len(sealed.ciphertext),
-        sha256=crypto.digest(sealed.ciphertext),
-        keys=sealed.keys,
-        meta=sealed.meta,
+        size=len(ciphertext),
+        sha256=crypto.digest(ciphertext),
+        keys=keys,
+        meta=meta,
+        seal=seal,
     )
     signed = head.sign(coord.me)
     assert GlobalHead.verify(signed, coord.me.public) == head
-    opened = crypto.open_global(sealed.ciphertext, head.keys["gcp"], members["gcp"])
+    opened = crypto.open_global(ciphertext, head.keys["gcp"], members["gcp"], head.seal)
     assert decode_global(opened, LIMITS).header.version == 3
     key = crypto.open_version_key(head.keys["gcp"], members["gcp"])
     assert VersionRecord.from_bytes(crypto.open_secret(head.meta, key)) == record
@@ -151,12 +163,17 @@ def test_signed_encrypted_global_verifies_and_tampering_is_detected(parties):
         GlobalHead.verify(bytes(forged), coord.me.public)
     with pytest.raises(AuthenticationError):  # the broker re-signs with its own key
         GlobalHead.verify(head.sign(Identity.generate(COORDINATOR)), coord.me.public)
-    tampered = bytearray(sealed.ciphertext)
+    tampered = bytearray(ciphertext)
     tampered[100] ^= 1
     with pytest.raises(AuthenticationError):
-        crypto.open_global(bytes(tampered), head.keys["gcp"], members["gcp"])
+        crypto.open_global(bytes(tampered), head.keys["gcp"], members["gcp"], head.seal)
     with pytest.raises(AuthenticationError):  # a key sealed to aws does not open for gcp
-        crypto.open_global(sealed.ciphertext, head.keys["aws"], members["gcp"])
+        crypto.open_global(ciphertext, head.keys["aws"], members["gcp"], head.seal)
+    other = crypto.ONE_BOX if seal == crypto.STREAMED else crypto.STREAMED
+    with pytest.raises(AuthenticationError):  # a head lying about the seal opens nothing
+        crypto.open_global(ciphertext, head.keys["gcp"], members["gcp"], other)
+    with pytest.raises(AuthenticationError):  # nor one naming a seal this build does not know
+        crypto.open_global(ciphertext, head.keys["gcp"], members["gcp"], 7)
 
 
 def _mutations(valid: bytes, rng: random.Random):

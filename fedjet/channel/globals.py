@@ -37,13 +37,14 @@ from fedjet.channel.retry import retrying
 from fedjet.channel.views import ViewPublisher, ViewReader
 from fedjet.codecs.crypto import (
     COORDINATOR,
+    STREAMED,
     Boxes,
-    SealedGlobal,
+    StreamedGlobal,
     digest,
     open_global,
     open_secret,
     open_version_key,
-    seal_global,
+    seal_global_streamed,
 )
 from fedjet.codecs.frame import Limits
 from fedjet.codecs.heads import BlobRef
@@ -112,17 +113,18 @@ class GlobalPublisher:
     ) -> GlobalHead:
         header = GlobalHeader(job=self.subjects.job, version=version, hash=hash_, final=final)
         base = self._delta_base(version)
-        sealed, header = await asyncio.to_thread(
-            self._encode_and_seal, GlobalVersion(header, weights), base, version - 1 if base is not None else -1,
-            record.to_bytes(),
-        )  # fmt: skip
-        self._published = weights
+        base_version = version - 1 if base is not None else -1
+        frame, header = await asyncio.to_thread(encode_global, GlobalVersion(header, weights), base, base_version)
+        sealed = seal_global_streamed(frame, record.to_bytes(), self.boxes, self.members)
         where, blob = await self._publish_sealed(sealed, f"g/{version}")
+        meta = sealed.meta
+        del frame, sealed  # the views of the weights they held
+        self._published = weights
         view = await self.views.publish(version, hash_, weights) if self.views is not None else None
         head = GlobalHead(
             header=header,
             **where.blob_wire(),
-            meta=sealed.meta,
+            meta=meta,
             prev_head_seq=self._last_head_seq,
             view=view,
         )
@@ -130,33 +132,23 @@ class GlobalPublisher:
         log.info("version_published", version=version, hash=hash_[:12], bytes=blob.wire_bytes, final=final)
         return head
 
-    def _encode_and_seal(
-        self, version: GlobalVersion, base: Weights | None, base_version: int, meta: bytes
-    ) -> tuple[SealedGlobal, GlobalHeader]:
-        """The frame lives only in here: what is published (and held while it is) is the
-        ciphertext alone, one copy of the version's bytes."""
-        frame, header = encode_global(version, base, base_version)
-        return seal_global(frame, meta, self.boxes, self.members), header
-
-    async def _seal_and_publish(
-        self, frame: bytes, meta: bytes, name: str
-    ) -> tuple[SealedGlobal, BlobRef, PublishedBlob]:
+    async def _seal_and_publish(self, frame: bytes, meta: bytes, name: str) -> tuple[BlobRef, PublishedBlob]:
         """Encrypt ``frame`` (and ``meta``) to every member and publish it (a view's way)."""
-        sealed = await asyncio.to_thread(seal_global, frame, meta, self.boxes, self.members)
-        where, blob = await self._publish_sealed(sealed, name)
-        return sealed, where, blob
+        return await self._publish_sealed(seal_global_streamed(frame, meta, self.boxes, self.members), name)
 
-    async def _publish_sealed(self, sealed: SealedGlobal, name: str) -> tuple[BlobRef, PublishedBlob]:
-        """Publish sealed weights as chunks under a blob id that is fresh after a restart too;
-        where they went is the one :class:`BlobRef` that a head and a view both carry."""
+    async def _publish_sealed(self, sealed: StreamedGlobal, name: str) -> tuple[BlobRef, PublishedBlob]:
+        """Publish a version's weights, sealed segment by segment as the chunks go out (no
+        sealed copy is held), under a blob id that is fresh after a restart too; where they
+        went is the one :class:`BlobRef` that a head and a view both carry."""
         blob_id = f"{self.subjects.job}/{name}/{secrets.token_hex(6)}"
         blob = await publish_blob(
-            self._js, self.subjects.global_data, sealed.ciphertext, blob_id=blob_id, max_payload=self.max_payload,
+            self._js, self.subjects.global_data, sealed.payload, blob_id=blob_id, max_payload=self.max_payload,
             refuse_duplicate=True,
         )  # fmt: skip
+        sha256 = await asyncio.to_thread(sealed.payload.sha256)  # read through already: nothing is sealed again
         where = BlobRef(
-            first_seq=blob.first_seq, last_seq=blob.last_seq, size=len(sealed.ciphertext),
-            sha256=digest(sealed.ciphertext), blob_id=blob_id, keys=sealed.keys,
+            first_seq=blob.first_seq, last_seq=blob.last_seq, size=len(sealed.payload), sha256=sha256,
+            blob_id=blob_id, keys=sealed.keys, seal=STREAMED,
         )  # fmt: skip
         return where, blob
 
@@ -363,7 +355,7 @@ class GlobalFollower:
             raise ValidationError(f"global {version}: weights incomplete at {ref.first_seq}..{ref.last_seq}")
         if digest(blob.data) != ref.sha256:
             raise AuthenticationError(f"global {version}: weights do not match the signed digest")
-        return await asyncio.to_thread(open_global, blob.data, self._sealed_key(ref, version), self.boxes)
+        return await asyncio.to_thread(open_global, blob.data, self._sealed_key(ref, version), self.boxes, ref.seal)
 
     async def _collect(self, ref: BlobRef, version: int) -> Blob | None:
         """The blob's chunks in its sequence range, reassembled (foreign chunks skipped)."""

@@ -16,7 +16,6 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from fedjet.broker.blobs import PublishedBlob
-from fedjet.codecs.crypto import SealedGlobal
 from fedjet.codecs.downlink import decode_view, next_view_frame
 from fedjet.codecs.heads import BlobRef
 from fedjet.codecs.messages import GlobalHead, GlobalHeader, GlobalVersion, ViewRef
@@ -30,7 +29,7 @@ if TYPE_CHECKING:
     from fedjet.channel.globals import GlobalFollower
 
 log = get_logger("fedjet.channel")
-SealAndPublish = Callable[[bytes, bytes, str], Awaitable[tuple[SealedGlobal, BlobRef, PublishedBlob]]]
+SealAndPublish = Callable[[bytes, bytes, str], Awaitable[tuple[BlobRef, PublishedBlob]]]
 
 
 class ViewPublisher:
@@ -59,7 +58,7 @@ class ViewPublisher:
             return ViewRef.without_blob(self._view_hash, base)
         header = GlobalHeader(job=self.job, version=version, hash=hash_, delta_from=base)
         frame, new_view, view_hash = await asyncio.to_thread(next_view_frame, weights, view, self.downlink, header)
-        _, where, blob = await self._seal_and_publish(frame, b"", f"v/{version}")
+        where, blob = await self._seal_and_publish(frame, b"", f"v/{version}")
         self._view, self._view_hash, self._view_changed = (version, new_view), view_hash, version
         log.info("view_published", version=version, base=base, bytes=blob.wire_bytes)
         return ViewRef(hash=view_hash, base=base, **where.blob_wire())

@@ -8,7 +8,8 @@ envelope kind, each in a module of its own.
   as its chunks stream past. :mod:`~fedjet.codecs.legacy` reads versions 1 and 2 for replay.
 * :mod:`~fedjet.codecs.secagg_envelope`: secure-aggregation steps, a key domain of their own.
 * :mod:`~fedjet.codecs.global_seal`: global versions, one fresh key per version sealed to
-  every member.
+  every member; AES-GCM segments sealed as they are published (``STREAMED``), or one
+  ``SecretBox`` (``ONE_BOX``, runs recorded before it).
 * :mod:`~fedjet.codecs.replay_guard`: per (cloud, worker) sequence numbers must strictly increase.
 
 Pure: keys come in as objects, bytes go out; files live in ``fedjet.keystore``.
@@ -36,7 +37,19 @@ from fedjet.codecs.envelope import (
     segment_nonce,
     update_signed_message,
 )
-from fedjet.codecs.global_seal import SealedGlobal, open_global, open_secret, open_version_key, seal_global
+from fedjet.codecs.global_seal import (
+    ONE_BOX,
+    STREAMED,
+    SealedGlobal,
+    StreamedGlobal,
+    StreamedSeal,
+    open_global,
+    open_secret,
+    open_streamed,
+    open_version_key,
+    seal_global,
+    seal_global_streamed,
+)
 from fedjet.codecs.identity import (
     COORDINATOR,
     MAX_SENDER_BYTES,
@@ -63,11 +76,13 @@ __all__ = [
     "LEGACY_SEGMENTED",
     "MAX_SENDER_BYTES",
     "MAX_WORKERS_PER_CLOUD",
+    "ONE_BOX",
     "SALT_BYTES",
     "SECAGG_MAGIC",
     "SECAGG_VERSION",
     "SEGMENT_BYTES",
     "SIGNATURE_BYTES",
+    "STREAMED",
     "TAG_BYTES",
     "TRAILER_BYTES",
     "Boxes",
@@ -77,6 +92,8 @@ __all__ = [
     "SealedGlobal",
     "SealedUpdate",
     "StreamDigest",
+    "StreamedGlobal",
+    "StreamedSeal",
     "UpdateOpener",
     "digest",
     "envelope_limit",
@@ -85,9 +102,11 @@ __all__ = [
     "open_global",
     "open_secagg",
     "open_secret",
+    "open_streamed",
     "open_update",
     "open_version_key",
     "seal_global",
+    "seal_global_streamed",
     "seal_secagg",
     "seal_update",
     "sealed_size",

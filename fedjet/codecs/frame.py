@@ -7,6 +7,8 @@ header keys are ignored (newer senders stay readable); an unknown format version
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +58,77 @@ def pack_frame_view(frame_type: str, header: dict[str, Any], tensors: list[dict[
     packer.pack({"fv": FORMAT_VERSION, "type": frame_type, "header": header, "tensors": tensors})
     view: memoryview = packer.getbuffer()
     return view
+
+
+PIECE_MIN = 1 << 16  # values this big stay views of their tensor in a frame's pieces
+
+
+class FramePieces:
+    """A frame as the pieces it is made of: msgpack bytes for the names, shapes and header, and
+    views of the tensors' own memory for their values. Its bytes are :func:`pack_frame`'s, read
+    range by range, so a whole-model frame is never built: a version is sealed and published
+    piece by piece. The tensors must not change while it is read."""
+
+    def __init__(self, pieces: list[bytes | bytearray | memoryview]) -> None:
+        self._pieces = [memoryview(p).cast("B") for p in pieces if len(p)]
+        self._ends = list(itertools.accumulate(len(p) for p in self._pieces))
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def read_into(self, start: int, out: memoryview) -> None:
+        """Bytes ``[start, start + len(out))`` copied into ``out``."""
+        if start < 0 or start + len(out) > len(self):
+            raise ValueError(f"range {start}+{len(out)} outside a frame of {len(self)} bytes")
+        at, i = 0, bisect.bisect_right(self._ends, start)
+        while at < len(out):
+            piece_start = self._ends[i] - len(self._pieces[i])
+            lo = start + at - piece_start
+            take = min(len(self._pieces[i]) - lo, len(out) - at)
+            out[at : at + take] = self._pieces[i][lo : lo + take]
+            at, i = at + take, i + 1
+
+    def read(self, start: int, end: int) -> bytearray:
+        out = bytearray(max(0, min(end, len(self)) - start))
+        self.read_into(start, memoryview(out))
+        return out
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self._pieces)
+
+
+def _bin_header(size: int) -> bytes:
+    """msgpack's header of a ``bin`` of ``size`` bytes, the form its packer picks."""
+    if size < 1 << 8:
+        return b"\xc4" + size.to_bytes(1, "big")
+    if size < 1 << 16:
+        return b"\xc5" + size.to_bytes(2, "big")
+    return b"\xc6" + size.to_bytes(4, "big")
+
+
+def frame_pieces(frame_type: str, header: dict[str, Any], tensors: list[dict[str, Any]]) -> FramePieces:
+    """:func:`pack_frame`'s bytes as :class:`FramePieces`: values of at least ``PIECE_MIN``
+    bytes given as memoryviews are not copied."""
+    if frame_type not in FRAME_TYPES:
+        raise SchemaError(f"unknown frame type {frame_type!r}")
+    packer = msgpack.Packer(use_bin_type=True)
+    pieces: list[bytes | bytearray | memoryview] = []
+    small = bytearray(packer.pack_map_header(4))
+    for key, value in (("fv", FORMAT_VERSION), ("type", frame_type), ("header", header)):
+        small += packer.pack(key) + packer.pack(value)
+    small += packer.pack("tensors") + packer.pack_array_header(len(tensors))
+    for entry in tensors:
+        small += packer.pack_map_header(len(entry))
+        for key, value in entry.items():
+            small += packer.pack(key)
+            if isinstance(value, memoryview) and value.nbytes >= PIECE_MIN:
+                small += _bin_header(value.nbytes)
+                pieces += [bytes(small), value]
+                small.clear()
+            else:
+                small += packer.pack(value)
+    pieces.append(bytes(small))
+    return FramePieces(pieces)
 
 
 def _no_ext(code: int, data: bytes) -> Any:

@@ -1,18 +1,42 @@
-"""Global versions, coordinator to members: encrypted once with a fresh ``SecretBox`` key per
-version; that key is sealed to every member with ``Box(coordinator_secret, member_public)``.
-The head that carries the sealed keys is signed by the coordinator (:mod:`fedjet.channel`)."""
+"""Global versions, coordinator to members: encrypted once under a fresh key per version; that
+key is sealed to every member with ``Box(coordinator_secret, member_public)``. The head that
+carries the sealed keys and the ciphertext's digest is signed by the coordinator
+(:mod:`fedjet.channel`).
+
+Two seals, named by the head (``seal``): ``STREAMED`` (2, what is published) is AES-256-GCM in
+segments, made as the publisher reads it, so neither a whole-model frame nor its ciphertext is
+ever held by the coordinator; ``ONE_BOX`` (1) is one ``SecretBox`` over the whole frame, what
+recorded runs before it hold and replay still opens. The version's record (``meta``) is a
+``SecretBox`` under the version key in both.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import dataclass
 
+import nacl.encoding
 import nacl.exceptions
+import nacl.hash
 import nacl.utils
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nacl._sodium import ffi, lib  # type: ignore[import-not-found]  # libsodium, as PyNaCl binds it
 from nacl.secret import SecretBox
 
+from fedjet.codecs.frame import FramePieces
 from fedjet.codecs.identity import COORDINATOR, Boxes
 from fedjet.errors import AuthenticationError
+
+ONE_BOX = 1
+STREAMED = 2
+SEALS = (ONE_BOX, STREAMED)
+GLOBAL_MAGIC = b"FJG"
+SEAL_HEADER_BYTES = len(GLOBAL_MAGIC) + 1 + 8  # magic, seal, plaintext size
+SEGMENT_BYTES = 1 << 20
+TAG_BYTES = 16
+_SEGMENT_PERSON = b"fedjet-global-v2"  # the segments' AES key, derived from the version key
 
 
 @dataclass(frozen=True)
@@ -28,6 +52,116 @@ def seal_global(payload: bytes | memoryview, meta: bytes, boxes: Boxes, members:
     box = SecretBox(key)
     sealed = {m: bytes(boxes.to(m).encrypt(key)) for m in members}
     return SealedGlobal(secretbox_into(payload, key), bytes(box.encrypt(meta)), sealed)
+
+
+def streamed_size(plain_bytes: int) -> int:
+    return SEAL_HEADER_BYTES + plain_bytes + TAG_BYTES * max(1, math.ceil(plain_bytes / SEGMENT_BYTES))
+
+
+def _segment_cipher(version_key: bytes) -> AESGCM:
+    """The segments' own key: the version key also seals the record with ``SecretBox``, and one
+    key is not used by two ciphers."""
+    return AESGCM(
+        nacl.hash.blake2b(
+            b"", key=version_key, digest_size=32, person=_SEGMENT_PERSON, encoder=nacl.encoding.RawEncoder
+        )
+    )
+
+
+class StreamedSeal:
+    """A version's ciphertext (seal ``STREAMED``) made as it is read: a fixed header (magic,
+    seal, plaintext size), then the plaintext in AES-GCM segments of ``SEGMENT_BYTES``, nonce
+    the segment's index, every segment authenticating the header (so none can be moved, cut
+    or resized). AES-GCM is deterministic for one key, nonce and plaintext: reading a range
+    twice (a re-sent chunk) gives the same bytes. The SHA-256 of the ciphertext, which the
+    signed head carries, is taken as the publisher reads it in order."""
+
+    def __init__(self, plaintext: FramePieces | bytes | bytearray | memoryview, version_key: bytes) -> None:
+        self.plain = plaintext if isinstance(plaintext, FramePieces) else FramePieces([plaintext])
+        self.header = GLOBAL_MAGIC + bytes((STREAMED,)) + len(self.plain).to_bytes(8, "big")
+        self._cipher = _segment_cipher(version_key)
+        self._count = max(1, math.ceil(len(self.plain) / SEGMENT_BYTES))
+        self._size = streamed_size(len(self.plain))
+        self._hash = hashlib.sha256()
+        self._hashed = 0  # ciphertext bytes taken into the digest, from the start
+
+    def __len__(self) -> int:
+        return self._size
+
+    def read(self, start: int, end: int) -> bytearray:
+        start, end = max(0, start), min(end, self._size)
+        out = bytearray(max(0, end - start))
+        view, head = memoryview(out), len(self.header)
+        if start < head:
+            out[: min(head, end) - start] = self.header[start : min(head, end)]
+        stride = SEGMENT_BYTES + TAG_BYTES
+        first, last = max(0, start - head) // stride, max(0, end - 1 - head) // stride
+        plain = bytearray(SEGMENT_BYTES)
+        for i in range(first, min(last, self._count - 1) + 1):
+            at = head + i * stride
+            piece = memoryview(plain)[: min(SEGMENT_BYTES, len(self.plain) - i * SEGMENT_BYTES)]
+            sealed_end = at + len(piece) + TAG_BYTES
+            if sealed_end <= start or at >= end:
+                continue
+            self.plain.read_into(i * SEGMENT_BYTES, piece)
+            if start <= at and sealed_end <= end:  # wholly inside: straight into place
+                self._cipher.encrypt_into(segment_nonce(i), piece, self.header, view[at - start : sealed_end - start])
+            else:  # cut by the range: seal it whole, keep the part asked for
+                sealed = self._cipher.encrypt(segment_nonce(i), bytes(piece), self.header)
+                lo, hi = max(start, at), min(end, sealed_end)
+                view[lo - start : hi - start] = sealed[lo - at : hi - at]
+        if start <= self._hashed < end:
+            self._hash.update(view[self._hashed - start :])
+            self._hashed = end
+        return out
+
+    def sha256(self) -> str:
+        """The hex digest of the whole ciphertext (the part not read yet is sealed again here)."""
+        while self._hashed < self._size:
+            self.read(self._hashed, min(self._size, self._hashed + 8 * SEGMENT_BYTES))
+        return self._hash.hexdigest()
+
+
+def segment_nonce(index: int) -> bytes:
+    return index.to_bytes(12, "big")
+
+
+@dataclass(frozen=True)
+class StreamedGlobal:
+    payload: StreamedSeal  # the weights, sealed as they are read
+    meta: bytes
+    keys: dict[str, bytes]
+
+
+def seal_global_streamed(
+    plaintext: FramePieces | bytes | bytearray | memoryview, meta: bytes, boxes: Boxes, members: list[str]
+) -> StreamedGlobal:
+    """One fresh key per version seals the weights (as they are read) and the record; each
+    member gets the key sealed to it."""
+    key = nacl.utils.random(SecretBox.KEY_SIZE)
+    sealed = {m: bytes(boxes.to(m).encrypt(key)) for m in members}
+    return StreamedGlobal(StreamedSeal(plaintext, key), bytes(SecretBox(key).encrypt(meta)), sealed)
+
+
+def open_streamed(ciphertext: bytes | bytearray | memoryview, version_key: bytes) -> bytearray:
+    """The plaintext of a ``STREAMED`` seal, decrypted segment by segment into one buffer."""
+    data = memoryview(ciphertext).cast("B")
+    if len(version_key) != SecretBox.KEY_SIZE or len(data) < SEAL_HEADER_BYTES + TAG_BYTES:
+        raise AuthenticationError("global version does not decrypt (tampered or wrong key)")
+    header = bytes(data[:SEAL_HEADER_BYTES])
+    size = int.from_bytes(header[len(GLOBAL_MAGIC) + 1 :], "big")
+    if header[: len(GLOBAL_MAGIC) + 1] != GLOBAL_MAGIC + bytes((STREAMED,)) or streamed_size(size) != len(data):
+        raise AuthenticationError("global version does not decrypt (not a streamed seal of its size)")
+    cipher, out = _segment_cipher(version_key), bytearray(size)
+    target, stride = memoryview(out), SEGMENT_BYTES + TAG_BYTES
+    for i in range(max(1, math.ceil(size / SEGMENT_BYTES))):
+        plain = target[i * SEGMENT_BYTES : (i + 1) * SEGMENT_BYTES]
+        at = SEAL_HEADER_BYTES + i * stride
+        try:
+            cipher.decrypt_into(segment_nonce(i), data[at : at + len(plain) + TAG_BYTES], header, plain)
+        except (InvalidTag, ValueError) as e:
+            raise AuthenticationError("global version does not decrypt (tampered or wrong key)") from e
+    return out
 
 
 def secretbox_into(payload: bytes | memoryview, key: bytes) -> bytes:
@@ -71,6 +205,11 @@ def open_secret(ciphertext: bytes, key: bytes) -> bytes:
     return out  # type: ignore[return-value]  # a bytearray: bytes-like everywhere it goes
 
 
-def open_global(ciphertext: bytes, sealed_key: bytes, boxes: Boxes) -> bytes:
+def open_global(ciphertext: bytes, sealed_key: bytes, boxes: Boxes, seal: int = ONE_BOX) -> bytes:
     """Decrypt a global version with this member's sealed copy of the version key."""
-    return open_secret(ciphertext, open_version_key(sealed_key, boxes))
+    key = open_version_key(sealed_key, boxes)
+    if seal == STREAMED:
+        return open_streamed(ciphertext, key)  # type: ignore[return-value]  # a bytearray
+    if seal != ONE_BOX:
+        raise AuthenticationError(f"global version sealed as {seal!r}, which this build does not know")
+    return open_secret(ciphertext, key)

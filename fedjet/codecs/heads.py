@@ -53,10 +53,12 @@ class BlobRef:
     sha256: str
     blob_id: str = ""
     keys: dict[str, bytes] = field(default_factory=dict)
+    seal: int = 1  # how the blob is sealed (fedjet.codecs.global_seal); 1 where the wire has none
 
     def blob_wire(self) -> dict[str, Any]:
-        """The six fields in their wire order."""
-        return {
+        """The fields in their wire order (``seal`` only where it is not the first seal, so the
+        heads of runs recorded before it read and verify as they were written)."""
+        wire = {
             "first_seq": self.first_seq,
             "last_seq": self.last_seq,
             "size": self.size,
@@ -64,6 +66,7 @@ class BlobRef:
             "blob_id": self.blob_id,
             "keys": dict(self.keys),
         }
+        return wire if self.seal == 1 else wire | {"seal": self.seal}
 
 
 def _blob_from_wire(raw: dict[str, Any], keys: dict[str, bytes], *, optional: bool) -> dict[str, Any]:
@@ -76,6 +79,7 @@ def _blob_from_wire(raw: dict[str, Any], keys: dict[str, bytes], *, optional: bo
         "sha256": read(raw, "sha256", str, default=text),
         "blob_id": read(raw, "blob_id", str, default=""),
         "keys": keys,
+        "seal": read(raw, "seal", int, default=1),
     }
 
 

@@ -13,7 +13,7 @@ import torch
 
 from fedjet.codecs import crypto
 from fedjet.codecs.crypto import Boxes
-from fedjet.codecs.frame import Limits, pack_frame, pack_frame_view, unpack_frame
+from fedjet.codecs.frame import FramePieces, Limits, frame_pieces, pack_frame, unpack_frame
 from fedjet.codecs.frame import field as read
 from fedjet.codecs.heads import MAX_HEAD_BYTES as MAX_HEAD_BYTES
 from fedjet.codecs.heads import GlobalHead as GlobalHead
@@ -186,18 +186,19 @@ def read_opened_update(frame: bytes, sender: str, limits: Limits) -> Update:
 
 def encode_global(
     version: GlobalVersion, base: dict[str, torch.Tensor] | None = None, base_version: int = -1
-) -> tuple[memoryview, GlobalHeader]:
+) -> tuple[FramePieces, GlobalHeader]:
     """Dense weights, or, when ``base`` is given and it is less than half the size, only
     the values that changed since ``base`` (sent as the new values, so rebuilding is exact).
-    Returns the frame and the header it carries (which says what was decided). The weights'
-    bytes are copied once, into the frame (a version can be the whole model)."""
+    Returns the frame and the header it carries (which says what was decided). The frame is
+    pieces that view the weights' memory (a version can be the whole model): nothing is copied
+    until it is read, and the weights must stay unchanged until then."""
     if base is not None:
         entries = delta_entries(version.tensors, base)
         if entries is not None:
             header = replace(version.header, delta_from=base_version)
-            return pack_frame_view("global", asdict(header), entries), header
+            return frame_pieces("global", asdict(header), entries), header
     header = replace(version.header, delta_from=-1)
-    return pack_frame_view("global", asdict(header), dense_entries(version.tensors)), header
+    return frame_pieces("global", asdict(header), dense_entries(version.tensors)), header
 
 
 def dense_entries(tensors: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
@@ -226,7 +227,13 @@ def delta_entries(new: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -
         if new[name] is base[name]:  # the same tensor (a fragment round left it): nothing changed
             changed = np.empty(0, dtype=np.int64)
         else:
-            changed = np.flatnonzero(after.view(np.uint32) != before.view(np.uint32))  # bits, not values
+            differs = after.view(np.uint32) != before.view(np.uint32)  # bits, not values
+            if np.count_nonzero(differs) * 2 > after.size:  # mostly changed: its values whole, no indices, no copy
+                entries += dense_entries({name: new[name]})
+                size += after.nbytes
+                dense += after.nbytes
+                continue
+            changed = np.flatnonzero(differs)
         kind, payload = encode_indices(changed, after.size)
         values = after[changed].data.cast("B")  # one copy (the indexing); packed as it is
         size += len(payload) + len(values)
