@@ -12,7 +12,7 @@ from fedjet.coordinator import aggregate as agg
 from fedjet.coordinator.aggregate import Contribution, Staleness
 from fedjet.coordinator.server_opt import ServerOptConfig, ServerOptimizer
 from fedjet.coordinator.strategies import Aggregator, Applied, StrategyConfig
-from fedjet.errors import ConfigError, StaleUpdateError
+from fedjet.errors import AggregationError, ConfigError, NonFiniteError, StaleUpdateError
 
 
 def t(*values: float) -> torch.Tensor:
@@ -166,3 +166,66 @@ def test_a_refused_non_finite_batch_leaves_the_server_optimizer_as_it_was(name):
     assert set(aggregator.optimizer.state) == {"a"}  # "b"'s state, created by the refused step, is gone
     for key, value in before["a"].items():
         assert torch.equal(aggregator.optimizer.state["a"][key], value)
+
+
+def _random_parts(seed: int, count: int = 4) -> list[Contribution]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        Contribution(f"c{i}", 0, int(torch.randint(1, 50, (1,), generator=gen)), 0.0,
+                     {"a": torch.randn(2, generator=gen), "b": torch.randn(1, generator=gen)})
+        for i in range(count)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("server", [ServerOptConfig(), ServerOptConfig(name="sgd", lr=0.7)])
+def test_a_running_sum_is_fedavg_folded_one_update_at_a_time(server):
+    parts = _random_parts(3)
+    held = Aggregator(StrategyConfig(name="fedavg", server=server), dict(W0)).apply([Applied(p, 0) for p in parts])
+    live = Aggregator(StrategyConfig(name="fedavg", server=server), dict(W0))
+    for p in parts:  # as updates arrive: each one taken in, its tensors free to go
+        live.check_fold(Applied(p, 0))
+        live.fold(Applied(p, 0))
+    folded = live.close_round()
+    for k in W0:
+        assert torch.allclose(folded[k], held[k], atol=1e-6)  # the same rule ...
+    replayed = Aggregator(StrategyConfig(name="fedavg", server=server), dict(W0))
+    replayed.apply([Applied(p, 0) for p in parts], running=True)  # ... and replay sums it the same way, bit for bit
+    assert replayed.hash == live.hash and live.version == 1
+    again = Aggregator(StrategyConfig(name="fedavg", server=server), dict(W0))
+    again.apply([Applied(p, 0) for p in reversed(parts)], running=True)
+    assert all(torch.allclose(again.weights[k], folded[k], atol=1e-6) for k in W0)
+
+
+def test_a_running_sum_refuses_what_it_cannot_weigh_and_what_would_not_be_finite():
+    live = Aggregator(StrategyConfig(name="fedavg"), dict(W0))
+    with pytest.raises(NonFiniteError):
+        live.check_fold(Applied(part("x", 2, 0.0, t(float("inf"), 0.0)), 0))
+    with pytest.raises(AggregationError, match="no samples"):
+        live.fold(Applied(part("x", 0, 0.0, t(1.0, 0.0)), 0))
+    with pytest.raises(StaleUpdateError):  # nothing taken in: no version
+        live.close_round()
+    live = Aggregator(StrategyConfig(name="fedavg", clip_update=0), dict(W0))  # no clipping to save it
+    huge = t(3e38, 0.0)  # finite alone, a sum that is not: the round makes no version and changes nothing
+    for cloud in ("x", "y"):
+        live.check_fold(Applied(part(cloud, 1, 0.0, huge), 0))
+        live.fold(Applied(part(cloud, 1, 0.0, huge), 0))
+    with pytest.raises(NonFiniteError):
+        live.close_round()
+    assert live.version == 0 and torch.equal(live.weights["a"], W0["a"])
+    for name in ("dynamic", "gradient"):
+        other = Aggregator(StrategyConfig(name=name), dict(W0))
+        assert not other.can_fold()
+        with pytest.raises(AggregationError):
+            other.fold(Applied(part("x", 1, 0.0, t(1.0, 0.0)), 0))
+    assert Applied(part("x", 1, 0.0, t(1.0, 0.0)), 2).folded() == Applied(Contribution("x", 0, 1, 0.0, {}), 2)
+
+
+def test_plain_sgd_writing_over_the_pseudo_gradient_gives_the_same_bits():
+    gen = torch.Generator().manual_seed(5)
+    weights = {"a": torch.randn(10_000, generator=gen), "b": torch.randn(77, generator=gen)}
+    for lr in (1.0, 0.7, 0.1234567):
+        grad = {n: torch.randn(w.shape, generator=gen) * 1e-3 for n, w in weights.items()}
+        kept = ServerOptimizer(ServerOptConfig(name="sgd", lr=lr)).step(weights, grad)
+        spent = ServerOptimizer(ServerOptConfig(name="sgd", lr=lr)).step(weights, {n: g.clone() for n, g in grad.items()},
+                                                                          consume=True)  # fmt: skip
+        assert all(torch.equal(kept[n], spent[n]) for n in weights)

@@ -137,7 +137,9 @@ def _global_topk(arrays: dict[str, np.ndarray], density: float, seed: int) -> di
 
 
 def decode_tensors(entries: list[dict[str, Any]], limits: Limits) -> dict[str, TensorLike]:
-    """Frame entries back to tensors: dense ``torch.Tensor`` or :class:`SparseTensor`."""
+    """Frame entries back to tensors: dense ``torch.Tensor`` or :class:`SparseTensor`. Each
+    entry's values are let go once decoded (the entries are spent): a whole-model frame is not
+    held twice over, as packed bytes and as tensors, while it is decoded."""
     out: dict[str, TensorLike] = {}
     total = 0
     for entry in entries:
@@ -153,6 +155,7 @@ def decode_tensors(entries: list[dict[str, Any]], limits: Limits) -> dict[str, T
         if dtype not in DTYPES:
             raise SchemaError(f"{name}: dtype {dtype!r:.20} not allowed")
         out[name] = _decode_one(name, entry, shape, numel, dtype)
+        entry.pop("v", None)
     return out
 
 

@@ -120,6 +120,7 @@ class VersionRecord:
     # What only the coordinator's key opens (a libsodium sealed box of a CoordinatorOnly):
     # the members who can read this record see no cloud's loss and no central-DP noise key.
     coordinator_only: bytes = b""
+    running_sum: bool = False  # summed update by update as they came (RunningSum): replay sums it so
     record_version: int = RECORD_VERSION
 
     def to_bytes(self) -> bytes:

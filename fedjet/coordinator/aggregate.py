@@ -31,7 +31,17 @@ from fedjet.config.job import Staleness
 from fedjet.errors import AggregationError, ConfigError
 from fedjet.weights import Weights
 
-__all__ = ["Contribution", "Staleness", "Weights", "async_mix", "dynamic", "fedavg", "fedbuff", "gradient"]
+__all__ = [
+    "Contribution",
+    "RunningSum",
+    "Staleness",
+    "Weights",
+    "async_mix",
+    "dynamic",
+    "fedavg",
+    "fedbuff",
+    "gradient",
+]
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,40 @@ def async_mix(current: Weights, base: Weights, part: Contribution, alpha: float,
 def fedbuff(template: Weights, parts: Sequence[Contribution], staleness: Sequence[float]) -> Weights:
     """``-mean(s(tau_i) * delta_i)``; the server lr plays eta_g."""
     return _negated(combine(template, parts, [s / len(parts) for s in staleness]))
+
+
+class RunningSum:
+    """FedAvg folded one update at a time: ``sum(n_i * s(tau_i) * delta_i)`` as updates come,
+    divided by ``sum(n_i)`` once the round closes. A round then holds one accumulator the size
+    of what its updates carry (a fragment), not every update until it closes. Its rounding
+    differs from :func:`fedavg`'s (which normalises the weights first), so the record of a
+    version says which of the two made it, and replay folds it the same way."""
+
+    def __init__(self, template: Weights) -> None:
+        self._template = template
+        self.acc: Weights = {}
+        self.samples = 0
+        self.count = 0
+
+    def add(self, part: Contribution, discount: float = 1.0) -> None:
+        if part.samples <= 0:
+            raise AggregationError(f"{part.cloud}'s update claims no samples: a running sum weighs by samples")
+        for name, tensor in part.tensors.items():
+            if name not in self.acc:
+                self.acc[name] = torch.zeros_like(self._template[name])
+            add_scaled_(self.acc[name], tensor, part.samples * discount)
+        self.samples += part.samples
+        self.count += 1
+
+    def fedavg(self) -> Weights:
+        """The pseudo-gradient ``-sum(n_i s_i delta_i) / sum(n_i)``, written over the sum."""
+        if not self.count:
+            raise AggregationError("an empty round makes no version")
+        scale = -1.0 / self.samples
+        for tensor in self.acc.values():
+            tensor.mul_(scale)
+        out, self.acc = self.acc, {}
+        return out
 
 
 def _negated(weights: Weights) -> Weights:

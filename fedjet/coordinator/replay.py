@@ -29,6 +29,7 @@ class RecordedVersion:
     contributions: tuple[ContributionRecord, ...]
     secure: SecureRecord | None = None  # made from one unmasked sum, recomputed from its transcript
     noise_key: bytes = b""  # central DP: the recorded key of this version's noise (coordinator's eyes only)
+    running_sum: bool = False  # the round was summed update by update (RunningSum's rounding)
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class Verifier:
                 if staleness != recorded.staleness:
                     return None, f"recorded staleness {recorded.staleness} but the update implies {staleness}"
                 batch.append(Applied(contribution, staleness))
-            agg.apply(batch, noise_key=record.noise_key or None)
+            agg.apply(batch, noise_key=record.noise_key or None, running=record.running_sum)
         except FedjetError as e:
             return None, f"{e.reason}: {e}"
         return agg.hash, None if agg.hash == record.hash else "weights hash differs"

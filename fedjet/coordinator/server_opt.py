@@ -30,9 +30,11 @@ class ServerOptimizer:
         self.steps = 0
         self.state: dict[str, dict[str, torch.Tensor]] = {}
 
-    def step(self, weights: Weights, pseudo_grad: Weights) -> Weights:
+    def step(self, weights: Weights, pseudo_grad: Weights, *, consume: bool = False) -> Weights:
         """A tensor the pseudo-gradient does not name (another fragment's) is kept as it is, the
-        same tensor, and so is its optimizer state."""
+        same tensor, and so is its optimizer state. ``consume``: plain SGD writes the new weights
+        over the pseudo-gradient (the caller's to give up): one tensor fewer at the step's peak,
+        and the same bits as ``w - lr * g`` (``(-lr) * g + w`` rounds alike)."""
         self.steps += 1
         c = self.config
         out: Weights = {}
@@ -40,6 +42,9 @@ class ServerOptimizer:
             g = pseudo_grad.get(name)
             if g is None:
                 out[name] = w
+                continue
+            if c.name == "sgd" and consume:
+                out[name] = g.mul_(-c.step_size).add_(w)
                 continue
             if c.name == "sgd":
                 direction = g

@@ -258,7 +258,14 @@ class Coordinator:
                 )
                 staleness = admitted.applied.staleness
                 committed = Committed(h, staleness, arrival.seq, blob.wire_bytes, time.monotonic(), tuple(arrival.msgs))
-                displaced = self._batcher.offer(arrival.cloud, staleness, (admitted.applied, committed))
+                arrival.blob = blob = None  # its frame: decoded, no longer held
+                if self._folds_as_it_goes():  # taken into the round's sum now; the round keeps no tensors
+                    await asyncio.to_thread(agg.check_fold, admitted.applied)
+                    displaced = self._batcher.offer(arrival.cloud, staleness, (admitted.applied.folded(), committed))
+                    await asyncio.to_thread(agg.fold, admitted.applied)
+                else:
+                    displaced = self._batcher.offer(arrival.cloud, staleness, (admitted.applied, committed))
+                del update, admitted
             except FedjetError as e:
                 arrival.error = e
                 await self._refuse(arrival)
@@ -312,11 +319,21 @@ class Coordinator:
                 "round_closed_without", version=self.aggregator.version + 1, missing=missing, quorum=len(reported)
             )
 
+    def _folds_as_it_goes(self) -> bool:
+        """Synchronous rounds of a rule that weighs each update on its own (FedAvg), where no
+        update is displaced once taken (``--late drop``), are summed as updates arrive."""
+        agg = self.aggregator
+        assert agg is not None
+        return self._batcher.synchronous and self._batcher.policy.late == "drop" and agg.can_fold()
+
     async def _fold(self, batch: list[Batched]) -> None:
         """Apply a batch; updates that would make the global non-finite are refused, the rest committed."""
         agg = self.aggregator
         assert agg is not None
-        unfit = await asyncio.to_thread(agg.apply_finite, [applied for applied, _ in batch])
+        if self._folds_as_it_goes():
+            unfit = await asyncio.to_thread(self._close_round, len(batch))
+        else:
+            unfit = await asyncio.to_thread(agg.apply_finite, [applied for applied, _ in batch])
         for _, c in (batch[i] for i in unfit):  # the last good version stays
             error = NonFiniteError(f"{c.header.cloud}'s update would make the global non-finite")
             await self._refuse(Arrival(c.header.cloud, c.stream_seq, list(c.msgs), error=error))
@@ -324,6 +341,16 @@ class Coordinator:
         if committed:
             await self.commit(committed)
         self._batcher.start_round(time.monotonic())
+
+    def _close_round(self, updates: int) -> list[int]:
+        """The round's running sum becomes a version; if it would not be finite, every update
+        of the round is refused (each was finite alone when it was taken in)."""
+        assert self.aggregator is not None
+        try:
+            self.aggregator.close_round()
+            return []
+        except NonFiniteError:
+            return list(range(updates))
 
     async def commit(self, committed: Sequence[Committed], *, secure: SecureRecord | None = None) -> None:
         """The one commit path, for every kind of round: the aggregator made a new version from
@@ -360,7 +387,8 @@ class Coordinator:
             agg.strategy.name, committed, waiting=waiting, assignment=self.pacer.assignment,
             seen_through=inbox.seen_through, dp_steps=self.budget.snapshot(),
         )  # fmt: skip
-        record = replace(record, retired=tuple(sorted(self._batcher.retired)), secure=secure)
+        running = secure is None and self._folds_as_it_goes()
+        record = replace(record, retired=tuple(sorted(self._batcher.retired)), secure=secure, running_sum=running)
         record = withhold(record, self.config.boxes.me.public.box, noise_key=agg.last_noise_key)
         with structlog.contextvars.bound_contextvars(version=agg.version):
             head = await publisher.publish(agg.version, agg.hash, agg.weights, record, final=self.done())

@@ -15,20 +15,21 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 
+from fedjet.codecs.sparse import add_scaled_
 from fedjet.codecs.tensors import weights_hash
 from fedjet.config.job import StrategyConfig
 from fedjet.config.strategy_traits import STRATEGIES, StrategyTraits, traits_of
 from fedjet.coordinator import aggregate as agg
-from fedjet.coordinator.aggregate import Contribution, Weights
+from fedjet.coordinator.aggregate import Contribution, RunningSum, Weights
 from fedjet.coordinator.central_dp import add_noise, central_pseudo_gradient
 from fedjet.coordinator.server_opt import ServerOptimizer
 from fedjet.coordinator.validate import clip_bound, clipped
-from fedjet.errors import NonFiniteError, StaleUpdateError
+from fedjet.errors import AggregationError, NonFiniteError, StaleUpdateError
 from fedjet.privacy.secure_random import KEY_BYTES
 
 __all__ = ["STRATEGIES", "Aggregator", "Applied", "Strategy", "StrategyConfig", "strategy_for"]
@@ -42,6 +43,10 @@ class Applied:
     contribution: Contribution
     staleness: int
 
+    def folded(self) -> Applied:
+        """What a round still holds of an update its running sum took in: no tensors."""
+        return Applied(replace(self.contribution, tensors={}), self.staleness)
+
 
 class Strategy:
     """Base: a synchronous FedAvg-like rule over deltas measured from the base version."""
@@ -53,6 +58,7 @@ class Strategy:
     update_kind: ClassVar[str]
     delta_reference: ClassVar[str]  # FedBuff's "last_send": a worker that goes on must not resend work
     needs_stale_bases: ClassVar[bool]  # formula 4 mixes against the update's own base
+    folds_as_it_goes: ClassVar[bool] = False  # a RunningSum can take its updates one by one
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -81,6 +87,7 @@ class Strategy:
 
 class FedAvg(Strategy):
     name = "fedavg"
+    folds_as_it_goes = True  # a running sum can take its updates one at a time
 
     def pseudo_gradient(self, weights: Weights, batch: Sequence[Applied], base_of: BaseOf) -> Weights:
         return agg.fedavg(weights, [a.contribution for a in batch], self.discounts(batch))
@@ -158,6 +165,8 @@ class Aggregator:
         self.optimizer = ServerOptimizer(config.server)
         self._history: OrderedDict[int, Weights] = OrderedDict([(version, weights)])
         self.hash = weights_hash(weights)
+        self._running: RunningSum | None = None  # the open round's sum, where rounds fold as they go
+        self._bound: tuple[int, float | None] = (-1, None)  # (version, clip bound) for folds
 
     def staleness_of(self, base_version: int) -> int:
         if base_version > self.version:
@@ -182,17 +191,23 @@ class Aggregator:
     def provide_base(self, version: int, weights: Weights) -> None:
         self.recorded_bases[version] = weights
 
-    def apply(self, batch: Sequence[Applied], *, noise_key: bytes | None = None) -> Weights:
+    def apply(self, batch: Sequence[Applied], *, noise_key: bytes | None = None, running: bool = False) -> Weights:
         """Fold one batch (a sync round, one async update, or K buffered updates), each update
         clipped to ``clip_update`` x the global's norm. A batch that would make the weights
         non-finite raises :class:`NonFiniteError` and changes nothing. Under central DP the
         noise stream's key is ``noise_key`` (replay passes the recorded one) or a fresh one
-        from the OS CSPRNG, kept in :attr:`last_noise_key` for the record."""
+        from the OS CSPRNG, kept in :attr:`last_noise_key` for the record. ``running``: the
+        batch is summed as :meth:`fold` sums a round (what its record says made the version)."""
         if not batch:
             raise StaleUpdateError("an empty batch makes no version")
+        if running:
+            for applied in batch:
+                self.fold(applied)
+            return self.close_round()
         bound = clip_bound(self.weights, self.config.clip_update)
         batch = [Applied(clipped(a.contribution, bound), a.staleness) for a in batch]
         central = self.config.central_dp_config
+        key = b""
         if central is None:
             pseudo_grad = self.strategy.pseudo_gradient(self.weights, batch, self.base_weights)
         else:
@@ -200,15 +215,57 @@ class Aggregator:
             pseudo_grad = central_pseudo_gradient(self.weights, parts, discounts, central.clip, self.expected)
             key = os.urandom(KEY_BYTES) if noise_key is None else noise_key
             pseudo_grad = add_noise(pseudo_grad, central, self.expected, key)
+        return self._step(pseudo_grad, key)
+
+    def can_fold(self) -> bool:
+        """Whether rounds may be summed as updates come (:meth:`fold`): a rule whose weights
+        need no other update of the round, and no central DP (it clips the sum's parts)."""
+        return self.strategy.folds_as_it_goes and self.config.central_dp_config is None
+
+    def check_fold(self, applied: Applied) -> None:
+        """Raise :class:`NonFiniteError` for an update that alone would make the weights
+        non-finite (what :meth:`apply_finite` refuses), before a round takes it in."""
+        part, discount = self._for_fold(applied)
+        lr = self.config.server.step_size
+        for name, tensor in part.tensors.items():  # one tensor's worth of scratch at a time
+            moved = torch.zeros_like(self.weights[name])
+            add_scaled_(moved, tensor, lr * discount)
+            if not bool(torch.isfinite(moved.add_(self.weights[name])).all()):
+                raise NonFiniteError(f"{part.cloud}'s update would make the global non-finite")
+
+    def fold(self, applied: Applied) -> None:
+        """Take one update of the open round into its running sum, clipped as :meth:`apply`
+        clips it; the caller may then let its tensors go."""
+        part, discount = self._for_fold(applied)
+        if self._running is None:
+            self._running = RunningSum(self.weights)
+        self._running.add(part, discount)
+
+    def _for_fold(self, applied: Applied) -> tuple[Contribution, float]:
+        if not self.can_fold():
+            raise AggregationError(f"{self.strategy.name} rounds are not summed update by update")
+        if self._bound[0] != self.version:  # the global's norm: once a version, not once an update
+            self._bound = (self.version, clip_bound(self.weights, self.config.clip_update))
+        return clipped(applied.contribution, self._bound[1]), self.strategy.discounts([applied])[0]
+
+    def close_round(self) -> Weights:
+        """The version the open round's running sum makes (:class:`NonFiniteError`: none, and
+        the round is over either way)."""
+        running, self._running = self._running, None
+        if running is None or not running.count:
+            raise StaleUpdateError("an empty batch makes no version")
+        return self._step(running.fedavg(), b"")
+
+    def _step(self, pseudo_grad: Weights, noise_key: bytes) -> Weights:
         saved = self.optimizer.saved(pseudo_grad)
-        weights = self.optimizer.step(self.weights, pseudo_grad)
+        weights = self.optimizer.step(self.weights, pseudo_grad, consume=True)
         if not all(bool(torch.isfinite(t).all()) for t in weights.values()):
             self.optimizer.restore(saved)
             raise NonFiniteError(f"version {self.version + 1} would not be finite")
         self.weights = weights
         self.version += 1
         self.hash = weights_hash(self.weights)
-        self.last_noise_key = key if central is not None else b""
+        self.last_noise_key = noise_key
         self._remember()
         return self.weights
 
@@ -252,6 +309,7 @@ class Aggregator:
     def resync(self, weights: Weights, version: int) -> None:
         """Continue from known weights (replay after a mismatch; the optimizer state is kept)."""
         self.weights, self.version, self.hash = weights, version, weights_hash(weights)
+        self._running, self._bound = None, (-1, None)
         self._remember()
 
     def _remember(self) -> None:

@@ -154,7 +154,9 @@ class _Session:
         records = {v: self.follower.record(heads[v]) for v in sorted(heads)}
         me = self.boxes.me.box
         versions = [
-            RecordedVersion(v, heads[v].hash, r.contributions, r.secure, coordinator_only(r, me).noise_key)
+            RecordedVersion(
+                v, heads[v].hash, r.contributions, r.secure, coordinator_only(r, me).noise_key, r.running_sum
+            )
             for v, r in records.items()
         ]
         return Recording(spec, heads, versions)
