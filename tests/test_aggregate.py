@@ -226,6 +226,6 @@ def test_plain_sgd_writing_over_the_pseudo_gradient_gives_the_same_bits():
     for lr in (1.0, 0.7, 0.1234567):
         grad = {n: torch.randn(w.shape, generator=gen) * 1e-3 for n, w in weights.items()}
         kept = ServerOptimizer(ServerOptConfig(name="sgd", lr=lr)).step(weights, grad)
-        spent = ServerOptimizer(ServerOptConfig(name="sgd", lr=lr)).step(weights, {n: g.clone() for n, g in grad.items()},
-                                                                          consume=True)  # fmt: skip
+        given = {n: g.clone() for n, g in grad.items()}  # the caller's to give up
+        spent = ServerOptimizer(ServerOptConfig(name="sgd", lr=lr)).step(weights, given, consume=True)
         assert all(torch.equal(kept[n], spent[n]) for n in weights)
