@@ -161,3 +161,77 @@ def test_global_delta_carries_only_changed_values_and_rebuilds_exactly():
     pieces, _ = encode_global(GlobalVersion(replace(header, hash=weights_hash(moved)), moved), big, base_version=4)
     assert len(pieces) < 50 * 4 + 1024  # the changed tensor's values and no indices
     assert weights_hash(decode_global(bytes(pieces), LIMITS, big).tensors) == weights_hash(moved)
+
+
+def _as_bytes(value):
+    """A parsed frame with its values' views read out (to compare with msgpack's own parse)."""
+    if isinstance(value, memoryview):
+        return bytes(value)
+    if isinstance(value, dict):
+        return {k: _as_bytes(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_bytes(v) for v in value]
+    return value
+
+
+def _big_update() -> Update:
+    gen = torch.Generator().manual_seed(4)
+    big = {"w": torch.randn(300, 200, generator=gen), "b": torch.randn(30_000, generator=gen), "s": torch.randn(3)}
+    return Update(header(), big)
+
+
+@pytest.mark.parametrize("codec", ["dense", "topk:0.3", "topk:0.1+int8", "lowrank:4", "fp16"])
+def test_a_frame_parses_as_msgpack_does_with_its_big_values_left_in_place(codec):
+    frame = encode_update(_big_update(), CodecSpec.parse(codec))
+    unpacked = msgpack.unpackb(frame, raw=False)
+    header_raw, entries = unpack_frame(frame, LIMITS, "update")
+    assert _as_bytes({**unpacked, "header": header_raw, "tensors": entries}) == unpacked
+    writable = bytearray(frame)
+    _, in_place = unpack_frame(writable, LIMITS, "update")
+    views = [v for e in in_place for v in e.values() if isinstance(v, memoryview)]
+    assert views or codec != "dense"
+    assert all(v.obj is not None and not v.readonly for v in views)  # views of the frame, not copies
+
+
+def test_a_writable_frame_decodes_to_tensors_over_its_own_bytes_and_read_only_bytes_are_copied():
+    import numpy as np
+
+    update = _big_update()
+    frame = bytearray(encode_update(update, CodecSpec.dense()))
+    decoded = decode_update(frame, LIMITS)
+    assert all(torch.equal(decoded.tensors[n], t) for n, t in update.tensors.items())
+    assert np.shares_memory(decoded.tensors["b"].numpy(), np.frombuffer(frame, dtype=np.uint8))
+    copied = decode_update(bytes(frame), LIMITS)
+    copied.tensors["b"].add_(1.0)  # a copy: writable, and nothing else changes
+    assert torch.equal(decoded.tensors["b"], update.tensors["b"])
+
+
+def test_a_mangled_frame_is_a_codec_error_or_what_msgpack_reads_never_anything_else():
+    import random
+
+    frame = encode_update(_big_update(), CodecSpec.parse("topk:0.3+int8"))
+    rng = random.Random(11)
+    for trial in range(400):
+        bad = bytearray(frame)
+        if trial % 3 == 0:
+            bad = bad[: rng.randrange(len(bad))]
+        for _ in range(rng.randint(1, 4) if bad else 0):  # mostly where the structure is: names, headers
+            bad[rng.randrange(min(len(bad), 300 if trial % 2 else len(bad)))] = rng.randrange(256)
+        try:
+            header_raw, entries = unpack_frame(bytes(bad), LIMITS, "update")
+        except CodecError:
+            continue
+        assert _as_bytes({**msgpack.unpackb(bytes(bad), raw=False), "header": header_raw, "tensors": entries}) == (
+            msgpack.unpackb(bytes(bad), raw=False)
+        )
+    for hostile in (
+        b"\x91" * 100 + b"\xc0",  # lists nested a hundred deep
+        b"\xdd\xff\xff\xff\xff",  # a list that says it has four billion items
+        b"\xdf\xff\xff\xff\xff",  # a map likewise
+        b"\xc6\xff\xff\xff\xff" + b"x" * 10,  # a bin longer than the frame
+        b"\x81\x01\x02",  # a map key that is not a string
+        b"\x80\x80",  # bytes after the frame's end
+        b"",
+    ):
+        with pytest.raises(DecodeError):
+            unpack_frame(hostile, LIMITS, "update")

@@ -136,26 +136,15 @@ def _no_ext(code: int, data: bytes) -> Any:
 
 
 def unpack_frame(data: bytes, limits: Limits, expect_type: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Parse and shape-check a frame; returns its header and tensor entries."""
+    """Parse and shape-check a frame; returns its header and tensor entries. Values of at
+    least ``PIECE_MIN`` bytes come back as memoryviews of ``data`` (not copies): a frame of a
+    whole model is not held twice while it is decoded, and a writable frame's values can
+    become tensors where they lie."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise DecodeError(f"frame must be bytes, got {type(data).__name__}")
     if len(data) > limits.max_frame_bytes:
         raise LimitError(f"frame of {len(data)} bytes > limit {limits.max_frame_bytes}")
-    try:
-        body = msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            ext_hook=_no_ext,
-            max_bin_len=limits.max_frame_bytes,
-            max_str_len=1 << 20,
-            max_array_len=max(limits.max_tensors, 64),
-            max_map_len=256,
-        )
-    except DecodeError:
-        raise
-    except (msgpack.UnpackException, ValueError, TypeError, OverflowError, RecursionError) as e:
-        raise DecodeError(f"not a msgpack frame: {type(e).__name__}: {e}"[:300]) from e
+    body = _FrameReader(memoryview(data).cast("B"), limits).whole()
     if not isinstance(body, dict):
         raise DecodeError(f"frame must be a map, got {type(body).__name__}")
     version = body.get("fv")
@@ -173,6 +162,88 @@ def unpack_frame(data: bytes, limits: Limits, expect_type: str) -> tuple[dict[st
     return header, tensors
 
 
+_BIN_LENGTH_BYTES = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+_MAX_DEPTH = 8  # a frame nests maps and lists a few levels deep, never more
+_LEAF_WINDOW = 4096  # what one small value is parsed from first (a longer string: up to _MAX_LEAF)
+_MAX_STR = 1 << 20
+_MAX_LEAF = _MAX_STR + 16
+
+
+class _FrameReader:
+    """msgpack, read from a buffer without copying its big ``bin`` values: maps and lists are
+    walked here; every other value (names, numbers, small bins) is parsed by msgpack itself,
+    under the frame's limits, from a bounded window; a bin of ``PIECE_MIN`` bytes or more is
+    a view of the buffer. Anything malformed is a ``DecodeError``."""
+
+    def __init__(self, data: memoryview, limits: Limits) -> None:
+        self.data, self.limits, self.at = data, limits, 0
+        self.max_array = max(limits.max_tensors, 64)
+
+    def whole(self) -> Any:
+        value = self.value(0)
+        if self.at != len(self.data):
+            raise DecodeError(f"not a msgpack frame: {len(self.data) - self.at} bytes after its end")
+        return value
+
+    def value(self, depth: int) -> Any:
+        if self.at >= len(self.data):
+            raise DecodeError("not a msgpack frame: it ends inside a value")
+        code = self.data[self.at]
+        if code in _BIN_LENGTH_BYTES:
+            return self._bin(_BIN_LENGTH_BYTES[code])
+        is_map = 0x80 <= code <= 0x8F or code in (0xDE, 0xDF)
+        if not (is_map or 0x90 <= code <= 0x9F or code in (0xDC, 0xDD)):
+            return self._leaf(lambda unpacker: unpacker.unpack())
+        if depth >= _MAX_DEPTH:
+            raise DecodeError(f"not a msgpack frame: nested deeper than {_MAX_DEPTH}")
+        if not is_map:
+            count = self._leaf(lambda unpacker: unpacker.read_array_header())
+            if count > self.max_array:
+                raise DecodeError(f"not a msgpack frame: a list of {count} > {self.max_array} items")
+            return [self.value(depth + 1) for _ in range(count)]
+        count = self._leaf(lambda unpacker: unpacker.read_map_header())
+        if count > 256:
+            raise DecodeError(f"not a msgpack frame: a map of {count} > 256 keys")
+        out = {}
+        for _ in range(count):
+            key = self.value(depth + 1)
+            if not isinstance(key, str):
+                raise DecodeError(f"not a msgpack frame: a map key of type {type(key).__name__}")
+            out[key] = self.value(depth + 1)
+        return out
+
+    def _bin(self, width: int) -> bytes | memoryview:
+        start = self.at + 1 + width
+        if start > len(self.data):
+            raise DecodeError("not a msgpack frame: it ends inside a bin header")
+        end = start + int.from_bytes(self.data[self.at + 1 : start], "big")
+        if end > len(self.data):
+            raise DecodeError(f"not a msgpack frame: a bin of {end - start} bytes runs past its end")
+        self.at = end
+        return self.data[start:end] if end - start >= PIECE_MIN else bytes(self.data[start:end])
+
+    def _leaf(self, read: Any) -> Any:
+        for window in (_LEAF_WINDOW, _MAX_LEAF):
+            unpacker = msgpack.Unpacker(
+                raw=False, strict_map_key=True, ext_hook=_no_ext, max_bin_len=PIECE_MIN, max_str_len=_MAX_STR,
+                max_array_len=self.max_array, max_map_len=256, max_buffer_size=_MAX_LEAF,
+            )  # fmt: skip
+            unpacker.feed(self.data[self.at : self.at + window])
+            try:
+                value = read(unpacker)
+            except msgpack.OutOfData:
+                if self.at + window >= len(self.data):
+                    raise DecodeError("not a msgpack frame: it ends inside a value") from None
+                continue
+            except DecodeError:
+                raise
+            except (msgpack.UnpackException, ValueError, TypeError, OverflowError, RecursionError) as e:
+                raise DecodeError(f"not a msgpack frame: {type(e).__name__}: {e}"[:300]) from e
+            self.at += unpacker.tell()
+            return value
+        raise DecodeError(f"not a msgpack frame: a value longer than {_MAX_LEAF} bytes")
+
+
 def field(mapping: dict[str, Any], key: str, kind: type | tuple[type, ...], *, default: Any = ...) -> Any:
     """Read a typed field from a decoded map; missing or mistyped is a ``SchemaError``."""
     if key not in mapping:
@@ -181,6 +252,8 @@ def field(mapping: dict[str, Any], key: str, kind: type | tuple[type, ...], *, d
         return default
     value = mapping[key]
     kinds = kind if isinstance(kind, tuple) else (kind,)
+    if bytes in kinds and isinstance(value, memoryview):  # a frame's big value, where it lies
+        return value
     if isinstance(value, bool) and bool not in kinds:
         raise SchemaError(f"field {key!r} must be {kind}, got bool")
     if float in kinds and isinstance(value, int) and not isinstance(value, bool):

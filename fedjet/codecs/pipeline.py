@@ -193,7 +193,10 @@ def _decode_values(name: str, entry: dict[str, Any], count: int, dtype: str) -> 
         np_dtype = DTYPES[dtype][0]
         if len(raw) != count * np_dtype.itemsize:
             raise DecodeError(f"{name}: {len(raw)} value bytes do not fit {count} values of {dtype}")
-        return np.frombuffer(raw, dtype=np_dtype).copy()
+        values = np.frombuffer(raw, dtype=np_dtype)
+        # a writable frame's values become the tensor where they lie (the frame lives on in
+        # it); read-only bytes are copied, so every decoded tensor can be written to
+        return values if values.flags.writeable else values.copy()
     if quant == "f16":
         if len(raw) != count * 2:
             raise DecodeError(f"{name}: {len(raw)} fp16 bytes do not fit {count} values")

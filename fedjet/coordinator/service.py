@@ -86,6 +86,7 @@ class Coordinator:
         self._resume_from = 1  # the first stream seq not yet decided
         self._spent_floor: Progress | None = None  # after a restart, until the re-read passes seen_through
         self._retire_msgs: list[Any] = []  # acked once a record says who retired
+        self._unfit: set[int] = set()  # stream seqs of a running round's updates refused when it closes
         self.inbox: UpdateInbox | None = None
         self.publisher: GlobalPublisher | None = None
         self.serving = asyncio.Event()  # set once version 0 (or the resumed version) is out
@@ -260,9 +261,12 @@ class Coordinator:
                 committed = Committed(h, staleness, arrival.seq, blob.wire_bytes, time.monotonic(), tuple(arrival.msgs))
                 arrival.blob = blob = None  # its frame: decoded, no longer held
                 if self._folds_as_it_goes():  # taken into the round's sum now; the round keeps no tensors
-                    await asyncio.to_thread(agg.check_fold, admitted.applied)
+                    fit = await asyncio.to_thread(self._fits, admitted.applied)
                     displaced = self._batcher.offer(arrival.cloud, staleness, (admitted.applied.folded(), committed))
-                    await asyncio.to_thread(agg.fold, admitted.applied)
+                    if fit:
+                        await asyncio.to_thread(agg.fold, admitted.applied)
+                    else:  # it reports for its cloud, and is refused when the round closes (as held rounds do)
+                        self._unfit.add(arrival.seq)
                 else:
                     displaced = self._batcher.offer(arrival.cloud, staleness, (admitted.applied, committed))
                 del update, admitted
@@ -331,7 +335,7 @@ class Coordinator:
         agg = self.aggregator
         assert agg is not None
         if self._folds_as_it_goes():
-            unfit = await asyncio.to_thread(self._close_round, len(batch))
+            unfit = await asyncio.to_thread(self._close_round, batch)
         else:
             unfit = await asyncio.to_thread(agg.apply_finite, [applied for applied, _ in batch])
         for _, c in (batch[i] for i in unfit):  # the last good version stays
@@ -342,15 +346,27 @@ class Coordinator:
             await self.commit(committed)
         self._batcher.start_round(time.monotonic())
 
-    def _close_round(self, updates: int) -> list[int]:
-        """The round's running sum becomes a version; if it would not be finite, every update
-        of the round is refused (each was finite alone when it was taken in)."""
+    def _fits(self, applied: Applied) -> bool:
         assert self.aggregator is not None
         try:
-            self.aggregator.close_round()
-            return []
+            self.aggregator.check_fold(applied)
+            return True
         except NonFiniteError:
-            return list(range(updates))
+            return False
+
+    def _close_round(self, batch: list[Batched]) -> list[int]:
+        """The round's running sum becomes a version. Refused: the updates that alone would have
+        made the weights non-finite (never taken in), or every update if the sum would be."""
+        assert self.aggregator is not None
+        unfit = [i for i, (_, c) in enumerate(batch) if c.stream_seq in self._unfit]
+        self._unfit.difference_update(c.stream_seq for _, c in batch)
+        if len(unfit) == len(batch):
+            return unfit
+        try:
+            self.aggregator.close_round()
+            return unfit
+        except NonFiniteError:
+            return list(range(len(batch)))
 
     async def commit(self, committed: Sequence[Committed], *, secure: SecureRecord | None = None) -> None:
         """The one commit path, for every kind of round: the aggregator made a new version from

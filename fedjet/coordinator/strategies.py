@@ -226,6 +226,8 @@ class Aggregator:
         """Raise :class:`NonFiniteError` for an update that alone would make the weights
         non-finite (what :meth:`apply_finite` refuses), before a round takes it in."""
         part, discount = self._for_fold(applied)
+        if part.samples <= 0:
+            raise AggregationError(f"{part.cloud}'s update claims no samples: a running sum weighs by samples")
         lr = self.config.server.step_size
         for name, tensor in part.tensors.items():  # one tensor's worth of scratch at a time
             moved = torch.zeros_like(self.weights[name])
