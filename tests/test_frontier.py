@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fedjet.bench.frontier import FrontierConfig, describe, rows_of, run
+from fedjet.bench.frontier import FrontierConfig, describe, eval_every, job_for, rows_of, run
 from fedjet.errors import ConfigError
 from fedjet.models.build import initial_model, parameter_tensors
 
@@ -47,7 +47,7 @@ def test_frontier_runs_both_dense_references_and_every_cell_for_every_seed(tmp_p
 def fake_run(codec: str, server: str, seed: int, loss: float, socket: int) -> dict:
     """A run's report as far as the frontier reads it."""
     summary = {"initial_eval_loss": 5.0, "final_eval_loss": loss, "bytes_up": socket // 4, "bytes_down": socket // 4,
-               "socket_bytes": socket, "versions": 3, "wall_s": 1.0}  # fmt: skip
+               "socket_bytes": socket, "versions": 3, "wall_s": 1.0, "peak_up_mb_s": 1.0}  # fmt: skip
     cell = {"codec": codec, "schedule": "wait", "server": server}
     cell |= {"server_lr": 1.0, "server_momentum": 0.0} if server == "fedavg" else {}
     cell |= {"server_lr": 0.7, "server_momentum": 0.9} if server == "nesterov" else {}
@@ -95,3 +95,18 @@ def test_schedules_make_rows_per_codec_and_a_meaningless_one_fails_before_any_ru
         FrontierConfig(out=tmp_path, codecs=("int2",), schedules=("eager",))
     with pytest.raises(ConfigError, match="--link"):
         FrontierConfig(out=tmp_path, codecs=("int2",), link="fast")
+
+
+def test_fragments_make_rows_at_the_same_update_bytes_and_bad_values_fail_before_any_run(tmp_path):
+    config = FrontierConfig(out=tmp_path, codecs=("int8",), fragments=(1, 4), rounds=5, local_steps=20)
+    names = [c.name for c in config.cells]
+    assert names == ["dense (fedavg)", "dense (nesterov)", "int8 (sgd)", "dense (sgd, F=4)", "int8 (sgd, F=4)"]
+    whole, split = config.cells[0], config.cells[3]
+    one, four = job_for(config, whole, 0, 0), job_for(config, split, 3, 0)
+    assert (four.train.fragments, four.stop.rounds, four.train.local_steps) == (4, 20, 5)
+    assert one.stop.rounds * one.train.local_steps == four.stop.rounds * four.train.local_steps  # same steps, bytes
+    assert (eval_every(whole), eval_every(split)) == (1, 4)  # evaluated once per whole model's worth of versions
+    with pytest.raises(ConfigError, match="--fragments"):
+        FrontierConfig(out=tmp_path, codecs=("int8",), fragments=(3,), local_steps=20)
+    with pytest.raises(ConfigError, match="fragments"):  # fragments run in synchronous rounds only
+        FrontierConfig(out=tmp_path, codecs=("int8",), fragments=(1, 4), strategy="async")

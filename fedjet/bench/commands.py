@@ -52,6 +52,9 @@ def _add_frontier(bench_commands: Any) -> None:
     frontier.add_argument("--server-opt", default="sgd")
     frontier.add_argument("--schedules", type=parse_clouds, default=("wait",), help="wait,overlap: rows per schedule")
     frontier.add_argument("--link", default="", help="every cloud behind this link, e.g. 20mbit/80ms")
+    frontier.add_argument(
+        "--fragments", type=_ints, default=(1,), help="1,4: rows per F of streaming fragments, at equal update bytes"
+    )
     frontier.set_defaults(func=cmd_bench_frontier)
 
 
@@ -219,7 +222,7 @@ def cmd_bench_frontier(args: argparse.Namespace) -> int:
         out=Path(args.out), codecs=tuple(args.codecs), rounds=args.rounds, local_steps=args.local_steps,
         seq_len=args.seq_len, batch_size=args.batch_size, model=args.model, seeds=tuple(args.seeds), data=args.data,
         eval_tokens=args.eval_tokens, strategy=args.strategy, server_opt=args.server_opt,
-        schedules=tuple(args.schedules), link=args.link,
+        schedules=tuple(args.schedules), link=args.link, fragments=tuple(args.fragments),
     )  # fmt: skip
     print(describe(run(config)))
     return 0

@@ -12,7 +12,10 @@ only where its mean loss is lower by more than the larger spread; it *meets* the
 its mean is within ``loss_pct`` % at ``reduction`` x fewer socket bytes. Writes
 ``results.json`` (each run's full report), ``frontier.md`` and ``frontier.png``.
 ``--schedules wait,overlap`` runs every codec under each local schedule, and ``--link
-20mbit/80ms`` puts every cloud behind such a link.
+20mbit/80ms`` puts every cloud behind such a link. ``--fragments 1,4`` runs every codec row once
+per F at the same whole-run update bytes: F rounds of ``local_steps / F`` steps, each sending one
+fragment, for every round of the whole model (evaluated once per F versions), with the peak
+upload rate beside the bytes.
 """
 
 from __future__ import annotations
@@ -50,10 +53,12 @@ class Cell:
     server: str  # "fedavg", "nesterov" (the references) or the configured optimizer
     server_lr: float | None = None
     server_momentum: float = 0.9
+    fragments: int = 1
 
     @property
     def name(self) -> str:
         extra = "" if self.schedule == "wait" else f", {self.schedule}"
+        extra += "" if self.fragments == 1 else f", F={self.fragments}"
         return f"{self.codec} ({self.server}{extra})"
 
 
@@ -78,6 +83,7 @@ class FrontierConfig:
     reduction: float = 10.0
     schedules: tuple[str, ...] = ("wait",)
     link: str = ""  # every cloud behind this link (RATE/DELAY), or none
+    fragments: tuple[int, ...] = (1,)  # rows per F (streaming fragments), at the same update bytes
 
     def __post_init__(self) -> None:
         if len(set(self.seeds)) < MIN_SEEDS:
@@ -92,6 +98,8 @@ class FrontierConfig:
             raise ConfigError(f"--schedules takes {', '.join(SCHEDULES)}, got {','.join(self.schedules)!r}")
         if self.link:
             LinkShape.parse(self.link)
+        if not self.fragments or any(f < 1 or self.local_steps % f for f in self.fragments):
+            raise ConfigError(f"--fragments takes values F >= 1 that divide --local-steps {self.local_steps}")
         for cell in self.cells:
             job_for(self, cell, 0, self.seeds[0])  # --schedule overlap with an async rule fails now, not later
 
@@ -102,7 +110,13 @@ class FrontierConfig:
         references = [Cell(REFERENCE, self.schedules[0], label, lr, momentum) for label, _, lr, momentum in REFERENCES]
         texts = dict.fromkeys(t for t in (CodecSpec.parse(c).text for c in self.codecs) if t != REFERENCE)
         rows = [Cell(c, s, self.server_opt) for c in texts for s in self.schedules]
-        return tuple(dict.fromkeys([*references, *rows]))
+        split = [  # every codec, the dense one too, once per F > 1
+            Cell(c, self.schedules[0], self.server_opt, fragments=f)
+            for c in dict.fromkeys([REFERENCE, *texts])
+            for f in self.fragments
+            if f > 1
+        ]
+        return tuple(dict.fromkeys([*references, *rows, *split]))
 
     @property
     def rows(self) -> tuple[tuple[str, str], ...]:
@@ -110,10 +124,17 @@ class FrontierConfig:
         return tuple((c.codec, c.schedule) for c in self.cells)
 
 
+def eval_every(cell: Cell) -> int:
+    """Evaluate once per whole model's worth of versions: F versions make one under fragments."""
+    return cell.fragments
+
+
 def job_for(config: FrontierConfig, cell: Cell, index: int, seed: int) -> JobConfig:
-    """The same job for every cell but its codec, schedule and outer optimizer; asynchronous
-    rules stop at the same updates."""
-    updates = config.rounds * 3
+    """The same job for every cell but its codec, schedule, outer optimizer and fragments;
+    asynchronous rules stop at the same updates. F fragments: F times the rounds of 1/F of the
+    local steps, so every cloud sends the same bytes and trains the same steps."""
+    rounds, local_steps = config.rounds * cell.fragments, config.local_steps // cell.fragments
+    updates = rounds * 3
     synchronous = strategy_for(StrategyConfig(name=config.strategy)).synchronous
     optimizer = dict((label, name) for label, name, _, _ in REFERENCES).get(cell.server, cell.server)
     server: dict[str, Any] = {"name": optimizer, "momentum": cell.server_momentum}
@@ -128,12 +149,13 @@ def job_for(config: FrontierConfig, cell: Cell, index: int, seed: int) -> JobCon
             "codec": cell.codec,
             "strategy": {"name": config.strategy, "server": server},
             "train": {
-                "local_steps": config.local_steps,
+                "local_steps": local_steps,
                 "seq_len": config.seq_len,
                 "batch_size": config.batch_size,
                 "schedule": cell.schedule,
+                "fragments": cell.fragments,
             },
-            "stop": {"rounds": config.rounds if synchronous else None, "max_updates": updates},
+            "stop": {"rounds": rounds if synchronous else None, "max_updates": updates},
         }
     )
 
@@ -148,7 +170,10 @@ def run(config: FrontierConfig, log: Callable[[str], None] = print) -> dict[str,
             log(f"== {cell.name}, seed {seed}")
             job = job_for(config, cell, index, seed)
             links = dict.fromkeys(job.clouds, config.link) if config.link else {}
-            up = UpConfig(job=job, data=config.data, eval_tokens=config.eval_tokens, quiet=True, links=links)
+            up = UpConfig(
+                job=job, data=config.data, eval_tokens=config.eval_tokens, quiet=True, links=links,
+                eval_every=eval_every(cell),
+            )  # fmt: skip
             runs.append({"cell": asdict(cell), "seed": seed, "report": run_up(up).to_dict()})
     protocol = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
     protocol["machine"] = f"{platform.machine()}, {platform.python_implementation()} {platform.python_version()}"
@@ -194,6 +219,7 @@ def _run_figures(report: dict[str, Any]) -> dict[str, Any]:
         # train on): what a version cost all workers to read, against what made it.
         "down_per_version_vs_up": (s["bytes_down"] / max(versions - 1, 1)) / (s["bytes_up"] / max(versions, 1)),
         "wall_s": float(s["wall_s"]),
+        "peak_up_mb_s": float(s["peak_up_mb_s"]),
         "idle_frac": statistics.fmean(float(c["idle_frac"]) for c in clouds.values()),
         "curve": [(r["version"], r["eval_loss"]) for r in report["rounds"] if r["eval_loss"] is not None],
     }
@@ -230,14 +256,15 @@ def describe(result: dict[str, Any]) -> str:
         f"✓: within {p['loss_pct']:g} % of the reference at >= {p['reduction']:g}x fewer socket bytes; "
         f"beats: a mean loss lower than the reference's by more than the larger spread. Machine: {p['machine']}.",
         "",
-        "| row | final eval loss | vs reference | socket | × fewer | up | down | wall (s) | idle | ✓ | beats |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| row | final eval loss | vs reference | socket | × fewer | up | down | peak up | wall (s) | idle | ✓ | beats |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| `{r['name']}` | {r['final_eval_loss']:.4f} ± {r['loss_spread']:.4f} | "
             f"{r['loss_vs_reference_pct']:+.2f} % ± {r['spread_pct']:.2f} | {_mb(r['socket_bytes'])} | "
-            f"{r['reduction']:.1f}× | {_mb(r['bytes_up'])} | {_mb(r['bytes_down'])} | {r['wall_s']:.1f} | "
+            f"{r['reduction']:.1f}× | {_mb(r['bytes_up'])} | {_mb(r['bytes_down'])} | {r['peak_up_mb_s']:.2f} MB/s | "
+            f"{r['wall_s']:.1f} | "
             f"{100 * r['idle_frac']:.0f} % | {'✓' if r['meets'] else ''} | {'yes' if r['beats_reference'] else ''} |"
         )
     return "\n".join(lines)
