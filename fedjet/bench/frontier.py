@@ -256,7 +256,8 @@ def describe(result: dict[str, Any]) -> str:
         f"✓: within {p['loss_pct']:g} % of the reference at >= {p['reduction']:g}x fewer socket bytes; "
         f"beats: a mean loss lower than the reference's by more than the larger spread. Machine: {p['machine']}.",
         "",
-        "| row | final eval loss | vs reference | socket | × fewer | up | down | peak up | wall (s) | idle | ✓ | beats |",
+        "| row | final eval loss | vs reference | socket | × fewer | up | down | peak up | wall (s) | idle | ✓ "
+        "| beats |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
