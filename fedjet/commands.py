@@ -257,9 +257,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from fedjet.lifecycle import serve
     from fedjet.malloc import keep_big_buffers_mapped
     from fedjet.metrics import WorkerMetrics
+    from fedjet.worker.cluster import RankSettings, follow_launched, launched_place
     from fedjet.worker.daemon import Worker, WorkerConfig
 
     job = args.job or _job_from_file(args.config)
+    place = launched_place()  # started by torchrun as one of several ranks
+    if place is not None and args.nproc_per_node != 1:
+        raise ConfigError(
+            f"started by a launcher as rank {place.rank} of {place.world}: the launcher's ranks are the cloud's; "
+            "leave out --nproc-per-node"
+        )
+    if place is not None and place.rank > 0:  # a rank that trains beside rank 0 and never speaks NATS
+        settings = RankSettings(
+            cloud=args.cloud, data=args.data, deal=args.deal, model=args.model, device=args.device,
+            precision=args.precision,
+        )  # fmt: skip
+        follow_launched(place, settings)
+        return 0
     keep_big_buffers_mapped()  # a daemon frees a version's and an update's buffers every round
     metrics = WorkerMetrics(args.cloud) if args.metrics_port is not None else None
     worker = Worker(
@@ -273,7 +287,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
             deal=args.deal,
             model=args.model,
             slowdown=args.slowdown,
-            nproc_per_node=args.nproc_per_node,
+            nproc_per_node=args.nproc_per_node if place is None else place.world,
+            launched=place is not None,
             device=args.device,
             precision=args.precision,
             auth=identity_from(args),

@@ -285,3 +285,54 @@ def test_dp_sgd_across_ranks_adds_the_noise_once_to_the_cloud_sum_and_every_rank
     assert abs(float(noise.std()) - 1.0) < 0.02  # σ·C = 1, once
     clean = torch.cat([zero["clean"][n].flatten() for n in zero["clean"]])
     assert float(clean.norm()) * 6.0 <= 6.0 + 1e-4 and float(clean.norm()) > 0  # six examples, each clipped to 1
+
+
+def test_a_cloud_started_under_torchrun_is_one_party_of_two_ranks_and_a_flag_that_disagrees_fails(
+    tmp_path, nats_url, data_dir
+):
+    """``torchrun --nproc-per-node 2 -m fedjet worker ...`` for aws: rank 0 reads the spec from
+    NATS and hands it to rank 1 over the group; the job runs its rounds with one aws update per
+    round (one party, not two), every process exits 0, and the run replays bit for bit."""
+    import socket
+    import subprocess
+    import sys
+
+    from fedjet.keystore import generate
+    from tests.conftest import FedjetProcess, run_fedjet
+
+    keys, job = tmp_path / "keys", "launched"
+    generate(str(keys), ["aws", "gcp", "eval"])
+    common = ["--nats", nats_url, "--keys", str(keys), "--job", job]
+    coordinator = FedjetProcess(
+        "coordinator", *common, "--clouds", "aws,gcp", "--rounds", "2", "--local-steps", "2", "--batch-size", "4",
+        "--seq-len", "64", "--codec", "dense", "--model", "tiny", log=tmp_path / "coordinator.log",
+    )  # fmt: skip
+    worker = ["worker", *common, "--data", str(data_dir), "--deal", "--wait-spec", "60"]
+    gcp = FedjetProcess(*worker, "--cloud", "gcp", log=tmp_path / "gcp.log")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+    launcher += ["--master-port", str(port), "-m", "fedjet", *worker, "--cloud", "aws"]
+    with open(tmp_path / "aws.log", "w") as log:
+        aws = subprocess.Popen(launcher, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    try:
+        assert coordinator.wait(timeout=300) == 0, coordinator.errors()[-3000:]
+        assert aws.wait(timeout=120) == 0, (tmp_path / "aws.log").read_text()[-3000:]
+        assert gcp.wait(timeout=120) == 0
+    finally:
+        for proc in (aws, gcp, coordinator):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    applied = [line for line in (tmp_path / "coordinator.log").read_text().splitlines() if "update_applied" in line]
+    assert sum("cloud=aws" in line for line in applied) == 2, applied  # one update a round from two ranks
+    assert "worker_ready" in (tmp_path / "aws.log").read_text()
+    verify = run_fedjet("replay", "--nats", nats_url, "--keys", str(keys), "--job", job, "--verify", "--no-progress")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert json.loads(verify.stdout.strip().splitlines()[-1])["mismatches"] == 0
+    refused = run_fedjet(
+        "worker", *common, "--cloud", "aws", "--nproc-per-node", "2",
+        env={"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+    )  # fmt: skip
+    assert refused.returncode != 0 and "leave out --nproc-per-node" in refused.stdout + refused.stderr

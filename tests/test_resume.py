@@ -100,7 +100,8 @@ class Broker:
 
 
 def folded_once_each(template: dict[str, torch.Tensor], sent: dict[tuple[str, int], bytes]) -> Aggregator:
-    """The same updates folded once each, in order, by the pure aggregation code."""
+    """The same updates folded once each, in order, by the pure aggregation code (summed as they
+    come, as the live coordinator sums a FedAvg round)."""
     from fedjet.codecs.frame import Limits
     from fedjet.codecs.messages import decode_update
 
@@ -111,7 +112,7 @@ def folded_once_each(template: dict[str, torch.Tensor], sent: dict[tuple[str, in
             update = decode_update(sent[cloud, round_], Limits())
             h = update.header
             batch.append(Applied(Contribution(cloud, h.base_version, h.samples, h.loss, update.tensors), 0))
-        expected.apply(batch)
+        expected.apply(batch, running=True)
     return expected
 
 

@@ -1,11 +1,17 @@
 """``fedjet worker --nproc-per-node N``: the worker process is rank 0 of its cloud's group and
 starts ranks 1..N-1 itself, each a fresh process that builds the same model and data and follows
-rank 0's phases (:mod:`fedjet.worker.ranks`). Rank 0 alone speaks NATS."""
+rank 0's phases (:mod:`fedjet.worker.ranks`). Rank 0 alone speaks NATS.
+
+Started under ``torchrun`` instead (``torchrun --nproc-per-node N -m fedjet worker ...``), every
+rank is the same command: the launcher's environment says where each sits; rank 0 runs the
+worker, joins the group at the launcher's rendezvous (``env://``) and hands the other ranks the
+job's spec, which they then follow exactly as ranks started by the worker do."""
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import shutil
 import tempfile
 import time
@@ -77,7 +83,63 @@ def start_ranks(world: int, spec_bytes: bytes, settings: RankSettings) -> Ranks:
     return ranks
 
 
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets for env://
+
+
+def launched_place() -> Any:
+    """This process's :class:`~fedjet.worker.ranks.RankPlace` when a launcher (``torchrun``)
+    started it as one of several ranks; None when it runs alone."""
+    from fedjet.worker.ranks import RankPlace
+
+    if not all(name in os.environ for name in LAUNCHER_ENV):
+        return None
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except ValueError as e:
+        raise ConfigError(f"the launcher's RANK / WORLD_SIZE are not numbers: {e}") from e
+    return RankPlace(rank, world) if world > 1 else None
+
+
+MAX_SPEC_BYTES = 16 << 20
+
+
+def send_spec(spec_bytes: bytes, device: Any) -> None:
+    """Rank 0 of a launched group: the job's spec to every other rank (they cannot read it), as
+    a size and a byte tensor (no pickle crosses the group)."""
+    import torch
+    import torch.distributed as dist
+
+    dist.broadcast(torch.tensor([len(spec_bytes)], dtype=torch.int64, device=device), src=0)
+    dist.broadcast(torch.frombuffer(bytearray(spec_bytes), dtype=torch.uint8).to(device), src=0)
+
+
+def receive_spec(device: Any) -> bytes:
+    import torch
+    import torch.distributed as dist
+
+    size = torch.zeros(1, dtype=torch.int64, device=device)
+    dist.broadcast(size, src=0)
+    if not 0 < int(size) <= MAX_SPEC_BYTES:
+        raise ConfigError(f"rank 0 sent a spec of {int(size)} bytes")
+    spec = torch.empty(int(size), dtype=torch.uint8, device=device)
+    dist.broadcast(spec, src=0)
+    return bytes(spec.cpu().numpy())
+
+
 def follow_main(rank: int, world: int, init_method: str, spec_bytes: bytes, settings: RankSettings) -> None:
+    """A rank > 0 started by the worker: the spec came with it."""
+    from fedjet.worker.ranks import RankPlace
+
+    _follow(RankPlace(rank, world), init_method, settings, spec_bytes)
+
+
+def follow_launched(place: Any, settings: RankSettings) -> None:
+    """A rank > 0 started by ``torchrun``: it joins at the launcher's rendezvous and is handed
+    the spec by rank 0 (which reads it from NATS once the job is there)."""
+    _follow(place, "env://", settings, None)
+
+
+def _follow(place: Any, init_method: str, settings: RankSettings, spec_bytes: bytes | None) -> None:
     """A rank > 0: the same replica as rank 0, its own slice of every batch, rank 0's phases."""
     import torch.distributed as dist
 
@@ -86,17 +148,14 @@ def follow_main(rank: int, world: int, init_method: str, spec_bytes: bytes, sett
     from fedjet.spec import JobSpec
     from fedjet.worker.local_data import cloud_data, cloud_sampler
     from fedjet.worker.private import follower_step
-    from fedjet.worker.ranks import FollowerTrainer, RankPlace, RankSlice, data_parallel, join_group
+    from fedjet.worker.ranks import FollowerTrainer, RankSlice, data_parallel, join_group
 
-    spec = JobSpec.from_bytes(spec_bytes)
-    job_model = job_model_for(spec, settings.model)
-    data = cloud_data(settings.data, job_model.tokenizer, spec, settings.cloud, deal=settings.deal)
-    sampler = cloud_sampler(data, spec, settings.cloud, world)
-    device = pick_device(settings.device)
-    place = RankPlace(rank, world)
-    device = join_group(place, init_method, device)
+    device = join_group(place, init_method, pick_device(settings.device))
     try:
-        rows: Any = RankSlice(sampler, place)  # a sampler of this rank's rows
+        spec = JobSpec.from_bytes(receive_spec(device) if spec_bytes is None else spec_bytes)
+        job_model = job_model_for(spec, settings.model)
+        data = cloud_data(settings.data, job_model.tokenizer, spec, settings.cloud, deal=settings.deal)
+        rows: Any = RankSlice(cloud_sampler(data, spec, settings.cloud, place.world), place)  # this rank's rows
         trainer = FollowerTrainer(job_model, rows, spec.config.train, device, precision=settings.precision)
         trainer.model = data_parallel(trainer.model, device)
         if spec.config.dp_config is not None:

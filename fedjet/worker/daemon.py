@@ -37,7 +37,7 @@ from fedjet.metrics import WorkerMetrics
 from fedjet.models.build import pick_device
 from fedjet.models.job_model import job_model_for
 from fedjet.spec import JobSpec
-from fedjet.worker.cluster import Ranks, RankSettings, start_ranks
+from fedjet.worker.cluster import Ranks, RankSettings, send_spec, start_ranks
 from fedjet.worker.delta import DeltaTracker
 from fedjet.worker.job import LocalJob
 from fedjet.worker.local_data import cloud_data, cloud_sampler
@@ -71,6 +71,7 @@ class WorkerConfig:
     spec_timeout_s: float = 120.0
     limits: Limits = field(default_factory=Limits)
     nproc_per_node: int = 1  # ranks of this cloud's group (torch.distributed); rank 0 is this process
+    launched: bool = False  # the ranks were started by a launcher (torchrun), not by this worker
 
     def __post_init__(self) -> None:
         check_token("job", self.job)
@@ -102,7 +103,8 @@ class Worker:
         self.follower: GlobalFollower | None = None
         self.secure: SecureMember | None = None
         self.island: IslandLink | None = None
-        self.ranks: Ranks | None = None  # --nproc-per-node > 1: the cloud's other ranks
+        self.ranks: Ranks | None = None  # --nproc-per-node > 1: the cloud's other ranks (None: a launcher's)
+        self._grouped = False  # this process joined its cloud's group of ranks
         self._rank_failure: RuntimeError | None = None  # a keep-alive to the other ranks failed
 
     def stop(self) -> None:
@@ -126,9 +128,11 @@ class Worker:
             if self._rank_failure is not None:
                 raise self._rank_failure
         except RuntimeError as e:  # a collective of the group failed: name the rank that died
-            if self.ranks is None:
+            if not self._grouped:
                 raise
-            lost = await asyncio.to_thread(self.ranks.lost_within, 3.0)  # its socket closes before it is reaped
+            lost = []  # a launcher's ranks: the launcher knows which, and ends the others
+            if self.ranks is not None:
+                lost = await asyncio.to_thread(self.ranks.lost_within, 3.0)  # its socket closes before it is reaped
             log.error("rank_lost", ranks=lost, error=str(e)[:300])
             raise RankLostError(f"rank(s) {lost or '?'} of cloud {cfg.cloud} died; restart the worker") from e
         finally:
@@ -232,16 +236,22 @@ class Worker:
         return LocalJob(spec, job_model, data, trainer, tracker, codec, private)
 
     def _group_trainer(self, spec: JobSpec, job_model: Any, sampler: BatchSampler, device: Any) -> LocalTrainer:
-        """Rank 0 of ``--nproc-per-node`` ranks: the others started, the group joined, DDP."""
+        """Rank 0 of ``--nproc-per-node`` ranks (the others started here) or of the ranks a
+        launcher started (they get the spec from here): the group joined, DDP."""
         cfg, world = self.config, self.config.nproc_per_node
         if spec.update_kind == "gradient":
             raise ConfigError("--nproc-per-node > 1 does not run with the gradient strategy yet")
         settings = RankSettings(
             cloud=cfg.cloud, data=cfg.data, deal=cfg.deal, model=cfg.model, device=cfg.device, precision=cfg.precision
         )
-        self.ranks = start_ranks(world, spec.to_bytes(), settings)
         place = RankPlace(0, world)
-        device = join_group(place, self.ranks.init_method, device)
+        if cfg.launched:
+            device = join_group(place, "env://", device)
+            send_spec(spec.to_bytes(), device)
+        else:
+            self.ranks = start_ranks(world, spec.to_bytes(), settings)
+            device = join_group(place, self.ranks.init_method, device)
+        self._grouped = True
         trainer = GroupTrainer(
             job_model, RankSlice(sampler, place), spec.config.train, device, slowdown=cfg.slowdown,  # type: ignore[arg-type]
             precision=cfg.precision,
@@ -267,16 +277,17 @@ class Worker:
 
     def _release_ranks(self) -> None:
         """The other ranks leave (told so when they can still hear it), then the group ends."""
-        if self.ranks is None:
+        if not self._grouped:
             return
         import torch.distributed as dist
 
         trainer = self.job.trainer if self.job is not None else None
         with contextlib.suppress(RuntimeError, ValueError):
-            if isinstance(trainer, GroupTrainer) and not self.ranks.lost():
+            if isinstance(trainer, GroupTrainer) and not (self.ranks is not None and self.ranks.lost()):
                 trainer.release()
             dist.destroy_process_group()
-        self.ranks.stop()
+        if self.ranks is not None:
+            self.ranks.stop()
 
     async def _report_stats(self) -> None:
         """Per-cloud figures for the report, in the job's KV bucket (best effort)."""
