@@ -163,3 +163,48 @@ def test_a_follower_reads_a_version_whose_range_holds_foreign_and_forged_chunks(
 
     version = asyncio.run(scenario())
     assert all(torch.equal(version.tensors[n], WEIGHTS[n]) for n in WEIGHTS)
+
+
+def test_a_version_that_did_not_get_out_makes_the_next_one_whole_and_a_fragment_version_carries_its_part(nats_url):
+    """A delta is only ever on a version that was announced: after a failed publish the next
+    version is whole. A version that changed one tensor carries that tensor alone, whole."""
+    from fedjet.channel.globals import GlobalPublisher
+    from fedjet.errors import BrokerError
+
+    coord, members = make_parties(CLOUDS)
+    subjects = JobSubjects("outage")
+    record = VersionRecord(strategy="fedavg")
+
+    async def scenario():
+        nc = await connect(nats_url, "coordinator")
+        js = nc.jetstream(timeout=2.0)
+        try:
+            await ensure_job_streams(js, subjects)
+            publisher = GlobalPublisher(
+                js, subjects, coord, [*CLOUDS, COORDINATOR], max_payload=nc.max_payload, snapshot_every=100
+            )
+            versions = [dict(WEIGHTS)]
+            for _ in range(3):  # each version moves one tensor, as a fragment round does
+                moved = dict(versions[-1])
+                moved["b"] = moved["b"] + 1.0
+                versions.append(moved)
+            heads = [await publisher.publish(0, weights_hash(versions[0]), versions[0], record, final=False)]
+            heads.append(await publisher.publish(1, weights_hash(versions[1]), versions[1], record, final=False))
+            await js.delete_stream(subjects.global_stream)  # the broker loses the stream: version 2 is not out
+            try:
+                await publisher.publish(2, weights_hash(versions[2]), versions[2], record, final=False)
+                raise AssertionError("a version was published to a stream that is gone")
+            except BrokerError:
+                pass
+            await ensure_job_streams(js, subjects)
+            heads.append(await publisher.publish(3, weights_hash(versions[3]), versions[3], record, final=False))
+            follower = GlobalFollower(js, subjects, members["aws"], Limits.for_model(1020, 2))
+            fetched = await follower.fetch(heads[-1])
+            return heads, fetched, versions
+        finally:
+            await close_quietly(nc)
+
+    heads, fetched, versions = asyncio.run(scenario())
+    assert [h.delta_from for h in heads] == [-1, 0, -1]  # 3 is whole: 2, its base, never got out
+    assert heads[1].size < heads[0].size / 2  # version 1 carried the one tensor that moved
+    assert weights_hash(fetched.tensors) == weights_hash(versions[3])

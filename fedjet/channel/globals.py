@@ -46,7 +46,7 @@ from fedjet.codecs.crypto import (
     open_version_key,
     seal_global_streamed,
 )
-from fedjet.codecs.frame import Limits
+from fedjet.codecs.frame import FramePieces, Limits
 from fedjet.codecs.heads import BlobRef
 from fedjet.codecs.messages import (
     GlobalHead,
@@ -115,11 +115,23 @@ class GlobalPublisher:
         base = self._delta_base(version)
         base_version = version - 1 if base is not None else -1
         frame, header = await asyncio.to_thread(encode_global, GlobalVersion(header, weights), base, base_version)
+        del base  # the previous version's tensors that this one replaced go now, not once it is out
+        self._published = weights
+        try:
+            return await self._send(version, hash_, weights, frame, header, record)
+        except BaseException:
+            self._published = None  # not announced: whatever is published next is whole, not a delta on it
+            raise
+
+    async def _send(
+        self, version: int, hash_: str, weights: Weights, frame: FramePieces, header: GlobalHeader,
+        record: VersionRecord,
+    ) -> GlobalHead:  # fmt: skip
+        """Seal and publish the frame, the view where there is one, then the head."""
         sealed = seal_global_streamed(frame, record.to_bytes(), self.boxes, self.members)
-        where, blob = await self._publish_sealed(sealed, f"g/{version}")
+        where, blob = await self._publish_sealed(sealed, f"g/{header.version}")
         meta = sealed.meta
         del frame, sealed  # the views of the weights they held
-        self._published = weights
         view = await self.views.publish(version, hash_, weights) if self.views is not None else None
         head = GlobalHead(
             header=header,
@@ -129,7 +141,7 @@ class GlobalPublisher:
             view=view,
         )
         await self._publish_head(head)
-        log.info("version_published", version=version, hash=hash_[:12], bytes=blob.wire_bytes, final=final)
+        log.info("version_published", version=version, hash=hash_[:12], bytes=blob.wire_bytes, final=header.final)
         return head
 
     async def _seal_and_publish(self, frame: bytes, meta: bytes, name: str) -> tuple[BlobRef, PublishedBlob]:
