@@ -13,6 +13,7 @@ import contextlib
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -164,3 +165,15 @@ def _follow(place: Any, init_method: str, settings: RankSettings, spec_bytes: by
     finally:
         with contextlib.suppress(RuntimeError, ValueError):
             dist.destroy_process_group()
+    _exit_now()
+
+
+def _exit_now() -> None:
+    """A rank told to stop ends here, without tearing its objects down: freeing the DDP model
+    right after the last broadcast can deadlock inside torch (the reducer's process group joins
+    a gloo thread that waits for the GIL to free that broadcast's tensors), and a rank that never
+    exits hangs its launcher. Nothing of a rank > 0 outlives it."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(0)
