@@ -103,8 +103,9 @@ def test_fragments_make_rows_at_the_same_update_bytes_and_bad_values_fail_before
     assert names == ["dense (fedavg)", "dense (nesterov)", "int8 (sgd)", "dense (sgd, F=4)", "int8 (sgd, F=4)"]
     whole, split = config.cells[0], config.cells[3]
     one, four = job_for(config, whole, 0, 0), job_for(config, split, 3, 0)
-    assert (four.train.fragments, four.stop.rounds, four.train.local_steps) == (4, 20, 5)
-    assert one.stop.rounds * one.train.local_steps == four.stop.rounds * four.train.local_steps  # same steps, bytes
+    assert (four.train.fragments, four.stop.rounds, four.train.local_steps) == (4, 20, 20)
+    per_round = four.train.local_steps // four.train.fragments  # a fragment round trains H / F steps
+    assert one.stop.rounds * one.train.local_steps == four.stop.rounds * per_round  # the same steps and bytes
     assert (eval_every(whole), eval_every(split)) == (1, 4)  # evaluated once per whole model's worth of versions
     with pytest.raises(ConfigError, match="--fragments"):
         FrontierConfig(out=tmp_path, codecs=("int8",), fragments=(3,), local_steps=20)

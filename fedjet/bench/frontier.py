@@ -131,9 +131,10 @@ def eval_every(cell: Cell) -> int:
 
 def job_for(config: FrontierConfig, cell: Cell, index: int, seed: int) -> JobConfig:
     """The same job for every cell but its codec, schedule, outer optimizer and fragments;
-    asynchronous rules stop at the same updates. F fragments: F times the rounds of 1/F of the
-    local steps, so every cloud sends the same bytes and trains the same steps."""
-    rounds, local_steps = config.rounds * cell.fragments, config.local_steps // cell.fragments
+    asynchronous rules stop at the same updates. F fragments: F times the rounds, each of which
+    trains ``local_steps / F`` steps and sends one fragment (the worker's streaming schedule), so
+    every cloud trains the same steps and sends the same bytes."""
+    rounds, local_steps = config.rounds * cell.fragments, config.local_steps
     updates = rounds * 3
     synchronous = strategy_for(StrategyConfig(name=config.strategy)).synchronous
     optimizer = dict((label, name) for label, name, _, _ in REFERENCES).get(cell.server, cell.server)
