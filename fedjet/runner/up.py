@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -84,6 +85,7 @@ async def _run(config: UpConfig) -> Report:
     workdir = Path(tempfile.mkdtemp(prefix="fedjet-up-"))
     children: list[Child] = []
     proxies: list[ShapingProxy] = []
+    finished = False
     try:
         keys = config.keys or _run_keys(config, workdir)
         worker_urls = await _shape_links(config, url, proxies)
@@ -101,6 +103,7 @@ async def _run(config: UpConfig) -> Report:
         if config.report:
             report.write(config.report)
             _say(config, f"report written to {config.report}")
+        finished = True
         return report
     finally:
         stop_all(children)
@@ -108,11 +111,15 @@ async def _run(config: UpConfig) -> Report:
             await proxy.stop()
         if server is not None:
             server.stop()
-        if all(c.returncode == 0 for c in children):
+        if finished and all(c.returncode == 0 for c in children):
             shutil.rmtree(workdir, ignore_errors=True)
-        else:
+        else:  # a run that failed keeps its logs, and says where, quiet or not
             codes = ", ".join(f"{c.name}={c.returncode}" for c in children)
-            _say(config, f"exit codes {codes}; logs kept in {workdir}")
+            print(
+                f"exit codes {codes}; logs kept in {workdir}",
+                file=sys.stderr if config.quiet else sys.stdout,
+                flush=True,
+            )
 
 
 def _run_keys(config: UpConfig, workdir: Path) -> str:
