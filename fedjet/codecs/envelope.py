@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import nacl.encoding
@@ -97,6 +98,38 @@ class StreamDigest:
         return self._hash.digest()
 
 
+def seal_segments_into(
+    view: memoryview,
+    start: int,
+    end: int,
+    header: bytes,
+    plain_size: int,
+    cipher: AESGCM,
+    segment: Callable[[int], bytes | bytearray | memoryview],
+) -> None:
+    """Bytes ``[start, end)`` of a segmented message (``header``, then ``plain_size`` bytes in
+    AES-GCM segments of ``SEGMENT_BYTES``, nonce the index, the header authenticated by each)
+    written into ``view``; ``segment(i)`` gives segment i's plaintext, asked only for segments
+    the range touches. Whatever follows the last segment is the caller's."""
+    head, stride = len(header), SEGMENT_BYTES + TAG_BYTES
+    if start < head:
+        view[: min(head, end) - start] = header[start : min(head, end)]
+    count = segment_count(plain_size)
+    first, last = max(0, start - head) // stride, max(0, end - 1 - head) // stride
+    for i in range(first, min(last, count - 1) + 1):
+        at = head + i * stride  # the segment's place in the message
+        sealed_end = at + min(SEGMENT_BYTES, plain_size - i * SEGMENT_BYTES) + TAG_BYTES
+        if sealed_end <= start or at >= end:
+            continue
+        plain = segment(i)
+        if start <= at and sealed_end <= end:  # wholly inside: straight into place
+            cipher.encrypt_into(segment_nonce(i), plain, header, view[at - start : sealed_end - start])
+        else:  # cut by the range: seal it whole, keep the part asked for
+            sealed = cipher.encrypt(segment_nonce(i), bytes(plain), header)
+            lo, hi = max(start, at), min(end, sealed_end)
+            view[lo - start : hi - start] = sealed[lo - at : hi - at]
+
+
 def update_signed_message(header: bytes, recipient: PublicKey, frame_digest: bytes) -> bytes:
     """What a version-4 sender signs: a prefix no other signed message of fedjet starts with,
     the envelope's header (sender, salt, size), the public key it was sealed to and the digest
@@ -135,30 +168,19 @@ class SealedUpdate:
         """Envelope bytes ``[start, end)``."""
         start, end = max(0, start), min(end, self._size)
         out = bytearray(max(0, end - start))
-        view, head = memoryview(out), len(self.header)
-        if start < head:
-            out[: min(head, end) - start] = self.header[start : min(head, end)]
-        stride = SEGMENT_BYTES + TAG_BYTES
-        first, last = max(0, start - head) // stride, max(0, end - 1 - head) // stride
-        for i in range(first, min(last, self._count - 1) + 1):
-            at = head + i * stride  # the segment's place in the envelope
-            plain = self.frame[i * SEGMENT_BYTES : (i + 1) * SEGMENT_BYTES]
-            sealed_end = at + len(plain) + TAG_BYTES
-            if sealed_end <= start or at >= end:
-                continue
-            self._digest_through(i)
-            if start <= at and sealed_end <= end:  # wholly inside: straight into place
-                self._cipher.encrypt_into(segment_nonce(i), plain, self.header, view[at - start : sealed_end - start])
-            else:  # cut by the range: seal it whole, keep the part asked for
-                sealed = self._cipher.encrypt(segment_nonce(i), bytes(plain), self.header)
-                lo, hi = max(start, at), min(end, sealed_end)
-                view[lo - start : hi - start] = sealed[lo - at : hi - at]
+        view = memoryview(out)
+        seal_segments_into(view, start, end, self.header, len(self.frame), self._cipher, self._segment)
         at = self._size - TRAILER_BYTES
         if end > at:
             trailer = self._sealed_signature()
             lo = max(start, at)
             view[lo - start : end - start] = trailer[lo - at : end - at]
         return out
+
+    def _segment(self, index: int) -> memoryview:
+        """Segment ``index`` of the frame, taken into the digest (with every one before it) first."""
+        self._digest_through(index)
+        return self.frame[index * SEGMENT_BYTES : (index + 1) * SEGMENT_BYTES]
 
     def _digest_through(self, index: int) -> None:
         while self._digested <= index:

@@ -13,7 +13,6 @@ recorded runs before it hold and replay still opens. The version's record (``met
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 
 import nacl.encoding
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nacl._sodium import ffi, lib  # type: ignore[import-not-found]  # libsodium, as PyNaCl binds it
 from nacl.secret import SecretBox
 
+from fedjet.codecs.envelope import SEGMENT_BYTES, TAG_BYTES, seal_segments_into, segment_count, segment_nonce
 from fedjet.codecs.frame import FramePieces
 from fedjet.codecs.identity import COORDINATOR, Boxes
 from fedjet.errors import AuthenticationError
@@ -34,8 +34,6 @@ STREAMED = 2
 SEALS = (ONE_BOX, STREAMED)
 GLOBAL_MAGIC = b"FJG"
 SEAL_HEADER_BYTES = len(GLOBAL_MAGIC) + 1 + 8  # magic, seal, plaintext size
-SEGMENT_BYTES = 1 << 20
-TAG_BYTES = 16
 _SEGMENT_PERSON = b"fedjet-global-v2"  # the segments' AES key, derived from the version key
 
 
@@ -55,7 +53,7 @@ def seal_global(payload: bytes | memoryview, meta: bytes, boxes: Boxes, members:
 
 
 def streamed_size(plain_bytes: int) -> int:
-    return SEAL_HEADER_BYTES + plain_bytes + TAG_BYTES * max(1, math.ceil(plain_bytes / SEGMENT_BYTES))
+    return SEAL_HEADER_BYTES + plain_bytes + TAG_BYTES * segment_count(plain_bytes)
 
 
 def _segment_cipher(version_key: bytes) -> AESGCM:
@@ -80,10 +78,10 @@ class StreamedSeal:
         self.plain = plaintext if isinstance(plaintext, FramePieces) else FramePieces([plaintext])
         self.header = GLOBAL_MAGIC + bytes((STREAMED,)) + len(self.plain).to_bytes(8, "big")
         self._cipher = _segment_cipher(version_key)
-        self._count = max(1, math.ceil(len(self.plain) / SEGMENT_BYTES))
         self._size = streamed_size(len(self.plain))
         self._hash = hashlib.sha256()
         self._hashed = 0  # ciphertext bytes taken into the digest, from the start
+        self._buffer = bytearray(SEGMENT_BYTES)  # one segment's plaintext at a time
 
     def __len__(self) -> int:
         return self._size
@@ -91,39 +89,24 @@ class StreamedSeal:
     def read(self, start: int, end: int) -> bytearray:
         start, end = max(0, start), min(end, self._size)
         out = bytearray(max(0, end - start))
-        view, head = memoryview(out), len(self.header)
-        if start < head:
-            out[: min(head, end) - start] = self.header[start : min(head, end)]
-        stride = SEGMENT_BYTES + TAG_BYTES
-        first, last = max(0, start - head) // stride, max(0, end - 1 - head) // stride
-        plain = bytearray(SEGMENT_BYTES)
-        for i in range(first, min(last, self._count - 1) + 1):
-            at = head + i * stride
-            piece = memoryview(plain)[: min(SEGMENT_BYTES, len(self.plain) - i * SEGMENT_BYTES)]
-            sealed_end = at + len(piece) + TAG_BYTES
-            if sealed_end <= start or at >= end:
-                continue
-            self.plain.read_into(i * SEGMENT_BYTES, piece)
-            if start <= at and sealed_end <= end:  # wholly inside: straight into place
-                self._cipher.encrypt_into(segment_nonce(i), piece, self.header, view[at - start : sealed_end - start])
-            else:  # cut by the range: seal it whole, keep the part asked for
-                sealed = self._cipher.encrypt(segment_nonce(i), bytes(piece), self.header)
-                lo, hi = max(start, at), min(end, sealed_end)
-                view[lo - start : hi - start] = sealed[lo - at : hi - at]
+        view = memoryview(out)
+        seal_segments_into(view, start, end, self.header, len(self.plain), self._cipher, self._segment)
         if start <= self._hashed < end:
             self._hash.update(view[self._hashed - start :])
             self._hashed = end
         return out
+
+    def _segment(self, index: int) -> memoryview:
+        """Segment ``index`` of the plaintext, copied out of its pieces into one buffer."""
+        piece = memoryview(self._buffer)[: min(SEGMENT_BYTES, len(self.plain) - index * SEGMENT_BYTES)]
+        self.plain.read_into(index * SEGMENT_BYTES, piece)
+        return piece
 
     def sha256(self) -> str:
         """The hex digest of the whole ciphertext (the part not read yet is sealed again here)."""
         while self._hashed < self._size:
             self.read(self._hashed, min(self._size, self._hashed + 8 * SEGMENT_BYTES))
         return self._hash.hexdigest()
-
-
-def segment_nonce(index: int) -> bytes:
-    return index.to_bytes(12, "big")
 
 
 @dataclass(frozen=True)
@@ -154,7 +137,7 @@ def open_streamed(ciphertext: bytes | bytearray | memoryview, version_key: bytes
         raise AuthenticationError("global version does not decrypt (not a streamed seal of its size)")
     cipher, out = _segment_cipher(version_key), bytearray(size)
     target, stride = memoryview(out), SEGMENT_BYTES + TAG_BYTES
-    for i in range(max(1, math.ceil(size / SEGMENT_BYTES))):
+    for i in range(segment_count(size)):
         plain = target[i * SEGMENT_BYTES : (i + 1) * SEGMENT_BYTES]
         at = SEAL_HEADER_BYTES + i * stride
         try:
