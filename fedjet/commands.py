@@ -255,7 +255,6 @@ def _metrics_served(metrics: Any, port: int | None) -> Iterator[None]:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from fedjet.lifecycle import serve
-    from fedjet.malloc import keep_big_buffers_mapped
     from fedjet.metrics import WorkerMetrics
     from fedjet.worker.cluster import RankSettings, follow_launched, launched_place
     from fedjet.worker.daemon import Worker, WorkerConfig
@@ -274,7 +273,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
         )  # fmt: skip
         follow_launched(place, settings)
         return 0
-    keep_big_buffers_mapped()  # a daemon frees a version's and an update's buffers every round
     metrics = WorkerMetrics(args.cloud) if args.metrics_port is not None else None
     worker = Worker(
         WorkerConfig(

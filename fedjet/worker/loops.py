@@ -22,6 +22,7 @@ from fedjet.channel.globals import GlobalFollower
 from fedjet.channel.island import IslandLink
 from fedjet.codecs.messages import GlobalHead, GlobalVersion
 from fedjet.errors import TrainingError
+from fedjet.malloc import return_freed_heap
 from fedjet.metrics import WorkerMetrics
 from fedjet.worker.job import LocalJob
 from fedjet.worker.streaming import StreamingSchedule
@@ -335,6 +336,7 @@ class TrainingLoops:
         """``steps`` optimizer steps (or one mean gradient), then held-out loss."""
         spec, trainer, private = self.job.spec, self.job.trainer, self.job.private
         gradient: dict[str, Any] | None = None
+        await asyncio.to_thread(return_freed_heap)  # the last version's and update's buffers
         if spec.update_kind == "gradient":
             gradient, result = await asyncio.to_thread(trainer.gradient, steps)
         else:
