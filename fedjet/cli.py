@@ -64,6 +64,7 @@ def _add_up(commands: Any) -> None:
     up.add_argument("--eval-every", type=int, default=1, help="evaluate every N-th version")
     up.add_argument("--slowdown", default="", help="e.g. azure=3: that cloud computes 3x slower")
     up.add_argument("--nproc-per-node", type=int, default=1, help="ranks per cloud's worker (torch.distributed)")
+    up.add_argument("--shard", action="store_true", help="the ranks shard the model (FSDP2) instead of DDP")
     up.add_argument("--link", default="", help="e.g. gcp=20mbit/80ms: shape that cloud's link")
     up.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
     up.add_argument("--device", default=None, help="torch device (default: cuda if available)")
@@ -107,6 +108,9 @@ def _add_services(commands: Any) -> None:
     worker.add_argument("--slowdown", type=float, default=1.0, help="simulate slower compute")
     worker.add_argument(
         "--nproc-per-node", type=int, default=1, help="ranks training this cloud's model together (torch.distributed)"
+    )
+    worker.add_argument(
+        "--shard", action="store_true", help="FSDP2 over the ranks instead of DDP (a model too big for one device)"
     )
     worker.add_argument("--device", default=None)
     worker.set_defaults(func=cmd_worker)

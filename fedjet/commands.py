@@ -169,6 +169,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         slowdown=slowdown,
         nproc_per_node=args.nproc_per_node,
+        shard=args.shard,
         data_per_cloud=data_per_cloud,
         eval_data=args.eval_data,
         save=args.save,
@@ -269,7 +270,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if place is not None and place.rank > 0:  # a rank that trains beside rank 0 and never speaks NATS
         settings = RankSettings(
             cloud=args.cloud, data=args.data, deal=args.deal, model=args.model, device=args.device,
-            precision=args.precision,
+            precision=args.precision, shard=args.shard,
         )  # fmt: skip
         follow_launched(place, settings)
         return 0
@@ -287,6 +288,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             slowdown=args.slowdown,
             nproc_per_node=args.nproc_per_node if place is None else place.world,
             launched=place is not None,
+            shard=args.shard,
             device=args.device,
             precision=args.precision,
             auth=identity_from(args),

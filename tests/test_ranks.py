@@ -78,6 +78,121 @@ def test_two_ranks_of_batch_b_take_the_steps_of_one_rank_of_batch_2b(tmp_path, d
     assert moved > 1.0  # the steps did move the model: the comparison is not between two starts
 
 
+def _gradient_rank(rank: int, init: str, data_dir: Path, out: Path) -> None:
+    """The gradient strategy's phase: rank 0 reads the cloud's mean gradient; the other follows."""
+    torch.set_num_threads(1)
+    place = RankPlace(rank, 2)
+    join_group(place, init, torch.device("cpu"))
+    trainer = _trainer(B, GroupTrainer if rank == 0 else FollowerTrainer)
+    trainer.sampler = RankSlice(BatchSampler(_tokens(data_dir), SEQ, B * 2, seed=3), place)  # type: ignore[assignment]
+    trainer.model = data_parallel(trainer.model, torch.device("cpu"))
+    if isinstance(trainer, GroupTrainer):
+        gradient, result = trainer.gradient(STEPS)
+        trainer.release()
+        torch.save(gradient, out / "gradient.pt")
+        (out / "result.json").write_text(json.dumps({"loss": result.mean_loss, "tokens": result.tokens}))
+    else:
+        assert isinstance(trainer, FollowerTrainer)
+        trainer.follow()
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_of_batch_b_send_the_mean_gradient_of_one_rank_of_batch_2b(tmp_path, data_dir):
+    """The gradient strategy on a cloud of ranks: the one gradient rank 0 sends is the mean over
+    every rank's slice of every batch, as one rank with the whole batch computes it."""
+    context = multiprocessing.get_context("spawn")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    ranks = [context.Process(target=_gradient_rank, args=(r, init, data_dir, tmp_path)) for r in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=180)
+        assert process.exitcode == 0
+    single = _trainer(2 * B)
+    single.sampler = BatchSampler(_tokens(data_dir), SEQ, 2 * B, seed=3)
+    expected, alone = single.gradient(STEPS)
+    got = torch.load(tmp_path / "gradient.pt")
+    cloud = json.loads((tmp_path / "result.json").read_text())
+    assert cloud["tokens"] == alone.tokens
+    assert abs(cloud["loss"] - alone.mean_loss) < 1e-5
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert torch.allclose(got[name], value, atol=1e-6, rtol=1e-4), name
+    assert sum(float(v.abs().sum()) for v in expected.values()) > 1.0  # a real gradient, not zeros
+
+
+def _sharded_steps(trainer: LocalTrainer, start: dict[str, torch.Tensor], windows: np.ndarray) -> dict[str, object]:
+    """One cloud's life on a trainer: a version loaded, a correction arriving mid-phase, a
+    phase, a held-out evaluation, a gradient phase; what the worker would read at each point."""
+    trainer.load(start)
+    loaded = {n: t.clone() for n, t in trainer.weights().items()}
+    trainer.correct({n: torch.full_like(t, 1e-3) for n, t in start.items()})
+    result = trainer.train(STEPS)
+    trained = {n: t.clone() for n, t in trainer.weights().items()}
+    heldout = trainer.evaluate(windows).loss
+    gradient, _ = trainer.gradient(2)
+    return {"loaded": loaded, "trained": trained, "loss": result.mean_loss, "heldout": heldout, "gradient": gradient}
+
+
+def _start(data_dir: Path) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    torch.manual_seed(5)
+    start = {n: t + 0.01 * torch.randn_like(t) for n, t in _trainer(B).weights().items()}
+    return start, _tokens(data_dir)[: 6 * SEQ].reshape(6, SEQ)
+
+
+def _sharded_rank(rank: int, init: str, data_dir: Path, out: Path) -> None:
+    from fedjet.worker.ranks import shard_model
+
+    torch.set_num_threads(1)
+    place = RankPlace(rank, 2)
+    join_group(place, init, torch.device("cpu"))
+    job = JobConfig(model="tiny", train=TrainConfig(batch_size=B, seq_len=SEQ, lr=2e-3))
+    job_model = initial_job_model(job)
+    assert shard_model(job_model.model) == 4  # the tiny preset's four blocks, each on its own
+    kind = GroupTrainer if rank == 0 else FollowerTrainer
+    trainer = kind(job_model, None, job.train, torch.device("cpu"))  # type: ignore[arg-type]
+    trainer.sampler = RankSlice(BatchSampler(_tokens(data_dir), SEQ, B * 2, seed=11), place)  # type: ignore[assignment]
+    trainer.sharded = True
+    start, windows = _start(data_dir)
+    if isinstance(trainer, GroupTrainer):
+        torch.save(_sharded_steps(trainer, start, windows), out / "sharded.pt")
+        trainer.release()
+    else:
+        assert isinstance(trainer, FollowerTrainer)
+        trainer.heldout = windows
+        trainer.follow()
+    torch.distributed.destroy_process_group()
+
+
+def test_a_sharded_cloud_of_two_ranks_trains_loads_corrects_and_evaluates_as_one_rank_of_batch_2b(tmp_path, data_dir):
+    """``--shard`` (FSDP2): no rank holds the whole model, yet what rank 0 reads (the loaded
+    weights, the trained ones, the held-out loss, the gradient) is what one rank with the
+    whole batch gets, a correction mid-phase included."""
+    context = multiprocessing.get_context("spawn")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    ranks = [context.Process(target=_sharded_rank, args=(r, init, data_dir, tmp_path)) for r in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=240)
+        assert process.exitcode == 0
+    got = torch.load(tmp_path / "sharded.pt")
+    single = _trainer(2 * B)
+    single.sampler = BatchSampler(_tokens(data_dir), SEQ, 2 * B, seed=11)
+    start, windows = _start(data_dir)
+    expected = _sharded_steps(single, start, windows)
+    for name, value in start.items():
+        assert torch.equal(got["loaded"][name], value), name  # loaded exactly, every shard
+    for name, value in expected["trained"].items():
+        assert torch.allclose(got["trained"][name], value, atol=5e-6, rtol=1e-4), name
+    assert abs(got["loss"] - expected["loss"]) < 1e-5
+    assert abs(got["heldout"] - expected["heldout"]) < 1e-5
+    for name, value in expected["gradient"].items():
+        assert torch.allclose(got["gradient"][name], value, atol=1e-6, rtol=1e-4), name
+    moved = sum(float((expected["trained"][n] - start[n]).abs().sum()) for n in start)
+    assert moved > 1.0
+
+
 def _waiting_rank(rank: int, init: str, data_dir: Path, out: Path, keep_alive: bool) -> None:
     """Rank 0 trains a phase, then waits (for a version, in a worker) three collective timeouts
     long, keeping the other rank alive or not, then trains again."""
@@ -133,9 +248,9 @@ def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(data_dir):
 
 
 @pytest.mark.e2e
-def test_a_cloud_of_two_ranks_learns_replays_and_a_killed_rank_ends_its_worker_cleanly(tmp_path, data_dir):
-    """``fedjet up --nproc-per-node 2``: each cloud's worker starts a second rank and the job
-    learns; then one cloud's extra rank is SIGKILLed: that worker stops with ``rank_lost`` (not
+def test_a_sharded_cloud_of_two_ranks_learns_replays_and_a_killed_rank_ends_its_worker_cleanly(tmp_path, data_dir):
+    """``fedjet up --nproc-per-node 2 --shard``: each cloud's worker starts a second rank, the
+    two hold half the model each (FSDP2), and the job learns; then one cloud's extra rank is SIGKILLed: that worker stops with ``rank_lost`` (not
     a hang, not a traceback), ``fedjet up`` exits non-zero, every process of the run is gone, and
     every version recorded before the kill replays bit for bit."""
     import signal
@@ -145,7 +260,7 @@ def test_a_cloud_of_two_ranks_learns_replays_and_a_killed_rank_ends_its_worker_c
     from tests.conftest import TAG_ENV, FedjetProcess, processes_tagged, wait_until_gone
 
     tag = f"ranks-{uuid.uuid4().hex[:8]}"
-    args = ["up", "--nproc-per-node", "2", "--rounds", "200", "--local-steps", "4", "--batch-size", "4"]
+    args = ["up", "--nproc-per-node", "2", "--shard", "--rounds", "200", "--local-steps", "4", "--batch-size", "4"]
     args += ["--seq-len", "64", "--codec", "dense", "--eval-tokens", "1024", "--data", str(data_dir)]
     store = tmp_path / "store"
     args += ["--store", str(store)]
@@ -182,12 +297,18 @@ def test_a_cloud_of_two_ranks_learns_replays_and_a_killed_rank_ends_its_worker_c
     assert replayed["versions"] >= 2 and replayed["mismatches"] == 0, replayed
 
 
-def test_fedjet_up_refuses_ranks_with_the_gradient_strategy_before_any_process_starts():
+def test_fedjet_up_checks_its_ranks_flag_before_any_process_starts():
     from fedjet.config.flags import job_config
     from fedjet.runner.up import UpConfig
 
-    with pytest.raises(ConfigError, match="gradient strategy"):
-        UpConfig(job=job_config(overrides={"strategy": {"name": "gradient"}}), nproc_per_node=2)
+    assert UpConfig(job=job_config(overrides={"strategy": {"name": "gradient"}}), nproc_per_node=2).nproc_per_node == 2
+    assert UpConfig(job=job_config(), nproc_per_node=2, shard=True).shard
+    with pytest.raises(ConfigError, match="--nproc-per-node >= 2"):
+        UpConfig(job=job_config(), shard=True)
+    with pytest.raises(ConfigError, match="DP-SGD"):
+        UpConfig(job=job_config(overrides={"dp": "epsilon=8,delta=1e-5,clip=1.0"}), nproc_per_node=2, shard=True)
+    with pytest.raises(ConfigError, match="wait schedule"):
+        UpConfig(job=job_config(overrides={"train": {"schedule": "overlap"}}), nproc_per_node=2, shard=True)
     assert (
         UpConfig(job=job_config(overrides={"dp": "epsilon=8,delta=1e-5,clip=1.0"}), nproc_per_node=2).nproc_per_node
         == 2

@@ -382,3 +382,14 @@ class JobConfig:
                     f"--dp with --strategy {self.strategy.name}: dynamic weights by training losses and gradient "
                     "sends raw gradients, neither covered by DP-SGD; use fedavg, async or fedbuff"
                 )
+
+
+def check_shardable(config: JobConfig) -> None:
+    """``--shard`` (FSDP2 inside a cloud) trains the wait schedule's whole-model phases of the
+    delta and gradient rules; what it does not run is refused before anything starts."""
+    if config.dp_config is not None:
+        raise ConfigError("--shard does not run DP-SGD (its per-example gradients need whole weights on every rank)")
+    if config.train.schedule != "wait":
+        raise ConfigError("--shard runs the wait schedule: the overlap schedule reads the weights while a phase trains")
+    if config.train.fragments > 1:
+        raise ConfigError("--shard does not stream fragments: a sharded model loads every tensor at once")

@@ -181,6 +181,8 @@ def _spawn_all(
             args += ["--slowdown", str(config.slowdown[cloud])]
         if config.nproc_per_node > 1:
             args += ["--nproc-per-node", str(config.nproc_per_node)]
+        if config.shard:
+            args += ["--shard"]
         children.append(spawn(f"worker-{cloud}", args, workdir))
 
 

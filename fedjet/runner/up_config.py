@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedjet.broker.proxy import LinkShape
-from fedjet.config.job import JobConfig
+from fedjet.config.job import JobConfig, check_shardable
 from fedjet.errors import ConfigError
 from fedjet.models.presets import PRESETS
 
@@ -22,6 +22,7 @@ class UpConfig:
     eval_every: int = 1
     slowdown: dict[str, float] = field(default_factory=dict)
     nproc_per_node: int = 1  # ranks per cloud's worker
+    shard: bool = False  # the ranks shard the model (FSDP2)
     links: dict[str, str] = field(default_factory=dict)
     timeout_s: float = 3600.0
     device: str | None = None
@@ -58,7 +59,9 @@ class UpConfig:
             LinkShape.parse(shape)
         if self.nproc_per_node < 1:
             raise ConfigError(f"--nproc-per-node must be >= 1, got {self.nproc_per_node}")
-        if self.nproc_per_node > 1 and self.job.strategy.name == "gradient":
-            raise ConfigError("--nproc-per-node > 1 does not run with the gradient strategy yet")
+        if self.shard:
+            if self.nproc_per_node < 2:
+                raise ConfigError("--shard splits the model over a cloud's ranks: give --nproc-per-node >= 2")
+            check_shardable(self.job)
         if self.eval_tokens < 1 or self.eval_every < 1 or not self.timeout_s > 0:
             raise ConfigError("--eval-tokens and --eval-every must be >= 1 and --timeout > 0")

@@ -36,6 +36,7 @@ class RankSettings:
     model: str | None
     device: str | None
     precision: str | None
+    shard: bool = False
 
 
 @dataclass
@@ -149,7 +150,7 @@ def _follow(place: Any, init_method: str, settings: RankSettings, spec_bytes: by
     from fedjet.spec import JobSpec
     from fedjet.worker.local_data import cloud_data, cloud_sampler
     from fedjet.worker.private import follower_step
-    from fedjet.worker.ranks import FollowerTrainer, RankSlice, data_parallel, join_group
+    from fedjet.worker.ranks import FollowerTrainer, RankSlice, data_parallel, join_group, shard_model
 
     device = join_group(place, init_method, pick_device(settings.device))
     try:
@@ -157,8 +158,13 @@ def _follow(place: Any, init_method: str, settings: RankSettings, spec_bytes: by
         job_model = job_model_for(spec, settings.model)
         data = cloud_data(settings.data, job_model.tokenizer, spec, settings.cloud, deal=settings.deal)
         rows: Any = RankSlice(cloud_sampler(data, spec, settings.cloud, place.world), place)  # this rank's rows
+        if settings.shard:
+            shard_model(job_model.model)  # as rank 0 does, before the optimizer
         trainer = FollowerTrainer(job_model, rows, spec.config.train, device, precision=settings.precision)
-        trainer.model = data_parallel(trainer.model, device)
+        if settings.shard:
+            trainer.sharded, trainer.heldout = True, data.heldout
+        else:
+            trainer.model = data_parallel(trainer.model, device)
         if spec.config.dp_config is not None:
             trainer.private_step = follower_step(spec, data, trainer, place)
         trainer.follow()

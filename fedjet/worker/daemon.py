@@ -27,6 +27,7 @@ from fedjet.channel.updates import UpdateSender
 from fedjet.codecs.crypto import COORDINATOR
 from fedjet.codecs.frame import Limits
 from fedjet.config.codec import CodecSpec
+from fedjet.config.job import check_shardable
 from fedjet.config.names import check_token
 from fedjet.data.batches import BatchSampler
 from fedjet.errors import ConfigError, RankLostError
@@ -43,7 +44,15 @@ from fedjet.worker.job import LocalJob
 from fedjet.worker.local_data import cloud_data, cloud_sampler
 from fedjet.worker.loops import TrainingLoops
 from fedjet.worker.private import PrivateTraining
-from fedjet.worker.ranks import KEEP_ALIVE_S, GroupTrainer, RankPlace, RankSlice, data_parallel, join_group
+from fedjet.worker.ranks import (
+    KEEP_ALIVE_S,
+    GroupTrainer,
+    RankPlace,
+    RankSlice,
+    data_parallel,
+    join_group,
+    shard_model,
+)  # fmt: skip
 from fedjet.worker.secure import SecureMember
 from fedjet.worker.train import LocalTrainer
 from fedjet.worker.uplink import Uplink, WorkerStats
@@ -72,6 +81,7 @@ class WorkerConfig:
     limits: Limits = field(default_factory=Limits)
     nproc_per_node: int = 1  # ranks of this cloud's group (torch.distributed); rank 0 is this process
     launched: bool = False  # the ranks were started by a launcher (torchrun), not by this worker
+    shard: bool = False  # FSDP2 over the ranks instead of DDP (a model that does not fit one device)
 
     def __post_init__(self) -> None:
         check_token("job", self.job)
@@ -81,6 +91,8 @@ class WorkerConfig:
             raise ConfigError(f"slowdown must be >= 1, got {self.slowdown}")
         if self.nproc_per_node < 1:
             raise ConfigError(f"--nproc-per-node must be >= 1, got {self.nproc_per_node}")
+        if self.shard and self.nproc_per_node < 2:
+            raise ConfigError("--shard splits the model over the cloud's ranks: give --nproc-per-node >= 2")
         check_reconnect_window(self.reconnect_window_s)
 
 
@@ -239,11 +251,12 @@ class Worker:
         """Rank 0 of ``--nproc-per-node`` ranks (the others started here) or of the ranks a
         launcher started (they get the spec from here): the group joined, DDP."""
         cfg, world = self.config, self.config.nproc_per_node
-        if spec.update_kind == "gradient":
-            raise ConfigError("--nproc-per-node > 1 does not run with the gradient strategy yet")
+        if cfg.shard:
+            check_shardable(spec.config)  # before any rank starts
         settings = RankSettings(
-            cloud=cfg.cloud, data=cfg.data, deal=cfg.deal, model=cfg.model, device=cfg.device, precision=cfg.precision
-        )
+            cloud=cfg.cloud, data=cfg.data, deal=cfg.deal, model=cfg.model, device=cfg.device, precision=cfg.precision,
+            shard=cfg.shard,
+        )  # fmt: skip
         place = RankPlace(0, world)
         if cfg.launched:
             device = join_group(place, "env://", device)
@@ -252,11 +265,16 @@ class Worker:
             self.ranks = start_ranks(world, spec.to_bytes(), settings)
             device = join_group(place, self.ranks.init_method, device)
         self._grouped = True
+        if cfg.shard:
+            shard_model(job_model.model)  # before the optimizer is made over its parameters
         trainer = GroupTrainer(
             job_model, RankSlice(sampler, place), spec.config.train, device, slowdown=cfg.slowdown,  # type: ignore[arg-type]
             precision=cfg.precision,
         )  # fmt: skip
-        trainer.model = data_parallel(trainer.model, device)
+        if cfg.shard:
+            trainer.sharded = True
+        else:
+            trainer.model = data_parallel(trainer.model, device)
         return trainer
 
     async def _keep_ranks_alive(self) -> None:

@@ -26,7 +26,7 @@ from fedjet.malloc import return_freed_heap
 from fedjet.metrics import WorkerMetrics
 from fedjet.worker.job import LocalJob
 from fedjet.worker.streaming import StreamingSchedule
-from fedjet.worker.train import StepsResult, evaluate
+from fedjet.worker.train import StepsResult
 from fedjet.worker.uplink import Phase, Uplink, WorkerStats
 
 # Phases that would start before this version wait for it: the first updates are the largest
@@ -351,7 +351,7 @@ class TrainingLoops:
         data, trainer = self.job.data, self.job.trainer
         if data.heldout is None:
             return None
-        loss = evaluate(trainer.model, data.heldout, trainer.device).loss
+        loss = trainer.evaluate(data.heldout).loss
         self.stats.heldout_loss = loss
         return loss
 

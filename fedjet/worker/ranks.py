@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fedjet.data.batches import BatchSampler
 from fedjet.errors import ConfigError
-from fedjet.worker.train import LocalTrainer, StepsResult
+from fedjet.worker.train import EvalResult, LocalTrainer, StepsResult, full_value
 
 TIMEOUT_S = float(os.environ.get("FEDJET_RANK_TIMEOUT_S", "120"))  # a dead rank ends the others' collectives
 KEEP_ALIVE_S = TIMEOUT_S / 6  # between phases rank 0 tells the others it lives, well within the timeout
@@ -101,6 +101,73 @@ def data_parallel(model: torch.nn.Module, device: torch.device) -> DistributedDa
     return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
+def shard_model(model: torch.nn.Module) -> int:
+    """``--shard``: the model's parameters split over the ranks with FSDP2 (``fully_shard``),
+    each block of the architecture on its own (the blocks ``transformers`` names as never to
+    be split), then the rest; a rank holds 1/world of the weights, gradients and optimizer
+    state, and gathers a block's weights only while it computes it. How many blocks."""
+    from torch.distributed.fsdp import fully_shard
+
+    kinds = _unsplit_kinds(model)
+    blocks = [m for m in model.modules() if type(m).__name__ in kinds]
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return len(blocks)
+
+
+def _unsplit_kinds(model: torch.nn.Module) -> set[str]:
+    for module in model.modules():  # a LoRA wrapper holds the model that names them
+        kinds = getattr(module, "_no_split_modules", None)
+        if kinds:
+            return set(kinds)
+    return set()
+
+
+def gather_full(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Every sharded parameter whole, on CPU, name by name (a collective over the group)."""
+    with torch.no_grad():
+        return {name: full_value(params[name]).detach().to("cpu", copy=True) for name in sorted(params)}
+
+
+def scatter_full(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor] | None) -> None:
+    """Rank 0's whole ``tensors`` into every rank's shards of the same parameters (a
+    collective; ranks > 0 pass None). Rank 0 must give every parameter."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if tensors is not None and set(tensors) != set(params):
+        missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        raise ConfigError(f"a sharded model loads every tensor at once: missing {missing[:3]}, unknown {extra[:3]}")
+    with torch.no_grad():
+        for name in sorted(params):
+            param = params[name]
+            local = param.to_local() if isinstance(param, DTensor) else param
+            if tensors is not None:
+                whole = tensors[name].to(local.device, param.dtype).contiguous()
+            else:
+                whole = torch.empty(param.shape, dtype=param.dtype, device=local.device)
+            dist.broadcast(whole, src=0)
+            if isinstance(param, DTensor):
+                param.copy_(distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None))
+            else:
+                param.copy_(whole)
+
+
+def evaluate_sharded(trainer: LocalTrainer, windows: np.ndarray) -> EvalResult:
+    """A sharded model's held-out figures (every rank computes them), its weights sharded
+    again after: FSDP2 keeps the root's weights whole after a forward pass for the backward pass
+    that usually follows, and a gradient phase after an evaluation then read stale gradients
+    of the root's tensors (embeddings, final norm)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    try:
+        return LocalTrainer.evaluate(trainer, windows)
+    finally:
+        for module in trainer.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+
 def broadcast_weights(tensors: dict[str, torch.Tensor]) -> None:
     """Rank 0's values into every rank's tensors of the same names, in place."""
     for name in sorted(tensors):
@@ -132,13 +199,32 @@ def command(message: list[object] | None = None) -> list[object]:
 class GroupTrainer(LocalTrainer):
     """Rank 0's trainer: every phase, step and weight change is mirrored by the other ranks,
     which run :func:`follow`. A stop asked mid-phase ends the phase on every rank at the same
-    step; a correction applied between steps reaches every replica before the next step."""
+    step; a correction applied between steps reaches every replica before the next step.
+
+    ``sharded`` (``--shard``): no rank holds the whole model, so reading the weights, loading
+    them and evaluating are collectives too, each announced to the others between phases."""
 
     _in_phase = False
+    sharded = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._group = threading.RLock()  # one thread at a time speaks to the group
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        if not self.sharded:
+            return super().weights()
+        with self._group:
+            if not self._in_phase:
+                command(["gather"])
+            return gather_full(self.job_model.trainable())
+
+    def evaluate(self, windows: np.ndarray) -> EvalResult:
+        if not self.sharded:  # a replica evaluates alone
+            return super().evaluate(windows)
+        with self._group:
+            command(["eval"])
+            return evaluate_sharded(self, windows)
 
     def train(self, steps: int) -> StepsResult:
         """The phase on every rank; its figures are the cloud's: the sequences and tokens of
@@ -151,14 +237,15 @@ class GroupTrainer(LocalTrainer):
             finally:
                 self._in_phase = False
             loss = mean_over_ranks(result.mean_loss)
-        world = dist.get_world_size()
-        return replace(
-            result, mean_loss=loss, sequences=result.sequences * world,
-            tokens=result.tokens * world, replicas=world,
-        )  # fmt: skip
+        return self._cloud_figures(result, loss)
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         with self._group:
+            if self.sharded:
+                if not self._in_phase:
+                    command(["load"])
+                scatter_full(self.job_model.trainable(), tensors)
+                return
             super().load(tensors)
             if not self._in_phase:  # between phases: the others wait for a command
                 command(["load"])
@@ -189,6 +276,12 @@ class GroupTrainer(LocalTrainer):
 
     def _before_step(self) -> bool:
         go = not self.stopping.is_set()
+        if self.sharded:  # the others first hear that a correction comes: it is read and loaded together
+            corrected = go and self.has_corrections()
+            command([go, corrected])
+            if corrected:
+                self.apply_corrections()
+            return go
         corrected = go and self.apply_corrections()
         command([go, corrected])
         if corrected:
@@ -196,7 +289,25 @@ class GroupTrainer(LocalTrainer):
         return go
 
     def gradient(self, steps: int) -> tuple[dict[str, torch.Tensor], StepsResult]:
-        raise ConfigError("--nproc-per-node > 1 trains weight deltas; the gradient strategy is not supported")
+        """The cloud's mean gradient: every rank's backward passes go through DDP, which
+        averages them across the ranks, so the gradient rank 0 reads is the mean over every
+        rank's slice of every batch (the gradient of one rank with the whole batch)."""
+        with self._group:
+            command(["gradient", steps])
+            self._in_phase = True
+            try:
+                grads, result = super().gradient(steps)
+            finally:
+                self._in_phase = False
+            loss = mean_over_ranks(result.mean_loss)
+        return grads, self._cloud_figures(result, loss)
+
+    def _cloud_figures(self, result: StepsResult, loss: float) -> StepsResult:
+        world = dist.get_world_size()
+        return replace(
+            result, mean_loss=loss, sequences=result.sequences * world,
+            tokens=result.tokens * world, replicas=world,
+        )  # fmt: skip
 
     def release(self) -> None:
         """The phases are over: the other ranks leave the group."""
@@ -209,6 +320,8 @@ class FollowerTrainer(LocalTrainer):
     rank's DP-SGD (``fedjet.worker.private.follower_step``) when the job has ``--dp``."""
 
     private_step: Any = None
+    sharded = False
+    heldout: np.ndarray | None = None  # the cloud's held-out windows: a sharded group evaluates together
 
     def _private_phase(self, steps: int) -> None:
         """Rank 0's DP-SGD phase, step for step, until it says stop."""
@@ -224,10 +337,15 @@ class FollowerTrainer(LocalTrainer):
     def _before_step(self) -> bool:
         go, corrected = command()
         if corrected:
+            if self.sharded:  # rank 0 reads the weights, adds its corrections and loads them
+                gather_full(self.job_model.trainable())
             self._receive_weights()
         return bool(go)
 
     def _receive_weights(self) -> None:
+        if self.sharded:
+            scatter_full(self.job_model.trainable(), None)
+            return
         tensors = {n: t.detach().clone() for n, t in self.weights().items()}
         broadcast_weights(tensors)
         LocalTrainer.load(self, tensors)
@@ -238,10 +356,19 @@ class FollowerTrainer(LocalTrainer):
             message = command()
             if message[0] == "train":
                 mean_over_ranks(self.train(int(message[1])).mean_loss)  # type: ignore[call-overload]
+            elif message[0] == "gradient":
+                _, result = self.gradient(int(message[1]))  # type: ignore[call-overload]
+                mean_over_ranks(result.mean_loss)
             elif message[0] == "load":
                 self._receive_weights()
             elif message[0] == "idle":  # rank 0 waits for a version: keep waiting
                 continue
+            elif message[0] == "gather":
+                gather_full(self.job_model.trainable())
+            elif message[0] == "eval":
+                if self.heldout is None:
+                    raise ConfigError("rank 0 evaluates the sharded model but this rank has no held-out windows")
+                evaluate_sharded(self, self.heldout)
             elif message[0] == "dp_train":
                 self._private_phase(int(message[1]))  # type: ignore[call-overload]
             else:

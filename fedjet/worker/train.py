@@ -183,7 +183,7 @@ class LocalTrainer:
         self.model.zero_grad(set_to_none=True)
         losses, started, compute = [], time.perf_counter(), 0.0
         for _ in range(steps):
-            if self.stopping.is_set():
+            if not self._go():  # the ranks of a group stop at the same batch
                 break
             t0 = time.perf_counter()
             with self._autocast():
@@ -192,11 +192,19 @@ class LocalTrainer:
             losses.append(loss.detach().item())
             compute += self._pace(time.perf_counter() - t0)
         grads = {
-            n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().to("cpu", torch.float32)
+            n: full_value(p.grad if p.grad is not None else torch.zeros_like(p)).detach().to("cpu", torch.float32)
             for n, p in self.job_model.trainable().items()
         }
         self.model.zero_grad(set_to_none=True)
         return grads, self._result(losses, compute, started)
+
+    def evaluate(self, windows: np.ndarray) -> EvalResult:
+        """This model's figures on ``windows`` (a cloud's held-out slice)."""
+        return evaluate(self.model, windows, self.device)
+
+    def has_corrections(self) -> bool:
+        with self._corrections_lock:
+            return bool(self._corrections)
 
     def _batch(self) -> torch.Tensor:
         return torch.from_numpy(self.sampler.next_batch()).to(self.device)
@@ -216,6 +224,15 @@ class LocalTrainer:
             compute_s=compute,
             wall_s=time.perf_counter() - started,
         )
+
+
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor a sharded one (a DTensor of ``--shard``) is part of, gathered from every
+    rank: a collective, so every rank calls it for the same tensors in the same order. A plain
+    tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def threads_here() -> None:
