@@ -250,9 +250,10 @@ def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(data_dir):
 @pytest.mark.e2e
 def test_a_sharded_cloud_of_two_ranks_learns_replays_and_a_killed_rank_ends_its_worker_cleanly(tmp_path, data_dir):
     """``fedjet up --nproc-per-node 2 --shard``: each cloud's worker starts a second rank, the
-    two hold half the model each (FSDP2), and the job learns; then one cloud's extra rank is SIGKILLed: that worker stops with ``rank_lost`` (not
-    a hang, not a traceback), ``fedjet up`` exits non-zero, every process of the run is gone, and
-    every version recorded before the kill replays bit for bit."""
+    two hold half the model each (FSDP2), and the job learns; then one cloud's extra rank is
+    SIGKILLed: that worker stops with ``rank_lost`` (not a hang, not a traceback), ``fedjet up``
+    exits non-zero, every process of the run is gone, and every version recorded before the kill
+    replays bit for bit."""
     import signal
     import time
     import uuid
