@@ -114,6 +114,7 @@ def _add_gpu(bench_commands: Any) -> None:
     gpu.add_argument("--data", default=None)
     gpu.add_argument("--clouds", type=int, default=3, help="workers, against as many concurrent bare loops")
     gpu.add_argument("--nproc-per-node", type=int, default=1, help="N ranks in one cloud, against a bare DDP loop")
+    gpu.add_argument("--shard", action="store_true", help="the ranks shard the model (FSDP2), bare loop too")
     gpu.add_argument("--bare-steps", type=int, default=30, help="timed steps of each bare loop")
     gpu.add_argument("--device", default=None, help="cuda, cpu ... (default: CUDA when there is one)")
     gpu.set_defaults(func=cmd_bench_gpu)
@@ -234,7 +235,7 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
     config = GpuBenchConfig(
         model=args.model, rounds=args.rounds, local_steps=args.local_steps, batch_size=args.batch_size,
         seq_len=args.seq_len, precision=args.precision, codec=args.codec, data=args.data, clouds=args.clouds,
-        nproc_per_node=args.nproc_per_node, bare_steps=args.bare_steps, device=args.device,
+        nproc_per_node=args.nproc_per_node, shard=args.shard, bare_steps=args.bare_steps, device=args.device,
     )  # fmt: skip
     print(json.dumps(run(config), default=str))
     return 0

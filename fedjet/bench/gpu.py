@@ -3,7 +3,7 @@ configuration, measured in one run on the same machine (a GPU when there is one,
 
 The reference is what the same hardware does without fedjet: with ``--nproc-per-node 1``,
 ``--clouds`` concurrent bare loops (one process each, as the workers are); with N ranks, one
-bare DDP loop on N ranks. Same model, batch, sequence length, precision and training step
+bare DDP loop on N ranks (an FSDP2 loop with ``--shard``). Same model, batch, sequence length, precision and training step
 (the workers' own :class:`~fedjet.worker.train.LocalTrainer`), no NATS and no codecs. Each
 loop warms up, waits for the others, then times ``--bare-steps`` steps.
 
@@ -45,6 +45,7 @@ class GpuBenchConfig:
     bare_steps: int = 30
     clouds: int = 3
     nproc_per_node: int = 1
+    shard: bool = False  # the ranks shard the model (FSDP2), fedjet's and the bare loop's alike
     device: str | None = None
 
     def __post_init__(self) -> None:
@@ -52,6 +53,8 @@ class GpuBenchConfig:
             raise ConfigError(f"--clouds must be 1..{len(CLOUD_NAMES)}, got {self.clouds}")
         if self.nproc_per_node < 1 or (self.nproc_per_node > 1 and self.clouds != 1):
             raise ConfigError("--nproc-per-node N >= 2 measures one cloud of N ranks: give --clouds 1")
+        if self.shard and self.nproc_per_node < 2:
+            raise ConfigError("--shard splits the model over ranks: give --nproc-per-node >= 2")
         if min(self.rounds, self.local_steps, self.batch_size, self.bare_steps) < 1:
             raise ConfigError("--rounds, --local-steps, --batch-size and --bare-steps must be >= 1")
 
@@ -98,7 +101,7 @@ def _bare_loop(index: int, world: int, init: str, config: GpuBenchConfig, ready:
         from fedjet.data.wikitext import load_corpus
         from fedjet.models.build import pick_device
         from fedjet.models.job_model import initial_job_model
-        from fedjet.worker.ranks import RankPlace, RankSlice, data_parallel, join_group
+        from fedjet.worker.ranks import RankPlace, RankSlice, data_parallel, join_group, shard_model
         from fedjet.worker.train import LocalTrainer
 
         job = job_config(overrides=_job(config, "bare"))
@@ -110,8 +113,11 @@ def _bare_loop(index: int, world: int, init: str, config: GpuBenchConfig, ready:
             place = RankPlace(index, world)
             device = join_group(place, init, device)
             sampler = RankSlice(sampler, place)
-        trainer = LocalTrainer(initial_job_model(job), sampler, job.train, device, precision=config.precision)
-        if world > 1:
+        job_model = initial_job_model(job)
+        if config.shard:
+            shard_model(job_model.model)
+        trainer = LocalTrainer(job_model, sampler, job.train, device, precision=config.precision)
+        if world > 1 and not config.shard:
             trainer.model = data_parallel(trainer.model, device)
         trainer.train(3)  # warm-up: kernels, allocator
         _sync()
@@ -141,6 +147,7 @@ def fedjet_run(config: GpuBenchConfig) -> dict[str, Any]:
             precision=config.precision,
             device=config.device,
             nproc_per_node=config.nproc_per_node,
+            shard=config.shard,
             eval_tokens=8192,
             eval_every=config.rounds,  # version 0 and the last: the observer's forward passes share the machine
             quiet=True,
