@@ -3,9 +3,9 @@ configuration, measured in one run on the same machine (a GPU when there is one,
 
 The reference is what the same hardware does without fedjet: with ``--nproc-per-node 1``,
 ``--clouds`` concurrent bare loops (one process each, as the workers are); with N ranks, one
-bare DDP loop on N ranks (an FSDP2 loop with ``--shard``). Same model, batch, sequence length, precision and training step
-(the workers' own :class:`~fedjet.worker.train.LocalTrainer`), no NATS and no codecs. Each
-loop warms up, waits for the others, then times ``--bare-steps`` steps.
+bare DDP loop on N ranks (an FSDP2 loop with ``--shard``). Same model, batch, sequence length,
+precision and training step (the workers' own :class:`~fedjet.worker.train.LocalTrainer`), no
+NATS and no codecs. Each loop warms up, waits for the others, then times ``--bare-steps`` steps.
 
 fedjet's side is ``fedjet up`` with those clouds (or one cloud of N ranks). Steady-state tokens/s
 is each cloud's tokens over its time inside training steps, summed; start-up, waits for versions
