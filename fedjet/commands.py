@@ -257,7 +257,7 @@ def _metrics_served(metrics: Any, port: int | None) -> Iterator[None]:
 def cmd_worker(args: argparse.Namespace) -> int:
     from fedjet.lifecycle import serve
     from fedjet.metrics import WorkerMetrics
-    from fedjet.worker.cluster import RankSettings, follow_launched, launched_place
+    from fedjet.worker.cluster import RankSettings, exit_without_teardown, follow_launched, launched_place
     from fedjet.worker.daemon import Worker, WorkerConfig
 
     job = args.job or _job_from_file(args.config)
@@ -300,6 +300,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
     with _metrics_served(metrics, args.metrics_port):
         asyncio.run(serve(worker))
+    if worker.grouped:  # its figures are reported and its NATS connection closed
+        exit_without_teardown()
     return 0
 
 

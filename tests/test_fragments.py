@@ -35,6 +35,26 @@ def test_a_plan_covers_every_tensor_once_in_order_without_cutting_a_module():
     assert [plan.of_version(v) for v in range(6)] == [0, 1, 2, 3, 0, 1]  # round-robin
 
 
+@pytest.mark.parametrize(("count", "local_steps", "rounds"), [(4, 20, 20), (4, 8, 8), (3, 10, 7), (2, 9, 40)])
+def test_the_last_cycle_drains_so_every_fragment_syncs_at_the_end_with_the_same_steps(count, local_steps, rounds):
+    plan = FragmentPlan(tuple((f"m{k}.weight",) for k in range(count)))
+    steps = [plan.phase_steps(v, local_steps, rounds) for v in range(rounds)]
+    base = local_steps // count
+    assert sum(steps) == rounds * base and min(steps) >= 1  # the same compute, no empty phase
+    assert steps[: rounds - count] == [base] * (rounds - count)  # a phase a round until the last cycle
+    total = sum(steps)
+    for k in range(count):  # the step at which fragment k was last sent, before the final version
+        last_round = max(v for v in range(rounds) if plan.of_version(v) == k)
+        assert total - sum(steps[: last_round + 1]) <= count - 1, (k, steps)
+
+
+def test_no_drain_without_a_known_end_or_with_too_few_rounds():
+    plan = FragmentPlan((("a.weight",), ("b.weight",), ("c.weight",)))
+    assert {plan.phase_steps(v, 12, None) for v in range(30)} == {4}
+    assert {plan.phase_steps(v, 12, 5) for v in range(5)} == {4}  # fewer than two cycles
+    assert {FragmentPlan((("a.weight",),)).phase_steps(v, 12, 9) for v in range(9)} == {12}
+
+
 def test_a_plan_refuses_empty_fragments_and_foreign_models():
     with pytest.raises(ConfigError, match="only 2 modules"):
         plan_fragments({"a.weight": 1, "a.bias": 1, "b.weight": 1}, 3)

@@ -28,6 +28,14 @@ def _tokens(data_dir: Path) -> np.ndarray:
     return np.frombuffer((data_dir / "wiki.valid.tokens").read_bytes()[:300_000], dtype=np.uint8).astype(np.int64)
 
 
+def _leave_group() -> None:
+    """A rank's end as the worker's ranks end: out of the group, then out of the process without
+    tearing torch's objects down (freeing a DDP model after the last collective can deadlock in
+    torch's gloo teardown, and the test would wait on a rank that never exits)."""
+    torch.distributed.destroy_process_group()
+    os._exit(0)
+
+
 def _trainer(batch: int, kind: type[LocalTrainer] = LocalTrainer, peft: str | None = None) -> LocalTrainer:
     job = JobConfig(model="tiny", peft=peft, train=TrainConfig(batch_size=batch, seq_len=SEQ, lr=2e-3))
     return kind(initial_job_model(job), None, job.train, torch.device("cpu"))  # type: ignore[arg-type]
@@ -49,7 +57,7 @@ def _rank(rank: int, world: int, init: str, data_dir: Path, out: Path) -> None:
         assert isinstance(trainer, FollowerTrainer)
         trainer.follow()
     torch.save({n: t.detach().clone() for n, t in trainer.weights().items()}, out / f"rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    _leave_group()
 
 
 def test_two_ranks_of_batch_b_take_the_steps_of_one_rank_of_batch_2b(tmp_path, data_dir):
@@ -94,7 +102,7 @@ def _gradient_rank(rank: int, init: str, data_dir: Path, out: Path) -> None:
     else:
         assert isinstance(trainer, FollowerTrainer)
         trainer.follow()
-    torch.distributed.destroy_process_group()
+    _leave_group()
 
 
 def test_two_ranks_of_batch_b_send_the_mean_gradient_of_one_rank_of_batch_2b(tmp_path, data_dir):
@@ -161,7 +169,7 @@ def _sharded_rank(rank: int, init: str, data_dir: Path, out: Path, peft: str | N
         assert isinstance(trainer, FollowerTrainer)
         trainer.heldout = windows
         trainer.follow()
-    torch.distributed.destroy_process_group()
+    _leave_group()
 
 
 @pytest.mark.parametrize("peft", [None, "lora:r=4,dropout=0"])
@@ -219,7 +227,7 @@ def _waiting_rank(rank: int, init: str, data_dir: Path, out: Path, keep_alive: b
         assert isinstance(trainer, FollowerTrainer)
         trainer.follow()
     (out / f"done{rank}").write_text("ok")
-    torch.distributed.destroy_process_group()
+    _leave_group()
 
 
 def test_the_other_ranks_outlive_a_wait_longer_than_the_collective_timeout(tmp_path, data_dir, monkeypatch):
@@ -383,7 +391,7 @@ def _private_rank(rank: int, init: str, data_dir: Path, out: Path) -> None:
     noisy, _ = private_gradient(model, windows, 1.0, 1.0, SecureRandom(), **kwargs)  # type: ignore[arg-type]
     clean, _ = private_gradient(model, windows, 1.0, 0.0, SecureRandom(), **kwargs)  # type: ignore[arg-type]
     torch.save({"noisy": noisy, "clean": clean}, out / f"dp{rank}.pt")
-    torch.distributed.destroy_process_group()
+    _leave_group()
 
 
 def test_dp_sgd_across_ranks_adds_the_noise_once_to_the_cloud_sum_and_every_rank_gets_it(tmp_path, data_dir):

@@ -39,6 +39,22 @@ class FragmentPlan:
             raise ValidationError(f"fragment {fragment} is not one of 0..{self.count - 1}")
         return self.fragments[fragment]
 
+    def phase_steps(self, version: int, local_steps: int, rounds: int | None) -> int:
+        """Local steps of the phase whose update goes into the round on ``version``.
+
+        ``local_steps / F`` a round, except in the job's last F rounds (when ``rounds`` is known
+        and there are at least 2F): there the round on version R − F takes the steps of all F
+        but F − 1, and the last F − 1 rounds one step each. Every fragment is then synchronised
+        within F − 1 steps of the end, as the whole model is without fragments, instead of the
+        fragments synchronised early in the last cycle missing up to F − 1 phases of progress in
+        the final version; each cloud still trains the same steps and sends the same bytes."""
+        base = max(1, local_steps // self.count)
+        if rounds is None or self.count == 1 or rounds < 2 * self.count or version < rounds - self.count:
+            return base
+        if version == rounds - self.count:
+            return base * self.count - (self.count - 1)
+        return 1
+
     def check_covers(self, names: Sequence[str]) -> None:
         """The plan names every exchanged tensor of the model once (a spec for another model fails)."""
         planned = {n for fragment in self.fragments for n in fragment}

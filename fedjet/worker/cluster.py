@@ -171,14 +171,15 @@ def _follow(place: Any, init_method: str, settings: RankSettings, spec_bytes: by
     finally:
         with contextlib.suppress(RuntimeError, ValueError):
             dist.destroy_process_group()
-    _exit_now()
+    exit_without_teardown()
 
 
-def _exit_now() -> None:
-    """A rank told to stop ends here, without tearing its objects down: freeing the DDP model
-    right after the last broadcast can deadlock inside torch (the reducer's process group joins
-    a gloo thread that waits for the GIL to free that broadcast's tensors), and a rank that never
-    exits hangs its launcher. Nothing of a rank > 0 outlives it."""
+def exit_without_teardown() -> None:
+    """A rank whose group has ended exits here, without tearing its objects down: freeing the
+    DDP model right after the last broadcast can deadlock inside torch (the reducer's process
+    group joins a gloo thread that waits for the GIL to free that broadcast's tensors), and a
+    rank that never exits hangs its launcher (or ``fedjet up``). Rank 0 too, once its worker is
+    done and has reported; nothing of a rank outlives it."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()

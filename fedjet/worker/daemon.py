@@ -119,6 +119,11 @@ class Worker:
         self._grouped = False  # this process joined its cloud's group of ranks
         self._rank_failure: RuntimeError | None = None  # a keep-alive to the other ranks failed
 
+    @property
+    def grouped(self) -> bool:
+        """This process joined its cloud's group of ranks (it is rank 0)."""
+        return self._grouped
+
     def stop(self) -> None:
         self._stop.set()
         if self.job is not None:

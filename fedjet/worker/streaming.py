@@ -5,7 +5,8 @@ k = v mod F only: each cloud trains ``local_steps / F`` steps, sends fragment k'
 was last synchronised (error feedback per fragment), and **goes on training** while the update
 uploads, the round closes and version v+1 downloads. So each fragment is synchronised every
 ``local_steps`` steps, the fragments one after another (fragment k at offset k·H/F), and what
-crosses the link at a time is one fragment, not the model.
+crosses the link at a time is one fragment, not the model. The job's last F rounds drain
+(:meth:`FragmentPlan.phase_steps`): one long phase, then every fragment synchronised a step apart.
 
 The returning fragment is merged between two steps, keeping what the cloud learnt since it
 sent: with S_k the fragment as sent and G_k as it came back, ``θ_k ← θ_k + (1 − α)·(G_k − S_k)``
@@ -45,7 +46,7 @@ class StreamingSchedule:
         if first is None:
             return
         head, version, steps = first
-        phase_steps = max(1, steps // plan.count)
+        rounds = job.spec.config.stop.rounds
         trackers = [DeltaTracker(job.codec, reference="base") for _ in range(plan.count)]
         for k, tracker in enumerate(trackers):
             tracker.rebase({n: version.tensors[n] for n in plan.names(k)}, 0)
@@ -53,6 +54,8 @@ class StreamingSchedule:
         upload: asyncio.Task[None] | None = None
         try:
             while not loops.stopping.is_set():
+                claims = head.version + (0 if arrival is None else 1)  # the round this phase's update joins
+                phase_steps = plan.phase_steps(claims, steps, rounds)
                 phase = await loops._train(phase_steps)
                 wait_from = time.perf_counter()
                 if upload is not None:
