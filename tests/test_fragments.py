@@ -281,3 +281,19 @@ def test_a_fragment_round_closes_at_its_deadline_and_the_late_fragment_is_droppe
     assert closed_after >= 1.0  # not before the grace window
     assert service.aggregator.version == 2 and service.ledger.applied == 4
     assert service.ledger.rejected == {"StaleUpdateError": 1}
+
+
+def test_the_drain_holds_each_short_phase_upload_to_the_runs_ordinary_cadence():
+    """The drain's one-step rounds come back faster than ordinary ones: their uploads wait, so
+    fragments leave no closer together than the run's ordinary phases sent them."""
+    from fedjet.worker.streaming import UploadCadence
+
+    cadence = UploadCadence(ordinary_steps=5)
+    starts = []
+    for steps, now in [(5, 0.0), (5, 1.2), (5, 2.5), (17, 7.0), (1, 7.3), (1, 7.6), (1, 9.0)]:
+        starts.append(now + cadence.hold_s(steps, now=now))
+    assert starts[:4] == [0.0, 1.2, 2.5, 7.0]  # ordinary and long phases send at once
+    gaps = [b - a for a, b in zip(starts[3:], starts[4:], strict=False)]
+    assert gaps == pytest.approx([1.3, 1.3, 1.3])  # the last ordinary interval, never shorter
+    late = UploadCadence(ordinary_steps=5)
+    assert [late.hold_s(s, now=t) for s, t in [(5, 0.0), (5, 1.0), (1, 4.0)]] == [0.0, 0.0, 0.0]  # already later

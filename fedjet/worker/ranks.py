@@ -135,9 +135,8 @@ def scatter_full(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch
     collective; ranks > 0 pass None). Rank 0 must give every parameter."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    if tensors is not None and set(tensors) != set(params):
-        missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-        raise ConfigError(f"a sharded model loads every tensor at once: missing {missing[:3]}, unknown {extra[:3]}")
+    if tensors is not None:
+        check_whole(params, tensors)
     with torch.no_grad():
         for name in sorted(params):
             param = params[name]
@@ -151,6 +150,13 @@ def scatter_full(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch
                 param.copy_(distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None))
             else:
                 param.copy_(whole)
+
+
+def check_whole(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
+    """A sharded model loads every tensor at once (checked before the others are told to load)."""
+    if set(tensors) != set(params):
+        missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        raise ConfigError(f"a sharded model loads every tensor at once: missing {missing[:3]}, unknown {extra[:3]}")
 
 
 def evaluate_sharded(trainer: LocalTrainer, windows: np.ndarray) -> EvalResult:
@@ -242,9 +248,11 @@ class GroupTrainer(LocalTrainer):
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         with self._group:
             if self.sharded:
+                params = self.job_model.trainable()
+                check_whole(params, tensors)
                 if not self._in_phase:
                     command(["load"])
-                scatter_full(self.job_model.trainable(), tensors)
+                scatter_full(params, tensors)
                 return
             super().load(tensors)
             if not self._in_phase:  # between phases: the others wait for a command

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -32,6 +33,32 @@ if TYPE_CHECKING:
     from fedjet.worker.loops import TrainingLoops
 
 Arrival = tuple[GlobalHead, dict[str, Any] | None]  # the next version, its tensors (None: the job is over)
+
+
+class UploadCadence:
+    """When the drain's short phases may start their uploads: no sooner after the last upload
+    than the run's ordinary phases sent them, so the drain does not put two fragments on the
+    link in the time of one (the peak upload rate stays that of one fragment per phase). The
+    wait is the worker's idle time, counted as such."""
+
+    def __init__(self, ordinary_steps: int) -> None:
+        self.ordinary_steps = ordinary_steps
+        self.last_start: float | None = None
+        self.last_steps = 0
+        self.interval_s = 0.0  # between the starts of two ordinary uploads, the latest seen
+
+    def hold_s(self, phase_steps: int, now: float | None = None) -> float:
+        """Seconds to hold the upload of a phase of ``phase_steps`` about to start (0 but in
+        the drain's short phases)."""
+        now = time.perf_counter() if now is None else now
+        hold = 0.0
+        if self.last_start is not None:
+            if phase_steps < self.ordinary_steps:
+                hold = max(0.0, self.last_start + self.interval_s - now)
+            elif phase_steps == self.ordinary_steps == self.last_steps:
+                self.interval_s = now - self.last_start
+        self.last_start, self.last_steps = now + hold, phase_steps
+        return hold
 
 
 class StreamingSchedule:
@@ -52,6 +79,7 @@ class StreamingSchedule:
             tracker.rebase({n: version.tensors[n] for n in plan.names(k)}, 0)
         arrival: asyncio.Task[Arrival] | None = None
         upload: asyncio.Task[None] | None = None
+        cadence = UploadCadence(plan.phase_steps(0, steps, None))
         try:
             while not loops.stopping.is_set():
                 claims = head.version + (0 if arrival is None else 1)  # the round this phase's update joins
@@ -76,8 +104,11 @@ class StreamingSchedule:
                     fragment = {n: current[n].detach().clone() for n in plan.names(k)}  # S_k, as sent
                     compressed = await asyncio.to_thread(trackers[k].compress_delta, fragment)
                     header = loops.uplink.header(head.version, phase.result, phase.heldout)
+                    hold_s = cadence.hold_s(phase_steps)
                     upload = asyncio.create_task(
-                        loops.uplink.send_compressed(header, compressed, phase_steps, phase.result)
+                        self._send_after(
+                            hold_s, loops.uplink.send_compressed(header, compressed, phase_steps, phase.result)
+                        )
                     )
                 arrival = asyncio.create_task(self._arrive(head.version, fragment))
             if upload is not None and not upload.done():
@@ -86,6 +117,12 @@ class StreamingSchedule:
             for task in (upload, arrival):
                 if task is not None and not task.done():
                     task.cancel()
+
+    @staticmethod
+    async def _send_after(hold_s: float, send: Coroutine[Any, Any, None]) -> None:
+        if hold_s > 0:
+            await asyncio.sleep(hold_s)
+        await send
 
     async def _arrive(self, after: int, sent: dict[str, Any]) -> Arrival:
         """The version after ``after``, downloaded while the worker trains on; its fragment is
