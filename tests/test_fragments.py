@@ -3,6 +3,7 @@ with ``--fragments 4`` that learns, moves one fragment a version, and replays bi
 
 from __future__ import annotations
 
+import itertools
 import json
 import uuid
 
@@ -293,7 +294,7 @@ def test_the_drain_holds_each_short_phase_upload_to_the_runs_ordinary_cadence():
     for steps, now in [(5, 0.0), (5, 1.2), (5, 2.5), (17, 7.0), (1, 7.3), (1, 7.6), (1, 9.0)]:
         starts.append(now + cadence.hold_s(steps, now=now))
     assert starts[:4] == [0.0, 1.2, 2.5, 7.0]  # ordinary and long phases send at once
-    gaps = [b - a for a, b in zip(starts[3:], starts[4:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(starts[3:])]
     assert gaps == pytest.approx([1.3, 1.3, 1.3])  # the last ordinary interval, never shorter
     late = UploadCadence(ordinary_steps=5)
     assert [late.hold_s(s, now=t) for s, t in [(5, 0.0), (5, 1.0), (1, 4.0)]] == [0.0, 0.0, 0.0]  # already later
