@@ -19,8 +19,9 @@ next update has arrived, or before the previous upload is done.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -105,11 +106,10 @@ class StreamingSchedule:
                     compressed = await asyncio.to_thread(trackers[k].compress_delta, fragment)
                     header = loops.uplink.header(head.version, phase.result, phase.heldout)
                     hold_s = cadence.hold_s(phase_steps)
-                    upload = asyncio.create_task(
-                        self._send_after(
-                            hold_s, loops.uplink.send_compressed(header, compressed, phase_steps, phase.result)
-                        )
+                    send = functools.partial(
+                        loops.uplink.send_compressed, header, compressed, phase_steps, phase.result
                     )
+                    upload = asyncio.create_task(self._send_after(hold_s, send))
                 arrival = asyncio.create_task(self._arrive(head.version, fragment))
             if upload is not None and not upload.done():
                 await upload
@@ -119,10 +119,11 @@ class StreamingSchedule:
                     task.cancel()
 
     @staticmethod
-    async def _send_after(hold_s: float, send: Coroutine[Any, Any, None]) -> None:
+    async def _send_after(hold_s: float, send: Callable[[], Awaitable[None]]) -> None:
+        """``send()`` after ``hold_s`` seconds (nothing is made of it when cancelled before)."""
         if hold_s > 0:
             await asyncio.sleep(hold_s)
-        await send
+        await send()
 
     async def _arrive(self, after: int, sent: dict[str, Any]) -> Arrival:
         """The version after ``after``, downloaded while the worker trains on; its fragment is
