@@ -235,15 +235,8 @@ class GroupTrainer(LocalTrainer):
     def train(self, steps: int) -> StepsResult:
         """The phase on every rank; its figures are the cloud's: the sequences and tokens of
         all ranks (equal slices) and the mean of their losses, which the update claims."""
-        with self._group:
-            command(["train", steps])
-            self._in_phase = True
-            try:
-                result = super().train(steps)
-            finally:
-                self._in_phase = False
-            loss = mean_over_ranks(result.mean_loss)
-        return self._cloud_figures(result, loss)
+        _, result = self._phase("train", steps, lambda: (None, super(GroupTrainer, self).train(steps)))
+        return result
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         with self._group:
@@ -300,19 +293,21 @@ class GroupTrainer(LocalTrainer):
         """The cloud's mean gradient: every rank's backward passes go through DDP, which
         averages them across the ranks, so the gradient rank 0 reads is the mean over every
         rank's slice of every batch (the gradient of one rank with the whole batch)."""
+        return self._phase("gradient", steps, lambda: super(GroupTrainer, self).gradient(steps))
+
+    def _phase(self, kind: str, steps: int, run: Callable[[], tuple[Any, StepsResult]]) -> tuple[Any, StepsResult]:
+        """One phase of ``kind`` on every rank (the others run theirs on the command), with the
+        cloud's figures: every rank's sequences and tokens, the mean of their losses."""
         with self._group:
-            command(["gradient", steps])
+            command([kind, steps])
             self._in_phase = True
             try:
-                grads, result = super().gradient(steps)
+                out, result = run()
             finally:
                 self._in_phase = False
             loss = mean_over_ranks(result.mean_loss)
-        return grads, self._cloud_figures(result, loss)
-
-    def _cloud_figures(self, result: StepsResult, loss: float) -> StepsResult:
         world = dist.get_world_size()
-        return replace(
+        return out, replace(
             result, mean_loss=loss, sequences=result.sequences * world,
             tokens=result.tokens * world, replicas=world,
         )  # fmt: skip
