@@ -8,6 +8,7 @@ from the first import of this module.
 from __future__ import annotations
 
 import os
+import resource
 import time
 
 _IMPORTED = time.monotonic()
@@ -23,3 +24,16 @@ def process_lifetime_s() -> float:
         return max(0.0, now_s - started_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return time.monotonic() - _IMPORTED
+
+
+def peak_rss_mb() -> float:
+    """This process's resident high-water mark in MiB. ``VmHWM`` starts afresh at exec, unlike
+    ``ru_maxrss``, which a child inherits from the parent that started it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux

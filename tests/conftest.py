@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,6 +84,7 @@ class FedjetProcess:
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, log: Path | None = None) -> None:
         self._dir = tempfile.mkdtemp(prefix="fedjet-proc-")
+        weakref.finalize(self, shutil.rmtree, self._dir, True)  # its output goes with the object
         self.stdout_path = log or Path(self._dir) / "stdout"
         self.stderr_path = None if log else Path(self._dir) / "stderr"
         self._proc = launch(list(args), self.stdout_path, self.stderr_path, env=env, cwd=REPO)
@@ -131,7 +133,6 @@ def run_fedjet(*args: str, timeout: float = 300, env: dict[str, str] | None = No
         proc.wait()
         raise
     result = subprocess.CompletedProcess([sys.executable, "-m", "fedjet", *args], code, proc.output(), proc.errors())
-    shutil.rmtree(proc._dir, ignore_errors=True)
     return result
 
 

@@ -86,7 +86,9 @@ def test_three_clouds_two_rounds_lower_eval_loss_and_leave_nothing_running(dense
         assert c["socket_out"] > c["bytes_up"] and c["socket_in"] > c["bytes_down"]
         assert c["idle_frac"] == pytest.approx(1 - c["compute_s"] / c["lifetime_s"])
         assert c["lifetime_s"] > c["compute_s"] + c["wait_s"] and 0 < c["idle_frac"] < 1
+        assert 100 < c["peak_rss_mb"] < 64 * 1024 and c["peak_device_mb"] is None  # its own high-water mark; CPU
     assert 0 < summary["peak_up_mb_s"] * 1e6 <= max(c["socket_out"] for c in clouds)  # within what was written
+    assert 100 < summary["coordinator_peak_rss_mb"] < 64 * 1024
     by_process = summary["socket_bytes_by_process"]
     assert set(by_process) == {"worker-aws", "worker-gcp", "worker-azure", "coordinator", "observer"}
     assert summary["socket_bytes"] == sum(by_process.values())

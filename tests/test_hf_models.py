@@ -26,7 +26,7 @@ from fedjet.models.build import config_dict, initial_model, parameter_tensors
 from fedjet.models.checkpoint import checkpoint_identity, load_checkpoint
 from fedjet.models.generate import generate_text
 from fedjet.models.lora import apply_lora, default_targets, exchanged_tensors, load_exchanged, merge_and_unload
-from fedjet.models.tiny import EOS, build_checkpoints, save_tiny_gpt2, train_bpe_tokenizer
+from fedjet.models.tiny import EOS, build_checkpoints, llama_config, save_tiny_gpt2, train_bpe_tokenizer
 
 INFO = {"job": "j1", "version": 3, "strategy": "fedavg", "codec": "dense", "privacy": {"epsilon": 8.0}}
 
@@ -53,6 +53,23 @@ def _nonzero_adapters(model, seed: int) -> None:
     """Adapters as if trained (B starts at zero, which would make every merge trivially exact)."""
     gen = torch.Generator().manual_seed(seed)
     load_exchanged(model, {n: torch.randn(t.shape, generator=gen) * 0.05 for n, t in exchanged_tensors(model).items()})
+
+
+def test_the_1b_llama_shape_has_a_billion_parameters_and_its_fragments_are_even(ckpts):
+    """The GPU check's model, counted without memory (meta device): at least 10^9 parameters,
+    and eight fragments along its modules each within a fifth of an eighth of it."""
+    from transformers import LlamaForCausalLM
+
+    from fedjet.codecs.fragments import plan_fragments
+
+    tokenizer = AutoTokenizer.from_pretrained(ckpts["llama"], local_files_only=True)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama_config("1b", tokenizer))
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    total = sum(sizes.values())
+    assert 1.0e9 <= total < 1.1e9
+    plan = plan_fragments(sizes, 8)
+    assert all(abs(sum(sizes[n] for n in f) - total / 8) < total / 40 for f in plan.fragments)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

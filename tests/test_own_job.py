@@ -187,6 +187,7 @@ def test_lora_exchanges_adapters_only_and_exports_an_adapter_peft_loads(tmp_path
         "--eval-tokens", "2048", "--report", str(report_path), "--save", str(saved), "--quiet",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "leaked" not in result.stderr and "Loading weights" not in result.stdout + result.stderr  # no bar, no lock
     report = json.loads(report_path.read_text())
     full = AutoModelForCausalLM.from_pretrained(model, local_files_only=True)
     dense_update = 4 * sum(p.numel() for p in full.parameters())

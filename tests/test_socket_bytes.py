@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -149,6 +151,20 @@ def test_idle_is_the_share_of_the_process_lifetime_not_spent_training():
 
 def test_the_process_lifetime_counts_from_the_process_start():
     assert 0.0 < process_lifetime_s() < 24 * 3600
+
+
+def test_the_peak_resident_set_is_this_processs_own_high_water_mark():
+    """A fresh process that touches 300 MiB reports a peak that much higher than before it,
+    and the figure stays at its high-water mark once the memory is freed."""
+    code = (
+        "from fedjet.lifetime import peak_rss_mb as p\n"
+        "before = p(); block = bytearray(b'x') * (300 << 20); during = p(); del block\n"
+        "print(before, during, p())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    before, during, after = map(float, out.stdout.split())
+    assert during - before >= 290 and after >= during - 1  # (the kernel syncs its counters lazily)
+    assert 0 < before < 1024  # this process's own, not the parent's (ru_maxrss is inherited at fork)
 
 
 def test_peak_rate_is_the_most_written_in_one_window():

@@ -20,7 +20,6 @@ import asyncio
 import hashlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from fedjet.broker.subjects import JobSubjects
 from fedjet.channel.updates import UpdateInbox, UpdateSender
 from fedjet.codecs.crypto import envelope_limit
 from fedjet.keystore import coordinator_boxes, generate, member_boxes
+from fedjet.lifetime import peak_rss_mb
 
 JOB = "transport"
 RAW_STREAM, RAW_SUBJECT = "RAW", "raw.data"
@@ -80,7 +80,7 @@ async def read_raw(url: str, size: int) -> dict[str, Any]:
     js = nc.jetstream()
     try:
         sub = await js.pull_subscribe(RAW_SUBJECT, durable="raw-reader", stream=RAW_STREAM)
-        baseline = _peak_rss_mb()
+        baseline = peak_rss_mb()
         print("ready", flush=True)
         digest, got = hashlib.sha256(), 0
         while got < size:
@@ -93,7 +93,7 @@ async def read_raw(url: str, size: int) -> dict[str, Any]:
                 got += len(msg.data)
                 await msg.ack()
         done = time.time()
-        return {"done": done, "sha256": digest.hexdigest(), "peak_rss_mb": _peak_rss_mb(), "baseline_mb": baseline}
+        return {"done": done, "sha256": digest.hexdigest(), "peak_rss_mb": peak_rss_mb(), "baseline_mb": baseline}
     finally:
         await close_quietly(nc)
 
@@ -122,7 +122,7 @@ async def read(url: str, keys: str, size: int) -> dict[str, Any]:
     )
     try:
         await inbox.open(1)
-        baseline = _peak_rss_mb()  # the interpreter and its imports, before any byte arrives
+        baseline = peak_rss_mb()  # the interpreter and its imports, before any byte arrives
         print("ready", flush=True)
         while True:
             for msg in await inbox.fetch(timeout=1.0):
@@ -133,7 +133,7 @@ async def read(url: str, keys: str, size: int) -> dict[str, Any]:
                     raise RuntimeError(f"the update was refused: {arrival.error}")
                 await inbox.ack(arrival.msgs)
                 done = time.time()
-                plain, peak = arrival.blob.data, _peak_rss_mb()
+                plain, peak = arrival.blob.data, peak_rss_mb()
                 return {
                     "done": done,
                     "sha256": hashlib.sha256(plain).hexdigest(),
@@ -143,18 +143,6 @@ async def read(url: str, keys: str, size: int) -> dict[str, Any]:
     finally:
         await inbox.close()
         await close_quietly(nc)
-
-
-def _peak_rss_mb() -> float:
-    """This process's resident high-water mark. ``VmHWM`` starts afresh at exec, unlike
-    ``ru_maxrss``, which a child inherits from the parent that started it."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
 def run(mb: int = 400, repeats: int = 2, coordinator_model: str | None = "base") -> dict[str, Any]:

@@ -43,7 +43,7 @@ from fedjet.coordinator.rounds import Batcher
 from fedjet.coordinator.secure_service import SecureRounds
 from fedjet.coordinator.strategies import Aggregator, Applied, strategy_for
 from fedjet.errors import ConfigError, FedjetError, NonFiniteError, StaleUpdateError
-from fedjet.lifetime import process_lifetime_s
+from fedjet.lifetime import peak_rss_mb, process_lifetime_s
 from fedjet.log import get_logger
 from fedjet.metrics import CoordinatorMetrics
 from fedjet.spec import JobSpec
@@ -157,12 +157,12 @@ class Coordinator:
         return self.ledger
 
     async def _report_stats(self, nc: Any, js: Any) -> None:
-        """This process's socket bytes and lifetime, for the run report (the put itself, a few
+        """This process's socket bytes, lifetime and peak resident set, for the run report (the put itself, a few
         hundred bytes, is the one exchange they leave out)."""
         if not nc.is_connected:  # the broker is gone: a put would only wait out its timeouts
             log.warning("stats_not_reported", process="coordinator", error="not connected to NATS")
             return
-        stats = {**socket_bytes_of(nc).figures(), "lifetime_s": process_lifetime_s()}
+        stats = {**socket_bytes_of(nc).figures(), "lifetime_s": process_lifetime_s(), "peak_rss_mb": peak_rss_mb()}
         await put_coordinator_stats(js, self.subjects, stats)
 
     async def _prepare(self, js: object) -> Checkpoint | None:

@@ -15,9 +15,14 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from fedjet.errors import ConfigError, ValidationError
 from fedjet.models.presets import PRESETS
+
+# No progress bar while loading a checkpoint: it is noise in a service's log, and its tqdm lock is
+# a semaphore that every process which loaded one left behind at exit (a warning at shutdown).
+hf_logging.disable_progress_bar()
 
 
 def pick_device(requested: str | None = None) -> torch.device:

@@ -57,19 +57,33 @@ def save_tiny_gpt2(
     return _save(out, tokenizer, lambda: GPT2LMHeadModel(config), seed)
 
 
-def save_tiny_llama(out: Path, tokenizer: PreTrainedTokenizerFast, *, seed: int = 0) -> Path:
-    """A Llama-architecture model (untied embeddings, RoPE, SwiGLU) with the tokenizer beside it."""
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+# hidden, MLP width, layers, attention heads, key/value heads, positions
+LLAMA_SHAPES = {
+    "tiny": (32, 64, 2, 2, 2, 64),
+    # TinyLlama's shape with one layer more: about 1.02 B parameters with a 2,000-token vocabulary
+    # (the issue's GPU check: 3 workers on one GPU, --fragments 8; see docs/fragments.md).
+    "1b": (2048, 5632, 23, 32, 4, 2048),
+}
+
+
+def llama_config(size: str, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    hidden, intermediate, layers, heads, kv_heads, positions = LLAMA_SHAPES[size]
+    return LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=positions,
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+
+
+def save_tiny_llama(out: Path, tokenizer: PreTrainedTokenizerFast, *, seed: int = 0, size: str = "tiny") -> Path:
+    """A Llama-architecture model (untied embeddings, RoPE, SwiGLU) with the tokenizer beside it."""
+    config = llama_config(size, tokenizer)
     return _save(out, tokenizer, lambda: LlamaForCausalLM(config), seed)
 
 
@@ -119,10 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wikitext", required=True, type=Path, help="a WikiText-2 folder")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--gpt2-width", type=int, default=128)
+    parser.add_argument("--llama-size", choices=sorted(LLAMA_SHAPES), default="tiny")
     args = parser.parse_args(argv)
     tokenizer = train_bpe_tokenizer(args.wikitext, articles=30, vocab_size=2000)
     print(save_tiny_gpt2(args.out / "gpt2", tokenizer, n_embd=args.gpt2_width, n_layer=4))
-    print(save_tiny_llama(args.out / "llama", tokenizer))
+    print(save_tiny_llama(args.out / "llama", tokenizer, size=args.llama_size))
     for name, folder in write_cloud_data(args.wikitext, args.out / "clouds").items():
         print(name, folder)
 

@@ -260,7 +260,7 @@ async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child
             if server is not None:
                 server.close()
         await follower.stop()
-        clouds, processes = await _process_stats(js, subjects, opts.clouds, children, observer=nc)
+        clouds, processes, coordinator_peak_mb = await _process_stats(js, subjects, opts.clouds, children, observer=nc)
     finally:
         await close_quietly(nc)
     rejected = collector.last_record.rejected_total if collector.last_record else 0
@@ -270,6 +270,7 @@ async def _observe(config: UpConfig, url: str, corpus: Any, children: list[Child
     if central is not None and collector.rounds:
         report.privacy = {**(report.privacy or {}), "central": central_report(central, collector.rounds[-1].version)}
     report.summary = {**summarize(collector.rounds, rejected), **run_bytes(clouds, processes)}
+    report.summary["coordinator_peak_rss_mb"] = coordinator_peak_mb
     report.summary["run_s"] = time.perf_counter() - started
     if corpus is not None and corpus.note:
         report.notes.append(corpus.note)
@@ -304,10 +305,11 @@ def _check_children(children: list[Child]) -> None:
 
 async def _process_stats(
     js: Any, subjects: JobSubjects, clouds: tuple[str, ...], children: list[Child], *, observer: Any
-) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], float]:
     """Wait for the workers and the coordinator to finish, then read their own figures from the
-    KV bucket: each cloud's, and the socket bytes of every process of the job (workers,
-    coordinator and this observer). A process that reported none fails the run."""
+    KV bucket: each cloud's, the socket bytes of every process of the job (workers, coordinator
+    and this observer) and the coordinator's peak resident set. A process that reported none
+    fails the run."""
     deadline = time.monotonic() + FINISH_WAIT_S
     while any(c.returncode is None for c in children) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
@@ -320,7 +322,11 @@ async def _process_stats(
     processes = {f"worker-{cloud}": _socket_figures(clouds_stats[cloud], f"worker-{cloud}") for cloud in clouds}
     processes["coordinator"] = _socket_figures(coordinator, "coordinator")
     processes["observer"] = socket_bytes_of(observer).figures()
-    return clouds_stats, processes
+    try:
+        coordinator_peak_mb = float(coordinator["peak_rss_mb"])
+    except (KeyError, TypeError, ValueError):
+        raise RunFailed("the coordinator reported no peak resident set") from None
+    return clouds_stats, processes, coordinator_peak_mb
 
 
 def _socket_figures(stats: dict[str, Any], process: str) -> dict[str, int]:

@@ -32,7 +32,7 @@ from fedjet.config.names import check_token
 from fedjet.data.batches import BatchSampler
 from fedjet.errors import ConfigError, RankLostError
 from fedjet.keystore import load_public, member_boxes
-from fedjet.lifetime import process_lifetime_s
+from fedjet.lifetime import peak_rss_mb, process_lifetime_s
 from fedjet.log import get_logger
 from fedjet.metrics import WorkerMetrics
 from fedjet.models.build import pick_device
@@ -312,9 +312,20 @@ class Worker:
         if self.ranks is not None:
             self.ranks.stop()
 
+    def _peak_device_mb(self) -> float | None:
+        """The most memory torch held at once on this worker's CUDA device (None elsewhere)."""
+        device = getattr(self.job.trainer, "device", None) if self.job is not None else None
+        if device is None or device.type != "cuda":
+            return None
+        import torch
+
+        return float(torch.cuda.max_memory_allocated(device)) / 2**20
+
     async def _report_stats(self) -> None:
         """Per-cloud figures for the report, in the job's KV bucket (best effort)."""
         self.stats.lifetime_s = process_lifetime_s()
+        self.stats.peak_rss_mb = peak_rss_mb()
+        self.stats.peak_device_mb = self._peak_device_mb()
         if self._nc is not None:
             counted = socket_bytes_of(self._nc)
             self.stats.socket_in, self.stats.socket_out = counted.received, counted.sent

@@ -56,6 +56,8 @@ class WorkerStats:
     island: bool = False  # its leaf keeps its updates and mirrors (island mode)
     island_steps: int = 0  # local steps trained while cut off from the hub
     island_updates: int = 0  # updates sent while cut off (they waited on the leaf)
+    peak_rss_mb: float = 0.0  # the process's resident high-water mark (MiB)
+    peak_device_mb: float | None = None  # the most device memory torch held at once (MiB; CUDA only)
 
     @property
     def tokens_per_s(self) -> float:
