@@ -16,7 +16,7 @@ from fedjet.broker.subjects import JobSubjects
 from fedjet.codecs.frame import Limits
 from fedjet.codecs.messages import Update, UpdateHeader, decode_update, encode_update
 from fedjet.codecs.pipeline import CodecSpec
-from fedjet.errors import BlobError, ConfigError
+from fedjet.errors import BlobError, BrokerError, ConfigError
 from fedjet.models.build import initial_model, parameter_tensors
 
 
@@ -189,3 +189,69 @@ def test_job_and_cloud_names_are_validated():
         JobSubjects("bad.job")
     with pytest.raises(ConfigError):
         JobSubjects("ok").update("a*b")
+
+
+def test_a_read_waits_out_a_broker_whose_jetstream_is_away_and_reads_everything(tmp_path, monkeypatch):
+    """A reader asked for while JetStream does not answer (here: the server came back without
+    it, as a cluster answers right after a node died) is asked for again, and once JetStream is
+    back the read returns every message; a reader that never gets an answer is a typed error."""
+    store = tmp_path / "store"
+    first = EmbeddedNatsServer(store)
+    url = first.start()
+    port = int(url.rsplit(":", 1)[1])
+    subjects = JobSubjects("comeback")
+
+    async def publish() -> None:
+        nc = await connect(url, "writer")
+        js = nc.jetstream()
+        await ensure_job_streams(js, subjects)
+        for i in range(5):
+            await js.publish(subjects.global_head, f"head {i}".encode())
+        await close_quietly(nc)
+
+    asyncio.run(publish())
+    first.stop()
+    plain = EmbeddedNatsServer(tmp_path / "plain", port=port, jetstream=False)
+    plain.start()
+    back = EmbeddedNatsServer(store, port=port)
+
+    async def read_across_the_comeback() -> list[bytes]:
+        nc = await connect(url, "reader")
+        js = nc.jetstream(timeout=1.0)
+        reading = asyncio.create_task(_read_all(js, subjects))
+        await asyncio.sleep(1.5)  # the reader has been refused at least once
+        assert not reading.done()
+        plain.stop()
+        await asyncio.to_thread(back.start)
+        try:
+            return await asyncio.wait_for(reading, 60)
+        finally:
+            await close_quietly(nc)
+
+    try:
+        got = asyncio.run(read_across_the_comeback())
+    finally:
+        plain.stop()
+        back.stop()
+    assert got == [f"head {i}".encode() for i in range(5)]
+
+    monkeypatch.setattr("fedjet.broker.jetstream.READER_WAIT_S", 0.01)  # the same tries, quickly
+    plain = EmbeddedNatsServer(tmp_path / "plain2", jetstream=False)
+    lonely = plain.start()
+
+    async def never() -> None:
+        nc = await connect(lonely, "reader")
+        try:
+            await _read_all(nc.jetstream(timeout=0.2), subjects)
+        finally:
+            await close_quietly(nc)
+
+    try:
+        with pytest.raises(BrokerError, match="no reader after"):
+            asyncio.run(never())
+    finally:
+        plain.stop()
+
+
+async def _read_all(js, subjects: JobSubjects) -> list[bytes]:
+    return [msg.data async for msg in read_range(js, subjects.global_stream, subjects.global_head)]

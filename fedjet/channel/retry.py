@@ -12,20 +12,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import nats.errors
-import nats.js.errors
-
+from fedjet.broker.jetstream import TRANSIENT_API
 from fedjet.errors import BrokerError
 from fedjet.log import get_logger
 
 T = TypeVar("T")
 log = get_logger("fedjet.channel")
-TRANSIENT = (
-    TimeoutError,
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.js.errors.ServiceUnavailableError,
-)
+TRANSIENT = TRANSIENT_API
 ATTEMPTS = 8
 FIRST_WAIT_S = 0.2
 
