@@ -157,8 +157,8 @@ class Coordinator:
         return self.ledger
 
     async def _report_stats(self, nc: Any, js: Any) -> None:
-        """This process's socket bytes, lifetime and peak resident set, for the run report (the put itself, a few
-        hundred bytes, is the one exchange they leave out)."""
+        """This process's socket bytes, lifetime and peak resident set, for the run report (the
+        put itself, a few hundred bytes, is the one exchange they leave out)."""
         if not nc.is_connected:  # the broker is gone: a put would only wait out its timeouts
             log.warning("stats_not_reported", process="coordinator", error="not connected to NATS")
             return
