@@ -1,8 +1,9 @@
-"""How long this process has lived: the denominator of every idle figure.
+"""This process's own figures for the report: how long it has lived (the denominator of every
+idle figure) and its peak resident set.
 
-Read from the kernel (``/proc/self/stat``'s start time against ``/proc/uptime``) so that it
-covers the whole process, imports and start-up included, however it was started; elsewhere,
-from the first import of this module.
+The lifetime is read from the kernel (``/proc/self/stat``'s start time against
+``/proc/uptime``) so that it covers the whole process, imports and start-up included, however it
+was started; elsewhere, from the first import of this module.
 """
 
 from __future__ import annotations

@@ -235,7 +235,7 @@ def test_a_read_waits_out_a_broker_whose_jetstream_is_away_and_reads_everything(
         back.stop()
     assert got == [f"head {i}".encode() for i in range(5)]
 
-    monkeypatch.setattr("fedjet.broker.jetstream.READER_WAIT_S", 0.01)  # the same tries, quickly
+    monkeypatch.setattr("fedjet.broker.retry.FIRST_WAIT_S", 0.01)  # the same tries, quickly
     plain = EmbeddedNatsServer(tmp_path / "plain2", jetstream=False)
     lonely = plain.start()
 
@@ -247,7 +247,7 @@ def test_a_read_waits_out_a_broker_whose_jetstream_is_away_and_reads_everything(
             await close_quietly(nc)
 
     try:
-        with pytest.raises(BrokerError, match="no reader after"):
+        with pytest.raises(BrokerError, match="no answer after"):
             asyncio.run(never())
     finally:
         plain.stop()

@@ -17,6 +17,7 @@ from nats.js import api
 
 from fedjet.broker.blobs import H_BLOB, BlobAssembler
 from fedjet.broker.connect import connect_client
+from fedjet.broker.retry import retrying
 from fedjet.broker.subjects import JobSubjects
 from fedjet.broker.urls import redact_url
 from fedjet.errors import BlobError, BrokerError, ConfigError
@@ -33,14 +34,6 @@ async def connect(url: str, name: str, *, timeout: float = 10.0) -> Client:
 
 DUPLICATE_WINDOW_ENV = "FEDJET_DUPLICATE_WINDOW_S"
 UNAVAILABLE_RETRIES, UNAVAILABLE_WAIT_S = 60, 0.5  # a recovering stream answers 503 for a while
-# What a cluster answers for a moment while a node, a leader or a route comes back: worth a retry.
-TRANSIENT_API = (
-    TimeoutError,
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.js.errors.ServiceUnavailableError,
-)
-READER_TRIES, READER_WAIT_S = 12, 0.5
 
 
 def duplicate_window_s(default: float) -> float:
@@ -120,7 +113,10 @@ async def read_range(
         inactive_threshold=30.0,
         filter_subject=subject,
     )
-    sub = await _reader(js, stream, subject, config)
+    # right after a node dies its new leaders take a few seconds: a replay must not fail for that
+    sub = await retrying(
+        lambda: js.pull_subscribe(subject, durable=None, stream=stream, config=config), f"reader on {stream}"
+    )
     unavailable = 0
     try:
         while True:
@@ -146,20 +142,6 @@ async def read_range(
     finally:
         with contextlib.suppress(nats.errors.Error, OSError):
             await sub.unsubscribe()
-
-
-async def _reader(js: Any, stream: str, subject: str, config: api.ConsumerConfig) -> Any:
-    """The throwaway consumer, asked for again while the cluster answers transiently: right after
-    a node dies its new leaders take a few seconds, and a replay must not fail for that."""
-    for attempt in range(1, READER_TRIES + 1):
-        try:
-            return await js.pull_subscribe(subject, durable=None, stream=stream, config=config)
-        except TRANSIENT_API as e:
-            if attempt == READER_TRIES:
-                raise BrokerError(f"{stream}: no reader after {attempt} tries: {type(e).__name__}: {e}") from e
-            log.warning("broker_retry", what=f"reader on {stream}", attempt=attempt, error=type(e).__name__)
-            await asyncio.sleep(READER_WAIT_S * attempt)
-    raise AssertionError("unreachable")
 
 
 async def close_quietly(nc: Client, timeout: float = 5.0) -> None:

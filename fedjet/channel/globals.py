@@ -32,8 +32,8 @@ from fedjet.broker.blobs import (
     publish_blob,
 )
 from fedjet.broker.jetstream import read_range
+from fedjet.broker.retry import retrying
 from fedjet.broker.subjects import JobSubjects
-from fedjet.channel.retry import retrying
 from fedjet.channel.views import ViewPublisher, ViewReader
 from fedjet.codecs.crypto import (
     COORDINATOR,

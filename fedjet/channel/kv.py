@@ -11,8 +11,8 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 
+from fedjet.broker.retry import TRANSIENT, retrying
 from fedjet.broker.subjects import JobSubjects, kv_put_subject
-from fedjet.channel.retry import TRANSIENT, retrying
 from fedjet.codecs.crypto import Identity, PublicIdentity
 from fedjet.errors import BrokerError
 from fedjet.log import get_logger

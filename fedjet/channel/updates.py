@@ -34,8 +34,8 @@ from fedjet.broker.blobs import (
     part_index,
     publish_blob,
 )
+from fedjet.broker.retry import TRANSIENT
 from fedjet.broker.subjects import JobSubjects
-from fedjet.channel.retry import TRANSIENT
 from fedjet.codecs.crypto import MAX_WORKERS_PER_CLOUD, Boxes, SealedUpdate, UpdateOpener
 from fedjet.codecs.record import Progress
 from fedjet.errors import AuthenticationError, BlobError, FedjetError

@@ -2,7 +2,8 @@
 
 Through a node that does not lead a stream, or while a leaf node or a route comes back,
 JetStream API requests can time out, find no responders, or get 503 for a moment. Reads
-(spec, heads, version chunks) retry those with backoff instead of crashing a worker.
+(spec, heads, version chunks, the throwaway reader of a replay) retry those with backoff instead
+of crashing a worker or a replay.
 """
 
 from __future__ import annotations
@@ -12,13 +13,20 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from fedjet.broker.jetstream import TRANSIENT_API
+import nats.errors
+import nats.js.errors
+
 from fedjet.errors import BrokerError
 from fedjet.log import get_logger
 
 T = TypeVar("T")
-log = get_logger("fedjet.channel")
-TRANSIENT = TRANSIENT_API
+log = get_logger("fedjet.broker")
+TRANSIENT = (
+    TimeoutError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+)
 ATTEMPTS = 8
 FIRST_WAIT_S = 0.2
 
