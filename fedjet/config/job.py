@@ -191,7 +191,8 @@ class TrainConfig:
         default=0.0,  # measured on the tiny workload: 0 beat Streaming DiLoCo's 0.5 on both seeds tried
         metadata=flag(
             "--fragment-alpha",
-            "fragments: a returning fragment becomes alpha x the local one + (1 - alpha) x the global one",
+            "fragments: a returning fragment moves by (1 - alpha) x (global - as sent), keeping the steps "
+            "trained since it was sent (0: the global plus those steps)",
         ),
     )
     island: str | None = field(
